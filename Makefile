@@ -1,0 +1,78 @@
+# modeldeploy: `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+PYTEST_ARGS ?=
+# The local-cluster tooling lives in tests/localcluster.
+LOCALCLUSTER := PYTHONPATH=tests $(PYTHON) -m localcluster
+
+.PHONY: help
+help: ## Show this help
+	@awk 'BEGIN {FS = ":.*## "; print "Usage: make <target>"} \
+	  /^##@/ {printf "\n%s\n", substr($$0, 5)} \
+	  /^[a-zA-Z0-9_-]+:.*## / {printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+##@ Setup
+.PHONY: install
+install: ## Install modeldeploy with its test and lint tools (pip, editable)
+	$(PYTHON) -m pip install --quiet -e '.[dev]'
+
+.PHONY: toolchain
+toolchain: ## Build the pinned control-plane binaries (cached in ~/.cache/modeldeploy)
+	$(LOCALCLUSTER) build
+
+##@ Local cluster
+.PHONY: cluster-up
+cluster-up: toolchain ## Start the local cluster; writes .cluster/kubeconfig
+	$(LOCALCLUSTER) up
+
+.PHONY: cluster-down
+cluster-down: ## Stop every process of the local cluster and remove its state
+	$(LOCALCLUSTER) down
+
+.PHONY: cluster-status
+cluster-status: ## Tell whether the local cluster is running
+	$(LOCALCLUSTER) status
+
+.PHONY: demo
+demo: cluster-up ## The main job on the local cluster (for now: bring it up, show the nodes)
+	@bin=$$($(LOCALCLUSTER) bin-dir); export KUBECONFIG=$(CURDIR)/.cluster/kubeconfig; \
+	  echo; echo '$$ kubectl get nodes -L nvidia.com/gpu.product,nvidia.com/gpu.count'; \
+	  $$bin/kubectl get nodes -L nvidia.com/gpu.product,nvidia.com/gpu.count; \
+	  echo; echo '$$ kubectl get nodes -o custom-columns=$(NODE_COLUMNS)'; \
+	  $$bin/kubectl get nodes -o custom-columns='$(NODE_COLUMNS)'
+
+NODE_COLUMNS := NAME:.metadata.name,GPUS:.status.allocatable.nvidia\.com/gpu,TAINTS:.spec.taints[*].key
+
+##@ Checks
+.PHONY: lint
+lint: ## ruff (lint and format check) and import contracts
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+	lint-imports
+
+.PHONY: typecheck
+typecheck: ## mypy --strict
+	$(PYTHON) -m mypy
+
+.PHONY: test-unit
+test-unit: ## Unit tests: pure logic, no cluster
+	$(PYTHON) -m pytest -m 'not cluster' $(PYTEST_ARGS)
+
+.PHONY: test-cluster
+test-cluster: toolchain ## Tests against the real local control plane
+	$(PYTHON) -m pytest -m cluster $(PYTEST_ARGS)
+
+.PHONY: test
+test: lint typecheck toolchain ## Everything: lint, types, unit and cluster tests
+	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+.PHONY: fmt
+fmt: ## Format and auto-fix with ruff
+	$(PYTHON) -m ruff format .
+	$(PYTHON) -m ruff check --fix .
+
+.PHONY: clean
+clean: cluster-down ## Stop the cluster and remove Python caches (keeps the binary cache)
+	rm -rf .pytest_cache .mypy_cache .ruff_cache build *.egg-info

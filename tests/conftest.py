@@ -1,0 +1,33 @@
+"""Fixtures shared by every test tier.
+
+The ``cluster`` fixture gives the session one real local control plane: it reuses the cluster
+``make cluster-up`` started, or starts one for this run and stops it at the end.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from localcluster import Cluster, ClusterState, Toolchain
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[Cluster]:
+    local = Cluster(Toolchain.locate(), ClusterState.default())
+    started_here = local.up()
+    yield local
+    if started_here:
+        local.down()
+
+
+@pytest.fixture
+def namespace(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh namespace for one test, deleted (without waiting) afterwards."""
+    stem = request.node.name.lower().replace("_", "-")[:40].strip("-")
+    name = f"{stem}-{uuid.uuid4().hex[:6]}"
+    cluster.kubectl("create", "namespace", name)
+    yield name
+    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)

@@ -1,0 +1,341 @@
+"""Start, check and stop the local control plane.
+
+kwokctl does the process management (certificates, ports, flags, pid files); this module
+feeds it our own binaries, adds the simulated GPU nodes, waits until the cluster can run
+pods, and on the way down makes sure, by PID, that nothing it started is left behind.
+
+State lives under one folder (``.cluster/`` in the repository by default, git-ignored):
+``kubeconfig`` for users and tests, ``kwok/`` for kwokctl's work directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import yaml
+
+from localcluster.nodes import NodeSpec, default_nodes, node_manifest
+from localcluster.toolchain import Toolchain, format_duration
+
+DEFAULT_NAME = "modeldeploy"
+READY_TIMEOUT_SECONDS = 120.0
+
+
+class ClusterError(RuntimeError):
+    """Something about the local cluster went wrong; the message says what to do."""
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class ClusterState:
+    """Where one local cluster keeps its state."""
+
+    root: Path
+    name: str = DEFAULT_NAME
+
+    @classmethod
+    def default(cls) -> ClusterState:
+        return cls(root=repo_root() / ".cluster")
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.root / "kubeconfig"
+
+    @property
+    def kwok_workdir(self) -> Path:
+        return self.root / "kwok"
+
+    @property
+    def cluster_dir(self) -> Path:
+        return self.kwok_workdir / "clusters" / self.name
+
+    @property
+    def pid_dir(self) -> Path:
+        return self.cluster_dir / "pids"
+
+
+@dataclass(frozen=True)
+class Process:
+    """A control-plane process kwokctl started, as recorded in its pid file."""
+
+    component: str
+    pid: int
+
+
+def read_pid_files(pid_dir: Path) -> list[Process]:
+    """Every ``<component>.pid`` file in ``pid_dir``; unreadable files are skipped."""
+    if not pid_dir.is_dir():
+        return []
+    processes = []
+    for path in sorted(pid_dir.glob("*.pid")):
+        text = path.read_text().strip()
+        if text.isdigit():
+            processes.append(Process(component=path.stem, pid=int(text)))
+    return processes
+
+
+def process_cmdline(pid: int) -> str | None:
+    """The command line of a live process, or None when there is no such process."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    if not raw:  # a zombie: exited, not yet reaped
+        return None
+    return raw.replace(b"\0", b" ").decode(errors="replace")
+
+
+def is_ours(pid: int, marker: str) -> bool:
+    """True when ``pid`` is alive and its command line mentions ``marker`` (our state folder).
+
+    The marker guards against PID reuse: a recycled PID belongs to some other program.
+    """
+    cmdline = process_cmdline(pid)
+    return cmdline is not None and marker in cmdline
+
+
+def processes_mentioning(marker: str) -> list[int]:
+    """Every live process whose command line mentions ``marker``; a leak check."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            cmdline = process_cmdline(int(entry.name))
+            if cmdline is not None and marker in cmdline:
+                found.append(int(entry.name))
+    return found
+
+
+def stop_pids(
+    pids: Iterable[int],
+    alive: Callable[[int], bool],
+    grace_seconds: float = 10.0,
+) -> list[int]:
+    """SIGTERM each live pid, SIGKILL what is still alive after the grace period.
+
+    Returns the pids that had to be killed. ``alive`` decides whether a pid is still one of
+    ours, so a recycled pid is never signalled.
+    """
+    remaining = [pid for pid in pids if alive(pid)]
+    for pid in remaining:
+        _signal(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_seconds
+    while remaining and time.monotonic() < deadline:
+        time.sleep(0.1)
+        remaining = [pid for pid in remaining if alive(pid)]
+    for pid in remaining:
+        _signal(pid, signal.SIGKILL)
+    return remaining
+
+
+def _signal(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+class Cluster:
+    """One local cluster: a toolchain (the binaries) and a state folder."""
+
+    def __init__(self, toolchain: Toolchain, state: ClusterState, out: TextIO = sys.stderr):
+        self.toolchain = toolchain
+        self.state = state
+        self.out = out
+
+    # -- observing -----------------------------------------------------------------------
+
+    def processes(self) -> list[Process]:
+        """The control-plane processes that are alive now."""
+        marker = str(self.state.cluster_dir)
+        return [p for p in read_pid_files(self.state.pid_dir) if is_ours(p.pid, marker)]
+
+    def is_running(self) -> bool:
+        """True when the API server answers ``/readyz``."""
+        if not self.state.kubeconfig.is_file() or not self.processes():
+            return False
+        result = self.kubectl("get", "--raw", "/readyz", check=False, timeout=10)
+        return result.returncode == 0 and result.stdout.strip() == "ok"
+
+    def env(self) -> dict[str, str]:
+        """Environment for commands that should talk to this cluster with our binaries."""
+        return {
+            **os.environ,
+            "KUBECONFIG": str(self.state.kubeconfig),
+            "PATH": f"{self.toolchain.bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+        }
+
+    def kubectl(
+        self,
+        *args: str,
+        stdin: str | None = None,
+        check: bool = True,
+        timeout: float = 60,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run the pinned kubectl against this cluster."""
+        command = [str(self.toolchain.path("kubectl")), "--kubeconfig", str(self.state.kubeconfig)]
+        return self._run([*command, *args], stdin=stdin, check=check, timeout=timeout)
+
+    def kubectl_json(self, *args: str) -> Any:
+        return json.loads(self.kubectl(*args, "-o", "json").stdout)
+
+    def helm(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run the pinned helm against this cluster."""
+        command = [str(self.toolchain.path("helm")), "--kubeconfig", str(self.state.kubeconfig)]
+        return self._run([*command, *args], check=check, timeout=120)
+
+    # -- starting and stopping -----------------------------------------------------------
+
+    def up(self, nodes: Iterable[NodeSpec] | None = None) -> bool:
+        """Start the cluster unless it is already running; True when this call started it."""
+        if self.is_running():
+            self._say(f"cluster {self.state.name!r} is already running")
+            return False
+        if self.state.cluster_dir.exists():
+            self._say(
+                f"found state of a cluster that is not running in {self.state.root}: removing"
+            )
+            self._teardown()
+        self.toolchain.ensure_built(self.out)
+        started = time.monotonic()
+        version = self.toolchain.versions.kubernetes
+        self._say(f"starting cluster {self.state.name!r} (Kubernetes {version})")
+        self.state.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self._kwokctl("create", "cluster", *self._create_flags(), timeout=READY_TIMEOUT_SECONDS)
+            self._wait_api_ready()
+            self._add_nodes(default_nodes() if nodes is None else tuple(nodes))
+            self._wait_pods_admissible()
+        except BaseException:
+            self._say("start failed; stopping what was started")
+            self._teardown()
+            raise
+        self._say(
+            f"cluster {self.state.name!r} is up in {format_duration(time.monotonic() - started)}"
+        )
+        return True
+
+    def down(self) -> bool:
+        """Stop every process of the cluster and remove its state; False when none was there."""
+        if not self.state.root.exists():
+            self._say(f"no local cluster in {self.state.root}: nothing to stop")
+            return False
+        stopped = self._teardown()
+        self._say(f"stopped {len(stopped)} processes ({', '.join(stopped) or 'none running'})")
+        self._say(f"removed {self.state.root}")
+        return True
+
+    def _teardown(self) -> list[str]:
+        """Stop by PID everything recorded for this cluster, then remove the state folder."""
+        recorded = self.processes()
+        if self.state.cluster_dir.exists():
+            # kwokctl stops its components gracefully; failures fall through to the PID sweep.
+            self._kwokctl(
+                "delete", "cluster", "--kubeconfig", str(self.state.kubeconfig), check=False
+            )
+        marker = str(self.state.cluster_dir)
+        leftovers = stop_pids([p.pid for p in recorded], lambda pid: is_ours(pid, marker))
+        if leftovers:
+            self._say(f"killed processes kwokctl left running: {leftovers}")
+        still = [p for p in recorded if is_ours(p.pid, marker)]
+        if still:
+            raise ClusterError(f"could not stop {still}; state kept in {self.state.root}")
+        shutil.rmtree(self.state.root, ignore_errors=True)
+        return [f"{p.component}={p.pid}" for p in recorded]
+
+    def _create_flags(self) -> list[str]:
+        path = self.toolchain.path
+        return [
+            "--runtime=binary",
+            f"--etcd-binary={path('etcd')}",
+            f"--kube-apiserver-binary={path('kube-apiserver')}",
+            f"--kube-controller-manager-binary={path('kube-controller-manager')}",
+            f"--kube-scheduler-binary={path('kube-scheduler')}",
+            f"--kwok-controller-binary={path('kwok')}",
+            f"--kubeconfig={self.state.kubeconfig}",
+            f"--timeout={int(READY_TIMEOUT_SECONDS)}s",
+            "--wait=60s",
+            "--quiet-pull",
+        ]
+
+    def _add_nodes(self, nodes: tuple[NodeSpec, ...]) -> None:
+        text = yaml.safe_dump_all([node_manifest(n) for n in nodes], sort_keys=False)
+        # `create`, not apply: the API server keeps a Node's status (its capacity) on create.
+        self.kubectl("create", "-f", "-", stdin=text)
+        self.kubectl("wait", "--for=condition=Ready", "node", "--all", "--timeout=60s", timeout=90)
+        self._say(f"added nodes: {', '.join(n.name for n in nodes)}")
+
+    def _wait_api_ready(self) -> None:
+        self._poll(
+            "the API server to answer /readyz",
+            lambda: (
+                self.kubectl("get", "--raw", "/readyz", check=False, timeout=10).stdout.strip()
+                == "ok"
+            ),
+        )
+
+    def _wait_pods_admissible(self) -> None:
+        # Pods are rejected until kube-controller-manager has made the default ServiceAccount.
+        self._poll(
+            "the default ServiceAccount",
+            lambda: self.kubectl("get", "serviceaccount", "default", check=False).returncode == 0,
+        )
+
+    def _poll(self, what: str, done: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+        while not done():
+            if time.monotonic() > deadline:
+                raise ClusterError(
+                    f"timed out after {int(READY_TIMEOUT_SECONDS)}s waiting for {what};"
+                    f" logs are in {self.state.cluster_dir / 'logs'}"
+                )
+            time.sleep(0.5)
+
+    def _kwokctl(self, *args: str, check: bool = True, timeout: float = 120) -> None:
+        env = {
+            **os.environ,
+            "KWOK_WORKDIR": str(self.state.kwok_workdir),
+            "KWOK_KUBECTL_BINARY": str(self.toolchain.path("kubectl")),
+            # Picks the component flags kwokctl passes; kwokctl has no flag for it.
+            "KWOK_KUBE_VERSION": self.toolchain.versions.kubernetes,
+        }
+        command = [str(self.toolchain.path("kwokctl")), f"--name={self.state.name}", *args]
+        self._run(command, env=env, check=check, timeout=timeout)
+
+    def _run(
+        self,
+        command: list[str],
+        *,
+        stdin: str | None = None,
+        env: Mapping[str, str] | None = None,
+        check: bool,
+        timeout: float,
+    ) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            command,
+            input=stdin,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if check and result.returncode != 0:
+            name = Path(command[0]).name
+            detail = (result.stderr or result.stdout).strip()
+            raise ClusterError(f"`{name} {' '.join(command[1:4])} ...` failed: {detail}")
+        return result
+
+    def _say(self, message: str) -> None:
+        print(f"[cluster] {message}", file=self.out, flush=True)

@@ -1,0 +1,55 @@
+"""The two packages and their source roots, as ARCHITECTURE.md lays them out."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+BLOCK_KOPF_AND_KUBERNETES = """
+import importlib.abc, sys
+
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {"kopf", "kubernetes"}:
+            raise ImportError(f"{name} is blocked: the runtime must not import it")
+        return None
+
+sys.meta_path.insert(0, Block())
+import modeldeploy_runtime
+assert "kopf" not in sys.modules and "kubernetes" not in sys.modules
+print("ok")
+"""
+
+
+def test_runtime_imports_without_kopf_or_kubernetes() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", BLOCK_KOPF_AND_KUBERNETES],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_source_roots_are_not_packages() -> None:
+    assert not (ROOT / "operator" / "__init__.py").exists()
+    assert not (ROOT / "runtime" / "__init__.py").exists()
+    assert (ROOT / "operator" / "modeldeploy_operator" / "__init__.py").is_file()
+    assert (ROOT / "runtime" / "modeldeploy_runtime" / "__init__.py").is_file()
+
+
+def test_operator_folder_does_not_shadow_the_standard_library() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", "import operator; print(operator.add(2, 3), operator.__file__)"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    value, origin = result.stdout.split()
+    assert value == "5"
+    assert not origin.startswith(str(ROOT))
