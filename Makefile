@@ -4,8 +4,12 @@ SHELL := /bin/bash
 
 PYTHON ?= python3
 PYTEST_ARGS ?=
+# Where the local cluster keeps its state (kubeconfig, certificates, etcd data, logs).
+CLUSTER_DIR ?= $(CURDIR)/.cluster
+CLUSTER_NAME ?= modeldeploy
 # The local-cluster tooling lives in tests/localcluster.
-LOCALCLUSTER := PYTHONPATH=tests $(PYTHON) -m localcluster
+LOCALCLUSTER := PYTHONPATH=$(CURDIR)/tests $(PYTHON) -m localcluster \
+	--state-dir '$(CLUSTER_DIR)' --name '$(CLUSTER_NAME)'
 
 .PHONY: help
 help: ## Show this help
@@ -24,7 +28,7 @@ toolchain: ## Build the pinned control-plane binaries (cached in ~/.cache/modeld
 
 ##@ Local cluster
 .PHONY: cluster-up
-cluster-up: toolchain ## Start the local cluster; writes .cluster/kubeconfig
+cluster-up: toolchain ## Start the local cluster; writes .cluster/kubeconfig (CLUSTER_DIR=...)
 	$(LOCALCLUSTER) up
 
 .PHONY: cluster-down
@@ -37,7 +41,7 @@ cluster-status: ## Tell whether the local cluster is running
 
 .PHONY: demo
 demo: cluster-up ## The main job on the local cluster (for now: bring it up, show the nodes)
-	@bin=$$($(LOCALCLUSTER) bin-dir); export KUBECONFIG=$(CURDIR)/.cluster/kubeconfig; \
+	@bin=$$($(LOCALCLUSTER) bin-dir); export KUBECONFIG='$(CLUSTER_DIR)/kubeconfig'; \
 	  echo; echo '$$ kubectl get nodes -L nvidia.com/gpu.product,nvidia.com/gpu.count'; \
 	  $$bin/kubectl get nodes -L nvidia.com/gpu.product,nvidia.com/gpu.count; \
 	  echo; echo '$$ kubectl get nodes -o custom-columns=$(NODE_COLUMNS)'; \

@@ -3,7 +3,6 @@ stopping twice give clear messages, and nothing we started outlives `down`."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,23 +14,22 @@ from localcluster.cluster import process_cmdline, processes_mentioning
 
 pytestmark = pytest.mark.cluster
 
-TESTS_DIR = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
-def localcluster(state_dir: Path, command: str) -> subprocess.CompletedProcess[str]:
-    """Run the command `make cluster-*` runs, against a private state folder."""
+def make(target: str, state_dir: Path) -> subprocess.CompletedProcess[str]:
+    """`make cluster-*`, the commands users run, against a private state folder."""
     return subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "localcluster",
-            command,
-            "--state-dir",
-            str(state_dir),
-            "--name",
-            "lifecycle",
+            "make",
+            "--no-print-directory",
+            "-C",
+            str(ROOT),
+            target,
+            f"CLUSTER_DIR={state_dir}",
+            "CLUSTER_NAME=lifecycle",
+            f"PYTHON={sys.executable}",
         ],
-        env={**os.environ, "PYTHONPATH": str(TESTS_DIR)},
         capture_output=True,
         text=True,
         timeout=300,
@@ -43,7 +41,7 @@ def test_up_twice_then_down_twice_leaves_nothing_running(cluster: Cluster, tmp_p
     state_dir = tmp_path / "state"
     private = Cluster(Toolchain.locate(), ClusterState(state_dir, "lifecycle"))
 
-    first = localcluster(state_dir, "up")
+    first = make("cluster-up", state_dir)
     assert first.returncode == 0, first.stderr
     assert f"export KUBECONFIG={state_dir / 'kubeconfig'}" in first.stdout
     assert private.is_running()
@@ -56,26 +54,26 @@ def test_up_twice_then_down_twice_leaves_nothing_running(cluster: Cluster, tmp_p
         "kwok-controller",
     }
 
-    second = localcluster(state_dir, "up")
+    second = make("cluster-up", state_dir)
     assert second.returncode == 0, second.stderr
     assert "already running" in second.stderr
     assert "Traceback" not in second.stderr
     assert private.processes() == started
 
-    down = localcluster(state_dir, "down")
+    down = make("cluster-down", state_dir)
     assert down.returncode == 0, down.stderr
     assert "stopped" in down.stderr
     assert [p for p in started if process_cmdline(p.pid) is not None] == []
     assert processes_mentioning(str(state_dir)) == []
     assert not state_dir.exists()
 
-    again = localcluster(state_dir, "down")
+    again = make("cluster-down", state_dir)
     assert again.returncode == 0
     assert "nothing to stop" in again.stderr
     assert "Traceback" not in again.stderr
 
-    status = localcluster(state_dir, "status")
-    assert status.returncode == 1
+    status = make("cluster-status", state_dir)
+    assert status.returncode != 0
     assert "not running" in status.stdout
 
     # The session's own cluster was never touched.

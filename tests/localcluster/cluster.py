@@ -30,6 +30,7 @@ from localcluster.toolchain import Toolchain, format_duration
 
 DEFAULT_NAME = "modeldeploy"
 READY_TIMEOUT_SECONDS = 120.0
+LOOPBACK = "127.0.0.1"
 
 
 class ClusterError(RuntimeError):
@@ -146,6 +147,26 @@ def _signal(pid: int, sig: signal.Signals) -> None:
         os.kill(pid, sig)
 
 
+def kwokctl_configuration(toolchain: Toolchain) -> dict[str, Any]:
+    """kwokctl's configuration: our binaries, run as processes, listening on 127.0.0.1 only."""
+    path = toolchain.path
+    return {
+        "apiVersion": "config.kwok.x-k8s.io/v1alpha1",
+        "kind": "KwokctlConfiguration",
+        "options": {
+            "runtime": "binary",
+            "kubeVersion": toolchain.versions.kubernetes,  # selects the flags kwokctl passes
+            "bindAddress": LOOPBACK,
+            "etcdBinary": str(path("etcd")),
+            "kubeApiserverBinary": str(path("kube-apiserver")),
+            "kubeControllerManagerBinary": str(path("kube-controller-manager")),
+            "kubeSchedulerBinary": str(path("kube-scheduler")),
+            "kwokControllerBinary": str(path("kwok")),
+            "kubectlBinary": str(path("kubectl")),
+        },
+    }
+
+
 class Cluster:
     """One local cluster: a toolchain (the binaries) and a state folder."""
 
@@ -255,14 +276,10 @@ class Cluster:
         return [f"{p.component}={p.pid}" for p in recorded]
 
     def _create_flags(self) -> list[str]:
-        path = self.toolchain.path
+        config = self.state.root / "kwokctl.yaml"
+        config.write_text(yaml.safe_dump(kwokctl_configuration(self.toolchain), sort_keys=False))
         return [
-            "--runtime=binary",
-            f"--etcd-binary={path('etcd')}",
-            f"--kube-apiserver-binary={path('kube-apiserver')}",
-            f"--kube-controller-manager-binary={path('kube-controller-manager')}",
-            f"--kube-scheduler-binary={path('kube-scheduler')}",
-            f"--kwok-controller-binary={path('kwok')}",
+            f"--config={config}",
             f"--kubeconfig={self.state.kubeconfig}",
             f"--timeout={int(READY_TIMEOUT_SECONDS)}s",
             "--wait=60s",
@@ -303,13 +320,7 @@ class Cluster:
             time.sleep(0.5)
 
     def _kwokctl(self, *args: str, check: bool = True, timeout: float = 120) -> None:
-        env = {
-            **os.environ,
-            "KWOK_WORKDIR": str(self.state.kwok_workdir),
-            "KWOK_KUBECTL_BINARY": str(self.toolchain.path("kubectl")),
-            # Picks the component flags kwokctl passes; kwokctl has no flag for it.
-            "KWOK_KUBE_VERSION": self.toolchain.versions.kubernetes,
-        }
+        env = {**os.environ, "KWOK_WORKDIR": str(self.state.kwok_workdir)}
         command = [str(self.toolchain.path("kwokctl")), f"--name={self.state.name}", *args]
         self._run(command, env=env, check=check, timeout=timeout)
 

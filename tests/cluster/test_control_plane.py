@@ -1,5 +1,6 @@
-"""Every binary reports the pinned release, so version checks (kubectl skew, Helm's
-``kubeVersion``) see the real Kubernetes version."""
+"""The control plane itself: every binary reports the pinned release, so version checks
+(kubectl skew, Helm's ``kubeVersion``) see the real Kubernetes version, and every process
+listens on 127.0.0.1 only."""
 
 from __future__ import annotations
 
@@ -45,3 +46,31 @@ def test_helm_reports_its_version_and_sees_the_server_version(
     ).stdout
     manifest = yaml.safe_load(rendered.split("MANIFEST:", 1)[1].split("---", 1)[1])
     assert manifest["data"]["kubeVersion"] == cluster.toolchain.versions.kubernetes
+
+
+def listening_sockets(pid: int) -> set[tuple[str, int]]:
+    """(address, port) of every TCP socket ``pid`` listens on, read from /proc."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        target = str(fd.readlink())
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:[") : -1])
+    found = set()
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state == "0A" and inode in inodes:  # 0A: LISTEN
+                address, port = local.split(":")
+                found.add((address, int(port, 16)))
+    return found
+
+
+def test_every_process_listens_on_loopback_only(cluster: Cluster) -> None:
+    loopback = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1, ::1
+    processes = cluster.processes()
+    assert len(processes) == 5
+    for process in processes:
+        sockets = listening_sockets(process.pid)
+        assert sockets, f"{process.component} listens on nothing"
+        assert {address for address, _ in sockets} <= loopback, (process.component, sockets)
