@@ -49,6 +49,11 @@ demo: cluster-up ## The main job on the local cluster (for now: bring it up, sho
 
 NODE_COLUMNS := NAME:.metadata.name,GPUS:.status.allocatable.nvidia\.com/gpu,TAINTS:.spec.taints[*].key
 
+##@ Generated files
+.PHONY: crds
+crds: ## Regenerate crds/ from the pydantic API models
+	$(PYTHON) -m modeldeploy_operator.api.crd > crds/serving.modeldeploy.io_modeldeployments.yaml
+
 ##@ Checks
 .PHONY: lint
 lint: ## ruff (lint and format check) and import contracts

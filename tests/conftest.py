@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from localcluster import Cluster, ClusterState, Toolchain
+
+CRDS = Path(__file__).resolve().parents[1] / "crds"
 
 
 @pytest.fixture(scope="session")
@@ -21,6 +24,14 @@ def cluster() -> Iterator[Cluster]:
     yield local
     if started_here:
         local.down()
+
+
+@pytest.fixture(scope="session")
+def crd(cluster: Cluster) -> None:
+    """The ModelDeployment CRD from crds/, installed and established."""
+    for path in sorted(CRDS.glob("*.yaml")):
+        cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(path))
+    cluster.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=30s")
 
 
 @pytest.fixture

@@ -1,0 +1,611 @@
+"""ModelDeployment v1alpha1: the one definition of the API.
+
+The CRD in ``crds/`` is generated from these models (``make crds``), including the CEL rules
+attached with :func:`cel`; the operator parses objects with the same models. Field names are
+camelCase on the wire (aliases) and snake_case in Python.
+
+Validation lives in the API server, so rules here must be expressible as OpenAPI or CEL.
+Every CEL message starts with the field it is about and says what is allowed.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+GROUP = "serving.modeldeploy.io"
+VERSION = "v1alpha1"
+KIND = "ModelDeployment"
+PLURAL = "modeldeployments"
+SINGULAR = "modeldeployment"
+SHORT_NAMES = ("md",)
+API_VERSION = f"{GROUP}/{VERSION}"
+
+# Triton 2.51 (NGC 24.10): the release the local test server (nvidia-pytriton) ships.
+DEFAULT_TRITON_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
+MAX_NAME_LENGTH = 45  # leaves room for "-canary" and a pod suffix within 63 characters
+
+DURATION_PATTERN = r"^([0-9]+([.][0-9]+)?(ms|s|m|h))+$"
+DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+STORAGE_SCHEMES = ("s3", "gs", "pvc", "https", "hf", "oci")
+StorageFormat = Literal[
+    "onnx", "tensorrt_plan", "pytorch_libtorch", "tensorflow_savedmodel", "python"
+]
+
+
+def cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
+    """One ``x-kubernetes-validations`` entry."""
+    entry = {"rule": rule, "message": message}
+    if field_path is not None:
+        entry["fieldPath"] = field_path
+    return entry
+
+
+def rules(*entries: dict[str, str]) -> dict[str, Any]:
+    """``json_schema_extra`` carrying CEL rules for a model or a field."""
+    return {"x-kubernetes-validations": list(entries)}
+
+
+def duration_rule(path: str, extra: str = "") -> dict[str, Any]:
+    allowed = "a duration such as 500ms, 30s, 5m or 1h"
+    check = f"self.matches('{DURATION_PATTERN}')"
+    if extra:
+        return rules(cel(f"self == '{extra}' || {check}", f"{path} must be '{extra}' or {allowed}"))
+    return rules(cel(check, f"{path} must be {allowed}"))
+
+
+def object_name_rule(path: str) -> dict[str, Any]:
+    return rules(
+        cel(
+            f"self.matches('{DNS_SUBDOMAIN_PATTERN}')",
+            f"{path} must be a Kubernetes object name: lowercase letters, digits, '-' and '.'",
+        )
+    )
+
+
+def quantity_rule(path: str) -> dict[str, Any]:
+    return {
+        "x-kubernetes-int-or-string": True,
+        **rules(
+            cel(
+                "type(self) == int ? self > 0"
+                " : isQuantity(self) && quantity(self).isGreaterThan(quantity('0'))",
+                f"{path} must be a positive Kubernetes quantity such as 4, 500m or 16Gi",
+            )
+        ),
+    }
+
+
+FREE_FORM: dict[str, Any] = {"x-kubernetes-preserve-unknown-fields": True}
+
+
+class ApiModel(BaseModel):
+    """camelCase on the wire, unknown fields rejected when parsing in Python."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+    )
+
+
+# -- spec.model ---------------------------------------------------------------------------
+
+
+class DynamicBatching(ApiModel):
+    preferred_batch_sizes: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Batch sizes the dynamic batcher prefers to form.",
+    )
+    max_queue_delay_microseconds: int | None = Field(
+        default=None, ge=0, le=10_000_000, description="How long a request may wait for a batch."
+    )
+
+
+class TritonConfig(ApiModel):
+    """Overrides written into the model's config.pbtxt."""
+
+    model_config = ConfigDict(
+        json_schema_extra=rules(
+            cel(
+                "!has(self.dynamicBatching) || (has(self.maxBatchSize) && self.maxBatchSize > 0)",
+                "spec.model.config.dynamicBatching needs spec.model.config.maxBatchSize > 0",
+            ),
+            cel(
+                "!has(self.dynamicBatching) || !has(self.maxBatchSize)"
+                " || !has(self.dynamicBatching.preferredBatchSizes)"
+                " || self.dynamicBatching.preferredBatchSizes.all(b, b <= self.maxBatchSize)",
+                "spec.model.config.dynamicBatching.preferredBatchSizes must not exceed"
+                " maxBatchSize",
+            ),
+        )
+    )
+
+    max_batch_size: int | None = Field(
+        default=None, ge=0, le=65536, description="0 disables batching."
+    )
+    dynamic_batching: DynamicBatching | None = None
+    instance_count: int | None = Field(
+        default=None, ge=1, le=64, description="Model instances per GPU (instance_group count)."
+    )
+
+
+class ModelSpec(ApiModel):
+    name: str = Field(
+        max_length=128,
+        description="The Triton model name.",
+        json_schema_extra=rules(
+            cel(
+                "self.matches('^[a-zA-Z0-9][a-zA-Z0-9_.-]*$')",
+                "spec.model.name must be letters, digits, '_', '.' or '-', starting with a letter"
+                " or digit",
+            )
+        ),
+    )
+    version: str = Field(
+        max_length=18,
+        description='The Triton model version, a positive integer such as "3".',
+        json_schema_extra=rules(
+            cel(
+                "self.matches('^[1-9][0-9]*$')",
+                'spec.model.version must be a positive integer such as "3"',
+            )
+        ),
+    )
+    storage_uri: str = Field(
+        max_length=2048,
+        description="Where the model repository lives: "
+        + ", ".join(f"{s}://" for s in STORAGE_SCHEMES),
+        json_schema_extra=rules(
+            cel(
+                f"self.matches('^({'|'.join(STORAGE_SCHEMES)})://.+')",
+                "spec.model.storageUri must start with one of "
+                + ", ".join(f"{s}://" for s in STORAGE_SCHEMES),
+            )
+        ),
+    )
+    format: StorageFormat = Field(description="The Triton backend the model needs.")
+    credentials_secret: str | None = Field(
+        default=None,
+        max_length=253,
+        json_schema_extra=object_name_rule("spec.model.credentialsSecret"),
+        description="A Secret mounted only into the model fetcher, never into Triton.",
+    )
+    config: TritonConfig | None = None
+
+
+# -- spec.server ----------------------------------------------------------------------------
+
+
+class EnvVar(ApiModel):
+    name: str = Field(max_length=256, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
+    value: str | None = None
+    value_from: dict[str, Any] | None = Field(
+        default=None, description="A core/v1 EnvVarSource.", json_schema_extra=FREE_FORM
+    )
+
+
+OPERATOR_OWNED_ARGS = ("--model-repository", "--model-store", "--model-control-mode")
+
+
+class ServerSpec(ApiModel):
+    image: str = Field(
+        default=DEFAULT_TRITON_IMAGE,
+        max_length=512,
+        min_length=1,
+        description="The Triton Inference Server image; pinned by default.",
+    )
+    args: list[Annotated[str, Field(max_length=1024)]] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Extra tritonserver arguments.",
+        json_schema_extra={
+            **rules(
+                cel(
+                    "self.all(a, "
+                    + " && ".join(f"!a.startsWith('{arg}')" for arg in OPERATOR_OWNED_ARGS)
+                    + ")",
+                    "spec.server.args must not set "
+                    + ", ".join(OPERATOR_OWNED_ARGS)
+                    + ": the operator owns them",
+                )
+            ),
+        },
+    )
+    env: list[EnvVar] = Field(default_factory=list, max_length=128)
+
+
+# -- spec.resources -------------------------------------------------------------------------
+
+
+class GpuSpec(ApiModel):
+    count: int = Field(ge=1, le=16, description="GPUs per replica (nvidia.com/gpu).")
+    product: str | None = Field(
+        default=None,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9][-A-Za-z0-9_.]*$",
+        description="The node label nvidia.com/gpu.product, e.g. NVIDIA-A100-SXM4-80GB.",
+    )
+
+
+class ResourcesSpec(ApiModel):
+    gpu: GpuSpec | None = None
+    cpu: int | str | None = Field(
+        default=None, json_schema_extra=quantity_rule("spec.resources.cpu")
+    )
+    memory: int | str | None = Field(
+        default=None, json_schema_extra=quantity_rule("spec.resources.memory")
+    )
+
+
+# -- spec.placement -------------------------------------------------------------------------
+
+
+class Toleration(ApiModel):
+    key: str | None = Field(default=None, max_length=316)
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = Field(default=None, max_length=63)
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+
+class PlacementSpec(ApiModel):
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, json_schema_extra={"maxProperties": 32}
+    )
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
+    affinity: dict[str, Any] | None = Field(
+        default=None, description="A core/v1 Affinity.", json_schema_extra=FREE_FORM
+    )
+    priority_class_name: str | None = Field(
+        default=None,
+        max_length=253,
+        json_schema_extra=object_name_rule("spec.placement.priorityClassName"),
+    )
+    topology_spread_constraints: list[
+        Annotated[dict[str, Any], Field(json_schema_extra=FREE_FORM)]
+    ] = Field(default_factory=list, max_length=8, description="core/v1 TopologySpreadConstraints.")
+
+
+# -- spec.autoscaling (validated and stored; behaviour arrives with the autoscaling issue) --
+
+LATENCY_METRICS = ("P99Latency", "QueueTime")
+
+
+class ScalingMetric(ApiModel):
+    model_config = ConfigDict(
+        json_schema_extra=rules(
+            cel(
+                "!(self.type in ['P99Latency', 'QueueTime'])"
+                f" || (type(self.target) == string && self.target.matches('{DURATION_PATTERN}'))",
+                "spec.autoscaling.metrics[].target must be a duration such as 250ms for"
+                " P99Latency and QueueTime",
+                ".target",
+            ),
+            cel(
+                "self.type in ['P99Latency', 'QueueTime']"
+                " || (type(self.target) == int && self.target > 0)",
+                "spec.autoscaling.metrics[].target must be a positive integer for"
+                " InFlightPerReplica and GPUUtilization",
+                ".target",
+            ),
+            cel(
+                "self.type != 'GPUUtilization' || type(self.target) != int || self.target <= 100",
+                "spec.autoscaling.metrics[].target is a percentage for GPUUtilization: 1-100",
+                ".target",
+            ),
+        )
+    )
+
+    type: Literal["InFlightPerReplica", "P99Latency", "QueueTime", "GPUUtilization"]
+    target: int | str = Field(
+        json_schema_extra={"x-kubernetes-int-or-string": True, "maxLength": 32}
+    )
+
+
+class ScalingBehavior(ApiModel):
+    scale_up_stabilization: str | None = Field(
+        default=None,
+        max_length=32,
+        json_schema_extra=duration_rule("spec.autoscaling.behavior.scaleUpStabilization"),
+    )
+    scale_down_stabilization: str | None = Field(
+        default=None,
+        max_length=32,
+        json_schema_extra=duration_rule("spec.autoscaling.behavior.scaleDownStabilization"),
+    )
+
+
+class AutoscalingSpec(ApiModel):
+    model_config = ConfigDict(
+        json_schema_extra=rules(
+            cel(
+                "self.minReplicas <= self.maxReplicas",
+                "spec.autoscaling.minReplicas must be less than or equal to maxReplicas",
+                ".minReplicas",
+            ),
+            cel(
+                "self.metrics.all(m, self.metrics.exists_one(n, n.type == m.type))",
+                "spec.autoscaling.metrics must name each metric type at most once",
+                ".metrics",
+            ),
+        )
+    )
+
+    engine: Literal["builtin", "hpa", "keda"] = "builtin"
+    min_replicas: int = Field(default=1, ge=0, le=1000)
+    max_replicas: int = Field(ge=1, le=1000)
+    metrics: list[ScalingMetric] = Field(min_length=1, max_length=8)
+    behavior: ScalingBehavior | None = None
+
+
+# -- spec.rollout (validated and stored; behaviour arrives with the rollout issue) ----------
+
+
+class CanaryStep(ApiModel):
+    weight: int = Field(ge=1, le=100, description="Percent of traffic on the canary.")
+    pause: str | None = Field(
+        default=None,
+        max_length=32,
+        description="How long to hold this step: a duration, or 'manual' to wait for promote.",
+        json_schema_extra=duration_rule("spec.rollout.steps[].pause", extra="manual"),
+    )
+
+
+class GatewayRouting(ApiModel):
+    parent_refs: list[Annotated[dict[str, Any], Field(json_schema_extra=FREE_FORM)]] = Field(
+        min_length=1, max_length=16
+    )
+    hostnames: list[Annotated[str, Field(max_length=253)]] = Field(
+        default_factory=list, max_length=16
+    )
+
+
+class TrafficRouting(ApiModel):
+    model_config = ConfigDict(
+        json_schema_extra=rules(
+            cel(
+                "has(self.replicas) != has(self.gatewayAPI)",
+                "spec.rollout.trafficRouting must set exactly one of replicas or gatewayAPI",
+            )
+        )
+    )
+
+    replicas: dict[str, Any] | None = Field(
+        default=None,
+        description="Split traffic by the ratio of stable to canary replicas.",
+        json_schema_extra={"type": "object", "maxProperties": 0},
+    )
+    gateway_api: GatewayRouting | None = Field(default=None, alias="gatewayAPI")
+
+
+class PrometheusRef(ApiModel):
+    url: str = Field(
+        max_length=2048,
+        json_schema_extra=rules(
+            cel(
+                "self.matches('^https?://.+')",
+                "spec.rollout.analysis.prometheus.url must be an http:// or https:// URL",
+            )
+        ),
+    )
+
+
+class AnalysisMetric(ApiModel):
+    model_config = ConfigDict(
+        json_schema_extra=rules(
+            cel(
+                "has(self.builtin) != has(self.query)",
+                "spec.rollout.analysis.metrics[] must set exactly one of builtin or query",
+            ),
+            cel(
+                "has(self.min) || has(self.max)",
+                "spec.rollout.analysis.metrics[] must set min, max or both",
+            ),
+            cel(
+                "!has(self.min) || !has(self.max) || self.min <= self.max",
+                "spec.rollout.analysis.metrics[].min must be less than or equal to max",
+                ".min",
+            ),
+        )
+    )
+
+    name: str = Field(max_length=63, pattern=DNS_LABEL_PATTERN)
+    builtin: Literal["P99Latency", "ErrorRatio", "DriftScore", "QueueTime"] | None = None
+    query: str | None = Field(default=None, max_length=4096, min_length=1)
+    min: float | None = None
+    max: float | None = None
+
+
+class AnalysisSpec(ApiModel):
+    model_config = ConfigDict(
+        json_schema_extra=rules(
+            cel(
+                "self.metrics.all(m, self.metrics.exists_one(n, n.name == m.name))",
+                "spec.rollout.analysis.metrics names must be unique",
+                ".metrics",
+            )
+        )
+    )
+
+    interval: str = Field(
+        default="30s",
+        max_length=32,
+        json_schema_extra=duration_rule("spec.rollout.analysis.interval"),
+    )
+    failure_limit: int = Field(default=2, ge=0, le=100)
+    prometheus: PrometheusRef | None = None
+    metrics: list[AnalysisMetric] = Field(default_factory=list, max_length=16)
+
+
+class RolloutSpec(ApiModel):
+    model_config = ConfigDict(
+        json_schema_extra=rules(
+            cel(
+                "!has(self.steps) || self.steps.map(s, s.weight).isSorted()"
+                " && self.steps.all(a, self.steps.exists_one(b, b.weight == a.weight))",
+                "spec.rollout.steps weights must strictly increase, each within (0, 100]",
+                ".steps",
+            ),
+            cel(
+                "self.strategy == 'Canary' || !has(self.steps) || size(self.steps) == 0",
+                "spec.rollout.steps apply only to strategy Canary",
+                ".steps",
+            ),
+        )
+    )
+
+    strategy: Literal["Canary", "Rolling"] = "Canary"
+    max_surge_gpus: int | None = Field(default=None, ge=0, le=128, alias="maxSurgeGPUs")
+    steps: list[CanaryStep] = Field(default_factory=list, max_length=20)
+    traffic_routing: TrafficRouting | None = None
+    analysis: AnalysisSpec | None = None
+
+
+# -- spec.monitoring (validated and stored; the sidecar arrives with the runtime issue) -----
+
+
+class LocalObjectRef(ApiModel):
+    name: str = Field(max_length=253, json_schema_extra=object_name_rule("name"))
+
+
+class ReferenceProfile(ApiModel):
+    config_map_ref: LocalObjectRef
+
+
+class RuntimeSpec(ApiModel):
+    enabled: bool = True
+    sample_rate: float = Field(default=0.1, ge=0, le=1)
+    reference_profile: ReferenceProfile | None = None
+
+
+class AuthSpec(ApiModel):
+    api_key_secret: LocalObjectRef | None = None
+    rate_limit_per_client: str | None = Field(
+        default=None,
+        max_length=32,
+        json_schema_extra=rules(
+            cel(
+                "self.matches('^[1-9][0-9]*/(s|m|h)$')",
+                "spec.monitoring.auth.rateLimitPerClient must look like 100/s, 600/m or 1000/h",
+            )
+        ),
+    )
+
+
+class MonitoringSpec(ApiModel):
+    runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
+    auth: AuthSpec | None = None
+
+
+# -- spec -----------------------------------------------------------------------------------
+
+
+class ModelDeploymentSpec(ApiModel):
+    model_config = ConfigDict(
+        json_schema_extra=rules(
+            cel(
+                "!(has(self.replicas) && has(self.autoscaling))",
+                "spec.replicas and spec.autoscaling are mutually exclusive: set one of them",
+            )
+        )
+    )
+
+    model: ModelSpec
+    server: ServerSpec = Field(default_factory=ServerSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    placement: PlacementSpec = Field(default_factory=PlacementSpec)
+    replicas: int | None = Field(
+        default=None, ge=0, le=1000, description="Fixed replica count; 1 when unset."
+    )
+    autoscaling: AutoscalingSpec | None = None
+    rollout: RolloutSpec | None = None
+    monitoring: MonitoringSpec = Field(default_factory=MonitoringSpec)
+
+    def desired_replicas(self) -> int:
+        if self.autoscaling is not None:
+            return self.autoscaling.min_replicas
+        return 1 if self.replicas is None else self.replicas
+
+
+# -- status ---------------------------------------------------------------------------------
+
+
+Phase = Literal["Pending", "Progressing", "Available", "Degraded", "Failed"]
+ConditionStatus = Literal["True", "False", "Unknown"]
+
+
+class Condition(ApiModel):
+    type: str
+    status: ConditionStatus
+    reason: str
+    message: str = ""
+    observed_generation: int | None = None
+    last_transition_time: str | None = None
+
+
+class TrackStatus(ApiModel):
+    version: str | None = None
+    revision: str | None = None
+    weight: int | None = None
+    step: int | None = None
+    failed_checks: int | None = None
+
+
+class AnalysisResult(ApiModel):
+    name: str
+    value: float | None = None
+    min: float | None = None
+    max: float | None = None
+    result: Literal["Passed", "Failed", "Inconclusive"]
+    time: str | None = None
+
+
+class HistoryEntry(ApiModel):
+    version: str
+    revision: str
+    result: str
+    started: str | None = None
+    finished: str | None = None
+    reason: str | None = None
+
+
+class ModelDeploymentStatus(ApiModel):
+    observed_generation: int | None = None
+    phase: Phase | None = None
+    replicas: int | None = None
+    ready_replicas: int | None = None
+    updated_replicas: int | None = None
+    available_replicas: int | None = None
+    ready: str | None = Field(default=None, description='Ready over desired, e.g. "2/3".')
+    gpus: int | None = Field(default=None, description="GPUs requested by all replicas.")
+    selector: str | None = None
+    stable: TrackStatus | None = None
+    canary: TrackStatus | None = None
+    analysis: list[AnalysisResult] = Field(default_factory=list)
+    conditions: list[Condition] = Field(default_factory=list)
+    history: list[HistoryEntry] = Field(default_factory=list)
+
+
+class ObjectMeta(BaseModel):
+    """The parts of metadata the operator reads; everything else is kept as is."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
+
+    name: str
+    namespace: str = "default"
+    uid: str = ""
+    generation: int = 0
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class ModelDeployment(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
+
+    api_version: str = Field(default=API_VERSION, alias="apiVersion")
+    kind: str = KIND
+    metadata: ObjectMeta
+    spec: ModelDeploymentSpec
+    status: ModelDeploymentStatus = Field(default_factory=ModelDeploymentStatus)

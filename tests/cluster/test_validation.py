@@ -1,0 +1,300 @@
+"""The API server rejects what the schema and CEL rules can express, naming the field.
+
+Each case starts from examples/minimal.yaml, changes one thing, and submits it with
+``kubectl create --dry-run=server``: the real API server validates it, nothing is stored.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from localcluster import Cluster
+
+pytestmark = pytest.mark.cluster
+
+ROOT = Path(__file__).resolve().parents[2]
+DELETE = object()
+AUTOSCALING = {
+    "minReplicas": 1,
+    "maxReplicas": 4,
+    "metrics": [{"type": "InFlightPerReplica", "target": 4}],
+}
+
+
+def merged(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in patch.items():
+        if value is DELETE:
+            out.pop(key, None)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def rollout(**fields: Any) -> dict[str, Any]:
+    return {"spec": {"rollout": fields}}
+
+
+def analysis_metric(**fields: Any) -> dict[str, Any]:
+    return rollout(analysis={"metrics": [{"name": "m", **fields}]})
+
+
+# (id, patch, the field the message must name, what the message must say)
+INVALID: list[tuple[str, dict[str, Any], str, str]] = [
+    (
+        "replicas-and-autoscaling",
+        {"spec": {"replicas": 2, "autoscaling": AUTOSCALING}},
+        "spec",
+        "spec.replicas and spec.autoscaling are mutually exclusive",
+    ),
+    (
+        "min-above-max",
+        {"spec": {"autoscaling": {**AUTOSCALING, "minReplicas": 5}}},
+        "spec.autoscaling.minReplicas",
+        "less than or equal to maxReplicas",
+    ),
+    (
+        "autoscaling-without-metrics",
+        {"spec": {"autoscaling": {**AUTOSCALING, "metrics": []}}},
+        "spec.autoscaling.metrics",
+        "should have at least 1 items",
+    ),
+    (
+        "latency-target-not-duration",
+        {
+            "spec": {
+                "autoscaling": {**AUTOSCALING, "metrics": [{"type": "P99Latency", "target": 250}]}
+            }
+        },
+        "spec.autoscaling.metrics[0].target",
+        "must be a duration such as 250ms",
+    ),
+    (
+        "gpu-utilization-above-100",
+        {
+            "spec": {
+                "autoscaling": {
+                    **AUTOSCALING,
+                    "metrics": [{"type": "GPUUtilization", "target": 150}],
+                }
+            }
+        },
+        "spec.autoscaling.metrics[0].target",
+        "1-100",
+    ),
+    (
+        "weights-decrease",
+        rollout(steps=[{"weight": 50}, {"weight": 10}]),
+        "spec.rollout.steps",
+        "weights must strictly increase",
+    ),
+    (
+        "weights-repeat",
+        rollout(steps=[{"weight": 10}, {"weight": 10}]),
+        "spec.rollout.steps",
+        "weights must strictly increase",
+    ),
+    (
+        "weight-zero",
+        rollout(steps=[{"weight": 0}]),
+        "spec.rollout.steps[0].weight",
+        "greater than or equal to 1",
+    ),
+    (
+        "weight-above-100",
+        rollout(steps=[{"weight": 150}]),
+        "spec.rollout.steps[0].weight",
+        "less than or equal to 100",
+    ),
+    (
+        "pause-not-duration",
+        rollout(steps=[{"weight": 10, "pause": "forever"}]),
+        "spec.rollout.steps[0].pause",
+        "must be 'manual' or a duration",
+    ),
+    (
+        "steps-with-rolling",
+        rollout(strategy="Rolling", steps=[{"weight": 10}]),
+        "spec.rollout.steps",
+        "apply only to strategy Canary",
+    ),
+    (
+        "interval-not-duration",
+        rollout(analysis={"interval": "30 seconds"}),
+        "spec.rollout.analysis.interval",
+        "must be a duration",
+    ),
+    (
+        "metric-builtin-and-query",
+        analysis_metric(builtin="ErrorRatio", query="up", max=1),
+        "spec.rollout.analysis.metrics[0]",
+        "exactly one of builtin or query",
+    ),
+    (
+        "metric-without-bounds",
+        analysis_metric(builtin="ErrorRatio"),
+        "spec.rollout.analysis.metrics[0]",
+        "must set min, max or both",
+    ),
+    (
+        "metric-min-above-max",
+        analysis_metric(builtin="ErrorRatio", min=2, max=1),
+        "spec.rollout.analysis.metrics[0].min",
+        "less than or equal to max",
+    ),
+    (
+        "two-traffic-routers",
+        rollout(trafficRouting={"replicas": {}, "gatewayAPI": {"parentRefs": [{"name": "gw"}]}}),
+        "spec.rollout.trafficRouting",
+        "exactly one of replicas or gatewayAPI",
+    ),
+    (
+        "storage-scheme",
+        {"spec": {"model": {"storageUri": "ftp://models/resnet50"}}},
+        "spec.model.storageUri",
+        "must start with one of s3://, gs://, pvc://, https://, hf://, oci://",
+    ),
+    (
+        "format",
+        {"spec": {"model": {"format": "pickle"}}},
+        "spec.model.format",
+        'supported values: "onnx"',
+    ),
+    (
+        "version-not-integer",
+        {"spec": {"model": {"version": "v3"}}},
+        "spec.model.version",
+        "must be a positive integer",
+    ),
+    (
+        "model-name",
+        {"spec": {"model": {"name": "my model"}}},
+        "spec.model.name",
+        "must be letters, digits",
+    ),
+    (
+        "storage-uri-missing",
+        {"spec": {"model": {"storageUri": DELETE}}},
+        "spec.model.storageUri",
+        "Required value",
+    ),
+    (
+        "gpu-count-zero",
+        {"spec": {"resources": {"gpu": {"count": 0}}}},
+        "spec.resources.gpu.count",
+        "greater than or equal to 1",
+    ),
+    (
+        "cpu-not-quantity",
+        {"spec": {"resources": {"cpu": "four"}}},
+        "spec.resources.cpu",
+        "must be a positive Kubernetes quantity",
+    ),
+    (
+        "memory-negative",
+        {"spec": {"resources": {"memory": "-1Gi"}}},
+        "spec.resources.memory",
+        "must be a positive Kubernetes quantity",
+    ),
+    (
+        "replicas-negative",
+        {"spec": {"replicas": -1}},
+        "spec.replicas",
+        "greater than or equal to 0",
+    ),
+    (
+        "operator-owned-arg",
+        {"spec": {"server": {"args": ["--model-repository=/elsewhere"]}}},
+        "spec.server.args",
+        "must not set --model-repository",
+    ),
+    (
+        "batching-without-max-batch",
+        {"spec": {"model": {"config": {"dynamicBatching": {"preferredBatchSizes": [4]}}}}},
+        "spec.model.config",
+        "needs spec.model.config.maxBatchSize > 0",
+    ),
+    (
+        "preferred-batch-above-max",
+        {
+            "spec": {
+                "model": {
+                    "config": {"maxBatchSize": 8, "dynamicBatching": {"preferredBatchSizes": [16]}}
+                }
+            }
+        },
+        "spec.model.config",
+        "preferredBatchSizes must not exceed maxBatchSize",
+    ),
+    (
+        "credentials-secret-name",
+        {"spec": {"model": {"credentialsSecret": "Bad_Name"}}},
+        "spec.model.credentialsSecret",
+        "must be a Kubernetes object name",
+    ),
+    (
+        "sample-rate",
+        {"spec": {"monitoring": {"runtime": {"sampleRate": 1.5}}}},
+        "spec.monitoring.runtime.sampleRate",
+        "less than or equal to 1",
+    ),
+    (
+        "rate-limit",
+        {"spec": {"monitoring": {"auth": {"rateLimitPerClient": "fast"}}}},
+        "spec.monitoring.auth.rateLimitPerClient",
+        "must look like 100/s",
+    ),
+    ("name-too-long", {"metadata": {"name": "m" * 50}}, "metadata.name", "at most 45 characters"),
+    ("unknown-field", {"spec": {"replica": 2}}, "spec.replica", "unknown field"),
+]
+
+
+@pytest.fixture(scope="module")
+def minimal() -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load((ROOT / "examples" / "minimal.yaml").read_text())
+    return loaded
+
+
+def submit(cluster: Cluster, namespace: str, manifest: dict[str, Any]) -> tuple[int, str]:
+    result = cluster.kubectl(
+        "create",
+        "--dry-run=server",
+        "-n",
+        namespace,
+        "-f",
+        "-",
+        stdin=yaml.safe_dump(manifest),
+        check=False,
+    )
+    return result.returncode, result.stderr
+
+
+def test_the_examples_are_valid(cluster: Cluster, crd: None, namespace: str) -> None:
+    for example in sorted((ROOT / "examples").glob("*.yaml")):
+        code, stderr = submit(cluster, namespace, yaml.safe_load(example.read_text()))
+        assert code == 0, f"{example.name}: {stderr}"
+
+
+@pytest.mark.parametrize(
+    ("patch", "field", "text"), [c[1:] for c in INVALID], ids=[c[0] for c in INVALID]
+)
+def test_invalid_spec_is_rejected_naming_the_field(
+    cluster: Cluster,
+    crd: None,
+    namespace: str,
+    minimal: dict[str, Any],
+    patch: dict[str, Any],
+    field: str,
+    text: str,
+) -> None:
+    code, stderr = submit(cluster, namespace, merged(minimal, patch))
+    assert code != 0, "the API server accepted it"
+    assert field in stderr, stderr
+    assert text in stderr, stderr
