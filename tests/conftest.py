@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from localcluster import Cluster, ClusterState, Toolchain
+from localcluster.operator import OperatorProcess
 
 CRDS = Path(__file__).resolve().parents[1] / "crds"
 
@@ -42,3 +43,14 @@ def namespace(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[str]
     cluster.kubectl("create", "namespace", name)
     yield name
     cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="session")
+def operator(
+    cluster: Cluster, crd: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OperatorProcess]:
+    """The operator as a real process, watching every namespace; its log is in the tmp dir."""
+    process = OperatorProcess(cluster, tmp_path_factory.mktemp("operator") / "operator.log")
+    process.start()
+    yield process
+    process.stop()

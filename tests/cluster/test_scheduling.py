@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import pytest
 import yaml
 
 from localcluster import Cluster
+from support import wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -64,17 +64,6 @@ def scheduling_failures(cluster: Cluster, namespace: str) -> list[str]:
         "get", "events", "-n", namespace, "--field-selector", "reason=FailedScheduling"
     )["items"]
     return [e["message"] for e in events]
-
-
-def wait_for(what: str, check: Any, timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.5)
 
 
 def test_gpu_pod_lands_on_the_requested_product_and_becomes_available(

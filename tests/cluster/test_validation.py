@@ -6,7 +6,6 @@ Each case starts from examples/minimal.yaml, changes one thing, and submits it w
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -14,28 +13,16 @@ import pytest
 import yaml
 
 from localcluster import Cluster
+from support import DELETE, load_example, merged
 
 pytestmark = pytest.mark.cluster
 
 ROOT = Path(__file__).resolve().parents[2]
-DELETE = object()
 AUTOSCALING = {
     "minReplicas": 1,
     "maxReplicas": 4,
     "metrics": [{"type": "InFlightPerReplica", "target": 4}],
 }
-
-
-def merged(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in patch.items():
-        if value is DELETE:
-            out.pop(key, None)
-        elif isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merged(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 def rollout(**fields: Any) -> dict[str, Any]:
@@ -258,8 +245,7 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
 
 @pytest.fixture(scope="module")
 def minimal() -> dict[str, Any]:
-    loaded: dict[str, Any] = yaml.safe_load((ROOT / "examples" / "minimal.yaml").read_text())
-    return loaded
+    return load_example("minimal.yaml")
 
 
 def submit(cluster: Cluster, namespace: str, manifest: dict[str, Any]) -> tuple[int, str]:

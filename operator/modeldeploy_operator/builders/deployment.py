@@ -1,0 +1,321 @@
+"""The Triton Deployment of one track: pure, golden-file tested.
+
+A pod has three parts:
+
+- ``fetch-model`` (init): the runtime image fetches the model repository from
+  ``spec.model.storageUri`` into a shared ``emptyDir`` and writes Triton's ``config.pbtxt``;
+  the credentials Secret is mounted here and nowhere else.
+- ``triton``: serves the repository read-only with ``--model-control-mode=none``.
+- ``runtime`` (when ``spec.monitoring.runtime.enabled``): the sidecar proxy in front of
+  Triton that exports latency and drift metrics; the Service targets it.
+
+Every container meets the restricted Pod Security Standard.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from modeldeploy_operator.api.v1alpha1 import ModelDeployment
+from modeldeploy_operator.builders.labels import (
+    Track,
+    child_metadata,
+    deployment_name,
+    selector_labels,
+    track_labels,
+)
+
+GPU_RESOURCE = "nvidia.com/gpu"
+GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
+MODEL_REPOSITORY = "/models"
+CREDENTIALS_DIR = "/var/run/secrets/modeldeploy/model-credentials"
+PROFILE_DIR = "/etc/modeldeploy/reference-profile"
+API_KEYS_DIR = "/var/run/secrets/modeldeploy/api-keys"
+RUN_AS = 1000
+
+# Triton's ports, and the runtime sidecar's when it fronts Triton.
+TRITON_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
+RUNTIME_PORTS = {"proxy-http": 8080, "proxy-grpc": 8081, "proxy-metrics": 9090}
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Operator-wide inputs of the builders (from the operator's command line)."""
+
+    runtime_image: str
+    progress_deadline_seconds: int = 600
+    startup_timeout_seconds: int = 900
+
+
+def restricted_security_context(read_only_root: bool = True) -> dict[str, Any]:
+    return {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "readOnlyRootFilesystem": read_only_root,
+        "runAsNonRoot": True,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def triton_resources(md: ModelDeployment) -> dict[str, Any]:
+    resources = md.spec.resources
+    requests: dict[str, Any] = {}
+    limits: dict[str, Any] = {}
+    if resources.cpu is not None:
+        requests["cpu"] = str(resources.cpu)
+    if resources.memory is not None:
+        requests["memory"] = str(resources.memory)
+        limits["memory"] = str(resources.memory)
+    if resources.gpu is not None:
+        limits[GPU_RESOURCE] = str(resources.gpu.count)
+    out: dict[str, Any] = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def node_selector(md: ModelDeployment) -> dict[str, str]:
+    selector = dict(md.spec.placement.node_selector)
+    gpu = md.spec.resources.gpu
+    if gpu is not None and gpu.product:
+        selector[GPU_PRODUCT_LABEL] = gpu.product
+    return selector
+
+
+def tolerations(md: ModelDeployment) -> list[dict[str, Any]]:
+    user = [t.model_dump(by_alias=True, exclude_none=True) for t in md.spec.placement.tolerations]
+    if md.spec.resources.gpu is None or GPU_TOLERATION in user:
+        return user
+    return [GPU_TOLERATION, *user]
+
+
+def fetch_container(md: ModelDeployment, config: BuildConfig) -> dict[str, Any]:
+    model = md.spec.model
+    args = [
+        "fetch",
+        f"--storage-uri={model.storage_uri}",
+        f"--model-name={model.name}",
+        f"--model-version={model.version}",
+        f"--format={model.format}",
+        f"--repository={MODEL_REPOSITORY}",
+    ]
+    if model.config is not None:
+        overrides = model.config.model_dump(mode="json", by_alias=True, exclude_none=True)
+        args.append(f"--config-overrides={json.dumps(overrides, sort_keys=True)}")
+    mounts: list[dict[str, Any]] = [
+        {"name": "model-repository", "mountPath": MODEL_REPOSITORY},
+        {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108 - an emptyDir, not the host's /tmp
+    ]
+    if model.credentials_secret:
+        args.append(f"--credentials-dir={CREDENTIALS_DIR}")
+        mounts.append({"name": "model-credentials", "mountPath": CREDENTIALS_DIR, "readOnly": True})
+    return {
+        "name": "fetch-model",
+        "image": config.runtime_image,
+        "args": args,
+        "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "2Gi"}},
+        "securityContext": restricted_security_context(),
+        "volumeMounts": mounts,
+    }
+
+
+def triton_container(md: ModelDeployment, config: BuildConfig) -> dict[str, Any]:
+    server = md.spec.server
+    probe_port = "http"
+    period = 10
+    container: dict[str, Any] = {
+        "name": "triton",
+        "image": server.image,
+        "command": ["tritonserver"],
+        "args": [
+            f"--model-repository={MODEL_REPOSITORY}",
+            "--model-control-mode=none",
+            f"--http-port={TRITON_PORTS['http']}",
+            f"--grpc-port={TRITON_PORTS['grpc']}",
+            f"--metrics-port={TRITON_PORTS['metrics']}",
+            *server.args,
+        ],
+        "ports": [
+            {"name": name, "containerPort": port, "protocol": "TCP"}
+            for name, port in TRITON_PORTS.items()
+        ],
+        "resources": triton_resources(md),
+        "startupProbe": {
+            "httpGet": {"path": "/v2/health/ready", "port": probe_port},
+            "periodSeconds": period,
+            "failureThreshold": max(1, config.startup_timeout_seconds // period),
+        },
+        "readinessProbe": {
+            "httpGet": {"path": "/v2/health/ready", "port": probe_port},
+            "periodSeconds": 5,
+            "failureThreshold": 3,
+        },
+        "livenessProbe": {
+            "httpGet": {"path": "/v2/health/live", "port": probe_port},
+            "periodSeconds": 10,
+            "failureThreshold": 6,
+        },
+        "securityContext": restricted_security_context(),
+        "volumeMounts": [
+            {"name": "model-repository", "mountPath": MODEL_REPOSITORY, "readOnly": True},
+            {"name": "dshm", "mountPath": "/dev/shm"},  # noqa: S108 - an emptyDir
+            {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108 - an emptyDir
+        ],
+    }
+    if server.env:  # the API server drops empty lists; so do we, or every check sees drift
+        container["env"] = [e.model_dump(by_alias=True, exclude_none=True) for e in server.env]
+    return container
+
+
+def runtime_container(md: ModelDeployment, track: Track, config: BuildConfig) -> dict[str, Any]:
+    monitoring = md.spec.monitoring
+    args = [
+        "serve",
+        f"--upstream-http=127.0.0.1:{TRITON_PORTS['http']}",
+        f"--upstream-grpc=127.0.0.1:{TRITON_PORTS['grpc']}",
+        f"--http-port={RUNTIME_PORTS['proxy-http']}",
+        f"--grpc-port={RUNTIME_PORTS['proxy-grpc']}",
+        f"--metrics-port={RUNTIME_PORTS['proxy-metrics']}",
+        f"--model={md.spec.model.name}",
+        f"--model-version={md.spec.model.version}",
+        f"--track={track}",
+        f"--sample-rate={monitoring.runtime.sample_rate}",
+    ]
+    mounts: list[dict[str, Any]] = []
+    if monitoring.runtime.reference_profile is not None:
+        args.append(f"--reference-profile={PROFILE_DIR}")
+        mounts.append({"name": "reference-profile", "mountPath": PROFILE_DIR, "readOnly": True})
+    auth = monitoring.auth
+    if auth is not None and auth.api_key_secret is not None:
+        args.append(f"--api-keys-dir={API_KEYS_DIR}")
+        mounts.append({"name": "api-keys", "mountPath": API_KEYS_DIR, "readOnly": True})
+    if auth is not None and auth.rate_limit_per_client:
+        args.append(f"--rate-limit-per-client={auth.rate_limit_per_client}")
+    container: dict[str, Any] = {
+        "name": "runtime",
+        "image": config.runtime_image,
+        "args": args,
+        "ports": [
+            {"name": name, "containerPort": port, "protocol": "TCP"}
+            for name, port in RUNTIME_PORTS.items()
+        ],
+        "resources": {
+            "requests": {"cpu": "100m", "memory": "128Mi"},
+            "limits": {"memory": "512Mi"},
+        },
+        "readinessProbe": {
+            "httpGet": {"path": "/readyz", "port": "proxy-metrics"},
+            "periodSeconds": 5,
+        },
+        "livenessProbe": {
+            "httpGet": {"path": "/healthz", "port": "proxy-metrics"},
+            "periodSeconds": 10,
+        },
+        "securityContext": restricted_security_context(),
+    }
+    if mounts:
+        container["volumeMounts"] = mounts
+    return container
+
+
+def volumes(md: ModelDeployment) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = [
+        {"name": "model-repository", "emptyDir": {}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    if md.spec.model.credentials_secret:
+        out.append(
+            {
+                "name": "model-credentials",
+                "secret": {"secretName": md.spec.model.credentials_secret, "defaultMode": 0o440},
+            }
+        )
+    monitoring = md.spec.monitoring
+    if monitoring.runtime.enabled and monitoring.runtime.reference_profile is not None:
+        name = monitoring.runtime.reference_profile.config_map_ref.name
+        out.append({"name": "reference-profile", "configMap": {"name": name}})
+    if monitoring.runtime.enabled and monitoring.auth and monitoring.auth.api_key_secret:
+        secret = monitoring.auth.api_key_secret.name
+        out.append({"name": "api-keys", "secret": {"secretName": secret, "defaultMode": 0o440}})
+    return out
+
+
+def pod_spec(md: ModelDeployment, track: Track, config: BuildConfig) -> dict[str, Any]:
+    placement = md.spec.placement
+    containers = [triton_container(md, config)]
+    if md.spec.monitoring.runtime.enabled:
+        containers.append(runtime_container(md, track, config))
+    spec: dict[str, Any] = {
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS,
+            "runAsGroup": RUN_AS,
+            "fsGroup": RUN_AS,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "initContainers": [fetch_container(md, config)],
+        "containers": containers,
+        "volumes": volumes(md),
+        "terminationGracePeriodSeconds": 30,
+    }
+    if selector := node_selector(md):
+        spec["nodeSelector"] = selector
+    if tolerated := tolerations(md):
+        spec["tolerations"] = tolerated
+    if placement.affinity:
+        spec["affinity"] = placement.affinity
+    if placement.priority_class_name:
+        spec["priorityClassName"] = placement.priority_class_name
+    if placement.topology_spread_constraints:
+        spec["topologySpreadConstraints"] = placement.topology_spread_constraints
+    return spec
+
+
+def surge_strategy(md: ModelDeployment) -> dict[str, Any]:
+    """Roll without losing capacity, surging only as many pods as spare GPUs allow.
+
+    ``spec.rollout.maxSurgeGPUs`` caps the extra GPUs a rollout may take; when that is less
+    than one replica's worth, pods are replaced one at a time instead.
+    """
+    gpu = md.spec.resources.gpu
+    rollout = md.spec.rollout
+    surge = 1
+    if gpu is not None and rollout is not None and rollout.max_surge_gpus is not None:
+        surge = rollout.max_surge_gpus // gpu.count
+    if surge == 0:
+        return {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
+    return {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": surge, "maxUnavailable": 0}}
+
+
+def build_deployment(
+    md: ModelDeployment, track: Track, revision: str, config: BuildConfig
+) -> dict[str, Any]:
+    """The Deployment ``<name>-<track>``.
+
+    ``replicas`` is left out when autoscaling owns it, so server-side apply never takes the
+    field back from the autoscaler.
+    """
+    labels = track_labels(md, track, revision)
+    spec: dict[str, Any] = {
+        "selector": {"matchLabels": selector_labels(md, track)},
+        "strategy": surge_strategy(md),
+        "revisionHistoryLimit": 3,
+        "progressDeadlineSeconds": config.progress_deadline_seconds,
+        "template": {"metadata": {"labels": labels}, "spec": pod_spec(md, track, config)},
+    }
+    if md.spec.autoscaling is None:
+        spec["replicas"] = md.spec.desired_replicas()
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": child_metadata(md, deployment_name(md, track), labels),
+        "spec": spec,
+    }

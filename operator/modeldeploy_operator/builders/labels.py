@@ -1,0 +1,97 @@
+"""Names, labels, owner references and the revision hash shared by every child object."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal
+
+from modeldeploy_operator.api.v1alpha1 import API_VERSION, GROUP, KIND, ModelDeployment
+
+Track = Literal["stable", "canary"]
+MANAGER = "modeldeploy"  # app.kubernetes.io/managed-by and the server-side apply field manager
+
+MD_LABEL = f"{GROUP}/modeldeployment"
+TRACK_LABEL = f"{GROUP}/track"
+REVISION_LABEL = f"{GROUP}/revision"
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+
+
+def deployment_name(md: ModelDeployment, track: Track) -> str:
+    return f"{md.metadata.name}-{track}"
+
+
+def service_name(md: ModelDeployment) -> str:
+    return md.metadata.name
+
+
+def selector_labels(md: ModelDeployment, track: Track | None = None) -> dict[str, str]:
+    """Labels that select this ModelDeployment's pods; all tracks when ``track`` is None."""
+    labels = {MD_LABEL: md.metadata.name}
+    if track is not None:
+        labels[TRACK_LABEL] = track
+    return labels
+
+
+def selector_string(md: ModelDeployment) -> str:
+    """``status.selector`` for the scale subresource: every pod of every track."""
+    return ",".join(f"{k}={v}" for k, v in sorted(selector_labels(md).items()))
+
+
+def common_labels(md: ModelDeployment) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "triton-inference-server",
+        "app.kubernetes.io/instance": md.metadata.name,
+        "app.kubernetes.io/component": "predictor",
+        MANAGED_BY_LABEL: MANAGER,
+        MD_LABEL: md.metadata.name,
+    }
+
+
+def track_labels(md: ModelDeployment, track: Track, revision: str) -> dict[str, str]:
+    return {
+        **common_labels(md),
+        "app.kubernetes.io/version": md.spec.model.version,
+        TRACK_LABEL: track,
+        REVISION_LABEL: revision,
+    }
+
+
+def owner_reference(md: ModelDeployment) -> dict[str, Any]:
+    """Makes the ModelDeployment the controller of a child, so deleting it deletes them."""
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": md.metadata.name,
+        "uid": md.metadata.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def child_metadata(md: ModelDeployment, name: str, labels: dict[str, str]) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": md.metadata.namespace,
+        "labels": labels,
+        "ownerReferences": [owner_reference(md)],
+    }
+
+
+def revision_of(md: ModelDeployment, runtime_image: str) -> str:
+    """A short hash of everything that shapes the pods; a new revision means new pods.
+
+    Replica counts, autoscaling and rollout settings are left out: they change how many pods
+    run and how traffic moves, not what a pod is.
+    """
+    spec = md.spec
+    shaping = {
+        "model": spec.model.model_dump(mode="json", by_alias=True),
+        "server": spec.server.model_dump(mode="json", by_alias=True),
+        "resources": spec.resources.model_dump(mode="json", by_alias=True),
+        "placement": spec.placement.model_dump(mode="json", by_alias=True),
+        "monitoring": spec.monitoring.model_dump(mode="json", by_alias=True),
+        "runtimeImage": runtime_image,
+    }
+    digest = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()
+    return digest[:10]

@@ -1,0 +1,69 @@
+"""The one typed context the operator's code receives (kopf's memo): no module globals."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from modeldeploy_operator.builders.deployment import BuildConfig
+from modeldeploy_operator.k8s.client import ApiError, KubeApi
+from modeldeploy_operator.telemetry import Telemetry
+
+GPU_PRESENT_SELECTOR = "nvidia.com/gpu.present=true"
+GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+
+
+def utc_now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class GpuInventory:
+    """The GPU products the cluster's nodes carry, re-listed at most every ``ttl`` seconds.
+
+    ``None`` when nodes cannot be listed (namespace-scoped RBAC): the check is then skipped
+    rather than guessed.
+    """
+
+    def __init__(
+        self, api: KubeApi, ttl: float = 10.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._api = api
+        self._ttl = ttl
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._cached: tuple[float, frozenset[str] | None] | None = None
+
+    def products(self) -> frozenset[str] | None:
+        with self._lock:
+            if self._cached is not None and self._clock() - self._cached[0] < self._ttl:
+                return self._cached[1]
+        try:
+            nodes = self._api.list("v1", "Node", None, GPU_PRESENT_SELECTOR)
+            found: frozenset[str] | None = frozenset(
+                n["metadata"]["labels"][GPU_PRODUCT_LABEL]
+                for n in nodes
+                if GPU_PRODUCT_LABEL in n["metadata"].get("labels", {})
+            )
+        except ApiError as error:
+            if error.status not in (401, 403):
+                raise
+            found = None
+        with self._lock:
+            self._cached = (self._clock(), found)
+        return found
+
+
+@dataclass
+class OperatorContext:
+    api: KubeApi
+    build: BuildConfig
+    telemetry: Telemetry
+    gpus: GpuInventory
+    logger: logging.Logger
+    clock: Callable[[], str] = utc_now
+    resync_seconds: float = 30.0
+    namespaces: tuple[str, ...] = ()  # empty: every namespace

@@ -1,0 +1,40 @@
+"""Does a child still match what we want? A pure check that saves writes.
+
+Reconcile applies a child only when the observed object no longer contains the desired one:
+restarts and periodic resyncs then cost reads, not writes, while hand edits (a changed or
+removed field, a deleted object) are still taken back by server-side apply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+
+def contains(observed: object, desired: object) -> bool:
+    """True when every field of ``desired`` is in ``observed`` with the same value.
+
+    Maps may have extra keys (server defaults, other managers' fields); lists must have the
+    same length and match item by item; scalars must be equal.
+    """
+    if isinstance(desired, Mapping):
+        return isinstance(observed, Mapping) and all(
+            key in observed and contains(observed[key], value) for key, value in desired.items()
+        )
+    if isinstance(desired, list):
+        return (
+            isinstance(observed, list)
+            and len(observed) == len(desired)
+            and all(contains(o, d) for o, d in zip(observed, desired, strict=True))
+        )
+    return bool(observed == desired)
+
+
+def needs_apply(observed: Mapping[str, Any] | None, desired: Mapping[str, Any]) -> bool:
+    """Apply when the object is missing or differs in a field we set (status aside)."""
+    if observed is None:
+        return True
+    return not (
+        contains(observed.get("metadata"), desired["metadata"])
+        and contains(observed.get("spec"), desired.get("spec", {}))
+    )

@@ -1,0 +1,244 @@
+"""The only code of ours that talks to the Kubernetes API (kopf's watches aside).
+
+:class:`KubeApi` is the narrow interface reconcile needs; :class:`KubernetesApi` implements
+it over the official client's ``ApiClient`` with plain dicts in and out. Children are written
+with server-side apply under one field manager, status through the status subresource.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+from urllib.parse import quote
+
+from kubernetes import client as k8s
+from kubernetes.client.exceptions import ApiException
+
+from modeldeploy_operator.api.v1alpha1 import GROUP, PLURAL, VERSION
+
+FIELD_MANAGER = "modeldeploy"
+EVENT_COMPONENT = "modeldeploy-operator"
+
+Json = dict[str, Any]
+
+
+class ApiError(RuntimeError):
+    """A request the API server refused; ``status`` is the HTTP code."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(f"{status} {reason}: {message}")
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Connection:
+    """How to reach the API server, for the watch machinery (kopf) to use the same login."""
+
+    server: str
+    ca_path: str | None
+    insecure: bool
+    certificate_path: str | None
+    private_key_path: str | None
+    token: str | None
+
+
+def connection_of(api_client: k8s.ApiClient) -> Connection:
+    config = api_client.configuration
+    authorization = (config.api_key or {}).get("authorization") or (config.api_key or {}).get(
+        "BearerToken"
+    )
+    token = authorization.removeprefix("Bearer ").strip() if authorization else None
+    return Connection(
+        server=config.host,
+        ca_path=config.ssl_ca_cert,
+        insecure=not config.verify_ssl,
+        certificate_path=config.cert_file,
+        private_key_path=config.key_file,
+        token=token,
+    )
+
+
+class KubeApi(Protocol):
+    def get(self, api_version: str, kind: str, namespace: str, name: str) -> Json | None: ...
+
+    def list(
+        self, api_version: str, kind: str, namespace: str | None, selector: str = ""
+    ) -> list[Json]: ...
+
+    def apply(self, obj: Mapping[str, Any], field_manager: str = FIELD_MANAGER) -> Json: ...
+
+    def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> Json: ...
+
+    def emit_event(
+        self, involved: Mapping[str, Any], type_: str, reason: str, message: str
+    ) -> None: ...
+
+
+# Paths of the resources we touch: (api version, kind) -> plural.
+PLURALS = {
+    ("apps/v1", "Deployment"): "deployments",
+    ("v1", "Service"): "services",
+    ("v1", "Pod"): "pods",
+    ("v1", "Node"): "nodes",
+    ("v1", "Secret"): "secrets",
+    ("v1", "ConfigMap"): "configmaps",
+    ("v1", "Event"): "events",
+    (f"{GROUP}/{VERSION}", "ModelDeployment"): PLURAL,
+}
+CLUSTER_SCOPED = {"Node"}
+
+
+def resource_path(
+    api_version: str, kind: str, namespace: str | None, name: str | None = None
+) -> str:
+    base = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+    plural = PLURALS[(api_version, kind)]
+    path = (
+        base
+        if kind in CLUSTER_SCOPED or namespace is None
+        else f"{base}/namespaces/{quote(namespace)}"
+    )
+    path = f"{path}/{plural}"
+    return f"{path}/{quote(name)}" if name else path
+
+
+RequestHook = Callable[[str, str, int], None]
+
+
+class KubernetesApi:
+    """:class:`KubeApi` over ``kubernetes.client.ApiClient``.
+
+    ``on_request(verb, kind, code)`` is called after every request; the operator counts them.
+    """
+
+    def __init__(self, api_client: k8s.ApiClient, on_request: RequestHook | None = None) -> None:
+        self._client = api_client
+        self._on_request = on_request
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        kind: str,
+        body: Json | None = None,
+        query: list[tuple[str, str]] | None = None,
+        content_type: str = "application/json",
+    ) -> Json:
+        verb = "APPLY" if content_type == "application/apply-patch+yaml" else method
+        request = self._client.param_serialize(
+            method,
+            path,
+            query_params=query or [],
+            header_params={"Accept": "application/json", "Content-Type": content_type},
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        try:
+            response = self._client.call_api(*request)
+        except ApiException as error:  # connection-level failures
+            self._count(verb, kind, error.status or 0)
+            raise ApiError(error.status or 0, "ConnectionFailed", str(error.reason)) from error
+        data: bytes | None = response.read()  # type: ignore[no-untyped-call]
+        self._count(verb, kind, response.status)
+        if response.status >= 400:
+            raise _api_error(response.status, response.reason or "", data)
+        payload: Json = json.loads(data or b"{}")
+        return payload
+
+    def _count(self, verb: str, kind: str, code: int) -> None:
+        if self._on_request is not None:
+            self._on_request(verb, kind, code)
+
+    def get(self, api_version: str, kind: str, namespace: str, name: str) -> Json | None:
+        try:
+            return self._call("GET", resource_path(api_version, kind, namespace, name), kind=kind)
+        except ApiError as error:
+            if error.status == 404:
+                return None
+            raise
+
+    def list(
+        self, api_version: str, kind: str, namespace: str | None, selector: str = ""
+    ) -> list[Json]:
+        query = [("labelSelector", selector)] if selector else []
+        result = self._call(
+            "GET", resource_path(api_version, kind, namespace), kind=kind, query=query
+        )
+        items: list[Json] = result.get("items", [])
+        return items
+
+    def apply(self, obj: Mapping[str, Any], field_manager: str = FIELD_MANAGER) -> Json:
+        """Server-side apply; forces conflicts, so hand edits of our fields are taken back."""
+        meta = obj["metadata"]
+        path = resource_path(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"])
+        return self._call(
+            "PATCH",
+            path,
+            kind=obj["kind"],
+            body=dict(obj),
+            query=[("fieldManager", field_manager), ("force", "true")],
+            content_type="application/apply-patch+yaml",
+        )
+
+    def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> Json:
+        path = resource_path(f"{GROUP}/{VERSION}", "ModelDeployment", namespace, name) + "/status"
+        return self._call(
+            "PATCH",
+            path,
+            kind="ModelDeployment",
+            body={"status": dict(status)},
+            content_type="application/merge-patch+json",
+        )
+
+    def emit_event(
+        self, involved: Mapping[str, Any], type_: str, reason: str, message: str
+    ) -> None:
+        meta = involved["metadata"]
+        now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {
+                "name": f"{meta['name']}.{uuid.uuid4().hex[:16]}",
+                "namespace": meta["namespace"],
+            },
+            "involvedObject": {
+                "apiVersion": involved["apiVersion"],
+                "kind": involved["kind"],
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta.get("uid"),
+                "resourceVersion": meta.get("resourceVersion"),
+            },
+            "type": type_,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": EVENT_COMPONENT},
+            "reportingComponent": EVENT_COMPONENT,
+            "reportingInstance": EVENT_COMPONENT,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        self._call(
+            "POST", resource_path("v1", "Event", meta["namespace"]), kind="Event", body=event
+        )
+
+
+def _api_error(status: int, reason: str, data: bytes | None) -> ApiError:
+    """The Status object the API server returns, as an ApiError."""
+    message = reason
+    try:
+        body = json.loads(data or b"{}")
+        message = body.get("message", message)
+        reason = body.get("reason", reason)
+    except ValueError:
+        message = (data or b"").decode(errors="replace")[:1024]
+    return ApiError(status, reason, message)

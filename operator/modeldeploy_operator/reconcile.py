@@ -1,0 +1,252 @@
+"""The one idempotent, level-based reconcile, and the per-object queue that runs it.
+
+``reconcile()`` reads the ModelDeployment fresh, builds the desired children (pure), applies
+those that drifted, observes pods and nodes, computes status (pure), writes it only when it
+changed, and emits Events only for transitions. Every trigger (the ModelDeployment changed,
+a child or pod changed, the resync timer fired, the operator started) runs the same code.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from modeldeploy_operator.api.v1alpha1 import API_VERSION, KIND, ModelDeployment
+from modeldeploy_operator.autoscaling import AUTOSCALER_MANAGER, desired_replicas
+from modeldeploy_operator.builders.deployment import build_deployment
+from modeldeploy_operator.builders.labels import revision_of, selector_string
+from modeldeploy_operator.builders.service import build_service
+from modeldeploy_operator.context import OperatorContext
+from modeldeploy_operator.drift import needs_apply
+from modeldeploy_operator.k8s.client import ApiError
+from modeldeploy_operator.status import (
+    MissingReference,
+    Observed,
+    compute_status,
+    transition_events,
+)
+
+# Errors that a retry cannot fix: the spec made the API server refuse a child.
+PERMANENT_APPLY_ERRORS = {400, 403, 409, 422}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    phase: str | None
+    applied: tuple[str, ...] = ()
+    status_written: bool = False
+    events: tuple[str, ...] = ()
+
+
+def status_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """A JSON merge patch turning ``old`` into ``new`` (removed keys become null)."""
+    patch: dict[str, Any] = dict(new)
+    for key in old:
+        if key not in new:
+            patch[key] = None
+    return patch
+
+
+def dump(model: BaseModel) -> dict[str, Any]:
+    dumped: dict[str, Any] = model.model_dump(mode="json", by_alias=True, exclude_none=True)
+    return dumped
+
+
+def missing_references(md: ModelDeployment, ctx: OperatorContext) -> tuple[MissingReference, ...]:
+    """Secrets and ConfigMaps the spec names that do not exist."""
+    ns = md.metadata.namespace
+    wanted: list[tuple[str, str, str]] = []
+    if md.spec.model.credentials_secret:
+        wanted.append(("Secret", md.spec.model.credentials_secret, "spec.model.credentialsSecret"))
+    monitoring = md.spec.monitoring
+    if monitoring.runtime.enabled and monitoring.auth and monitoring.auth.api_key_secret:
+        wanted.append(
+            ("Secret", monitoring.auth.api_key_secret.name, "spec.monitoring.auth.apiKeySecret")
+        )
+    if monitoring.runtime.enabled and monitoring.runtime.reference_profile:
+        ref = monitoring.runtime.reference_profile.config_map_ref.name
+        wanted.append(("ConfigMap", ref, "spec.monitoring.runtime.referenceProfile"))
+    return tuple(
+        MissingReference(kind, name, path)
+        for kind, name, path in wanted
+        if ctx.api.get("v1", kind, ns, name) is None
+    )
+
+
+def apply_children(
+    md: ModelDeployment, revision: str, ctx: OperatorContext
+) -> tuple[dict[str, Any] | None, tuple[str, ...], str | None]:
+    """Apply the children that drifted; returns the Deployment, what was applied, any error."""
+    desired = [build_deployment(md, "stable", revision, ctx.build), build_service(md)]
+    deployment: dict[str, Any] | None = None
+    applied: list[str] = []
+    error: str | None = None
+    ns = md.metadata.namespace
+    for obj in desired:
+        kind, name = obj["kind"], obj["metadata"]["name"]
+        observed = ctx.api.get(obj["apiVersion"], kind, ns, name)
+        current = observed
+        if needs_apply(observed, obj):
+            try:
+                current = ctx.api.apply(obj)
+            except ApiError as failure:
+                if failure.status not in PERMANENT_APPLY_ERRORS:
+                    raise
+                error = f"{kind} {ns}/{name} was refused: {failure.message}"
+                continue
+            verb = "Created" if observed is None else "Updated"
+            ctx.logger.info(
+                f"{verb} {kind} {ns}/{name}", extra={"modeldeployment": f"{ns}/{md.metadata.name}"}
+            )
+            applied.append(f"{kind}/{name}")
+        if kind == "Deployment":
+            deployment = current
+    return deployment, tuple(applied), error
+
+
+def scale(
+    md: ModelDeployment, deployment: dict[str, Any] | None, ctx: OperatorContext
+) -> dict[str, Any] | None:
+    """Set the Deployment's replicas when the builtin autoscaler owns them and wants a change.
+
+    A separate field manager owns ``spec.replicas``, so the main apply (which leaves the field
+    out under autoscaling) never resets it.
+    """
+    if md.spec.autoscaling is None or deployment is None:
+        return deployment
+    current = deployment.get("spec", {}).get("replicas")
+    wanted = desired_replicas(current, md.spec.autoscaling)
+    if wanted is None or wanted == current:
+        return deployment
+    meta = deployment["metadata"]
+    patch = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": meta["name"], "namespace": meta["namespace"]},
+        "spec": {"replicas": wanted},
+    }
+    ctx.logger.info(
+        f"Scaled Deployment {meta['namespace']}/{meta['name']} from {current} to {wanted}",
+        extra={"modeldeployment": f"{md.metadata.namespace}/{md.metadata.name}"},
+    )
+    return ctx.api.apply(patch, field_manager=AUTOSCALER_MANAGER)
+
+
+def reconcile(body: Mapping[str, Any], ctx: OperatorContext) -> Outcome:
+    """Bring one ModelDeployment's children and status in line with its spec."""
+    meta = body["metadata"]
+    key = f"{meta['namespace']}/{meta['name']}"
+    try:
+        md = ModelDeployment.model_validate(body)
+    except ValidationError as invalid:
+        # The API server validates against the same models, so this means a stale CRD.
+        message = f"spec does not match the operator's API: {invalid.errors()[0]['msg']}"
+        ctx.logger.error(message, extra={"modeldeployment": key})
+        return Outcome(phase=None)
+
+    revision = revision_of(md, ctx.build.runtime_image)
+    deployment, applied, apply_error = apply_children(md, revision, ctx)
+    deployment = scale(md, deployment, ctx)
+    observed = Observed(
+        deployment=deployment,
+        pods=ctx.api.list("v1", "Pod", md.metadata.namespace, selector_string(md)),
+        gpu_products=ctx.gpus.products() if md.spec.resources.gpu else None,
+        missing=missing_references(md, ctx),
+        apply_error=apply_error,
+    )
+    status = compute_status(md, observed, revision, ctx.clock())
+    old, new = dump(md.status), dump(status)
+    written = old != new
+    if written:
+        ctx.api.patch_status(md.metadata.namespace, md.metadata.name, status_patch(old, new))
+    events = transition_events(md.status, status) if written else []
+    involved = {"apiVersion": API_VERSION, "kind": KIND, "metadata": meta}
+    for event in events:
+        try:
+            ctx.api.emit_event(involved, event.type, event.reason, event.message)
+        except ApiError as failure:  # Events are best effort; status already tells the truth
+            ctx.logger.warning(
+                f"Could not emit Event {event.reason}: {failure}", extra={"modeldeployment": key}
+            )
+            continue
+        ctx.telemetry.events.labels(event.type, event.reason).inc()
+        ctx.logger.info(
+            f"{event.reason}: {event.message}", extra={"modeldeployment": key, "event": event.type}
+        )
+    ctx.telemetry.phases.set((md.metadata.namespace, md.metadata.name), status.phase or "Pending")
+    return Outcome(
+        phase=status.phase,
+        applied=applied,
+        status_written=written,
+        events=tuple(e.reason for e in events),
+    )
+
+
+@dataclass
+class _KeyState:
+    running: bool = False
+    dirty: bool = False
+
+
+@dataclass
+class Reconciler:
+    """Runs reconcile at most once at a time per object, coalescing triggers that arrive
+    meanwhile into one more run."""
+
+    ctx: OperatorContext
+    _states: dict[tuple[str, str], _KeyState] = field(default_factory=dict)
+    _guard: threading.Lock = field(default_factory=threading.Lock)
+
+    def trigger(self, namespace: str, name: str) -> Outcome | None:
+        key = (namespace, name)
+        with self._guard:
+            state = self._states.setdefault(key, _KeyState())
+            if state.running:
+                state.dirty = True
+                return None
+            state.running = True
+        outcome: Outcome | None = None
+        try:
+            while True:
+                outcome = self._once(namespace, name)
+                with self._guard:
+                    if not state.dirty:
+                        break
+                    state.dirty = False
+        finally:
+            with self._guard:
+                state.running = False
+                state.dirty = False
+        return outcome
+
+    def forget(self, namespace: str, name: str) -> None:
+        with self._guard:
+            state = self._states.get((namespace, name))
+            if state is not None and not state.running:
+                del self._states[(namespace, name)]
+        self.ctx.telemetry.phases.forget((namespace, name))
+
+    def _once(self, namespace: str, name: str) -> Outcome | None:
+        started = time.monotonic()
+        result = "error"
+        try:
+            body = self.ctx.api.get(API_VERSION, KIND, namespace, name)
+            if body is None:
+                result = "gone"
+                return None
+            outcome = reconcile(body, self.ctx)
+            result = "success"
+            return outcome
+        except ApiError as error:
+            self.ctx.telemetry.reconcile_errors.labels(f"api_{error.status}").inc()
+            raise
+        except Exception:
+            self.ctx.telemetry.reconcile_errors.labels("unexpected").inc()
+            raise
+        finally:
+            self.ctx.telemetry.reconcile_duration.labels(result).observe(time.monotonic() - started)

@@ -1,0 +1,387 @@
+"""What is true about a ModelDeployment, decided from what was observed: pure functions.
+
+:func:`compute_status` turns observations (the child Deployment, the pods, the nodes' GPU
+products, missing Secrets, an apply error) into ``status``: phase, counts and the conditions
+``Ready``, ``Progressing`` and ``Degraded``. :func:`transition_events` says which Events a
+change of status deserves, so Events are emitted on transitions only.
+
+Ready means "serving at the desired capacity": it stays True during a rollout that keeps
+capacity (KServe's Ready flips to Unknown there, kserve#5443) and is independent of
+Degraded, which says that something needs a human.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from modeldeploy_operator.api.v1alpha1 import (
+    Condition,
+    ConditionStatus,
+    ModelDeployment,
+    ModelDeploymentStatus,
+    Phase,
+    TrackStatus,
+)
+from modeldeploy_operator.builders.labels import selector_string
+
+FETCH_CONTAINER = "fetch-model"
+IMAGE_PULL_REASONS = {"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull"}
+CONFIG_ERROR_REASONS = {"CreateContainerConfigError", "CreateContainerError"}
+
+# Problems, most fundamental first: the first one found names Ready's and Degraded's reason.
+PROBLEM_ORDER = (
+    "ApplyFailed",
+    "GPUProductNotFound",
+    "SecretNotFound",
+    "ConfigMapNotFound",
+    "InsufficientGPU",
+    "Unschedulable",
+    "ImagePullBackOff",
+    "ModelFetchFailed",
+    "ContainerConfigError",
+    "CrashLoopBackOff",
+    "ReplicaFailure",
+    "ProgressDeadlineExceeded",
+)
+
+
+@dataclass(frozen=True)
+class MissingReference:
+    """A Secret or ConfigMap the spec names that does not exist."""
+
+    kind: str
+    name: str
+    field: str
+
+
+@dataclass(frozen=True)
+class Observed:
+    """Everything reconcile saw, as plain data."""
+
+    deployment: Mapping[str, Any] | None = None
+    pods: Sequence[Mapping[str, Any]] = ()
+    gpu_products: frozenset[str] | None = None  # None: nodes could not be listed
+    missing: tuple[MissingReference, ...] = ()
+    apply_error: str | None = None
+
+
+@dataclass(frozen=True)
+class Problem:
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class EventSpec:
+    type: Literal["Normal", "Warning"]
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Counts:
+    desired: int
+    replicas: int = 0
+    ready: int = 0
+    updated: int = 0
+    available: int = 0
+    current: bool = False  # the Deployment controller has seen the Deployment's latest spec
+    running_pods: int = 0
+    fetching_pods: int = 0
+
+
+def _get(obj: Mapping[str, Any] | None, *path: str) -> Any:
+    node: Any = obj
+    for key in path:
+        if not isinstance(node, Mapping):
+            return None
+        node = node.get(key)
+    return node
+
+
+def desired_replicas(md: ModelDeployment, deployment: Mapping[str, Any] | None) -> int:
+    """The spec's count, or the autoscaler's choice (the Deployment's replicas) when it owns it."""
+    if md.spec.autoscaling is not None:
+        replicas = _get(deployment, "spec", "replicas")
+        return int(replicas) if replicas is not None else md.spec.autoscaling.min_replicas
+    return md.spec.desired_replicas()
+
+
+def is_terminating(pod: Mapping[str, Any]) -> bool:
+    return _get(pod, "metadata", "deletionTimestamp") is not None
+
+
+def count(md: ModelDeployment, observed: Observed) -> Counts:
+    dep = observed.deployment
+    status = _get(dep, "status") or {}
+    pods = [p for p in observed.pods if not is_terminating(p)]
+    return Counts(
+        desired=desired_replicas(md, dep),
+        replicas=int(status.get("replicas") or 0),
+        ready=int(status.get("readyReplicas") or 0),
+        updated=int(status.get("updatedReplicas") or 0),
+        available=int(status.get("availableReplicas") or 0),
+        current=dep is not None
+        and status.get("observedGeneration") == _get(dep, "metadata", "generation"),
+        running_pods=sum(1 for p in pods if _get(p, "status", "phase") == "Running"),
+        fetching_pods=sum(1 for p in pods if _init_state(p, "running") is not None),
+    )
+
+
+def _init_state(pod: Mapping[str, Any], state: str) -> Any:
+    for status in _get(pod, "status", "initContainerStatuses") or []:
+        if status.get("name") == FETCH_CONTAINER:
+            return _get(status, "state", state)
+    return None
+
+
+def _pod_problems(pod: Mapping[str, Any]) -> list[Problem]:
+    found: list[Problem] = []
+    name = _get(pod, "metadata", "name")
+    for condition in _get(pod, "status", "conditions") or []:
+        if (
+            condition.get("type") == "PodScheduled"
+            and condition.get("status") == "False"
+            and condition.get("reason") == "Unschedulable"
+        ):
+            message = condition.get("message", "")
+            reason = (
+                "InsufficientGPU" if "Insufficient nvidia.com/gpu" in message else "Unschedulable"
+            )
+            found.append(Problem(reason, f"pod {name} cannot be scheduled: {message}"))
+    for status in _get(pod, "status", "initContainerStatuses") or []:
+        if status.get("name") != FETCH_CONTAINER:
+            continue
+        waiting = _get(status, "state", "waiting") or {}
+        terminated = _get(status, "state", "terminated") or {}
+        last = _get(status, "lastState", "terminated") or {}
+        if waiting.get("reason") in IMAGE_PULL_REASONS:
+            found.append(Problem("ImagePullBackOff", f"pod {name}: {waiting.get('message', '')}"))
+        elif terminated.get("exitCode", 0) != 0 or waiting.get("reason") == "CrashLoopBackOff":
+            detail = (terminated or last).get("message") or (terminated or last).get("reason", "")
+            code = (terminated or last).get("exitCode", "?")
+            found.append(
+                Problem(
+                    "ModelFetchFailed",
+                    f"pod {name}: fetching the model failed (exit code {code}): {detail}".rstrip(),
+                )
+            )
+    for status in _get(pod, "status", "containerStatuses") or []:
+        waiting = _get(status, "state", "waiting") or {}
+        waiting_reason = waiting.get("reason")
+        container = status.get("name")
+        if waiting_reason in IMAGE_PULL_REASONS:
+            found.append(
+                Problem(
+                    "ImagePullBackOff",
+                    f"pod {name}, container {container}: {waiting.get('message', waiting_reason)}",
+                )
+            )
+        elif waiting_reason in CONFIG_ERROR_REASONS:
+            found.append(
+                Problem(
+                    "ContainerConfigError",
+                    f"pod {name}, container {container}: {waiting.get('message', waiting_reason)}",
+                )
+            )
+        elif waiting_reason == "CrashLoopBackOff":
+            found.append(
+                Problem("CrashLoopBackOff", f"pod {name}, container {container} keeps crashing")
+            )
+    return found
+
+
+def find_problems(md: ModelDeployment, observed: Observed) -> list[Problem]:
+    """Everything that keeps the ModelDeployment from reaching or keeping its desired state."""
+    found: list[Problem] = []
+    if observed.apply_error:
+        found.append(Problem("ApplyFailed", observed.apply_error))
+    gpu = md.spec.resources.gpu
+    if (
+        gpu
+        and gpu.product
+        and observed.gpu_products is not None
+        and gpu.product not in observed.gpu_products
+    ):
+        known = ", ".join(sorted(observed.gpu_products)) or "none"
+        found.append(
+            Problem(
+                "GPUProductNotFound",
+                f"no node has nvidia.com/gpu.product={gpu.product}"
+                f" (spec.resources.gpu.product); products in the cluster: {known}",
+            )
+        )
+    found.extend(
+        Problem(
+            f"{ref.kind}NotFound",
+            f"{ref.kind} {md.metadata.namespace}/{ref.name} ({ref.field}) not found",
+        )
+        for ref in observed.missing
+    )
+    for pod in observed.pods:
+        if not is_terminating(pod):
+            found.extend(_pod_problems(pod))
+    for condition in _get(observed.deployment, "status", "conditions") or []:
+        if condition.get("type") == "ReplicaFailure" and condition.get("status") == "True":
+            found.append(Problem("ReplicaFailure", condition.get("message", "")))
+        if (
+            condition.get("type") == "Progressing"
+            and condition.get("reason") == "ProgressDeadlineExceeded"
+        ):
+            found.append(Problem("ProgressDeadlineExceeded", condition.get("message", "")))
+    return sorted(found, key=lambda p: PROBLEM_ORDER.index(p.reason))
+
+
+def summarize(problems: Sequence[Problem]) -> str:
+    """The first problem of each kind, with how many more there are."""
+    lines: list[str] = []
+    for reason in dict.fromkeys(p.reason for p in problems):
+        same = [p for p in problems if p.reason == reason]
+        more = f" (and {len(same) - 1} more)" if len(same) > 1 else ""
+        lines.append(f"{same[0].message}{more}")
+    return "; ".join(lines)
+
+
+def decide_phase(counts: Counts, problems: Sequence[Problem], has_deployment: bool) -> Phase:
+    if any(p.reason == "ApplyFailed" for p in problems):
+        return "Failed"
+    if problems:
+        return "Degraded"
+    if not has_deployment:
+        return "Pending"
+    complete = (
+        counts.current
+        and counts.updated >= counts.desired
+        and counts.available >= counts.desired
+        and counts.replicas == counts.desired
+    )
+    if complete:
+        return "Available"
+    if counts.running_pods == 0 and counts.available == 0:
+        return "Pending"
+    return "Progressing"
+
+
+def decide_conditions(
+    counts: Counts, problems: Sequence[Problem], phase: Phase
+) -> list[tuple[str, ConditionStatus, str, str]]:
+    """(type, status, reason, message) of Ready, Progressing and Degraded."""
+    primary = problems[0] if problems else None
+    ready_text = f"{counts.available}/{counts.desired} replicas available"
+    if counts.desired > 0 and counts.available >= counts.desired:
+        ready = ("Ready", "True", "ReplicasAvailable", ready_text)
+    elif counts.desired == 0:
+        ready = ("Ready", "False", "ScaledToZero", "spec asks for 0 replicas")
+    elif primary is not None:
+        ready = ("Ready", "False", primary.reason, f"{ready_text}: {primary.message}")
+    elif counts.fetching_pods:
+        ready = ("Ready", "False", "FetchingModel", f"{ready_text}: fetching the model")
+    else:
+        ready = ("Ready", "False", "ReplicasUnavailable", ready_text)
+
+    progress_text = f"{counts.updated}/{counts.desired} replicas updated, {counts.ready} ready"
+    if phase == "Available":
+        progressing = ("Progressing", "False", "RolloutComplete", progress_text)
+    elif phase == "Failed" and primary is not None:
+        progressing = ("Progressing", "False", primary.reason, primary.message)
+    elif any(p.reason == "ProgressDeadlineExceeded" for p in problems):
+        progressing = ("Progressing", "False", "ProgressDeadlineExceeded", progress_text)
+    elif counts.fetching_pods:
+        progressing = ("Progressing", "True", "FetchingModel", progress_text)
+    else:
+        progressing = ("Progressing", "True", "RollingOut", progress_text)
+
+    if primary is not None:
+        degraded = ("Degraded", "True", primary.reason, summarize(problems))
+    else:
+        degraded = ("Degraded", "False", "AsExpected", "no problems found")
+    return [ready, progressing, degraded]  # type: ignore[list-item]
+
+
+def merge_conditions(
+    previous: Sequence[Condition],
+    decided: Sequence[tuple[str, ConditionStatus, str, str]],
+    generation: int,
+    now: str,
+) -> list[Condition]:
+    """Keep lastTransitionTime unless the condition's status changed."""
+    before = {c.type: c for c in previous}
+    merged = []
+    for type_, status, reason, message in decided:
+        old = before.get(type_)
+        changed = old is None or old.status != status
+        merged.append(
+            Condition(
+                type=type_,
+                status=status,
+                reason=reason,
+                message=message,
+                observed_generation=generation,
+                last_transition_time=now if changed or old is None else old.last_transition_time,
+            )
+        )
+    return merged
+
+
+def compute_status(
+    md: ModelDeployment,
+    observed: Observed,
+    revision: str,
+    now: str,
+) -> ModelDeploymentStatus:
+    """The status to write, given the previous one (``md.status``) and what was observed."""
+    counts = count(md, observed)
+    problems = find_problems(md, observed)
+    phase = decide_phase(counts, problems, observed.deployment is not None)
+    conditions = merge_conditions(
+        md.status.conditions,
+        decide_conditions(counts, problems, phase),
+        md.metadata.generation,
+        now,
+    )
+    gpu = md.spec.resources.gpu
+    return md.status.model_copy(
+        update={
+            "observed_generation": md.metadata.generation,
+            "phase": phase,
+            "replicas": counts.replicas,
+            "ready_replicas": counts.ready,
+            "updated_replicas": counts.updated,
+            "available_replicas": counts.available,
+            "ready": f"{counts.ready}/{counts.desired}",
+            "gpus": counts.desired * gpu.count if gpu else 0,
+            "selector": selector_string(md),
+            "stable": TrackStatus(version=md.spec.model.version, revision=revision),
+            "conditions": conditions,
+        }
+    )
+
+
+def transition_events(
+    previous: ModelDeploymentStatus, current: ModelDeploymentStatus
+) -> list[EventSpec]:
+    """Events for conditions whose status or reason changed; nothing when nothing did."""
+    before = {c.type: c for c in previous.conditions}
+    events: list[EventSpec] = []
+    for condition in current.conditions:
+        old = before.get(condition.type)
+        if old is not None and (old.status, old.reason) == (condition.status, condition.reason):
+            continue
+        if condition.type == "Degraded":
+            if condition.status == "True":
+                events.append(EventSpec("Warning", condition.reason, condition.message))
+            elif old is not None:
+                events.append(EventSpec("Normal", "Recovered", "no problems found any more"))
+        elif condition.type == "Ready":
+            if condition.status == "True":
+                events.append(EventSpec("Normal", "Ready", condition.message))
+            elif old is not None and old.status == "True":
+                events.append(EventSpec("Warning", "NotReady", condition.message))
+        elif condition.type == "Progressing" and condition.status == "False":
+            kind: Literal["Normal", "Warning"] = (
+                "Normal" if condition.reason == "RolloutComplete" else "Warning"
+            )
+            events.append(EventSpec(kind, condition.reason, condition.message))
+    return events

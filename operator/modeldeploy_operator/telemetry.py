@@ -1,0 +1,76 @@
+"""The operator's own Prometheus metrics, in a registry of its own (no global state)."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter as Tally
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+PHASES = ("Pending", "Progressing", "Available", "Degraded", "Failed")
+
+
+class PhaseCollector(Collector):
+    """``modeldeploy_modeldeployments{phase}``: computed at scrape time from the last phases."""
+
+    def __init__(self) -> None:
+        self._phases: dict[tuple[str, str], str] = {}
+        self._lock = threading.Lock()
+
+    def set(self, key: tuple[str, str], phase: str) -> None:
+        with self._lock:
+            self._phases[key] = phase
+
+    def forget(self, key: tuple[str, str]) -> None:
+        with self._lock:
+            self._phases.pop(key, None)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        with self._lock:
+            tally = Tally(self._phases.values())
+        family = GaugeMetricFamily(
+            "modeldeploy_modeldeployments",
+            "ModelDeployments managed by this operator, by phase.",
+            labels=["phase"],
+        )
+        for phase in PHASES:
+            family.add_metric([phase], tally.get(phase, 0))
+        yield family
+
+
+class Telemetry:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.reconcile_duration = Histogram(
+            "modeldeploy_reconcile_duration_seconds",
+            "Time one reconcile of a ModelDeployment took.",
+            ["result"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=self.registry,
+        )
+        self.reconcile_errors = Counter(
+            "modeldeploy_reconcile_errors_total",
+            "Reconciles that ended in an error, by kind of error.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.api_requests = Counter(
+            "modeldeploy_api_requests_total",
+            "Requests the operator made to the Kubernetes API.",
+            ["verb", "kind", "code"],
+            registry=self.registry,
+        )
+        self.events = Counter(
+            "modeldeploy_events_total",
+            "Kubernetes Events the operator emitted.",
+            ["type", "reason"],
+            registry=self.registry,
+        )
+        self.phases = PhaseCollector()
+        self.registry.register(self.phases)
+
+    def count_request(self, verb: str, kind: str, code: int) -> None:
+        self.api_requests.labels(verb, kind, str(code)).inc()

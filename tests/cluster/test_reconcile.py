@@ -1,0 +1,307 @@
+"""The operator, as a real process, against the real control plane: children, placement,
+status, self-healing, scaling and garbage collection."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+import yaml
+
+from localcluster import Cluster
+from localcluster.nodes import A100_80GB, NodeSpec, node_manifest
+from localcluster.operator import OperatorProcess, metric_sum
+from support import load_example, merged, wait_for
+
+pytestmark = pytest.mark.cluster
+
+GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+
+
+def apply(cluster: Cluster, namespace: str, manifest: dict[str, Any]) -> None:
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(manifest))
+
+
+def get(cluster: Cluster, namespace: str, kind: str, name: str) -> dict[str, Any] | None:
+    result = cluster.kubectl("get", "-n", namespace, kind, name, "-o", "json", check=False)
+    if result.returncode != 0:
+        return None
+    loaded: dict[str, Any] = json.loads(result.stdout)
+    return loaded
+
+
+def condition(md: dict[str, Any] | None, type_: str) -> dict[str, Any] | None:
+    for cond in (md or {}).get("status", {}).get("conditions", []):
+        if cond["type"] == type_:
+            return dict(cond)
+    return None
+
+
+def wait_condition(
+    cluster: Cluster,
+    namespace: str,
+    name: str,
+    type_: str,
+    status: str,
+    reason: str | None = None,
+    timeout: float = 60.0,
+) -> dict[str, Any]:
+    def check() -> dict[str, Any] | None:
+        md = get(cluster, namespace, "md", name)
+        cond = condition(md, type_)
+        if cond and cond["status"] == status and (reason is None or cond["reason"] == reason):
+            return md
+        return None
+
+    return wait_for(f"{name}: {type_}={status} {reason or ''}", check, timeout)
+
+
+def pods_of(cluster: Cluster, namespace: str, name: str) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = cluster.kubectl_json(
+        "get", "pods", "-n", namespace, "-l", f"serving.modeldeploy.io/modeldeployment={name}"
+    )["items"]
+    return items
+
+
+def our_events(cluster: Cluster, namespace: str) -> list[dict[str, Any]]:
+    items = cluster.kubectl_json("get", "events", "-n", namespace)["items"]
+    return [e for e in items if e.get("source", {}).get("component") == "modeldeploy-operator"]
+
+
+@pytest.mark.parametrize("example", ["minimal.yaml", "full.yaml"])
+def test_example_becomes_ready_on_gpu_nodes_of_the_requested_product(
+    cluster: Cluster, operator: OperatorProcess, namespace: str, example: str
+) -> None:
+    manifest = load_example(example)
+    name = manifest["metadata"]["name"]
+    gpu = manifest["spec"]["resources"]["gpu"]
+    if example == "full.yaml":  # the Secret it names, so nothing is missing
+        cluster.kubectl(
+            "create",
+            "secret",
+            "generic",
+            "s3-creds",
+            "-n",
+            namespace,
+            "--from-literal=AWS_ACCESS_KEY_ID=x",
+        )
+    apply(cluster, namespace, manifest)
+    cluster.kubectl(
+        "wait", "-n", namespace, "--for=condition=Ready", f"md/{name}", "--timeout=60s", timeout=90
+    )
+    md = wait_condition(cluster, namespace, name, "Degraded", "False")
+    assert md["status"]["phase"] == "Available"
+    assert md["status"]["observedGeneration"] == md["metadata"]["generation"]
+
+    nodes = {n["metadata"]["name"]: n for n in cluster.kubectl_json("get", "nodes")["items"]}
+    pods = pods_of(cluster, namespace, name)
+    assert pods
+    for pod in pods:
+        node = nodes[pod["spec"]["nodeName"]]
+        assert node["metadata"]["labels"]["nvidia.com/gpu.product"] == gpu["product"]
+        [triton] = [c for c in pod["spec"]["containers"] if c["name"] == "triton"]
+        assert triton["resources"]["limits"]["nvidia.com/gpu"] == str(gpu["count"])
+        assert "--model-control-mode=none" in triton["args"]
+        assert GPU_TOLERATION in pod["spec"]["tolerations"]
+        assert pod["spec"]["nodeSelector"]["nvidia.com/gpu.product"] == gpu["product"]
+        assert [c["name"] for c in pod["spec"]["initContainers"]] == ["fetch-model"]
+    service = get(cluster, namespace, "service", name)
+    assert service is not None
+    assert {p["port"] for p in service["spec"]["ports"]} == {8000, 8001}
+
+
+def test_pods_pass_the_restricted_pod_security_standard(
+    cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    cluster.kubectl(
+        "label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted"
+    )
+    apply(cluster, namespace, load_example("minimal.yaml"))
+    md = wait_condition(cluster, namespace, "resnet50", "Ready", "True")
+    assert md["status"]["phase"] == "Available"
+    assert len(pods_of(cluster, namespace, "resnet50")) == 1
+
+
+def test_too_many_gpus_is_degraded_within_seconds_and_recovers_with_capacity(
+    cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    manifest = merged(load_example("minimal.yaml"), {"spec": {"resources": {"gpu": {"count": 8}}}})
+    started = time.monotonic()
+    apply(cluster, namespace, manifest)
+    md = wait_condition(
+        cluster, namespace, "resnet50", "Degraded", "True", "InsufficientGPU", timeout=15
+    )
+    elapsed = time.monotonic() - started
+    assert elapsed < 15
+    assert md["status"]["phase"] == "Degraded"
+    ready = condition(md, "Ready")
+    assert ready is not None
+    assert (ready["status"], ready["reason"]) == ("False", "InsufficientGPU")
+    assert "Insufficient nvidia.com/gpu" in ready["message"]
+    warnings = [e for e in our_events(cluster, namespace) if e["reason"] == "InsufficientGPU"]
+    assert len(warnings) == 1
+    assert warnings[0]["type"] == "Warning"
+
+    big = NodeSpec("gpu-a100-big", cpu="128", memory="1024Gi", gpu=A100_80GB, gpu_count=8)
+    cluster.kubectl("create", "-f", "-", stdin=yaml.safe_dump(node_manifest(big)))
+    try:
+        md = wait_condition(cluster, namespace, "resnet50", "Ready", "True", timeout=60)
+        assert md["status"]["phase"] == "Available"
+        assert pods_of(cluster, namespace, "resnet50")[0]["spec"]["nodeName"] == "gpu-a100-big"
+        assert (condition(md, "Degraded") or {}).get("status") == "False"
+    finally:
+        cluster.kubectl("delete", "md", "resnet50", "-n", namespace, "--wait=true")
+        cluster.kubectl("delete", "node", big.name, "--wait=false")
+
+
+def test_gpu_product_no_node_has_is_reported(
+    cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    manifest = merged(
+        load_example("minimal.yaml"), {"spec": {"resources": {"gpu": {"product": "NVIDIA-B200"}}}}
+    )
+    apply(cluster, namespace, manifest)
+    md = wait_condition(cluster, namespace, "resnet50", "Degraded", "True", "GPUProductNotFound")
+    message = condition(md, "Degraded")["message"]  # type: ignore[index]
+    assert "NVIDIA-B200" in message
+    assert "NVIDIA-A100-SXM4-80GB" in message  # says what there is
+
+
+def test_missing_secret_is_reported_and_clears_when_created(
+    cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    manifest = merged(
+        load_example("minimal.yaml"), {"spec": {"model": {"credentialsSecret": "creds"}}}
+    )
+    apply(cluster, namespace, manifest)
+    md = wait_condition(cluster, namespace, "resnet50", "Degraded", "True", "SecretNotFound")
+    assert "spec.model.credentialsSecret" in condition(md, "Degraded")["message"]  # type: ignore[index]
+    cluster.kubectl("create", "secret", "generic", "creds", "-n", namespace, "--from-literal=k=v")
+    wait_condition(cluster, namespace, "resnet50", "Degraded", "False", "AsExpected", timeout=20)
+    recovered = [e for e in our_events(cluster, namespace) if e["reason"] == "Recovered"]
+    assert len(recovered) == 1
+
+
+def test_children_deleted_or_edited_by_hand_are_restored_within_10s(
+    cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    apply(cluster, namespace, load_example("minimal.yaml"))
+    wait_condition(cluster, namespace, "resnet50", "Ready", "True")
+    original = get(cluster, namespace, "deployment", "resnet50-stable")
+    assert original is not None
+
+    cluster.kubectl("delete", "deployment", "resnet50-stable", "-n", namespace)
+    restored = wait_for(
+        "the Deployment to come back",
+        lambda: (
+            (d := get(cluster, namespace, "deployment", "resnet50-stable"))
+            and d["metadata"]["uid"] != original["metadata"]["uid"]
+            and d
+        ),
+        timeout=10,
+    )
+    assert restored["spec"]["template"]["spec"]["containers"][0]["name"] == "triton"
+
+    cluster.kubectl("scale", "deployment", "resnet50-stable", "-n", namespace, "--replicas=3")
+    cluster.kubectl("set", "image", "deployment/resnet50-stable", "-n", namespace, "triton=evil:1")
+    wait_for(
+        "the edits to be reverted",
+        lambda: (
+            (d := get(cluster, namespace, "deployment", "resnet50-stable"))
+            and d["spec"]["replicas"] == 1
+            and d["spec"]["template"]["spec"]["containers"][0]["image"].startswith("nvcr.io/")
+        ),
+        timeout=10,
+    )
+
+    service = get(cluster, namespace, "service", "resnet50")
+    assert service is not None
+    cluster.kubectl("delete", "service", "resnet50", "-n", namespace)
+    wait_for(
+        "the Service to come back",
+        lambda: (
+            (s := get(cluster, namespace, "service", "resnet50"))
+            and s["metadata"]["uid"] != service["metadata"]["uid"]
+        ),
+        timeout=10,
+    )
+
+
+def test_kubectl_scale_md_scales_the_deployment(
+    cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    apply(cluster, namespace, load_example("minimal.yaml"))
+    wait_condition(cluster, namespace, "resnet50", "Ready", "True")
+    cluster.kubectl("scale", "md", "resnet50", "-n", namespace, "--replicas=3")
+    wait_for(
+        "3 ready replicas",
+        lambda: (
+            (md := get(cluster, namespace, "md", "resnet50"))
+            and md["status"].get("ready") == "3/3"
+            and md["status"]["observedGeneration"] == md["metadata"]["generation"]
+        ),
+        timeout=30,
+    )
+    deployment = get(cluster, namespace, "deployment", "resnet50-stable")
+    assert deployment is not None
+    assert deployment["spec"]["replicas"] == 3
+    md = get(cluster, namespace, "md", "resnet50")
+    assert md is not None
+    assert md["status"]["replicas"] == 3
+    assert md["status"]["gpus"] == 3
+    assert md["status"]["selector"] == "serving.modeldeploy.io/modeldeployment=resnet50"
+    assert all(
+        c["observedGeneration"] == md["metadata"]["generation"] for c in md["status"]["conditions"]
+    )
+
+
+def test_deleting_the_modeldeployment_garbage_collects_every_child(
+    cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    apply(cluster, namespace, load_example("minimal.yaml"))
+    wait_condition(cluster, namespace, "resnet50", "Ready", "True")
+    cluster.kubectl("delete", "md", "resnet50", "-n", namespace, "--wait=true", timeout=60)
+    selector = "serving.modeldeploy.io/modeldeployment=resnet50"
+    wait_for(
+        "children to be garbage-collected",
+        lambda: (
+            cluster.kubectl(
+                "get",
+                "deployments,replicasets,services,pods",
+                "-n",
+                namespace,
+                "-l",
+                selector,
+                "-o",
+                "name",
+            ).stdout.strip()
+            == ""
+        ),
+        timeout=60,
+    )
+
+
+def test_printer_columns(cluster: Cluster, operator: OperatorProcess, namespace: str) -> None:
+    apply(cluster, namespace, load_example("minimal.yaml"))
+    wait_condition(cluster, namespace, "resnet50", "Ready", "True")
+    wait_for(
+        "the phase to be Available",
+        lambda: (
+            (get(cluster, namespace, "md", "resnet50") or {}).get("status", {}).get("phase")
+            == "Available"
+        ),
+    )
+    default = cluster.kubectl("get", "md", "-n", namespace).stdout.splitlines()
+    assert default[0].split() == ["NAME", "MODEL", "VERSION", "READY", "PHASE", "GPUS", "AGE"]
+    assert default[1].split()[:6] == ["resnet50", "resnet50", "1", "1/1", "Available", "1"]
+    wide = cluster.kubectl("get", "md", "-n", namespace, "-o", "wide").stdout.splitlines()
+    assert wide[0].split()[-3:] == ["STABLE", "CANARY", "WEIGHT"]
+
+
+def test_operator_exports_its_own_metrics(operator: OperatorProcess) -> None:
+    metrics = operator.metrics()
+    assert metric_sum(metrics, "modeldeploy_reconcile_duration_seconds_count") > 0
+    assert 'modeldeploy_modeldeployments{phase="Available"}' in metrics
+    assert metric_sum(metrics, "modeldeploy_api_requests_total", verb="APPLY") > 0
