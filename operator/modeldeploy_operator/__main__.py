@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import signal
 import sys
 from collections.abc import Sequence
 
@@ -105,10 +104,7 @@ async def run(args: argparse.Namespace, logger: logging.Logger) -> None:
     )
     reconciler = Reconciler(ctx)
     start_http_server(args.metrics_port, addr=args.bind_address, registry=telemetry.registry)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop = asyncio.Event()  # set by kopf's cleanup handler on SIGINT/SIGTERM; ends the timer
     logger.info(
         "Starting modeldeploy operator",
         extra={"version": __version__, "namespaces": args.namespace or "all"},

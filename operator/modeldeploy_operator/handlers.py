@@ -23,8 +23,16 @@ from modeldeploy_operator.reconcile import Reconciler
 CHILDREN = (("apps", "v1", "deployments"), ("v1", "services"), ("v1", "pods"))
 
 
-def build_registry(reconciler: Reconciler, connection: Connection) -> kopf.OperatorRegistry:
+def build_registry(
+    reconciler: Reconciler, connection: Connection, stop: asyncio.Event
+) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
+
+    @kopf.on.cleanup(registry=registry)
+    def stopping(**_: Any) -> None:
+        # kopf handles SIGINT/SIGTERM itself and then waits up to 5 s for every other task of
+        # the loop to end: tell the resync timer now.
+        stop.set()
 
     @kopf.on.startup(registry=registry)
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
@@ -83,7 +91,7 @@ async def serve(
     """Run kopf's watches until ``stop`` is set; every namespace when none are given."""
     scope: dict[str, Any] = {"namespaces": namespaces} if namespaces else {"clusterwide": True}
     await kopf.operator(
-        registry=build_registry(reconciler, connection),
+        registry=build_registry(reconciler, connection, stop),
         memo=ctx,
         standalone=True,
         liveness_endpoint=liveness_endpoint,

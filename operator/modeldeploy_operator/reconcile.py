@@ -8,6 +8,7 @@ a child or pod changed, the resync timer fired, the operator started) runs the s
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Mapping
@@ -141,6 +142,8 @@ def reconcile(body: Mapping[str, Any], ctx: OperatorContext) -> Outcome:
     """Bring one ModelDeployment's children and status in line with its spec."""
     meta = body["metadata"]
     key = f"{meta['namespace']}/{meta['name']}"
+    if meta.get("deletionTimestamp"):
+        return Outcome(phase=None)  # going away; garbage collection takes the children
     try:
         md = ModelDeployment.model_validate(body)
     except ValidationError as invalid:
@@ -170,8 +173,11 @@ def reconcile(body: Mapping[str, Any], ctx: OperatorContext) -> Outcome:
         try:
             ctx.api.emit_event(involved, event.type, event.reason, event.message)
         except ApiError as failure:  # Events are best effort; status already tells the truth
-            ctx.logger.warning(
-                f"Could not emit Event {event.reason}: {failure}", extra={"modeldeployment": key}
+            terminating = "being terminated" in failure.message  # the namespace is going away
+            ctx.logger.log(
+                logging.DEBUG if terminating else logging.WARNING,
+                f"Could not emit Event {event.reason}: {failure}",
+                extra={"modeldeployment": key},
             )
             continue
         ctx.telemetry.events.labels(event.type, event.reason).inc()
@@ -243,6 +249,9 @@ class Reconciler:
             result = "success"
             return outcome
         except ApiError as error:
+            if error.status == 404:  # deleted while we worked: nothing left to do
+                result = "gone"
+                return None
             self.ctx.telemetry.reconcile_errors.labels(f"api_{error.status}").inc()
             raise
         except Exception:
