@@ -9,15 +9,13 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from kubernetes import client as k8s
-from kubernetes import config as k8s_config
 from prometheus_client import start_http_server
 
 from modeldeploy_operator import __version__, handlers, logs
 from modeldeploy_operator.api.v1alpha1 import API_VERSION, KIND
 from modeldeploy_operator.builders.deployment import BuildConfig
 from modeldeploy_operator.context import GpuInventory, OperatorContext
-from modeldeploy_operator.k8s.client import KubernetesApi, connection_of
+from modeldeploy_operator.k8s.client import KubernetesApi, connection_of, load_api_client
 from modeldeploy_operator.reconcile import Reconciler
 from modeldeploy_operator.telemetry import Telemetry
 
@@ -56,15 +54,6 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load_kube_config(kubeconfig: str | None) -> k8s.ApiClient:
-    if kubeconfig is None:
-        with contextlib.suppress(k8s_config.ConfigException):
-            k8s_config.load_incluster_config()  # type: ignore[no-untyped-call]
-            return k8s.ApiClient()
-    k8s_config.load_kube_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
-    return k8s.ApiClient()
-
-
 async def resync(reconciler: Reconciler, ctx: OperatorContext, stop: asyncio.Event) -> None:
     """The timer: reconcile every ModelDeployment every ``resync_seconds``."""
     while True:
@@ -91,7 +80,7 @@ async def resync(reconciler: Reconciler, ctx: OperatorContext, stop: asyncio.Eve
 
 async def run(args: argparse.Namespace, logger: logging.Logger) -> None:
     telemetry = Telemetry()
-    api_client = load_kube_config(args.kubeconfig)
+    api_client = load_api_client(args.kubeconfig)
     api = KubernetesApi(api_client, on_request=telemetry.count_request)
     ctx = OperatorContext(
         api=api,

@@ -316,6 +316,6 @@ def build_deployment(
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": child_metadata(md, deployment_name(md, track), labels),
+        "metadata": child_metadata(md, deployment_name(md, track), dict(labels)),
         "spec": spec,
     }

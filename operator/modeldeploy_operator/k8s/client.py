@@ -7,6 +7,7 @@ with server-side apply under one field manager, status through the status subres
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import uuid
@@ -16,6 +17,7 @@ from typing import Any, Protocol
 from urllib.parse import quote
 
 from kubernetes import client as k8s
+from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 
 from modeldeploy_operator.api.v1alpha1 import GROUP, PLURAL, VERSION
@@ -46,6 +48,16 @@ class Connection:
     certificate_path: str | None
     private_key_path: str | None
     token: str | None
+
+
+def load_api_client(kubeconfig: str | None) -> k8s.ApiClient:
+    """In-cluster credentials when running in a pod, else the kubeconfig (or $KUBECONFIG)."""
+    if kubeconfig is None:
+        with contextlib.suppress(k8s_config.ConfigException):
+            k8s_config.load_incluster_config()  # type: ignore[no-untyped-call]
+            return k8s.ApiClient()
+    k8s_config.load_kube_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
+    return k8s.ApiClient()
 
 
 def connection_of(api_client: k8s.ApiClient) -> Connection:

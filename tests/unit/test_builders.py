@@ -1,0 +1,139 @@
+"""The pure builders, pinned by golden files (UPDATE_GOLDEN=1 rewrites them)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from modeldeploy_operator.api.v1alpha1 import ModelDeployment
+from modeldeploy_operator.builders.deployment import BuildConfig, build_deployment, surge_strategy
+from modeldeploy_operator.builders.labels import revision_of
+from modeldeploy_operator.builders.service import build_service
+from support import DELETE, load_example, merged
+
+GOLDEN = Path(__file__).parent / "golden"
+CONFIG = BuildConfig(runtime_image="ghcr.io/modeldeploy/runtime:test")
+
+
+def model(doc: dict[str, Any], namespace: str = "vision") -> ModelDeployment:
+    doc = merged(doc, {"metadata": {"namespace": namespace, "uid": "0000-uid", "generation": 1}})
+    return ModelDeployment.model_validate(doc)
+
+
+def check_golden(name: str, built: dict[str, Any]) -> None:
+    path = GOLDEN / name
+    text = yaml.safe_dump(built, sort_keys=False, width=100)
+    if os.environ.get("UPDATE_GOLDEN"):
+        path.write_text(text)
+    assert path.exists(), f"{path.name} missing: run with UPDATE_GOLDEN=1"
+    assert text == path.read_text(), f"{path.name} changed: review, then UPDATE_GOLDEN=1"
+
+
+@pytest.mark.parametrize("example", ["minimal", "full"])
+def test_children_match_golden_files(example: str) -> None:
+    md = model(load_example(f"{example}.yaml"))
+    revision = revision_of(md, CONFIG.runtime_image)
+    check_golden(f"{example}-deployment.yaml", build_deployment(md, "stable", revision, CONFIG))
+    check_golden(f"{example}-service.yaml", build_service(md))
+
+
+def test_gpu_request_becomes_limit_selector_and_toleration() -> None:
+    md = model(load_example("minimal.yaml"))
+    pod = build_deployment(md, "stable", "r1", CONFIG)["spec"]["template"]["spec"]
+    triton = pod["containers"][0]
+    assert triton["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
+    assert pod["tolerations"] == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    ]
+
+
+def test_cpu_only_model_gets_no_gpu_traits() -> None:
+    md = model(merged(load_example("minimal.yaml"), {"spec": {"resources": {"gpu": DELETE}}}))
+    pod = build_deployment(md, "stable", "r1", CONFIG)["spec"]["template"]["spec"]
+    assert "nodeSelector" not in pod
+    assert "tolerations" not in pod
+    assert "limits" not in pod["containers"][0]["resources"]
+
+
+def test_every_container_is_restricted() -> None:
+    md = model(load_example("full.yaml"))
+    pod = build_deployment(md, "stable", "r1", CONFIG)["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["automountServiceAccountToken"] is False
+    for container in pod["initContainers"] + pod["containers"]:
+        context = container["securityContext"]
+        assert context["allowPrivilegeEscalation"] is False
+        assert context["capabilities"] == {"drop": ["ALL"]}
+        assert context["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert context["readOnlyRootFilesystem"] is True
+
+
+def test_credentials_are_mounted_only_into_the_fetcher() -> None:
+    md = model(load_example("full.yaml"))
+    pod = build_deployment(md, "stable", "r1", CONFIG)["spec"]["template"]["spec"]
+
+    def mounts(container: dict[str, Any]) -> set[str]:
+        return {m["name"] for m in container.get("volumeMounts", [])}
+
+    assert "model-credentials" in mounts(pod["initContainers"][0])
+    assert all("model-credentials" not in mounts(c) for c in pod["containers"])
+
+
+def test_autoscaling_leaves_replicas_to_the_autoscaler() -> None:
+    full = build_deployment(model(load_example("full.yaml")), "stable", "r1", CONFIG)
+    assert "replicas" not in full["spec"]
+    fixed = build_deployment(model(load_example("minimal.yaml")), "stable", "r1", CONFIG)
+    assert fixed["spec"]["replicas"] == 1
+
+
+def test_sidecar_is_gated_and_the_service_follows_it() -> None:
+    off = model(
+        merged(
+            load_example("minimal.yaml"), {"spec": {"monitoring": {"runtime": {"enabled": False}}}}
+        )
+    )
+    pod = build_deployment(off, "stable", "r1", CONFIG)["spec"]["template"]["spec"]
+    assert [c["name"] for c in pod["containers"]] == ["triton"]
+    assert {p["targetPort"] for p in build_service(off)["spec"]["ports"]} == {"http", "grpc"}
+    on = model(load_example("minimal.yaml"))
+    pod = build_deployment(on, "stable", "r1", CONFIG)["spec"]["template"]["spec"]
+    assert [c["name"] for c in pod["containers"]] == ["triton", "runtime"]
+    assert {p["targetPort"] for p in build_service(on)["spec"]["ports"]} == {
+        "proxy-http",
+        "proxy-grpc",
+    }
+
+
+@pytest.mark.parametrize(
+    ("gpus", "max_surge_gpus", "expected"),
+    [
+        (1, None, {"maxSurge": 1, "maxUnavailable": 0}),
+        (2, 4, {"maxSurge": 2, "maxUnavailable": 0}),
+        (2, 1, {"maxSurge": 0, "maxUnavailable": 1}),  # not enough spare GPUs for one pod
+        (4, 0, {"maxSurge": 0, "maxUnavailable": 1}),
+    ],
+)
+def test_surge_is_bounded_by_spare_gpus(
+    gpus: int, max_surge_gpus: int | None, expected: dict[str, int]
+) -> None:
+    patch: dict[str, Any] = {"spec": {"resources": {"gpu": {"count": gpus}}}}
+    if max_surge_gpus is not None:
+        patch["spec"]["rollout"] = {"maxSurgeGPUs": max_surge_gpus}
+    assert (
+        surge_strategy(model(merged(load_example("minimal.yaml"), patch)))["rollingUpdate"]
+        == expected
+    )
+
+
+def test_revision_follows_the_pod_not_the_replica_count() -> None:
+    base = model(load_example("minimal.yaml"))
+    scaled = model(merged(load_example("minimal.yaml"), {"spec": {"replicas": 5}}))
+    new_version = model(merged(load_example("minimal.yaml"), {"spec": {"model": {"version": "2"}}}))
+    assert revision_of(base, "img") == revision_of(scaled, "img")
+    assert revision_of(base, "img") != revision_of(new_version, "img")
+    assert revision_of(base, "img") != revision_of(base, "img2")

@@ -1,0 +1,289 @@
+"""Status decisions from observations: table tests, no cluster."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from modeldeploy_operator.api.v1alpha1 import Condition, ModelDeployment, ModelDeploymentStatus
+from modeldeploy_operator.status import (
+    MissingReference,
+    Observed,
+    compute_status,
+    transition_events,
+)
+from support import load_example, merged
+
+NOW = "2026-11-21T00:00:00Z"
+LATER = "2026-11-21T00:05:00Z"
+
+
+def md(
+    patch: dict[str, Any] | None = None, status: dict[str, Any] | None = None
+) -> ModelDeployment:
+    doc = merged(load_example("minimal.yaml"), {"metadata": {"namespace": "ns", "generation": 3}})
+    doc = merged(doc, patch or {})
+    if status is not None:
+        doc["status"] = status
+    return ModelDeployment.model_validate(doc)
+
+
+def deployment(
+    replicas: int = 1,
+    ready: int = 1,
+    updated: int = 1,
+    available: int = 1,
+    current: bool = True,
+    conditions: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    return {
+        "metadata": {"generation": 2},
+        "spec": {"replicas": replicas},
+        "status": {
+            "observedGeneration": 2 if current else 1,
+            "replicas": replicas,
+            "readyReplicas": ready,
+            "updatedReplicas": updated,
+            "availableReplicas": available,
+            "conditions": conditions or [],
+        },
+    }
+
+
+def pod(phase: str = "Running", **status: Any) -> dict[str, Any]:
+    return {"metadata": {"name": "p-1"}, "status": {"phase": phase, **status}}
+
+
+UNSCHEDULABLE_GPU = pod(
+    "Pending",
+    conditions=[
+        {
+            "type": "PodScheduled",
+            "status": "False",
+            "reason": "Unschedulable",
+            "message": "0/4 nodes are available: 2 Insufficient nvidia.com/gpu.",
+        }
+    ],
+)
+IMAGE_PULL = pod(
+    "Pending",
+    containerStatuses=[
+        {
+            "name": "triton",
+            "state": {
+                "waiting": {"reason": "ImagePullBackOff", "message": "Back-off pulling image"}
+            },
+        }
+    ],
+)
+FETCH_FAILED = pod(
+    "Pending",
+    initContainerStatuses=[
+        {
+            "name": "fetch-model",
+            "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+            "lastState": {"terminated": {"exitCode": 3, "message": "403 Forbidden from s3"}},
+        }
+    ],
+)
+FETCHING = pod("Pending", initContainerStatuses=[{"name": "fetch-model", "state": {"running": {}}}])
+DEADLINE = {
+    "type": "Progressing",
+    "status": "False",
+    "reason": "ProgressDeadlineExceeded",
+    "message": "timed out",
+}
+
+
+def conditions(status: ModelDeploymentStatus) -> dict[str, tuple[str, str]]:
+    return {c.type: (c.status, c.reason) for c in status.conditions}
+
+
+@pytest.mark.parametrize(
+    ("observed", "phase", "ready", "degraded"),
+    [
+        (Observed(), "Pending", ("False", "ReplicasUnavailable"), ("False", "AsExpected")),
+        (
+            Observed(deployment=deployment(), pods=[pod()]),
+            "Available",
+            ("True", "ReplicasAvailable"),
+            ("False", "AsExpected"),
+        ),
+        (
+            Observed(deployment=deployment(ready=0, available=0), pods=[FETCHING]),
+            "Pending",
+            ("False", "FetchingModel"),
+            ("False", "AsExpected"),
+        ),
+        (
+            Observed(deployment=deployment(ready=0, available=0), pods=[UNSCHEDULABLE_GPU]),
+            "Degraded",
+            ("False", "InsufficientGPU"),
+            ("True", "InsufficientGPU"),
+        ),
+        (
+            Observed(deployment=deployment(ready=0, available=0), pods=[IMAGE_PULL]),
+            "Degraded",
+            ("False", "ImagePullBackOff"),
+            ("True", "ImagePullBackOff"),
+        ),
+        (
+            Observed(deployment=deployment(ready=0, available=0), pods=[FETCH_FAILED]),
+            "Degraded",
+            ("False", "ModelFetchFailed"),
+            ("True", "ModelFetchFailed"),
+        ),
+        (
+            Observed(deployment=deployment(ready=0, available=0, conditions=[DEADLINE])),
+            "Degraded",
+            ("False", "ProgressDeadlineExceeded"),
+            ("True", "ProgressDeadlineExceeded"),
+        ),
+        (
+            Observed(deployment=deployment(), gpu_products=frozenset({"NVIDIA-H100-80GB-HBM3"})),
+            "Degraded",
+            ("True", "ReplicasAvailable"),
+            ("True", "GPUProductNotFound"),
+        ),
+        (
+            Observed(
+                deployment=deployment(),
+                missing=(MissingReference("Secret", "creds", "spec.model.credentialsSecret"),),
+            ),
+            "Degraded",
+            ("True", "ReplicasAvailable"),
+            ("True", "SecretNotFound"),
+        ),
+        (
+            Observed(apply_error="Deployment ns/x was refused: invalid"),
+            "Failed",
+            ("False", "ApplyFailed"),
+            ("True", "ApplyFailed"),
+        ),
+        # A rollout that keeps capacity stays Ready while it progresses (kserve#5443).
+        (
+            Observed(
+                deployment=deployment(replicas=2, ready=2, updated=1, available=2),
+                pods=[pod(), pod()],
+            ),
+            "Progressing",
+            ("True", "ReplicasAvailable"),
+            ("False", "AsExpected"),
+        ),
+        # ... and a stuck surge pod makes it Degraded, still Ready: old pods serve.
+        (
+            Observed(
+                deployment=deployment(replicas=2, ready=1, updated=1, available=1),
+                pods=[pod(), IMAGE_PULL],
+            ),
+            "Degraded",
+            ("True", "ReplicasAvailable"),
+            ("True", "ImagePullBackOff"),
+        ),
+        # The Deployment controller has not seen our latest spec yet.
+        (
+            Observed(deployment=deployment(current=False), pods=[pod()]),
+            "Progressing",
+            ("True", "ReplicasAvailable"),
+            ("False", "AsExpected"),
+        ),
+    ],
+)
+def test_phase_and_conditions(
+    observed: Observed, phase: str, ready: tuple[str, str], degraded: tuple[str, str]
+) -> None:
+    status = compute_status(md(), observed, "rev", NOW)
+    assert status.phase == phase
+    assert conditions(status)["Ready"] == ready
+    assert conditions(status)["Degraded"] == degraded
+    assert status.observed_generation == 3
+    assert all(c.observed_generation == 3 for c in status.conditions)
+
+
+def test_counts_selector_and_gpus() -> None:
+    status = compute_status(
+        md({"spec": {"replicas": 3}}), Observed(deployment=deployment(3, 2, 3, 2)), "rev", NOW
+    )
+    assert (status.replicas, status.ready_replicas, status.updated_replicas) == (3, 2, 3)
+    assert status.ready == "2/3"
+    assert status.gpus == 3
+    assert status.selector == "serving.modeldeploy.io/modeldeployment=resnet50"
+    assert status.stable is not None
+    assert (status.stable.version, status.stable.revision) == ("1", "rev")
+
+
+def test_autoscaled_desired_count_comes_from_the_deployment() -> None:
+    scaled = md(
+        {
+            "spec": {
+                "autoscaling": {
+                    "minReplicas": 1,
+                    "maxReplicas": 5,
+                    "metrics": [{"type": "InFlightPerReplica", "target": 4}],
+                }
+            }
+        }
+    )
+    status = compute_status(scaled, Observed(deployment=deployment(4, 4, 4, 4)), "rev", NOW)
+    assert status.ready == "4/4"
+    assert status.phase == "Available"
+
+
+def test_unchanged_conditions_keep_their_transition_time_and_changed_ones_move() -> None:
+    first = compute_status(md(), Observed(deployment=deployment(), pods=[pod()]), "rev", NOW)
+    again = compute_status(
+        md(status=first.model_dump(by_alias=True, mode="json")),
+        Observed(deployment=deployment(), pods=[pod()]),
+        "rev",
+        LATER,
+    )
+    assert again == first  # nothing changed: no write
+    broken = compute_status(
+        md(status=first.model_dump(by_alias=True, mode="json")),
+        Observed(deployment=deployment(ready=0, available=0), pods=[IMAGE_PULL]),
+        "rev",
+        LATER,
+    )
+    times = {c.type: c.last_transition_time for c in broken.conditions}
+    assert times["Ready"] == LATER
+    assert times["Degraded"] == LATER
+
+
+def test_events_only_on_transitions() -> None:
+    empty = ModelDeploymentStatus()
+    ready = compute_status(md(), Observed(deployment=deployment(), pods=[pod()]), "rev", NOW)
+    assert [(e.type, e.reason) for e in transition_events(empty, ready)] == [
+        ("Normal", "Ready"),
+        ("Normal", "RolloutComplete"),
+    ]
+    assert transition_events(ready, ready) == []
+    broken = compute_status(
+        md(status=ready.model_dump(by_alias=True, mode="json")),
+        Observed(deployment=deployment(ready=0, available=0), pods=[UNSCHEDULABLE_GPU]),
+        "rev",
+        LATER,
+    )
+    assert [(e.type, e.reason) for e in transition_events(ready, broken)] == [
+        ("Warning", "NotReady"),
+        ("Warning", "InsufficientGPU"),
+    ]
+    healed = compute_status(
+        md(status=broken.model_dump(by_alias=True, mode="json")),
+        Observed(deployment=deployment(), pods=[pod()]),
+        "rev",
+        LATER,
+    )
+    reasons = [(e.type, e.reason) for e in transition_events(broken, healed)]
+    assert ("Normal", "Recovered") in reasons
+    assert ("Normal", "Ready") in reasons
+
+
+def test_messages_say_what_is_wrong() -> None:
+    status = compute_status(
+        md(), Observed(deployment=deployment(ready=0, available=0), pods=[FETCH_FAILED]), "rev", NOW
+    )
+    degraded = next(c for c in status.conditions if c.type == "Degraded")
+    assert "exit code 3" in degraded.message
+    assert "403 Forbidden from s3" in degraded.message
+    assert isinstance(degraded, Condition)
