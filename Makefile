@@ -40,14 +40,8 @@ cluster-status: ## Tell whether the local cluster is running
 	$(LOCALCLUSTER) status
 
 .PHONY: demo
-demo: cluster-up ## The main job on the local cluster (for now: bring it up, show the nodes)
-	@bin=$$($(LOCALCLUSTER) bin-dir); export KUBECONFIG='$(CLUSTER_DIR)/kubeconfig'; \
-	  echo; echo '$$ kubectl get nodes -L nvidia.com/gpu.product,nvidia.com/gpu.count'; \
-	  $$bin/kubectl get nodes -L nvidia.com/gpu.product,nvidia.com/gpu.count; \
-	  echo; echo '$$ kubectl get nodes -o custom-columns=$(NODE_COLUMNS)'; \
-	  $$bin/kubectl get nodes -o custom-columns='$(NODE_COLUMNS)'
-
-NODE_COLUMNS := NAME:.metadata.name,GPUS:.status.allocatable.nvidia\.com/gpu,TAINTS:.spec.taints[*].key
+demo: toolchain ## The main job: cluster, CRD, operator, examples/minimal.yaml becoming Ready
+	$(LOCALCLUSTER) demo
 
 ##@ Generated files
 .PHONY: crds

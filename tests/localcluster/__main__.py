@@ -1,4 +1,4 @@
-"""``python -m localcluster build|bin-dir|up|down|status``: what ``make cluster-*`` runs."""
+"""``python -m localcluster build|bin-dir|up|down|status|demo``: what ``make`` runs."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from localcluster import demo
 from localcluster.cluster import DEFAULT_NAME, Cluster, ClusterError, ClusterState
 from localcluster.toolchain import Toolchain, ToolchainError
 
@@ -15,8 +16,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m localcluster", description=__doc__)
     parser.add_argument(
         "command",
-        choices=["build", "bin-dir", "up", "down", "status"],
-        help="build: the pinned binaries; bin-dir: where they are; up/down/status: the cluster",
+        choices=["build", "bin-dir", "up", "down", "status", "demo"],
+        help="build: the pinned binaries; bin-dir: where they are; up/down/status: the cluster;"
+        " demo: cluster, CRD, operator and an example",
     )
     parser.add_argument(
         "--state-dir",
@@ -47,7 +49,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         state = ClusterState.default() if args.state_dir is None else ClusterState(args.state_dir)
         cluster = Cluster(toolchain, ClusterState(state.root, args.name))
-        if args.command == "up":
+        if args.command == "demo":
+            demo.run(cluster)
+            print_env(cluster)
+        elif args.command == "up":
             cluster.up()
             print_env(cluster)
         elif args.command == "down":

@@ -68,6 +68,11 @@ class ClusterState:
     def pid_dir(self) -> Path:
         return self.cluster_dir / "pids"
 
+    @property
+    def operator_pid_file(self) -> Path:
+        """The operator `make demo` leaves running, stopped with the cluster."""
+        return self.root / "operator.pid"
+
 
 @dataclass(frozen=True)
 class Process:
@@ -260,6 +265,11 @@ class Cluster:
     def _teardown(self) -> list[str]:
         """Stop by PID everything recorded for this cluster, then remove the state folder."""
         recorded = self.processes()
+        # operator.pid, when `make demo` started one; its command line names our kubeconfig.
+        operator = [
+            p for p in read_pid_files(self.state.root) if is_ours(p.pid, str(self.state.root))
+        ]
+        stop_pids([p.pid for p in operator], lambda pid: is_ours(pid, str(self.state.root)))
         if self.state.cluster_dir.exists():
             # kwokctl stops its components gracefully; failures fall through to the PID sweep.
             self._kwokctl(
@@ -273,7 +283,7 @@ class Cluster:
         if still:
             raise ClusterError(f"could not stop {still}; state kept in {self.state.root}")
         shutil.rmtree(self.state.root, ignore_errors=True)
-        return [f"{p.component}={p.pid}" for p in recorded]
+        return [f"{p.component}={p.pid}" for p in [*operator, *recorded]]
 
     def _create_flags(self) -> list[str]:
         config = self.state.root / "kwokctl.yaml"

@@ -61,11 +61,13 @@ class OperatorProcess:
         *,
         resync_seconds: float = 3.0,
         extra_args: tuple[str, ...] = (),
+        detach: bool = False,
     ) -> None:
         self.cluster = cluster
         self.log_path = log_path
         self.resync_seconds = resync_seconds
         self.extra_args = extra_args
+        self.detach = detach  # own session: outlives the command that started it (make demo)
         self.metrics_port = 0
         self.health_port = 0
         self._proc: subprocess.Popen[bytes] | None = None
@@ -97,7 +99,11 @@ class OperatorProcess:
             *self.extra_args,
         ]
         self._proc = subprocess.Popen(
-            command, stdout=self._log, stderr=subprocess.STDOUT, env=dict(os.environ)
+            command,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ),
+            start_new_session=self.detach,
         )
         deadline = time.monotonic() + timeout
         while not self._healthy():
