@@ -43,6 +43,14 @@ cluster-status: ## Tell whether the local cluster is running
 demo: toolchain ## The main job: cluster, CRD, operator, examples/minimal.yaml becoming Ready
 	$(LOCALCLUSTER) demo
 
+##@ Benchmarks (not tests: ratios against a baseline measured in the same run)
+.PHONY: bench
+bench: bench-operator ## Every benchmark; results land in docs/benchmarks.md
+
+.PHONY: bench-operator
+bench-operator: toolchain ## Operator overhead vs bare Deployments, cold start of 500, idle writes
+	PYTHONPATH=$(CURDIR)/tests $(PYTHON) bench/operator_bench.py $(BENCH_ARGS)
+
 ##@ Generated files
 .PHONY: crds
 crds: ## Regenerate crds/ from the pydantic API models

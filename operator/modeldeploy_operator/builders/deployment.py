@@ -32,6 +32,7 @@ GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
 MODEL_REPOSITORY = "/models"
 CREDENTIALS_DIR = "/var/run/secrets/modeldeploy/model-credentials"
+PVC_ROOT = "/mnt/model-source"
 PROFILE_DIR = "/etc/modeldeploy/reference-profile"
 API_KEYS_DIR = "/var/run/secrets/modeldeploy/api-keys"
 RUN_AS = 1000
@@ -94,6 +95,12 @@ def tolerations(md: ModelDeployment) -> list[dict[str, Any]]:
     return [GPU_TOLERATION, *user]
 
 
+def pvc_claim(md: ModelDeployment) -> str | None:
+    """The claim of a ``pvc://<claim>/<path>`` storage URI."""
+    scheme, _, rest = md.spec.model.storage_uri.partition("://")
+    return rest.split("/", 1)[0] if scheme == "pvc" else None
+
+
 def fetch_container(md: ModelDeployment, config: BuildConfig) -> dict[str, Any]:
     model = md.spec.model
     args = [
@@ -114,6 +121,9 @@ def fetch_container(md: ModelDeployment, config: BuildConfig) -> dict[str, Any]:
     if model.credentials_secret:
         args.append(f"--credentials-dir={CREDENTIALS_DIR}")
         mounts.append({"name": "model-credentials", "mountPath": CREDENTIALS_DIR, "readOnly": True})
+    if pvc_claim(md) is not None:
+        args.append(f"--pvc-root={PVC_ROOT}")
+        mounts.append({"name": "model-source", "mountPath": PVC_ROOT, "readOnly": True})
     return {
         "name": "fetch-model",
         "image": config.runtime_image,
@@ -229,6 +239,13 @@ def volumes(md: ModelDeployment) -> list[dict[str, Any]]:
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}},
         {"name": "tmp", "emptyDir": {}},
     ]
+    if (claim := pvc_claim(md)) is not None:
+        out.append(
+            {
+                "name": "model-source",
+                "persistentVolumeClaim": {"claimName": claim, "readOnly": True},
+            }
+        )
     if md.spec.model.credentials_secret:
         out.append(
             {

@@ -1,0 +1,88 @@
+"""``modeldeploy-runtime``: the runtime image's commands.
+
+- ``fetch``: the init container; fetches the model and lays out Triton's repository.
+
+The metrics sidecar (``serve``) and ``profile`` arrive with the runtime sidecar work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from modeldeploy_runtime.fetch import FetchError, fetch_to, install, read_credentials
+from modeldeploy_runtime.model_repository import FORMATS
+
+TERMINATION_LOG = Path("/dev/termination-log")  # Kubernetes shows it in the pod's status
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="modeldeploy-runtime", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    fetch = commands.add_parser("fetch", help="fetch a model into a Triton model repository")
+    fetch.add_argument("--storage-uri", required=True)
+    fetch.add_argument("--model-name", required=True)
+    fetch.add_argument("--model-version", required=True)
+    fetch.add_argument("--format", required=True, choices=sorted(FORMATS))
+    fetch.add_argument("--repository", type=Path, required=True)
+    fetch.add_argument("--config-overrides", default="{}", help="spec.model.config as JSON")
+    fetch.add_argument("--credentials-dir", type=Path, help="a mounted Secret, one file per key")
+    fetch.add_argument("--pvc-root", type=Path, default=Path("/mnt/model-source"))
+    fetch.add_argument(
+        "--termination-log",
+        type=Path,
+        default=TERMINATION_LOG,
+        help="where Kubernetes picks up the failure message",
+    )
+    return parser.parse_args(argv)
+
+
+def report_failure(message: str, termination_log: Path) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    with contextlib.suppress(OSError):  # not in a pod
+        termination_log.write_text(message[:4000])
+
+
+def run_fetch(args: argparse.Namespace) -> int:
+    try:
+        args.repository.mkdir(parents=True, exist_ok=True)
+        # Stage beside the repository: same filesystem, and the root filesystem is read-only.
+        with tempfile.TemporaryDirectory(dir=args.repository, prefix=".staging-") as tmp:
+            staging = Path(tmp)
+            fetch_to(
+                args.storage_uri,
+                staging,
+                model_format=args.format,
+                credentials=read_credentials(args.credentials_dir),
+                pvc_root=args.pvc_root,
+            )
+            model = install(
+                staging,
+                args.repository,
+                name=args.model_name,
+                version=args.model_version,
+                model_format=args.format,
+                overrides=json.loads(args.config_overrides),
+            )
+    except FetchError as error:
+        report_failure(f"fetching {args.storage_uri} failed: {error}", args.termination_log)
+        return 1
+    files = sorted(str(p.relative_to(args.repository)) for p in model.rglob("*") if p.is_file())
+    print(json.dumps({"fetched": args.storage_uri, "model": str(model), "files": files}))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command == "fetch":
+        return run_fetch(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,264 @@
+"""The model fetcher against a local HTTP server: files, archives, an S3-style store and a
+Hub-style API, laid out as a Triton model repository."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import tarfile
+import threading
+import urllib.parse
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+
+from modeldeploy_runtime.__main__ import main as runtime_main
+from modeldeploy_runtime.fetch import (
+    FetchError,
+    SigningKey,
+    fetch_to,
+    install,
+    make_request,
+    sign_v4,
+)
+from modeldeploy_runtime.model_repository import render_config
+
+
+def tar_gz(files: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as bundle:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            bundle.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+OBJECTS = {"models/bert/3/model.onnx": b"onnx-bytes", "models/bert/3/vocab.txt": b"a b c"}
+FILES = {
+    "/model.onnx": b"single-onnx",
+    "/bundle.tar.gz": tar_gz({"model.onnx": b"from-archive", "extra/labels.txt": b"cat"}),
+    "/evil.tar.gz": tar_gz({"../escape.txt": b"nope"}),
+}
+HF_TREE = [{"type": "file", "path": "onnx/model.onnx"}, {"type": "directory", "path": "onnx"}]
+
+
+class Handler(BaseHTTPRequestHandler):
+    requests: ClassVar[list[tuple[str, dict[str, str]]]] = []
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        url = urllib.parse.urlsplit(self.path)
+        Handler.requests.append((self.path, dict(self.headers)))
+        query = dict(urllib.parse.parse_qsl(url.query))
+        if url.path in FILES:
+            self.reply(FILES[url.path])
+        elif url.path == "/bucket" and query.get("list-type") == "2":
+            self.reply(self.listing(query["prefix"], query.get("continuation-token")))
+        elif url.path.startswith("/bucket/"):
+            key = urllib.parse.unquote(url.path.removeprefix("/bucket/"))
+            self.reply(OBJECTS[key]) if key in OBJECTS else self.reply(b"", 404)
+        elif url.path.startswith("/api/models/org/repo/tree/main"):
+            self.reply(json.dumps(HF_TREE).encode())
+        elif url.path == "/org/repo/resolve/main/onnx/model.onnx":
+            self.reply(b"hub-onnx")
+        else:
+            self.reply(b"", 404)
+
+    def listing(self, prefix: str, token: str | None) -> bytes:
+        keys = sorted(k for k in OBJECTS if k.startswith(prefix))
+        page, rest = (keys[1:], False) if token else (keys[:1], len(keys) > 1)  # pages of one
+        contents = "".join(f"<Contents><Key>{k}</Key></Contents>" for k in page)
+        more = "<NextContinuationToken>t1</NextContinuationToken>" if rest else ""
+        return (
+            '<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
+            f"{contents}<IsTruncated>{'true' if rest else 'false'}</IsTruncated>{more}"
+            "</ListBucketResult>"
+        ).encode()
+
+    def reply(self, body: bytes, code: int = 200) -> None:
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def server() -> Iterator[str]:
+    Handler.requests = []
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def test_signature_v4_matches_the_aws_documentation_example() -> None:
+    headers = sign_v4(
+        "GET",
+        "https://examplebucket.s3.amazonaws.com/test.txt",
+        {"Range": "bytes=0-9"},
+        SigningKey("AKIAIOSFODNN7EXAMPLE", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", "us-east-1"),
+        dt.datetime(2013, 5, 24, tzinfo=dt.UTC),
+    )
+    assert headers["Authorization"] == (
+        "AWS4-HMAC-SHA256 Credential=AKIAIOSFODNN7EXAMPLE/20130524/us-east-1/s3/aws4_request,"
+        "SignedHeaders=host;range;x-amz-content-sha256;x-amz-date,"
+        "Signature=f0e8bdb87c964420e857bd35b5d6ed310bd44f0170aba48dd91039c6036bdb41"
+    )
+
+
+def test_single_file_over_http(server: str, tmp_path: Path) -> None:
+    fetch_to(
+        f"{server}/model.onnx",
+        tmp_path,
+        model_format="onnx",
+        credentials={"token": "t0k"},
+        pvc_root=tmp_path,
+    )
+    assert (tmp_path / "model.onnx").read_bytes() == b"single-onnx"
+    assert Handler.requests[0][1]["Authorization"] == "Bearer t0k"
+
+
+def test_archive_is_unpacked_and_cannot_escape(server: str, tmp_path: Path) -> None:
+    fetch_to(
+        f"{server}/bundle.tar.gz", tmp_path, model_format="onnx", credentials={}, pvc_root=tmp_path
+    )
+    assert (tmp_path / "model.onnx").read_bytes() == b"from-archive"
+    assert (tmp_path / "extra" / "labels.txt").read_bytes() == b"cat"
+    with pytest.raises(tarfile.OutsideDestinationError):
+        fetch_to(
+            f"{server}/evil.tar.gz",
+            tmp_path / "x",
+            model_format="onnx",
+            credentials={},
+            pvc_root=tmp_path,
+        )
+
+
+def test_s3_lists_every_page_signs_and_downloads(server: str, tmp_path: Path) -> None:
+    credentials = {
+        "AWS_ACCESS_KEY_ID": "AK",
+        "AWS_SECRET_ACCESS_KEY": "SK",
+        "AWS_ENDPOINT_URL": server,
+    }
+    fetch_to(
+        "s3://bucket/models/bert/3",
+        tmp_path,
+        model_format="onnx",
+        credentials=credentials,
+        pvc_root=tmp_path,
+    )
+    assert (tmp_path / "model.onnx").read_bytes() == b"onnx-bytes"
+    assert (tmp_path / "vocab.txt").read_bytes() == b"a b c"
+    listings = [r for r in Handler.requests if "list-type=2" in r[0]]
+    assert len(listings) == 2  # followed the continuation token
+    assert all(
+        r[1]["Authorization"].startswith("AWS4-HMAC-SHA256 Credential=AK/")
+        for r in Handler.requests
+    )
+
+
+def test_hub_repository(server: str, tmp_path: Path) -> None:
+    fetch_to(
+        "hf://org/repo/onnx",
+        tmp_path,
+        model_format="onnx",
+        credentials={"HF_TOKEN": "h"},
+        pvc_root=tmp_path,
+        hf_endpoint=server,
+    )
+    assert (tmp_path / "model.onnx").read_bytes() == b"hub-onnx"
+
+
+def test_pvc_folder_or_file(tmp_path: Path) -> None:
+    claim = tmp_path / "claim"
+    (claim / "resnet").mkdir(parents=True)
+    (claim / "resnet" / "model.onnx").write_bytes(b"pvc")
+    fetch_to(
+        "pvc://models/resnet", tmp_path / "a", model_format="onnx", credentials={}, pvc_root=claim
+    )
+    assert (tmp_path / "a" / "model.onnx").read_bytes() == b"pvc"
+    (tmp_path / "b").mkdir()
+    fetch_to(
+        "pvc://models/resnet/model.onnx",
+        tmp_path / "b",
+        model_format="onnx",
+        credentials={},
+        pvc_root=claim,
+    )
+    assert (tmp_path / "b" / "model.onnx").read_bytes() == b"pvc"
+    with pytest.raises(FetchError, match="does not exist"):
+        fetch_to(
+            "pvc://models/missing",
+            tmp_path / "c",
+            model_format="onnx",
+            credentials={},
+            pvc_root=claim,
+        )
+
+
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [("oci://registry/model:1", "not supported"), ("file:///etc/passwd", "not supported")],
+)
+def test_unsupported_sources_fail_clearly(uri: str, message: str, tmp_path: Path) -> None:
+    with pytest.raises(FetchError, match=message):
+        fetch_to(uri, tmp_path, model_format="onnx", credentials={}, pvc_root=tmp_path)
+
+
+def test_only_http_urls_are_requested() -> None:
+    with pytest.raises(FetchError, match="only http"):
+        make_request("file:///etc/passwd")
+
+
+def test_install_lays_out_the_repository_with_overrides(tmp_path: Path) -> None:
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    (staging / "model.onnx").write_bytes(b"x")
+    model = install(
+        staging,
+        tmp_path / "models",
+        name="bert",
+        version="3",
+        model_format="onnx",
+        overrides={"maxBatchSize": 8, "dynamicBatching": {"preferredBatchSizes": [4, 8]}},
+    )
+    assert (model / "3" / "model.onnx").read_bytes() == b"x"
+    config = (model / "config.pbtxt").read_text()
+    assert 'name: "bert"' in config
+    assert 'backend: "onnxruntime"' in config
+    assert "max_batch_size: 8" in config
+    assert "preferred_batch_size: [4, 8]" in config
+    assert "versions: [3]" in config
+
+
+def test_render_config_without_overrides() -> None:
+    assert render_config("m", "python", "1", {}) == (
+        'name: "m"\nbackend: "python"\nversion_policy: { specific: { versions: [1] } }\n'
+    )
+
+
+def test_cli_failure_reaches_the_termination_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = tmp_path / "termination-log"
+    monkeypatch.setattr("modeldeploy_runtime.__main__.TERMINATION_LOG", log)
+    code = runtime_main(
+        [
+            "fetch",
+            "--storage-uri=oci://r/m:1",
+            "--model-name=m",
+            "--model-version=1",
+            "--format=onnx",
+            f"--repository={tmp_path / 'models'}",
+        ]
+    )
+    assert code == 1
+    assert "oci:// is not supported" in log.read_text()
