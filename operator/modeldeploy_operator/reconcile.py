@@ -32,9 +32,6 @@ from modeldeploy_operator.status import (
     transition_events,
 )
 
-# Errors that a retry cannot fix: the spec made the API server refuse a child.
-PERMANENT_APPLY_ERRORS = {400, 403, 409, 422}
-
 
 @dataclass(frozen=True)
 class Outcome:
@@ -96,9 +93,9 @@ def apply_children(
             try:
                 current = ctx.api.apply(obj)
             except ApiError as failure:
-                if failure.status not in PERMANENT_APPLY_ERRORS:
-                    raise
-                error = f"{kind} {ns}/{name} was refused: {failure.message}"
+                # Reported in status (ApplyFailed) and retried on the next trigger or resync.
+                error = f"{kind} {ns}/{name} was refused ({failure.status}): {failure.message}"
+                ctx.logger.warning(error, extra={"modeldeployment": f"{ns}/{md.metadata.name}"})
                 continue
             verb = "Created" if observed is None else "Updated"
             ctx.logger.info(

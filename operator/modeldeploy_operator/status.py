@@ -245,8 +245,8 @@ def summarize(problems: Sequence[Problem]) -> str:
 
 
 def decide_phase(counts: Counts, problems: Sequence[Problem], has_deployment: bool) -> Phase:
-    if any(p.reason == "ApplyFailed" for p in problems):
-        return "Failed"
+    if any(p.reason == "ApplyFailed" for p in problems) and not has_deployment:
+        return "Failed"  # nothing runs: the API server refused what the spec asks for
     if problems:
         return "Degraded"
     if not has_deployment:

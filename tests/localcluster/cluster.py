@@ -31,6 +31,7 @@ from localcluster.toolchain import Toolchain, format_duration
 DEFAULT_NAME = "modeldeploy"
 READY_TIMEOUT_SECONDS = 120.0
 LOOPBACK = "127.0.0.1"
+SERVICE_RANGE = "10.96.0.0/16"
 
 
 class ClusterError(RuntimeError):
@@ -169,6 +170,14 @@ def kwokctl_configuration(toolchain: Toolchain) -> dict[str, Any]:
             "kwokControllerBinary": str(path("kwok")),
             "kubectlBinary": str(path("kubectl")),
         },
+        # The API server's default Service range is a /24: 254 Services, too few to benchmark
+        # hundreds of ModelDeployments. kubeadm's default is a /12; a /16 is plenty here.
+        "componentsPatches": [
+            {
+                "name": "kube-apiserver",
+                "extraArgs": [{"key": "service-cluster-ip-range", "value": SERVICE_RANGE}],
+            }
+        ],
     }
 
 

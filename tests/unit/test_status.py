@@ -161,6 +161,17 @@ def conditions(status: ModelDeploymentStatus) -> dict[str, tuple[str, str]]:
             ("False", "ApplyFailed"),
             ("True", "ApplyFailed"),
         ),
+        # A child refused while the Deployment serves: Degraded, not Failed (and retried).
+        (
+            Observed(
+                deployment=deployment(),
+                pods=[pod()],
+                apply_error="Service ns/x was refused (500): failed to allocate a serviceIP",
+            ),
+            "Degraded",
+            ("True", "ReplicasAvailable"),
+            ("True", "ApplyFailed"),
+        ),
         # A rollout that keeps capacity stays Ready while it progresses (kserve#5443).
         (
             Observed(
