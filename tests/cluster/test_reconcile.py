@@ -13,7 +13,7 @@ import yaml
 from localcluster import Cluster
 from localcluster.nodes import A100_80GB, NodeSpec, node_manifest
 from localcluster.operator import OperatorProcess, metric_sum
-from support import load_example, merged, wait_for
+from support import DELETE, load_example, merged, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -305,3 +305,42 @@ def test_operator_exports_its_own_metrics(operator: OperatorProcess) -> None:
     assert metric_sum(metrics, "modeldeploy_reconcile_duration_seconds_count") > 0
     assert 'modeldeploy_modeldeployments{phase="Available"}' in metrics
     assert metric_sum(metrics, "modeldeploy_api_requests_total", verb="APPLY") > 0
+
+
+def test_replicas_are_not_fought_over_when_autoscaling_owns_them(
+    cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    scaling = {
+        "minReplicas": 1,
+        "maxReplicas": 4,
+        "metrics": [{"type": "InFlightPerReplica", "target": 4}],
+    }
+    apply(
+        cluster,
+        namespace,
+        merged(
+            load_example("minimal.yaml"),
+            {"spec": {"autoscaling": scaling, "resources": {"gpu": DELETE}}},
+        ),
+    )
+    wait_condition(cluster, namespace, "resnet50", "Ready", "True")
+
+    def replicas() -> int:
+        deployment = get(cluster, namespace, "deployment", "resnet50-stable")
+        return int((deployment or {}).get("spec", {}).get("replicas", -1))
+
+    # Another autoscaler (or a human) sets 3, within bounds: it stays, resync after resync.
+    cluster.kubectl("scale", "deployment", "resnet50-stable", "-n", namespace, "--replicas=3")
+    time.sleep(2 * operator.resync_seconds + 1)
+    assert replicas() == 3
+    wait_for(
+        "3/3 in status",
+        lambda: (
+            (get(cluster, namespace, "md", "resnet50") or {}).get("status", {}).get("ready")
+            == "3/3"
+        ),
+        timeout=20,
+    )
+    # Beyond maxReplicas it is brought back within bounds.
+    cluster.kubectl("scale", "deployment", "resnet50-stable", "-n", namespace, "--replicas=9")
+    wait_for("replicas clamped to maxReplicas", lambda: replicas() == 4, timeout=10)
