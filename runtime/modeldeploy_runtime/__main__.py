@@ -1,22 +1,29 @@
 """``modeldeploy-runtime``: the runtime image's commands.
 
 - ``fetch``: the init container; fetches the model and lays out Triton's repository.
+- ``serve``: the sidecar; proxies inference to Triton and exports metrics.
 
-The metrics sidecar (``serve``) and ``profile`` arrive with the runtime sidecar work.
+Every ``serve`` flag is also a ``MODELDEPLOY_RUNTIME_<NAME>`` variable; flags win.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
+import logging
 import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from modeldeploy_runtime.fetch import FetchError, fetch_to, install, read_credentials
 from modeldeploy_runtime.model_repository import FORMATS
+from modeldeploy_runtime.server import serve
+from modeldeploy_runtime.settings import RuntimeSettings
 
 TERMINATION_LOG = Path("/dev/termination-log")  # Kubernetes shows it in the pod's status
 
@@ -39,7 +46,29 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default=TERMINATION_LOG,
         help="where Kubernetes picks up the failure message",
     )
+    serve = commands.add_parser("serve", help="proxy inference to Triton and export metrics")
+    for name, info in RuntimeSettings.model_fields.items():
+        serve.add_argument(
+            f"--{name.replace('_', '-')}", dest=name, default=None, help=info.description
+        )
+    serve.add_argument("--log-level", default="info")
     return parser.parse_args(argv)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    given = {
+        k: v for k, v in vars(args).items() if k in RuntimeSettings.model_fields and v is not None
+    }
+    try:
+        settings = RuntimeSettings(**given)
+    except ValidationError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    asyncio.run(serve(settings))
+    return 0
 
 
 def report_failure(message: str, termination_log: Path) -> None:
@@ -81,6 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.command == "fetch":
         return run_fetch(args)
+    if args.command == "serve":
+        return run_serve(args)
     return 2
 
 

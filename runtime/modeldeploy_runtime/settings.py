@@ -1,0 +1,37 @@
+"""The sidecar's configuration: command-line flags, or ``MODELDEPLOY_RUNTIME_*`` variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class RuntimeSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MODELDEPLOY_RUNTIME_", frozen=True)
+
+    upstream_http: str = Field("127.0.0.1:8000", description="Triton's HTTP address")
+    upstream_grpc: str = Field("127.0.0.1:8001", description="Triton's gRPC address")
+    bind_address: str = Field("0.0.0.0", description="address of the listeners")  # noqa: S104
+    http_port: int = Field(8080, description="the proxied KServe v2 HTTP port")
+    grpc_port: int = Field(8081, description="the proxied gRPC port")
+    metrics_port: int = Field(9090, description="/metrics, /healthz and /readyz")
+    model: str = Field("", description="the model this pod serves (bounds the model label)")
+    model_version: str = Field("", description="its version (bounds the version label)")
+    track: Literal["stable", "canary"] = "stable"
+    sample_rate: float = Field(
+        0.1, ge=0, le=1, description="fraction of requests decoded for drift"
+    )
+    max_body_bytes: int = Field(64 * 1024 * 1024, gt=0, description="larger requests get 413")
+    client_timeout_seconds: float = Field(30.0, gt=0, description="to receive a whole request")
+    upstream_timeout_seconds: float = Field(60.0, gt=0, description="for Triton to answer")
+    connect_timeout_seconds: float = Field(2.0, gt=0, description="to connect to Triton")
+    reference_profile: Path | None = Field(None, description="folder or file of the drift profile")
+    api_keys_dir: Path | None = Field(None, description="mounted Secret: one accepted key per file")
+    rate_limit_per_client: str | None = Field(None, description="e.g. 100/s, 600/m")
+
+    def upstream_host_port(self) -> tuple[str, int]:
+        host, _, port = self.upstream_http.rpartition(":")
+        return host or "127.0.0.1", int(port)
