@@ -2,6 +2,7 @@
 
 - ``fetch``: the init container; fetches the model and lays out Triton's repository.
 - ``serve``: the sidecar; proxies inference to Triton and exports metrics.
+- ``profile``: turns a sample of training data into a drift reference profile.
 
 Every ``serve`` flag is also a ``MODELDEPLOY_RUNTIME_<NAME>`` variable; flags win.
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from modeldeploy_runtime.drift import Profile, load_rows, profile_features
 from modeldeploy_runtime.fetch import FetchError, fetch_to, install, read_credentials
 from modeldeploy_runtime.model_repository import FORMATS
 from modeldeploy_runtime.server import serve
@@ -46,6 +48,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default=TERMINATION_LOG,
         help="where Kubernetes picks up the failure message",
     )
+    profile = commands.add_parser("profile", help="build a drift reference profile from samples")
+    profile.add_argument("--inputs", type=Path, required=True, help=".npy, .csv or .parquet rows")
+    profile.add_argument("--input-tensor", required=True, help="the model input they feed")
+    profile.add_argument("--outputs", type=Path, help="model outputs for the same rows")
+    profile.add_argument("--output-tensor", help="the model output they come from")
+    profile.add_argument("--bins", type=int, default=10)
+    profile.add_argument("--out", type=Path, required=True, help="where to write the JSON")
     serve = commands.add_parser("serve", help="proxy inference to Triton and export metrics")
     for name, info in RuntimeSettings.model_fields.items():
         serve.add_argument(
@@ -53,6 +62,22 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         )
     serve.add_argument("--log-level", default="info")
     return parser.parse_args(argv)
+
+
+def run_profile(args: argparse.Namespace) -> int:
+    rows, names = load_rows(args.inputs)
+    inputs = {args.input_tensor: profile_features(args.input_tensor, rows, args.bins, names)}
+    outputs = {}
+    if args.outputs is not None:
+        out_rows, out_names = load_rows(args.outputs)
+        tensor = args.output_tensor or "output"
+        outputs[tensor] = profile_features(tensor, out_rows, args.bins, out_names)
+    args.out.write_text(json.dumps(Profile(inputs, outputs).to_json(), indent=1))
+    print(
+        f"wrote {args.out}: {sum(len(f) for f in inputs.values())} input features,"
+        f" {sum(len(f) for f in outputs.values())} output features from {len(rows)} rows"
+    )
+    return 0
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -112,6 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_fetch(args)
     if args.command == "serve":
         return run_serve(args)
+    if args.command == "profile":
+        return run_profile(args)
     return 2
 
 

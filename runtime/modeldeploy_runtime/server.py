@@ -9,6 +9,8 @@ import signal
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from modeldeploy_runtime.drift import DriftWindow, Profile
+from modeldeploy_runtime.drift_monitor import DriftMonitor
 from modeldeploy_runtime.http1 import Message, ProtocolError, read_head
 from modeldeploy_runtime.metrics import RuntimeMetrics
 from modeldeploy_runtime.proxy import HttpProxy, Upstream, UpstreamError
@@ -80,7 +82,13 @@ class AdminServer:
 async def serve(settings: RuntimeSettings, stop: asyncio.Event | None = None) -> None:
     """Run until SIGTERM/SIGINT (or ``stop``)."""
     metrics = RuntimeMetrics(settings.track, settings.model, settings.model_version)
-    proxy = HttpProxy(settings, metrics)
+    monitor = None
+    if settings.reference_profile is not None:
+        window = DriftWindow(Profile.load(settings.reference_profile), settings.drift_window)
+        monitor = DriftMonitor(
+            window, metrics.registry, settings.drift_queue_size, settings.drift_top_k
+        )
+    proxy = HttpProxy(settings, metrics, sampler=monitor.submit if monitor else None)
     admin = AdminServer(settings, metrics)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -105,3 +113,5 @@ async def serve(settings: RuntimeSettings, stop: asyncio.Event | None = None) ->
             server.close()
         for server in servers:
             await server.wait_closed()
+        if monitor is not None:
+            monitor.close()

@@ -28,7 +28,10 @@ class RuntimeSettings(BaseSettings):
     client_timeout_seconds: float = Field(30.0, gt=0, description="to receive a whole request")
     upstream_timeout_seconds: float = Field(60.0, gt=0, description="for Triton to answer")
     connect_timeout_seconds: float = Field(2.0, gt=0, description="to connect to Triton")
-    reference_profile: Path | None = Field(None, description="folder or file of the drift profile")
+    reference_profile: Path | None = Field(None, description="drift profile: a JSON file or folder")
+    drift_window: int = Field(2000, gt=0, description="rows per tensor kept for drift")
+    drift_queue_size: int = Field(256, gt=0, description="samples waiting for decoding; more drop")
+    drift_top_k: int = Field(20, gt=0, description="features exported per drift gauge")
     api_keys_dir: Path | None = Field(None, description="mounted Secret: one accepted key per file")
     rate_limit_per_client: str | None = Field(None, description="e.g. 100/s, 600/m")
 

@@ -1,0 +1,117 @@
+"""Drift off the request path: a bounded queue, one worker thread, gauges at scrape time."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from modeldeploy_runtime.drift import DecodeError, DriftWindow, decode_tensors
+from modeldeploy_runtime.proxy import InferExchange
+
+LOG = logging.getLogger("modeldeploy.runtime.drift")
+
+
+class DriftMonitor(Collector):
+    """``submit`` never blocks: when the queue is full the sample is dropped and counted."""
+
+    def __init__(
+        self,
+        window: DriftWindow,
+        registry: CollectorRegistry,
+        queue_size: int = 256,
+        top_k: int = 20,
+    ) -> None:
+        self.window = window
+        self.top_k = top_k
+        self._queue: queue.Queue[InferExchange | None] = queue.Queue(maxsize=queue_size)
+        self.samples = Counter(
+            "modeldeploy_runtime_drift_samples_total",
+            "Requests decoded for drift.",
+            registry=registry,
+        )
+        self.dropped = Counter(
+            "modeldeploy_runtime_drift_dropped_total",
+            "Samples dropped because the drift queue was full.",
+            registry=registry,
+        )
+        self.decode_errors = Counter(
+            "modeldeploy_runtime_drift_decode_errors_total",
+            "Sampled payloads that could not be decoded as tensors.",
+            registry=registry,
+        )
+        registry.register(self)
+        self._thread = threading.Thread(target=self._run, name="drift", daemon=True)
+        self._thread.start()
+
+    def submit(self, exchange: InferExchange) -> None:
+        try:
+            self._queue.put_nowait(exchange)
+        except queue.Full:
+            self.dropped.inc()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=5)
+
+    def drain(self) -> None:
+        """Wait until every submitted sample is processed (tests, shutdown)."""
+        self._queue.join()
+
+    def _run(self) -> None:
+        while True:
+            exchange = self._queue.get()
+            try:
+                if exchange is None:
+                    return
+                self.window.add(
+                    "input",
+                    decode_tensors(exchange.request_headers, exchange.request_body, "inputs"),
+                )
+                self.window.add(
+                    "output",
+                    decode_tensors(exchange.response_headers, exchange.response_body, "outputs"),
+                )
+                self.samples.inc()
+            except DecodeError:
+                self.decode_errors.inc()
+            except Exception:  # never let one sample stop drift monitoring
+                LOG.exception("Drift sample failed")
+                self.decode_errors.inc()
+            finally:
+                self._queue.task_done()
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        drift = self.window.drift()
+        score = GaugeMetricFamily(
+            "modeldeploy_runtime_drift_score",
+            "Largest PSI over all profiled input and output features.",
+        )
+        score.add_metric([], max((d.psi for d in drift), default=0.0))
+        yield score
+        rows = GaugeMetricFamily(
+            "modeldeploy_runtime_drift_window_rows", "Rows in the drift window.", labels=["kind"]
+        )
+        for kind in ("input", "output"):
+            rows.add_metric([kind], self.window.rows(kind))
+        yield rows
+        psi = GaugeMetricFamily(
+            "modeldeploy_runtime_drift_psi",
+            f"Population stability index per feature (the {self.top_k} most drifted).",
+            labels=["kind", "feature"],
+        )
+        distance = GaugeMetricFamily(
+            "modeldeploy_runtime_drift_ks",
+            f"Kolmogorov-Smirnov distance per feature (the {self.top_k} most drifted).",
+            labels=["kind", "feature"],
+        )
+        for item in sorted(drift, key=lambda d: d.psi, reverse=True)[: self.top_k]:
+            psi.add_metric([item.kind, item.feature], item.psi)
+            distance.add_metric([item.kind, item.feature], item.ks)
+        yield psi
+        yield distance
