@@ -18,11 +18,14 @@ MAX_HEAD_BYTES = 64 * 1024
 class ProtocolError(Exception):
     """A message the proxy will not forward; ``status`` is what the client gets."""
 
-    def __init__(self, status: int, reason: str, message: str) -> None:
+    def __init__(
+        self, status: int, reason: str, message: str, headers: tuple[str, ...] = ()
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.reason = reason  # a bounded label for the rejection counter
         self.message = message
+        self.headers = headers  # extra response headers, e.g. Retry-After
 
 
 @dataclass

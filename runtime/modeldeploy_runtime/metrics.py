@@ -81,6 +81,12 @@ class RuntimeMetrics:
             ["reason"],
             registry=self.registry,
         )
+        self.client_requests = Counter(
+            "modeldeploy_runtime_client_requests_total",
+            "Requests per client (API key hash, or address without keys), by outcome.",
+            ["client", "outcome"],
+            registry=self.registry,
+        )
         self.in_flight_track = self.in_flight.labels(track)
 
     def bounded(self, model: str, version: str) -> tuple[str, str]:

@@ -9,12 +9,14 @@ proxy refuses or Triton cannot answer gets a Triton-style ``{"error": ...}`` and
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from modeldeploy_runtime.access import ApiKeys, ClientLabels, RateLimiter, client_id, presented_key
 from modeldeploy_runtime.http1 import Message, ProtocolError, error_response, read_body, read_head
 from modeldeploy_runtime.metrics import RuntimeMetrics
 from modeldeploy_runtime.settings import RuntimeSettings
@@ -115,6 +117,46 @@ class Upstream:
         self._reader = self._writer = None
 
 
+@dataclass
+class AccessControl:
+    """Optional API keys and per-client rate limit (see access.py)."""
+
+    keys: ApiKeys | None = None
+    limiter: RateLimiter | None = None
+    clients: ClientLabels = field(default_factory=ClientLabels)
+
+    def admit(self, request: Message, peer: str, metrics: RuntimeMetrics) -> None:
+        """Raise a 401 or 429 ProtocolError, or strip the credentials and let it through."""
+        path = request.start.split(b" ")[1]
+        if path.startswith(b"/v2/health/"):
+            return
+        key = presented_key(request.headers)
+        client = client_id(key) if key and self.keys is not None else peer
+        label = self.clients.label(client)
+        if self.keys is not None:
+            if not self.keys.check(key):
+                metrics.client_requests.labels(label, "unauthorized").inc()
+                message = "missing or wrong API key: send Authorization: Bearer <key> or X-API-Key"
+                raise ProtocolError(
+                    401, "unauthorized", message, ('www-authenticate: Bearer realm="inference"',)
+                )
+            request.headers = [
+                (k, v) for k, v in request.headers if k not in (b"authorization", b"x-api-key")
+            ]
+        if self.limiter is not None and INFER_PATH.match(path):
+            wait = self.limiter.wait_time(client)
+            if wait > 0:
+                metrics.client_requests.labels(label, "rate_limited").inc()
+                retry = max(1, math.ceil(wait))
+                raise ProtocolError(
+                    429,
+                    "rate_limited",
+                    f"rate limit exceeded; retry in {retry}s",
+                    (f"retry-after: {retry}",),
+                )
+        metrics.client_requests.labels(label, "admitted").inc()
+
+
 class HttpProxy:
     def __init__(
         self,
@@ -122,16 +164,20 @@ class HttpProxy:
         metrics: RuntimeMetrics,
         sampler: Sampler | None = None,
         rng: Callable[[], float] = random.random,
+        access: AccessControl | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
         self.sampler = sampler
         self.rng = rng
+        self.access = access
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         upstream = Upstream(self.settings)
+        peername = writer.get_extra_info("peername")
+        peer = str(peername[0]) if peername else "unknown"
         try:
-            while await self._one(reader, writer, upstream):
+            while await self._one(reader, writer, upstream, peer):
                 pass
         except (ConnectionError, asyncio.IncompleteReadError):
             pass  # the client went away
@@ -140,13 +186,17 @@ class HttpProxy:
             writer.close()
 
     async def _one(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: Upstream
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        upstream: Upstream,
+        peer: str,
     ) -> bool:
         """Serve one request; False when the connection should close."""
         try:
-            request = await self._read_request(reader)
+            request = await self._read_request(reader, peer)
         except ProtocolError as error:
-            return await self._reject(writer, error.status, error.reason, error.message)
+            return await self._reject(writer, error)
         if request is None:
             return False
         infer = INFER_PATH.match(request.start.split(b" ")[1])
@@ -155,13 +205,15 @@ class HttpProxy:
         await self._infer(writer, request, upstream, infer)
         return request.keep_alive
 
-    async def _read_request(self, reader: asyncio.StreamReader) -> Message | None:
+    async def _read_request(self, reader: asyncio.StreamReader, peer: str) -> Message | None:
         head = await read_head(reader)
         if head is None:
             return None
         request = Message(head[0], head[1], received=time.perf_counter())
         if request.start.count(b" ") != 2:
             raise ProtocolError(400, "bad_request_line", "malformed request line")
+        if self.access is not None:
+            self.access.admit(request, peer, self.metrics)
         if request.start.startswith(b"POST ") and INFER_PATH.match(request.start.split(b" ")[1]):
             content_type = (request.header(b"content-type") or b"").split(b";")[0].strip().lower()
             if content_type and content_type not in ACCEPTED_TYPES:
@@ -228,11 +280,9 @@ class HttpProxy:
         await writer.drain()
         return request.keep_alive
 
-    async def _reject(
-        self, writer: asyncio.StreamWriter, status: int, reason: str, message: str
-    ) -> bool:
+    async def _reject(self, writer: asyncio.StreamWriter, error: ProtocolError) -> bool:
         """Answer without Triton, count it, and close: the stream may be out of step."""
-        self.metrics.rejected.labels(reason).inc()
-        writer.write(error_response(status, message, close=True))
+        self.metrics.rejected.labels(error.reason).inc()
+        writer.write(error_response(error.status, error.message, close=True, extra=error.headers))
         await writer.drain()
         return False

@@ -9,11 +9,12 @@ import signal
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from modeldeploy_runtime.access import ApiKeys, RateLimiter, parse_rate
 from modeldeploy_runtime.drift import DriftWindow, Profile
 from modeldeploy_runtime.drift_monitor import DriftMonitor
 from modeldeploy_runtime.http1 import Message, ProtocolError, read_head
 from modeldeploy_runtime.metrics import RuntimeMetrics
-from modeldeploy_runtime.proxy import HttpProxy, Upstream, UpstreamError
+from modeldeploy_runtime.proxy import AccessControl, HttpProxy, Upstream, UpstreamError
 from modeldeploy_runtime.settings import RuntimeSettings
 
 LOG = logging.getLogger("modeldeploy.runtime")
@@ -88,7 +89,15 @@ async def serve(settings: RuntimeSettings, stop: asyncio.Event | None = None) ->
         monitor = DriftMonitor(
             window, metrics.registry, settings.drift_queue_size, settings.drift_top_k
         )
-    proxy = HttpProxy(settings, metrics, sampler=monitor.submit if monitor else None)
+    access = None
+    if settings.api_keys_dir is not None or settings.rate_limit_per_client:
+        access = AccessControl(
+            keys=ApiKeys(settings.api_keys_dir) if settings.api_keys_dir is not None else None,
+            limiter=RateLimiter(parse_rate(settings.rate_limit_per_client))
+            if settings.rate_limit_per_client
+            else None,
+        )
+    proxy = HttpProxy(settings, metrics, sampler=monitor.submit if monitor else None, access=access)
     admin = AdminServer(settings, metrics)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -1,0 +1,156 @@
+"""Access control for the prediction API: API keys, per-client rate limits, per-client counts.
+
+All optional and off by default. Keys come from a mounted Secret (``--api-keys-dir``): every
+non-empty line of every file is an accepted key, re-read when the files change, so rotating
+the Secret needs no restart. Clients send ``Authorization: Bearer <key>`` or
+``X-API-Key: <key>``. A client is its key (as a short hash) when keys are on, else its address.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+Clock = Callable[[], float]
+UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def client_id(key: str) -> str:
+    """A stable, non-reversible name for a key, safe as a metric label."""
+    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:8]
+
+
+def presented_key(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    for name, value in headers:
+        if name == b"authorization" and value[:7].lower() == b"bearer ":
+            return value[7:].strip().decode(errors="replace")
+        if name == b"x-api-key":
+            return value.strip().decode(errors="replace")
+    return None
+
+
+class ApiKeys:
+    """The accepted keys, re-read at most every ``refresh`` seconds when files changed."""
+
+    def __init__(
+        self, directory: Path, refresh: float = 10.0, clock: Clock = time.monotonic
+    ) -> None:
+        self._directory = directory
+        self._refresh = refresh
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._checked = -math.inf
+        self._stamp: tuple[tuple[str, float], ...] = ()
+        self._keys: tuple[str, ...] = ()
+
+    def _files(self) -> list[Path]:
+        # Secrets mount files through ..data symlinks; skip the dot entries themselves.
+        return sorted(
+            p for p in self._directory.iterdir() if not p.name.startswith(".") and p.is_file()
+        )
+
+    def keys(self) -> tuple[str, ...]:
+        with self._lock:
+            if self._clock() - self._checked < self._refresh:
+                return self._keys
+            self._checked = self._clock()
+            files = self._files() if self._directory.is_dir() else []
+            stamp = tuple((str(p), p.stat().st_mtime) for p in files)
+            if stamp != self._stamp:
+                self._stamp = stamp
+                self._keys = tuple(
+                    line.strip()
+                    for p in files
+                    for line in p.read_text().splitlines()
+                    if line.strip()
+                )
+            return self._keys
+
+    def check(self, key: str | None) -> bool:
+        """Constant-time comparison against every accepted key."""
+        if not key:
+            return False
+        matched = False
+        for accepted in self.keys():
+            matched |= hmac.compare_digest(accepted.encode(), key.encode())
+        return matched
+
+
+def parse_rate(text: str) -> float:
+    """``100/s`` -> 100.0 tokens per second."""
+    count, _, unit = text.partition("/")
+    if not count.isdigit() or unit not in UNITS or int(count) <= 0:
+        raise ValueError(f"a rate looks like 100/s, 600/m or 1000/h, not {text!r}")
+    return int(count) / UNITS[unit]
+
+
+@dataclass
+class TokenBucket:
+    """``rate`` tokens per second, at most ``burst`` saved up."""
+
+    rate: float
+    burst: float
+    tokens: float
+    updated: float
+
+    def take(self, now: float) -> float:
+        """0.0 when a token was taken, else the seconds until one will be available."""
+        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return 0.0
+        return (1.0 - self.tokens) / self.rate
+
+
+class RateLimiter:
+    """One token bucket per client; the least recently seen clients are forgotten beyond
+    ``max_clients`` (a forgotten client starts with a full bucket)."""
+
+    def __init__(
+        self, rate: float, clock: Clock = time.monotonic, max_clients: int = 10_000
+    ) -> None:
+        self.rate = rate
+        self.burst = max(1.0, rate)  # one second's worth
+        self._clock = clock
+        self._max = max_clients
+        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def wait_time(self, client: str) -> float:
+        """0.0 to admit the request, else how long the client should wait."""
+        now = self._clock()
+        with self._lock:
+            bucket = self._buckets.pop(client, None) or TokenBucket(
+                self.rate, self.burst, self.burst, now
+            )
+            self._buckets[client] = bucket
+            while len(self._buckets) > self._max:
+                self._buckets.popitem(last=False)
+            return bucket.take(now)
+
+
+class ClientLabels:
+    """Bounded label values for per-client counts: the first ``limit`` clients by name,
+    ``other`` after that."""
+
+    def __init__(self, limit: int = 100) -> None:
+        self._limit = limit
+        self._known: set[str] = set()
+        self._lock = threading.Lock()
+
+    def label(self, client: str) -> str:
+        with self._lock:
+            if client in self._known:
+                return client
+            if len(self._known) < self._limit:
+                self._known.add(client)
+                return client
+        return "other"

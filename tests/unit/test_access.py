@@ -1,0 +1,79 @@
+"""API keys, token buckets and bounded client labels, with a fake clock."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from modeldeploy_runtime.access import (
+    ApiKeys,
+    ClientLabels,
+    RateLimiter,
+    client_id,
+    parse_rate,
+    presented_key,
+)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_keys_are_read_from_a_secret_folder_and_reloaded_when_rotated(tmp_path: Path) -> None:
+    (tmp_path / "team-a").write_text("alpha\n\nbeta\n")
+    (tmp_path / "..data").mkdir()  # how kubelet mounts Secrets; never a key
+    clock = Clock()
+    keys = ApiKeys(tmp_path, refresh=10, clock=clock)
+    assert keys.check("alpha")
+    assert keys.check("beta")
+    assert not keys.check("gamma")
+    assert not keys.check(None)
+    assert not keys.check("")
+    (tmp_path / "team-a").write_text("gamma\n")
+    os.utime(tmp_path / "team-a", (1, 1))  # a different mtime, as a rotation gives
+    assert keys.check("alpha")  # not re-read before the refresh interval
+    clock.now += 11
+    assert keys.check("gamma")
+    assert not keys.check("alpha")
+
+
+def test_presented_key_and_client_id() -> None:
+    assert presented_key([(b"authorization", b"Bearer s3cret")]) == "s3cret"
+    assert presented_key([(b"x-api-key", b" s3cret ")]) == "s3cret"
+    assert presented_key([(b"authorization", b"Basic abc")]) is None
+    assert client_id("s3cret") == client_id("s3cret") != client_id("other")
+    assert "s3cret" not in client_id("s3cret")
+
+
+@pytest.mark.parametrize(("text", "rate"), [("100/s", 100.0), ("600/m", 10.0), ("36/h", 0.01)])
+def test_parse_rate(text: str, rate: float) -> None:
+    assert parse_rate(text) == pytest.approx(rate)
+
+
+@pytest.mark.parametrize("bad", ["fast", "0/s", "10/d", "-1/s"])
+def test_parse_rate_rejects_nonsense(bad: str) -> None:
+    with pytest.raises(ValueError, match="100/s"):
+        parse_rate(bad)
+
+
+def test_token_bucket_allows_a_burst_then_the_rate() -> None:
+    clock = Clock()
+    limiter = RateLimiter(rate=5.0, clock=clock)
+    assert [limiter.wait_time("a") for _ in range(5)] == [0.0] * 5
+    assert limiter.wait_time("a") == pytest.approx(0.2)
+    assert limiter.wait_time("b") == 0.0  # clients do not share buckets
+    clock.now += 0.2
+    assert limiter.wait_time("a") == 0.0
+    clock.now += 10  # refills to the burst, not beyond
+    assert [limiter.wait_time("a") for _ in range(6)][-1] > 0
+
+
+def test_client_labels_are_bounded() -> None:
+    labels = ClientLabels(limit=2)
+    assert [labels.label(c) for c in ("a", "b", "c", "a")] == ["a", "b", "other", "a"]
