@@ -25,6 +25,7 @@ class Sidecar:
     """A running sidecar's addresses and its log."""
 
     http: str
+    grpc: str
     metrics: str
     log: Path
 

@@ -218,6 +218,58 @@ def decode_tensors(
     return tensors
 
 
+def decode_grpc(request: bytes, response: bytes) -> tuple[dict[str, Array], dict[str, Array]]:
+    """Numeric inputs of a ModelInferRequest and outputs of its ModelInferResponse."""
+    from tritonclient.grpc import service_pb2  # noqa: PLC0415 - loaded once, by the worker
+
+    try:
+        infer_request = service_pb2.ModelInferRequest.FromString(request)
+        infer_response = service_pb2.ModelInferResponse.FromString(response)
+    except Exception as error:  # protobuf's DecodeError and friends
+        raise DecodeError(f"not a ModelInfer message: {error}") from error
+    return (
+        _grpc_tensors(infer_request.inputs, infer_request.raw_input_contents),
+        _grpc_tensors(infer_response.outputs, infer_response.raw_output_contents),
+    )
+
+
+def _grpc_tensors(tensors: Any, raw: Sequence[bytes]) -> dict[str, Array]:
+    out: dict[str, Array] = {}
+    for index, tensor in enumerate(tensors):
+        dtype = DTYPES.get(tensor.datatype)
+        shape = list(tensor.shape)
+        if dtype is None:
+            continue
+        if index < len(raw):
+            values = np.frombuffer(raw[index], dtype=dtype)
+        else:  # typed contents instead of raw bytes
+            contents = tensor.contents
+            field = next(
+                (
+                    f
+                    for f in (
+                        "fp32_contents",
+                        "fp64_contents",
+                        "int64_contents",
+                        "int_contents",
+                        "uint64_contents",
+                        "uint_contents",
+                        "bool_contents",
+                    )
+                    if len(getattr(contents, f))
+                ),
+                None,
+            )
+            if field is None:
+                continue
+            values = np.asarray(getattr(contents, field), dtype=dtype)
+        if not shape or int(np.prod(shape)) != values.size:
+            raise DecodeError(f"{tensor.name}: shape {shape} does not match {values.size} values")
+        rows = int(shape[0]) if len(shape) > 1 else 1
+        out[tensor.name] = values.astype(np.float64).reshape(rows, -1)
+    return out
+
+
 # -- the window ------------------------------------------------------------------------------
 
 

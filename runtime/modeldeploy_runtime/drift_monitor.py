@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from modeldeploy_runtime.drift import DecodeError, DriftWindow, decode_tensors
+from modeldeploy_runtime.drift import DecodeError, DriftWindow, decode_grpc, decode_tensors
 from modeldeploy_runtime.proxy import InferExchange
 
 LOG = logging.getLogger("modeldeploy.runtime.drift")
@@ -69,14 +69,17 @@ class DriftMonitor(Collector):
             try:
                 if exchange is None:
                     return
-                self.window.add(
-                    "input",
-                    decode_tensors(exchange.request_headers, exchange.request_body, "inputs"),
-                )
-                self.window.add(
-                    "output",
-                    decode_tensors(exchange.response_headers, exchange.response_body, "outputs"),
-                )
+                if exchange.protocol == "grpc":
+                    inputs, outputs = decode_grpc(exchange.request_body, exchange.response_body)
+                else:
+                    inputs = decode_tensors(
+                        exchange.request_headers, exchange.request_body, "inputs"
+                    )
+                    outputs = decode_tensors(
+                        exchange.response_headers, exchange.response_body, "outputs"
+                    )
+                self.window.add("input", inputs)
+                self.window.add("output", outputs)
                 self.samples.inc()
             except DecodeError:
                 self.decode_errors.inc()

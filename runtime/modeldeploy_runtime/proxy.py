@@ -21,6 +21,7 @@ from modeldeploy_runtime.http1 import Message, ProtocolError, error_response, re
 from modeldeploy_runtime.metrics import RuntimeMetrics
 from modeldeploy_runtime.settings import RuntimeSettings
 
+CREDENTIAL_HEADERS = (b"authorization", b"x-api-key")
 INFER_PATH = re.compile(rb"^/v2/models/([^/?]+)(?:/versions/([^/?]+))?/infer(?:\?.*)?$")
 # JSON, Triton's binary extension, and curl's default for -d (Triton reads it as JSON).
 ACCEPTED_TYPES = (
@@ -35,6 +36,7 @@ class InferExchange:
     """One sampled inference call, handed to the drift worker off the request path."""
 
     model: str
+    protocol: str  # "http" or "grpc"
     request_headers: list[tuple[bytes, bytes]]
     request_body: bytes
     response_headers: list[tuple[bytes, bytes]]
@@ -130,20 +132,28 @@ class AccessControl:
         path = request.start.split(b" ")[1]
         if path.startswith(b"/v2/health/"):
             return
-        key = presented_key(request.headers)
+        self.check(request.headers, peer, metrics, limited=INFER_PATH.match(path) is not None)
+        request.headers = [(k, v) for k, v in request.headers if k not in CREDENTIAL_HEADERS]
+
+    def check(
+        self,
+        headers: list[tuple[bytes, bytes]],
+        peer: str,
+        metrics: RuntimeMetrics,
+        *,
+        limited: bool,
+    ) -> None:
+        """The decision for HTTP and gRPC alike: a ProtocolError (401, 429) or nothing."""
+        key = presented_key(headers)
         client = client_id(key) if key and self.keys is not None else peer
         label = self.clients.label(client)
-        if self.keys is not None:
-            if not self.keys.check(key):
-                metrics.client_requests.labels(label, "unauthorized").inc()
-                message = "missing or wrong API key: send Authorization: Bearer <key> or X-API-Key"
-                raise ProtocolError(
-                    401, "unauthorized", message, ('www-authenticate: Bearer realm="inference"',)
-                )
-            request.headers = [
-                (k, v) for k, v in request.headers if k not in (b"authorization", b"x-api-key")
-            ]
-        if self.limiter is not None and INFER_PATH.match(path):
+        if self.keys is not None and not self.keys.check(key):
+            metrics.client_requests.labels(label, "unauthorized").inc()
+            message = "missing or wrong API key: send Authorization: Bearer <key> or X-API-Key"
+            raise ProtocolError(
+                401, "unauthorized", message, ('www-authenticate: Bearer realm="inference"',)
+            )
+        if self.limiter is not None and limited:
             wait = self.limiter.wait_time(client)
             if wait > 0:
                 metrics.client_requests.labels(label, "rate_limited").inc()
@@ -262,7 +272,7 @@ class HttpProxy:
         self.metrics.response_bytes.labels(*labels).observe(len(response.body))
         if self.sampler is not None and code == "200" and self.rng() < self.settings.sample_rate:
             exchange = InferExchange(
-                model, request.headers, request.body, response.headers, response.body
+                model, "http", request.headers, request.body, response.headers, response.body
             )
             self.sampler(exchange)
 

@@ -7,11 +7,14 @@ import contextlib
 import logging
 import signal
 
+import grpc
+import grpc.aio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from modeldeploy_runtime.access import ApiKeys, RateLimiter, parse_rate
 from modeldeploy_runtime.drift import DriftWindow, Profile
 from modeldeploy_runtime.drift_monitor import DriftMonitor
+from modeldeploy_runtime.grpc_proxy import GrpcProxy
 from modeldeploy_runtime.http1 import Message, ProtocolError, read_head
 from modeldeploy_runtime.metrics import RuntimeMetrics
 from modeldeploy_runtime.proxy import AccessControl, HttpProxy, Upstream, UpstreamError
@@ -108,11 +111,20 @@ async def serve(settings: RuntimeSettings, stop: asyncio.Event | None = None) ->
         await asyncio.start_server(proxy.handle, settings.bind_address, settings.http_port),
         await asyncio.start_server(admin.handle, settings.bind_address, settings.metrics_port),
     ]
+    unlimited = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+    channel = grpc.aio.insecure_channel(settings.upstream_grpc, options=unlimited)
+    grpc_server = grpc.aio.server(options=unlimited)
+    grpc_server.add_generic_rpc_handlers(
+        [GrpcProxy(settings, metrics, channel, sampler=proxy.sampler, access=access)]
+    )
+    grpc_server.add_insecure_port(f"{settings.bind_address}:{settings.grpc_port}")
+    await grpc_server.start()
     LOG.info(
-        "Serving: HTTP proxy on %s:%d -> %s, metrics on :%d",
-        settings.bind_address,
+        "Serving: HTTP on :%d -> %s, gRPC on :%d -> %s, metrics on :%d",
         settings.http_port,
         settings.upstream_http,
+        settings.grpc_port,
+        settings.upstream_grpc,
         settings.metrics_port,
     )
     try:
@@ -122,5 +134,7 @@ async def serve(settings: RuntimeSettings, stop: asyncio.Event | None = None) ->
             server.close()
         for server in servers:
             await server.wait_closed()
+        await grpc_server.stop(grace=1)
+        await channel.close()
         if monitor is not None:
             monitor.close()

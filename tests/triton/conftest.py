@@ -48,13 +48,15 @@ def sidecar(triton: Endpoint, tmp_path: Path) -> Iterator[SidecarFactory]:
     procs: list[subprocess.Popen[bytes]] = []
 
     def start(upstream: str | None = None, **flags: object) -> Sidecar:
-        http, metrics = free_port(), free_port()
+        http, grpc, metrics = free_port(), free_port(), free_port()
         log = tmp_path / f"sidecar-{len(procs)}.log"
         args = [
             "serve",
             f"--upstream-http={upstream or triton.http}",
+            f"--upstream-grpc={triton.grpc if upstream is None else upstream}",
             "--bind-address=127.0.0.1",
             f"--http-port={http}",
+            f"--grpc-port={grpc}",
             f"--metrics-port={metrics}",
             *(f"--{k.replace('_', '-')}={v}" for k, v in flags.items()),
         ]
@@ -66,7 +68,7 @@ def sidecar(triton: Endpoint, tmp_path: Path) -> Iterator[SidecarFactory]:
             )
         procs.append(proc)
         wait_http(f"http://127.0.0.1:{metrics}/healthz", 20, proc, log)
-        return Sidecar(f"127.0.0.1:{http}", f"127.0.0.1:{metrics}", log)
+        return Sidecar(f"127.0.0.1:{http}", f"127.0.0.1:{grpc}", f"127.0.0.1:{metrics}", log)
 
     yield start
     for proc in procs:

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from numpy.typing import NDArray
 from prometheus_client.parser import text_string_to_metric_families
@@ -42,7 +43,14 @@ def psi(
     }
 
 
-def send(sidecar: Sidecar, batches: list[NDArray[Any]]) -> None:
+def send(sidecar: Sidecar, batches: list[NDArray[Any]], protocol: str) -> None:
+    if protocol == "grpc":
+        channel = grpcclient.InferenceServerClient(sidecar.grpc)
+        for rows in batches:
+            x = grpcclient.InferInput("x", list(rows.shape), "FP32")
+            x.set_data_from_numpy(rows.astype(np.float32))
+            channel.infer("features", [x])
+        return
     client = httpclient.InferenceServerClient(sidecar.http)
     for i, rows in enumerate(batches):
         x = httpclient.InferInput("x", list(rows.shape), "FP32")
@@ -66,8 +74,9 @@ def wait_decoded(
         time.sleep(0.1)
 
 
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_psi_stays_low_on_reference_like_data_and_flags_a_shifted_feature(
-    sidecar: SidecarFactory, tmp_path: Path
+    sidecar: SidecarFactory, tmp_path: Path, protocol: str
 ) -> None:
     rng = np.random.default_rng(11)
     reference = rng.normal(size=(20000, 4))
@@ -80,7 +89,7 @@ def test_psi_stays_low_on_reference_like_data_and_flags_a_shifted_feature(
         model="features", reference_profile=tmp_path, sample_rate=1.0, drift_window=REQUESTS * ROWS
     )
 
-    send(proxy, [rng.normal(size=(ROWS, 4)) for _ in range(REQUESTS)])
+    send(proxy, [rng.normal(size=(ROWS, 4)) for _ in range(REQUESTS)], protocol)
     samples = wait_decoded(proxy, REQUESTS)
     assert (
         samples[("modeldeploy_runtime_drift_window_rows", (("kind", "input"),))] == REQUESTS * ROWS
@@ -94,7 +103,7 @@ def test_psi_stays_low_on_reference_like_data_and_flags_a_shifted_feature(
         rows = rng.normal(size=(ROWS, 4))
         rows[:, 2] += 2.0  # two standard deviations
         shifted.append(rows)
-    send(proxy, shifted)
+    send(proxy, shifted, protocol)
     samples = wait_decoded(proxy, 2 * REQUESTS)
     inputs = psi(samples, "input")
     assert inputs["x:2"] > 0.25, inputs
