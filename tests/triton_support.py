@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import subprocess
 import time
@@ -49,11 +51,19 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes], log: Path
         time.sleep(0.2)
 
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
+def stop(proc: subprocess.Popen[bytes], group: bool = False) -> None:
+    """SIGTERM (to its whole process group when it leads one: tritonserver and its Python
+    backend stubs), then SIGKILL after 20 s."""
     if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
+        if group:
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL) if group else proc.kill()
             proc.wait()
+    if group:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # stragglers of the group

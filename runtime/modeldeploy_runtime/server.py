@@ -19,6 +19,7 @@ from modeldeploy_runtime.http1 import Message, ProtocolError, read_head
 from modeldeploy_runtime.metrics import RuntimeMetrics
 from modeldeploy_runtime.proxy import AccessControl, HttpProxy, Upstream, UpstreamError
 from modeldeploy_runtime.settings import RuntimeSettings
+from modeldeploy_runtime.triton_stats import StatsPoller
 
 LOG = logging.getLogger("modeldeploy.runtime")
 
@@ -119,6 +120,10 @@ async def serve(settings: RuntimeSettings, stop: asyncio.Event | None = None) ->
     )
     grpc_server.add_insecure_port(f"{settings.bind_address}:{settings.grpc_port}")
     await grpc_server.start()
+    tasks = []
+    if settings.model:
+        poller = StatsPoller(settings, metrics.registry, settings.stats_interval_seconds)
+        tasks.append(asyncio.create_task(poller.run(stop)))
     LOG.info(
         "Serving: HTTP on :%d -> %s, gRPC on :%d -> %s, metrics on :%d",
         settings.http_port,
@@ -135,6 +140,8 @@ async def serve(settings: RuntimeSettings, stop: asyncio.Event | None = None) ->
         for server in servers:
             await server.wait_closed()
         await grpc_server.stop(grace=1)
+        for task in tasks:
+            await task
         await channel.close()
         if monitor is not None:
             monitor.close()

@@ -31,6 +31,9 @@ class RuntimeSettings(BaseSettings):
     reference_profile: Path | None = Field(None, description="drift profile: a JSON file or folder")
     drift_window: int = Field(2000, gt=0, description="rows per tensor kept for drift")
     drift_queue_size: int = Field(256, gt=0, description="samples waiting for decoding; more drop")
+    stats_interval_seconds: float = Field(
+        5.0, gt=0, description="how often Triton's statistics are read"
+    )
     drift_top_k: int = Field(20, gt=0, description="features exported per drift gauge")
     api_keys_dir: Path | None = Field(None, description="mounted Secret: one accepted key per file")
     rate_limit_per_client: str | None = Field(None, description="e.g. 100/s, 600/m")

@@ -39,7 +39,7 @@ def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Endpoint]:
             wait_http(f"http://127.0.0.1:{ports[0]}/v2/models/{model}/ready", 120, proc, log)
         yield Endpoint(f"127.0.0.1:{ports[0]}", f"127.0.0.1:{ports[1]}", f"127.0.0.1:{ports[2]}")
     finally:
-        stop(proc)
+        stop(proc, group=True)
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 import urllib.error
 import urllib.request
 from typing import Any
@@ -280,3 +281,23 @@ def test_readyz_follows_the_model(triton: Endpoint, sidecar: SidecarFactory) -> 
     with pytest.raises(urllib.error.HTTPError) as caught:
         urllib.request.urlopen(f"http://{sidecar(model='absent').metrics}/readyz", timeout=5)
     assert caught.value.code == 503
+
+
+def test_triton_queue_and_compute_time_from_its_statistics(sidecar: SidecarFactory) -> None:
+    proxy = sidecar(model="slow", stats_interval_seconds=0.2)
+    client = httpclient.InferenceServerClient(proxy.http)
+    for _ in range(5):
+        x = httpclient.InferInput("x", [1, 2], "FP32")
+        x.set_data_from_numpy(np.ones((1, 2), np.float32))
+        delay = httpclient.InferInput("delay", [1, 1], "FP32")
+        delay.set_data_from_numpy(np.array([[0.05]], np.float32))
+        client.infer("slow", [x, delay])
+    deadline = time.monotonic() + 10
+    while True:
+        samples = scrape(proxy.metrics)
+        compute = value(samples, "modeldeploy_runtime_triton_compute_seconds", model="slow")
+        if compute or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert 0.04 < compute < 1.0  # the model sleeps 50 ms per request
+    assert value(samples, "modeldeploy_runtime_triton_queue_seconds", model="slow") >= 0

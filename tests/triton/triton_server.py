@@ -18,7 +18,7 @@ import numpy as np
 from numpy.typing import NDArray
 from pytriton.decorators import batch
 from pytriton.model_config import ModelConfig, Tensor
-from pytriton.triton import Triton, TritonConfig
+from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
 
 Array = NDArray[Any]
 
@@ -89,7 +89,11 @@ def main(http_port: int, grpc_port: int, metrics_port: int) -> None:
             [Tensor(name="score", dtype=np.float32, shape=(1,))],
         ),
     ]
-    with Triton(config=config) as triton:
+    # Statistics stay open: the sidecar reads them, as it does from a stock tritonserver.
+    security = TritonSecurityConfig(
+        restricted_endpoints=["shared-memory", "model-repository", "trace", "logging"]
+    )
+    with Triton(config=config, security_config=security) as triton:
         for name, func, inputs, outputs in models:
             triton.bind(
                 model_name=name, infer_func=func, inputs=inputs, outputs=outputs, config=batching
