@@ -13,6 +13,8 @@ from modeldeploy_operator.api.v1alpha1 import ModelDeployment
 from modeldeploy_operator.builders.deployment import BuildConfig, build_deployment, surge_strategy
 from modeldeploy_operator.builders.labels import revision_of
 from modeldeploy_operator.builders.service import build_service
+from modeldeploy_runtime.__main__ import parse_args
+from modeldeploy_runtime.settings import RuntimeSettings
 from support import DELETE, load_example, merged
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -137,3 +139,41 @@ def test_revision_follows_the_pod_not_the_replica_count() -> None:
     assert revision_of(base, "img") == revision_of(scaled, "img")
     assert revision_of(base, "img") != revision_of(new_version, "img")
     assert revision_of(base, "img") != revision_of(base, "img2")
+
+
+def test_the_runtime_accepts_every_flag_the_operator_passes() -> None:
+    """The pod's fetch-model and runtime commands parse with the runtime's own CLI."""
+    doc = merged(
+        load_example("full.yaml"),
+        {
+            "spec": {
+                "monitoring": {
+                    "runtime": {"referenceProfile": {"configMapRef": {"name": "profile"}}},
+                    "auth": {"apiKeySecret": {"name": "keys"}, "rateLimitPerClient": "10/s"},
+                }
+            }
+        },
+    )
+    pod = build_deployment(model(doc), "canary", "r1", CONFIG)["spec"]["template"]["spec"]
+    fetch = parse_args(pod["initContainers"][0]["args"])
+    assert fetch.command == "fetch"
+    assert fetch.credentials_dir is not None
+    serve = parse_args(pod["containers"][1]["args"])
+    settings = RuntimeSettings(
+        **{
+            k: v
+            for k, v in vars(serve).items()
+            if k in RuntimeSettings.model_fields and v is not None
+        }
+    )
+    assert settings.track == "canary"
+    assert settings.model == "bert_large"
+    assert settings.rate_limit_per_client == "10/s"
+    assert settings.reference_profile is not None
+    assert settings.api_keys_dir is not None
+    ports = {p["name"]: p["containerPort"] for p in pod["containers"][1]["ports"]}
+    assert (settings.http_port, settings.grpc_port, settings.metrics_port) == (
+        ports["proxy-http"],
+        ports["proxy-grpc"],
+        ports["proxy-metrics"],
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -53,3 +54,27 @@ def test_operator_folder_does_not_shadow_the_standard_library() -> None:
     value, origin = result.stdout.split()
     assert value == "5"
     assert not origin.startswith(str(ROOT))
+
+
+def test_runtime_image_requirements_cover_what_the_runtime_imports() -> None:
+    """Every third-party module the runtime imports is in runtime/requirements.txt."""
+    names = {
+        line.split(">=")[0].split("[")[0].strip().replace("-", "_")
+        for line in (ROOT / "runtime" / "requirements.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    provided = names | {"grpc", "google"}  # grpcio and protobuf come with tritonclient[grpc]
+    imported = set()
+    for path in (ROOT / "runtime" / "modeldeploy_runtime").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                imported.add(node.module.split(".")[0])
+    third_party = {
+        m for m in imported if m not in sys.stdlib_module_names and m != "modeldeploy_runtime"
+    }
+    optional = {"pyarrow"}  # .parquet profiles, when installed
+    assert third_party - optional <= {
+        n.replace("prometheus_client", "prometheus_client") for n in provided
+    }
