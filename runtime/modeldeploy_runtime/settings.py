@@ -20,7 +20,7 @@ class RuntimeSettings(BaseSettings):
     metrics_port: int = Field(9090, description="/metrics, /healthz and /readyz")
     model: str = Field("", description="the model this pod serves (bounds the model label)")
     model_version: str = Field("", description="its version (bounds the version label)")
-    track: Literal["stable", "canary"] = "stable"
+    track: Literal["stable", "canary"] = Field("stable", description="a label on every metric")
     sample_rate: float = Field(
         0.1, ge=0, le=1, description="fraction of requests decoded for drift"
     )
@@ -35,7 +35,9 @@ class RuntimeSettings(BaseSettings):
         5.0, gt=0, description="how often Triton's statistics are read"
     )
     drift_top_k: int = Field(20, gt=0, description="features exported per drift gauge")
-    api_keys_dir: Path | None = Field(None, description="mounted Secret: one accepted key per file")
+    api_keys_dir: Path | None = Field(
+        None, description="mounted Secret: every line of every file is an accepted key"
+    )
     rate_limit_per_client: str | None = Field(None, description="e.g. 100/s, 600/m")
 
     def upstream_host_port(self) -> tuple[str, int]:

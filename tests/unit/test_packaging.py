@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from modeldeploy_runtime.settings import RuntimeSettings
+
 ROOT = Path(__file__).resolve().parents[2]
 
 BLOCK_KOPF_AND_KUBERNETES = """
@@ -78,3 +80,10 @@ def test_runtime_image_requirements_cover_what_the_runtime_imports() -> None:
     assert third_party - optional <= {
         n.replace("prometheus_client", "prometheus_client") for n in provided
     }
+
+
+def test_every_runtime_setting_is_documented() -> None:
+    page = (ROOT / "docs" / "runtime.md").read_text()
+    for name in RuntimeSettings.model_fields:
+        assert f"`--{name.replace('_', '-')}`" in page, name
+        assert f"`MODELDEPLOY_RUNTIME_{name.upper()}`" in page, name
