@@ -45,11 +45,15 @@ demo: toolchain ## The main job: cluster, CRD, operator, examples/minimal.yaml b
 
 ##@ Benchmarks (not tests: ratios against a baseline measured in the same run)
 .PHONY: bench
-bench: bench-operator ## Every benchmark; results land in docs/benchmarks.md
+bench: bench-operator bench-runtime ## Every benchmark; results land in docs/benchmarks.md
 
 .PHONY: bench-operator
 bench-operator: toolchain ## Operator overhead vs bare Deployments, cold start of 500, idle writes
 	PYTHONPATH=$(CURDIR)/tests $(PYTHON) bench/operator_bench.py $(BENCH_ARGS)
+
+.PHONY: bench-runtime
+bench-runtime: ## Sidecar vs direct Triton: throughput ratio, added latency, CPU, RSS, drift cost
+	PYTHONPATH=$(CURDIR)/tests $(PYTHON) bench/runtime_bench.py $(BENCH_ARGS)
 
 ##@ Generated files
 .PHONY: crds

@@ -6,6 +6,8 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
+import sysconfig
 import time
 import urllib.request
 from collections.abc import Callable
@@ -67,3 +69,61 @@ def stop(proc: subprocess.Popen[bytes], group: bool = False) -> None:
     if group:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # stragglers of the group
+
+
+TRITON_SERVER = Path(__file__).resolve().parent / "triton" / "triton_server.py"
+TRITON_MODELS = ("double", "echo", "slow", "features", "features_2ms")
+
+
+def start_triton(
+    log: Path, ports: tuple[int, int, int]
+) -> tuple[subprocess.Popen[bytes], Endpoint]:
+    """nvidia-pytriton's tritonserver with the test models, on 127.0.0.1; waits until ready."""
+    # Its Python backend stub links the system libpython; point it at this interpreter's.
+    libdir = sysconfig.get_config_var("LIBDIR") or str(Path(sys.base_prefix) / "lib")
+    env = {**os.environ, "LD_LIBRARY_PATH": f"{libdir}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, str(TRITON_SERVER), *map(str, ports)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+    try:
+        for model in TRITON_MODELS:
+            wait_http(f"http://127.0.0.1:{ports[0]}/v2/models/{model}/ready", 120, proc, log)
+    except BaseException:
+        stop(proc, group=True)
+        raise
+    endpoint = Endpoint(*(f"127.0.0.1:{port}" for port in ports))
+    return proc, endpoint
+
+
+def start_sidecar(
+    triton: Endpoint,
+    log: Path,
+    ports: tuple[int, int, int],
+    upstream: str | None = None,
+    **flags: object,
+) -> tuple[subprocess.Popen[bytes], Sidecar]:
+    """`modeldeploy-runtime serve` in front of ``triton``; waits until /healthz answers."""
+    http, grpc, metrics = ports
+    args = [
+        "serve",
+        f"--upstream-http={upstream or triton.http}",
+        f"--upstream-grpc={triton.grpc if upstream is None else upstream}",
+        "--bind-address=127.0.0.1",
+        f"--http-port={http}",
+        f"--grpc-port={grpc}",
+        f"--metrics-port={metrics}",
+        *(f"--{k.replace('_', '-')}={v}" for k, v in flags.items()),
+    ]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "modeldeploy_runtime", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    wait_http(f"http://127.0.0.1:{metrics}/healthz", 20, proc, log)
+    return proc, Sidecar(f"127.0.0.1:{http}", f"127.0.0.1:{grpc}", f"127.0.0.1:{metrics}", log)

@@ -6,6 +6,7 @@ Run as a process by the `triton` fixture: ``python triton_server.py HTTP GRPC ME
 - ``echo``: INT64 ids and BYTES text -> ids + 1, text unchanged
 - ``slow``: FP32 [-1] -> y = x, after sleeping ``delay`` seconds (an FP32 [1] input)
 - ``features``: FP32 [4] -> FP32 [1] score = sum(x); the drift tests' model
+- ``features_2ms``: the same after 2 ms of "compute" (the benchmark's slower model)
 """
 
 from __future__ import annotations
@@ -41,6 +42,12 @@ def slow(x: Array, delay: Array) -> dict[str, Array]:
 
 @batch
 def features(x: Array) -> dict[str, Array]:
+    return {"score": x.sum(axis=1, keepdims=True).astype(np.float32)}
+
+
+@batch
+def features_2ms(x: Array) -> dict[str, Array]:
+    time.sleep(0.002)
     return {"score": x.sum(axis=1, keepdims=True).astype(np.float32)}
 
 
@@ -85,6 +92,12 @@ def main(http_port: int, grpc_port: int, metrics_port: int) -> None:
         (
             "features",
             features,
+            [Tensor(name="x", dtype=np.float32, shape=(4,))],
+            [Tensor(name="score", dtype=np.float32, shape=(1,))],
+        ),
+        (
+            "features_2ms",
+            features_2ms,
             [Tensor(name="x", dtype=np.float32, shape=(4,))],
             [Tensor(name="score", dtype=np.float32, shape=(1,))],
         ),

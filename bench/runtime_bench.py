@@ -1,0 +1,250 @@
+"""`make bench-runtime`: direct Triton against the path through the sidecar, in one run.
+
+One load generator (asyncio, keep-alive HTTP/1.1, one connection per concurrent client)
+drives a real Triton (nvidia-pytriton's tritonserver on CPU) directly and through
+`modeldeploy-runtime serve`, alternating, at concurrency 1, 8 and 64, for a trivial model and
+for one that takes 2 ms. The sidecar runs as it does in a pod: sampling 10 % of requests for
+drift against a reference profile. Reported: throughput ratio, added p50/p99 latency, the
+sidecar's CPU seconds per 1000 requests and its RSS, and the drift cost per feature value.
+
+The load generator shares the 2 cores with Triton and the sidecar, so absolute numbers are
+low; read the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from localcluster.operator import free_port  # noqa: E402
+from modeldeploy_runtime.drift import DriftWindow, Profile, decode_tensors, profile_features  # noqa: E402
+from triton_support import start_sidecar, start_triton, stop  # noqa: E402
+
+BEGIN = "<!-- runtime-bench:begin -->"
+END = "<!-- runtime-bench:end -->"
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Run:
+    requests: int
+    seconds: float
+    latencies: list[float]
+
+    @property
+    def throughput(self) -> float:
+        return self.requests / self.seconds
+
+    def percentile(self, q: float) -> float:
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def request_bytes(model: str) -> bytes:
+    body = json.dumps(
+        {
+            "inputs": [
+                {"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [0.1, -0.3, 1.2, 0.5]}
+            ]
+        }
+    ).encode()
+    head = (
+        f"POST /v2/models/{model}/infer HTTP/1.1\r\n"
+        "Host: bench\r\nContent-Type: application/json\r\n"
+    )
+    return (head + f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+async def client(address: str, payload: bytes, until: float, latencies: list[float]) -> None:
+    host, port = address.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        while time.perf_counter() < until:
+            started = time.perf_counter()
+            writer.write(payload)
+            await writer.drain()
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next(
+                int(line.split(b":", 1)[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
+            await reader.readexactly(length)
+            if not head.startswith(b"HTTP/1.1 200"):
+                raise RuntimeError(head.decode(errors="replace"))
+            latencies.append(time.perf_counter() - started)
+    finally:
+        writer.close()
+
+
+async def load(address: str, model: str, concurrency: int, seconds: float) -> Run:
+    payload = request_bytes(model)
+    warm: list[float] = []
+    await asyncio.gather(
+        *(client(address, payload, time.perf_counter() + 0.3, warm) for _ in range(concurrency))
+    )
+    latencies: list[float] = []
+    started = time.perf_counter()
+    await asyncio.gather(
+        *(client(address, payload, started + seconds, latencies) for _ in range(concurrency))
+    )
+    return Run(len(latencies), time.perf_counter() - started, latencies)
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def rss_mib(pid: int, key: str = "VmHWM") -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def drift_cost(features: int = 64, rows: int = 32, rounds: int = 300) -> float:
+    """Nanoseconds per feature value to decode a JSON request and bin it into the window."""
+    rng = np.random.default_rng(0)
+    profile = Profile(
+        inputs={"x": profile_features("x", rng.normal(size=(5000, features)), 10)}, outputs={}
+    )
+    window = DriftWindow(profile, window=2000)
+    body = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "x",
+                    "shape": [rows, features],
+                    "datatype": "FP32",
+                    "data": rng.normal(size=rows * features).round(4).tolist(),
+                }
+            ]
+        }
+    ).encode()
+    started = time.perf_counter()
+    for _ in range(rounds):
+        window.add("input", decode_tensors([], body, "inputs"))
+    return (time.perf_counter() - started) / (rounds * rows * features) * 1e9
+
+
+def write_report(section: str, path: Path) -> None:
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if BEGIN not in text:
+        text = text.rstrip() + "\n\n## Runtime sidecar\n\n" + BEGIN + "\n" + END + "\n"
+    head, rest = text.split(BEGIN, 1)
+    path.write_text(head + section + rest.split(END, 1)[1])
+
+
+def render(results: dict[str, Any]) -> str:
+    lines = [
+        BEGIN,
+        f"Measured {results['date']} on {results['machine']}; {results['seconds']:.0f} s per run,"
+        " direct and sidecar runs alternating; the load generator shares the cores."
+        " `make bench-runtime` regenerates this section.",
+        "",
+        "| model | concurrency | direct req/s | sidecar req/s | ratio | added p50 | added p99"
+        " | sidecar CPU s / 1000 req |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in results["rows"]:
+        lines.append(
+            f"| {row['model']} | {row['concurrency']} | {row['direct_rps']:.0f}"
+            f" | {row['sidecar_rps']:.0f}"
+            f" | {row['ratio']:.2f} | {row['added_p50_ms']:+.2f} ms | {row['added_p99_ms']:+.2f} ms"
+            f" | {row['cpu_per_1000']:.3f} |"
+        )
+    lines += [
+        "",
+        f"Sidecar peak RSS: {results['rss_mib']:.0f} MiB. Drift (decode JSON and bin into the"
+        f" window, 64 features x 32 rows): {results['drift_ns']:.0f} ns per feature value.",
+        "",
+        "Goals (not asserted in tests): added p50 <= 0.3 ms and p99 <= 1 ms; throughput ratio"
+        " >= 0.95 for the 2 ms model and >= 0.6 for the trivial one; drift <= 1 us per feature"
+        " value.",
+        END,
+    ]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
+    parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="runtime-bench-"))
+    rng = np.random.default_rng(1)
+    reference = rng.normal(size=(5000, 4))
+    profile = Profile(
+        inputs={"x": profile_features("x", reference, 10)},
+        outputs={"score": profile_features("score", reference.sum(axis=1, keepdims=True), 10)},
+    )
+    (work / "profile.json").write_text(json.dumps(profile.to_json()))
+    triton_proc, triton = start_triton(work / "triton.log", (free_port(), free_port(), free_port()))
+    sidecar_proc, sidecar = start_sidecar(
+        triton,
+        work / "sidecar.log",
+        (free_port(), free_port(), free_port()),
+        reference_profile=work / "profile.json",
+        sample_rate=0.1,
+    )
+    rows = []
+    try:
+        for model in ("features", "features_2ms"):
+            for concurrency in args.concurrency:
+                print(f"[bench] {model} at concurrency {concurrency}", flush=True)
+                direct = asyncio.run(load(triton.http, model, concurrency, args.seconds))
+                cpu_before = cpu_seconds(sidecar_proc.pid)
+                proxied = asyncio.run(load(sidecar.http, model, concurrency, args.seconds))
+                cpu = cpu_seconds(sidecar_proc.pid) - cpu_before
+                rows.append(
+                    {
+                        "model": "trivial" if model == "features" else "2 ms",
+                        "concurrency": concurrency,
+                        "direct_rps": direct.throughput,
+                        "sidecar_rps": proxied.throughput,
+                        "ratio": proxied.throughput / direct.throughput,
+                        "added_p50_ms": (proxied.percentile(0.5) - direct.percentile(0.5)) * 1000,
+                        "added_p99_ms": (proxied.percentile(0.99) - direct.percentile(0.99)) * 1000,
+                        "direct_p50_ms": statistics.median(direct.latencies) * 1000,
+                        "cpu_per_1000": cpu / proxied.requests * 1000,
+                    }
+                )
+        rss = rss_mib(sidecar_proc.pid)
+    finally:
+        stop(sidecar_proc)
+        stop(triton_proc, group=True)
+    results = {
+        "date": dt.date.today().isoformat(),
+        "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores",
+        "seconds": args.seconds,
+        "rows": rows,
+        "rss_mib": rss,
+        "drift_ns": drift_cost(),
+    }
+    section = render(results)
+    print(section)
+    write_report(section, args.output)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
