@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry
 
 from modeldeploy_runtime.__main__ import main as runtime_main
 from modeldeploy_runtime.drift import (
@@ -18,6 +22,8 @@ from modeldeploy_runtime.drift import (
     profile_features,
     psi,
 )
+from modeldeploy_runtime.drift_monitor import DriftMonitor
+from modeldeploy_runtime.proxy import InferExchange
 
 RNG = np.random.default_rng(7)
 
@@ -152,3 +158,31 @@ def test_profile_command_from_csv_and_npy(tmp_path: Path) -> None:
     assert [f.name for f in profile.inputs["x"]] == ["age", "income"]
     assert [f.name for f in profile.outputs["score"]] == ["score:0"]
     assert json.loads(out.read_text())["version"] == 1
+
+
+def test_a_full_queue_drops_samples_and_counts_them_without_blocking() -> None:
+    release = threading.Event()
+
+    class SlowWindow(DriftWindow):
+        def add(self, kind: str, tensors: Any) -> None:
+            release.wait(10)
+
+    registry = CollectorRegistry()
+    monitor = DriftMonitor(SlowWindow(reference_profile()), registry, queue_size=2)
+    body = json.dumps(
+        {"inputs": [{"name": "x", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}]}
+    )
+    exchange = InferExchange("m", "http", [], body.encode(), [], b'{"outputs": []}')
+    started = time.perf_counter()
+    for _ in range(10):
+        monitor.submit(exchange)
+    assert time.perf_counter() - started < 0.1  # never waits for the worker
+    release.set()
+    monitor.drain()
+    dropped = registry.get_sample_value("modeldeploy_runtime_drift_dropped_total")
+    decoded = registry.get_sample_value("modeldeploy_runtime_drift_samples_total")
+    assert dropped is not None
+    assert decoded is not None
+    assert dropped + decoded == 10
+    assert 7 <= dropped <= 8  # one in the worker, two queued
+    monitor.close()

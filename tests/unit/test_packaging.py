@@ -61,7 +61,7 @@ def test_operator_folder_does_not_shadow_the_standard_library() -> None:
 def test_runtime_image_requirements_cover_what_the_runtime_imports() -> None:
     """Every third-party module the runtime imports is in runtime/requirements.txt."""
     names = {
-        line.split(">=")[0].split("[")[0].strip().replace("-", "_")
+        line.split(">=")[0].split("[")[0].split(";")[0].strip().replace("-", "_")
         for line in (ROOT / "runtime" / "requirements.txt").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     }
