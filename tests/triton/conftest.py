@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,12 @@ from triton_support import Endpoint, Sidecar, SidecarFactory, start_sidecar, sta
 @pytest.fixture(scope="session")
 def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Endpoint]:
     """nvidia-pytriton's real tritonserver on 127.0.0.1, serving the models of triton_server.py."""
-    pytest.importorskip("pytriton", reason="nvidia-pytriton provides the Triton server")
+    try:
+        import pytriton  # noqa: F401, PLC0415 - nvidia-pytriton provides tritonserver
+    except ImportError:
+        if os.environ.get("MODELDEPLOY_REQUIRE_ALL"):
+            pytest.fail("nvidia-pytriton is not installed; pip install -e '.[dev]'")
+        pytest.skip("nvidia-pytriton is not installed")
     log = tmp_path_factory.mktemp("triton") / "triton.log"
     proc, endpoint = start_triton(log, (free_port(), free_port(), free_port()))
     yield endpoint

@@ -1,0 +1,142 @@
+"""The canary state machine: one pure decision per reconcile, all state in ``status``.
+
+After Flagger's ``advanceCanary`` and Argo Rollouts' ``rolloutContext``: given where the
+rollout is (:class:`Progress`, persisted in ``status.canary``), the steps, and what was just
+observed, :func:`decide_step` says what to do and returns the next progress. Nothing else
+is remembered, so an operator restarted at any point resumes exactly where it was.
+
+Rules, in order:
+
+1. manual ``abort`` or ``rollback``, or failing canary pods: back to 100 % stable at once;
+2. a failed or inconclusive analysis counts towards ``failureLimit``; reaching it rolls back;
+3. manual ``promote`` skips the remaining steps; ``pause`` and ``resume`` hold and release;
+4. a step waits for its canary pods, then for its pause (a duration, or ``manual`` until
+   ``resume``), then for at least one passed analysis in the step; then the next step;
+5. after the last step the canary is promoted. An unanalysed revision is never promoted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from modeldeploy_operator.rollout.analysis import Result
+
+Command = Literal["promote", "abort", "pause", "resume", "rollback"]
+Action = Literal["Wait", "Advance", "Promote", "Rollback", "Abort"]
+
+
+@dataclass(frozen=True)
+class Step:
+    weight: int
+    pause_seconds: float | None = None  # None: no pause
+    manual: bool = False
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What ``status.canary`` records about a rollout in flight."""
+
+    revision: str
+    step: int = 0
+    step_started: float = 0.0  # epoch seconds
+    failed_checks: int = 0
+    passed_in_step: int = 0
+    paused: bool = False
+
+
+@dataclass(frozen=True)
+class Observation:
+    now: float
+    canary_ready: bool  # the step's canary replicas are Ready
+    canary_failure: str | None = None  # crash loop, model fetch failure, progress deadline
+    analysis: Result | None = None  # the check that completed since the last decision, if any
+    analysis_message: str = ""
+    analysis_configured: bool = True
+    failure_limit: int = 2
+    command: Command | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    progress: Progress
+    weight: int  # canary traffic percent to apply now
+    reason: str
+    message: str
+
+
+def decide_step(progress: Progress, steps: tuple[Step, ...], seen: Observation) -> Decision:
+    """The next action and progress; see the module's rules."""
+    steps = steps or (Step(weight=100),)
+    failed = progress.failed_checks + (seen.analysis in ("Failed", "Inconclusive"))
+    passed = progress.passed_in_step + (seen.analysis == "Passed")
+    counted = replace(progress, failed_checks=failed, passed_in_step=passed)
+    return _stop(counted, seen) or _hold(counted, steps, seen) or _advance(counted, steps, seen)
+
+
+def _stop(progress: Progress, seen: Observation) -> Decision | None:
+    """Rules 1-2: everything that ends the rollout with traffic back on stable."""
+    if seen.command == "abort":
+        return Decision("Abort", progress, 0, "Aborted", "aborted by a user")
+    if seen.command == "rollback":
+        return Decision("Rollback", progress, 0, "RolledBack", "rolled back by a user")
+    if seen.canary_failure is not None:
+        message = f"canary pods failed: {seen.canary_failure}"
+        return Decision("Rollback", progress, 0, "RolledBack", message)
+    if seen.analysis in ("Failed", "Inconclusive") and progress.failed_checks >= max(
+        1, seen.failure_limit
+    ):
+        message = (
+            f"analysis {seen.analysis.lower()} {progress.failed_checks} times:"
+            f" {seen.analysis_message}"
+        )
+        return Decision("Rollback", progress, 0, "RolledBack", message)
+    return None
+
+
+def _hold(progress: Progress, steps: tuple[Step, ...], seen: Observation) -> Decision | None:
+    """Rules 3-4: manual promotion, pauses, and everything a step waits for."""
+    current = steps[min(progress.step, len(steps) - 1)]
+    if seen.command == "promote":
+        return Decision("Promote", progress, 100, "Promoted", "promoted by a user")
+    paused = (progress.paused or seen.command == "pause") and seen.command != "resume"
+    waiting = replace(progress, paused=paused)
+    step = progress.step + 1
+    if paused:
+        reason, message = "Paused", "paused by a user"
+    elif not seen.canary_ready:
+        reason, message = "WaitingForCanary", "waiting for canary pods"
+    elif current.manual and seen.command != "resume":
+        reason, message = "WaitingForPromotion", f"step {step} waits for resume or promote"
+    elif (
+        current.pause_seconds is not None
+        and seen.now - progress.step_started < current.pause_seconds
+    ):
+        left = current.pause_seconds - (seen.now - progress.step_started)
+        reason, message = "Pausing", f"step {step}: {left:.0f}s to go"
+    elif seen.analysis_configured and progress.passed_in_step == 0:
+        reason, message = "Analyzing", f"step {step} waits for a passed analysis"
+    else:
+        return None
+    return Decision("Wait", waiting, current.weight, reason, message)
+
+
+def _advance(progress: Progress, steps: tuple[Step, ...], seen: Observation) -> Decision:
+    """Rule 5: the next step, or promotion after the last."""
+    if progress.step + 1 >= len(steps):
+        return Decision("Promote", progress, 100, "Promoted", "every step passed")
+    following = steps[progress.step + 1]
+    advanced = replace(
+        progress, step=progress.step + 1, step_started=seen.now, passed_in_step=0, paused=False
+    )
+    message = f"step {progress.step + 2} of {len(steps)}: {following.weight}% to the canary"
+    return Decision("Advance", advanced, following.weight, "StepAdvanced", message)
+
+
+def canary_replicas(total: int, weight: int) -> int:
+    """Canary replicas for a traffic weight under the replica-ratio router: ceil(w * total),
+    at least one while the weight is above zero."""
+    if weight <= 0:
+        return 0
+    return max(1, -(-total * weight // 100))

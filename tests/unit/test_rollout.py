@@ -1,0 +1,162 @@
+"""The canary state machine and metric assessment: table tests."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from modeldeploy_operator.rollout.analysis import (
+    BUILTIN_QUERIES,
+    Measurement,
+    TemplateError,
+    assess,
+    describe,
+    render_query,
+    verdict,
+)
+from modeldeploy_operator.rollout.decide import (
+    Observation,
+    Progress,
+    Step,
+    canary_replicas,
+    decide_step,
+)
+
+STEPS = (Step(10, pause_seconds=60), Step(50, manual=True), Step(100))
+START = Progress(revision="r2", step=0, step_started=1000.0)
+
+
+def seen(**kwargs: object) -> Observation:
+    base: dict[str, object] = {"now": 1000.0, "canary_ready": True}
+    return Observation(**(base | kwargs))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("progress", "observation", "action", "weight", "reason"),
+    [
+        # Waiting: pods, pause, analysis.
+        (START, seen(canary_ready=False, analysis="Passed"), "Wait", 10, "WaitingForCanary"),
+        (START, seen(now=1030.0, analysis="Passed"), "Wait", 10, "Pausing"),
+        (START, seen(now=1061.0), "Wait", 10, "Analyzing"),  # pause over, nothing analysed
+        (START, seen(now=1061.0, analysis="Passed"), "Advance", 50, "StepAdvanced"),
+        (START, seen(now=1061.0, analysis_configured=False), "Advance", 50, "StepAdvanced"),
+        # A manual step waits for resume (or promote).
+        (Progress("r2", step=1, passed_in_step=1), seen(), "Wait", 50, "WaitingForPromotion"),
+        (
+            Progress("r2", step=1, passed_in_step=1),
+            seen(command="resume"),
+            "Advance",
+            100,
+            "StepAdvanced",
+        ),
+        # The last step promotes once analysed.
+        (Progress("r2", step=2), seen(analysis="Passed"), "Promote", 100, "Promoted"),
+        (Progress("r2", step=2), seen(), "Wait", 100, "Analyzing"),
+        # Failures.
+        (START, seen(analysis="Failed", failure_limit=2), "Wait", 10, "Pausing"),
+        (
+            Progress("r2", failed_checks=1),
+            seen(analysis="Failed", failure_limit=2),
+            "Rollback",
+            0,
+            "RolledBack",
+        ),
+        (
+            Progress("r2", failed_checks=1),
+            seen(analysis="Inconclusive", failure_limit=2),
+            "Rollback",
+            0,
+            "RolledBack",
+        ),
+        (START, seen(analysis="Failed", failure_limit=0), "Rollback", 0, "RolledBack"),
+        (START, seen(canary_failure="CrashLoopBackOff"), "Rollback", 0, "RolledBack"),
+        # Manual control.
+        (START, seen(command="abort"), "Abort", 0, "Aborted"),
+        (START, seen(command="rollback"), "Rollback", 0, "RolledBack"),
+        (START, seen(command="promote"), "Promote", 100, "Promoted"),
+        (START, seen(command="pause", now=2000.0, analysis="Passed"), "Wait", 10, "Paused"),
+        (Progress("r2", paused=True), seen(now=2000.0, analysis="Passed"), "Wait", 10, "Paused"),
+        (
+            Progress("r2", paused=True),
+            seen(command="resume", now=2000.0, analysis="Passed"),
+            "Advance",
+            50,
+            "StepAdvanced",
+        ),
+    ],
+)
+def test_decide_step(
+    progress: Progress, observation: Observation, action: str, weight: int, reason: str
+) -> None:
+    decision = decide_step(progress, STEPS, observation)
+    assert (decision.action, decision.weight, decision.reason) == (action, weight, reason)
+
+
+def test_advancing_resets_the_step_and_keeps_the_revision() -> None:
+    decision = decide_step(START, STEPS, seen(now=1061.0, analysis="Passed"))
+    assert decision.progress == Progress(
+        "r2", step=1, step_started=1061.0, failed_checks=0, passed_in_step=0
+    )
+
+
+def test_deciding_twice_on_the_same_state_does_not_advance_twice() -> None:
+    """A restarted operator re-deciding from persisted status lands on the same step."""
+    first = decide_step(START, STEPS, seen(now=1061.0, analysis="Passed"))
+    again = decide_step(first.progress, STEPS, seen(now=1062.0))
+    assert again.action == "Wait"
+    assert again.progress.step == first.progress.step == 1
+
+
+def test_rollback_message_names_the_metric() -> None:
+    decision = decide_step(
+        Progress("r2", failed_checks=1),
+        STEPS,
+        seen(analysis="Failed", analysis_message="p99 = 0.612 (max 0.25)"),
+    )
+    assert "p99 = 0.612 (max 0.25)" in decision.message
+
+
+@pytest.mark.parametrize(
+    ("total", "weight", "expected"), [(4, 10, 1), (4, 50, 2), (3, 50, 2), (4, 0, 0), (10, 100, 10)]
+)
+def test_canary_replicas(total: int, weight: int, expected: int) -> None:
+    assert canary_replicas(total, weight) == expected
+
+
+@pytest.mark.parametrize(
+    ("measurement", "result"),
+    [
+        (Measurement("p99", 0.1, max=0.25), "Passed"),
+        (Measurement("p99", 0.3, max=0.25), "Failed"),
+        (Measurement("ok", 0.5, min=0.9), "Failed"),
+        (Measurement("p99", None, max=0.25), "Inconclusive"),  # no data is never success
+        (Measurement("p99", math.nan, max=0.25), "Inconclusive"),
+        (Measurement("p99", 0.1, max=0.25, error="Prometheus unreachable"), "Inconclusive"),
+    ],
+)
+def test_assess(measurement: Measurement, result: str) -> None:
+    assert assess(measurement) == result
+
+
+def test_verdict_prefers_failure_then_inconclusive() -> None:
+    ok, slow, unknown = (
+        Measurement("a", 1, max=2),
+        Measurement("b", 3, max=2),
+        Measurement("c", None, max=1),
+    )
+    assert verdict([ok]) == ("Passed", None)
+    assert verdict([ok, unknown]) == ("Inconclusive", unknown)
+    assert verdict([unknown, slow, ok]) == ("Failed", slow)
+    assert describe(slow) == "b = 3 (max 2)"
+    assert describe(unknown) == "c: no data"
+
+
+def test_query_templates_fail_on_a_missing_variable() -> None:
+    query = render_query(
+        BUILTIN_QUERIES["ErrorRatio"], {"selector": 'namespace="ns"', "interval": "30s"}
+    )
+    assert 'namespace="ns", track="canary"' in query
+    assert "$" not in query
+    with pytest.raises(TemplateError, match=r"\$interval"):
+        render_query(BUILTIN_QUERIES["P99Latency"], {"selector": 'namespace="ns"'})
