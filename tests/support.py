@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -46,3 +48,23 @@ def merged(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
+
+
+def make(target: str, state_dir: Path, name: str) -> subprocess.CompletedProcess[str]:
+    """`make <target>`, as a user runs it, against a private cluster state folder."""
+    return subprocess.run(
+        [
+            "make",
+            "--no-print-directory",
+            "-C",
+            str(ROOT),
+            target,
+            f"CLUSTER_DIR={state_dir}",
+            f"CLUSTER_NAME={name}",
+            f"PYTHON={sys.executable}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )

@@ -2,37 +2,15 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from localcluster import Cluster
 from localcluster.cluster import processes_mentioning
+from support import make
 
 pytestmark = pytest.mark.cluster
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def make(target: str, state_dir: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            "make",
-            "--no-print-directory",
-            "-C",
-            str(ROOT),
-            target,
-            f"CLUSTER_DIR={state_dir}",
-            "CLUSTER_NAME=demo",
-            f"PYTHON={sys.executable}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
 
 
 def test_make_demo_shows_the_example_ready_and_cluster_down_stops_everything(
@@ -40,7 +18,7 @@ def test_make_demo_shows_the_example_ready_and_cluster_down_stops_everything(
 ) -> None:
     state_dir = tmp_path / "demo"
     try:
-        demo = make("demo", state_dir)
+        demo = make("demo", state_dir, "demo")
         assert demo.returncode == 0, demo.stdout + demo.stderr
         assert "modeldeployment.serving.modeldeploy.io/resnet50 condition met" in demo.stdout
         table = demo.stdout.split("$ kubectl get md -o wide", 1)[1].splitlines()
@@ -48,7 +26,7 @@ def test_make_demo_shows_the_example_ready_and_cluster_down_stops_everything(
         assert "Normal   Ready" in demo.stdout
         assert (state_dir / "operator.pid").is_file()
     finally:
-        down = make("cluster-down", state_dir)
+        down = make("cluster-down", state_dir, "demo")
     assert down.returncode == 0, down.stderr
     assert "operator=" in down.stderr
     assert processes_mentioning(str(state_dir)) == []

@@ -3,45 +3,22 @@ stopping twice give clear messages, and nothing we started outlives `down`."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from localcluster import Cluster, ClusterState, Toolchain
 from localcluster.cluster import process_cmdline, processes_mentioning
+from support import make
 
 pytestmark = pytest.mark.cluster
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def make(target: str, state_dir: Path) -> subprocess.CompletedProcess[str]:
-    """`make cluster-*`, the commands users run, against a private state folder."""
-    return subprocess.run(
-        [
-            "make",
-            "--no-print-directory",
-            "-C",
-            str(ROOT),
-            target,
-            f"CLUSTER_DIR={state_dir}",
-            "CLUSTER_NAME=lifecycle",
-            f"PYTHON={sys.executable}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
 
 
 def test_up_twice_then_down_twice_leaves_nothing_running(cluster: Cluster, tmp_path: Path) -> None:
     state_dir = tmp_path / "state"
     private = Cluster(Toolchain.locate(), ClusterState(state_dir, "lifecycle"))
 
-    first = make("cluster-up", state_dir)
+    first = make("cluster-up", state_dir, "lifecycle")
     assert first.returncode == 0, first.stderr
     assert f"export KUBECONFIG={state_dir / 'kubeconfig'}" in first.stdout
     assert private.is_running()
@@ -54,25 +31,25 @@ def test_up_twice_then_down_twice_leaves_nothing_running(cluster: Cluster, tmp_p
         "kwok-controller",
     }
 
-    second = make("cluster-up", state_dir)
+    second = make("cluster-up", state_dir, "lifecycle")
     assert second.returncode == 0, second.stderr
     assert "already running" in second.stderr
     assert "Traceback" not in second.stderr
     assert private.processes() == started
 
-    down = make("cluster-down", state_dir)
+    down = make("cluster-down", state_dir, "lifecycle")
     assert down.returncode == 0, down.stderr
     assert "stopped" in down.stderr
     assert [p for p in started if process_cmdline(p.pid) is not None] == []
     assert processes_mentioning(str(state_dir)) == []
     assert not state_dir.exists()
 
-    again = make("cluster-down", state_dir)
+    again = make("cluster-down", state_dir, "lifecycle")
     assert again.returncode == 0
     assert "nothing to stop" in again.stderr
     assert "Traceback" not in again.stderr
 
-    status = make("cluster-status", state_dir)
+    status = make("cluster-status", state_dir, "lifecycle")
     assert status.returncode != 0
     assert "not running" in status.stdout
 

@@ -11,7 +11,7 @@ import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from triton_support import Sidecar, SidecarFactory
+from triton_support import Sidecar, SidecarFactory, scrape, value
 
 pytestmark = pytest.mark.triton
 
@@ -29,13 +29,8 @@ def infer(sidecar: Sidecar, headers: dict[str, str] | None = None) -> str:
 
 
 def counter(sidecar: Sidecar, outcome: str) -> float:
-    with urllib.request.urlopen(f"http://{sidecar.metrics}/metrics", timeout=5) as response:
-        lines = response.read().decode().splitlines()
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in lines
-        if line.startswith("modeldeploy_runtime_client_requests_total{")
-        and f'outcome="{outcome}"' in line
+    return value(
+        scrape(sidecar.metrics), "modeldeploy_runtime_client_requests_total", outcome=outcome
     )
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -13,29 +12,16 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from numpy.typing import NDArray
-from prometheus_client.parser import text_string_to_metric_families
 
 from modeldeploy_runtime.drift import Profile, profile_features
-from triton_support import Sidecar, SidecarFactory
+from triton_support import Samples, Sidecar, SidecarFactory, scrape
 
 pytestmark = pytest.mark.triton
 
 REQUESTS, ROWS = 40, 50  # one window of 2000 rows
 
 
-def gauges(sidecar: Sidecar) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    with urllib.request.urlopen(f"http://{sidecar.metrics}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def psi(
-    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], kind: str
-) -> dict[str, float]:
+def psi(samples: Samples, kind: str) -> dict[str, float]:
     return {
         dict(labels)["feature"]: value
         for (name, labels), value in samples.items()
@@ -62,12 +48,10 @@ def send(sidecar: Sidecar, batches: list[NDArray[Any]], protocol: str) -> None:
         )
 
 
-def wait_decoded(
-    sidecar: Sidecar, count: int
-) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+def wait_decoded(sidecar: Sidecar, count: int) -> Samples:
     deadline = time.monotonic() + 20
     while True:
-        samples = gauges(sidecar)
+        samples = scrape(sidecar.metrics)
         if samples.get(("modeldeploy_runtime_drift_samples_total", ())) == count:
             return samples
         assert time.monotonic() < deadline, "the drift worker did not catch up"

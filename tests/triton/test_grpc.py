@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import urllib.request
 from typing import Any
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from numpy.typing import NDArray
-from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException
 
 from modeldeploy_runtime.grpc_proxy import model_and_version
-from triton_support import Endpoint, Sidecar, SidecarFactory
+from triton_support import Endpoint, SidecarFactory, scrape, value
 
 pytestmark = pytest.mark.triton
 
@@ -66,23 +64,13 @@ def test_grpc_errors_pass_through(triton: Endpoint, sidecar: SidecarFactory) -> 
     assert grpc_error(sidecar(model="double").grpc) == grpc_error(triton.grpc)
 
 
-def count(sidecar: Sidecar, **labels: str) -> float:
-    with urllib.request.urlopen(f"http://{sidecar.metrics}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    return sum(
-        s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == "modeldeploy_runtime_request_duration_seconds_count"
-        and labels.items() <= s.labels.items()
-    )
-
-
 def test_grpc_requests_are_measured(sidecar: SidecarFactory) -> None:
     proxy = sidecar(model="double", model_version="1")
     for _ in range(9):
         double(proxy.grpc, np.ones((1, 3), np.float32))
-    assert count(proxy, model="double", version="1", track="stable") == 9
+    samples = scrape(proxy.metrics)
+    labels = {"model": "double", "version": "1", "track": "stable"}
+    assert value(samples, "modeldeploy_runtime_request_duration_seconds_count", **labels) == 9
 
 
 def test_model_and_version_are_read_from_the_wire() -> None:

@@ -12,33 +12,14 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 from numpy.typing import NDArray
-from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 from localcluster.operator import free_port
-from triton_support import Endpoint, SidecarFactory
+from triton_support import Endpoint, SidecarFactory, scrape, value
 
 pytestmark = pytest.mark.triton
 
 Array = NDArray[Any]
-
-
-def scrape(metrics: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
-
-
-def value(
-    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str
-) -> float:
-    return sum(
-        v for (n, ls), v in samples.items() if n == name and labels.items() <= dict(ls).items()
-    )
 
 
 def infer_double(url: str, values: Array, binary: bool) -> Array:
