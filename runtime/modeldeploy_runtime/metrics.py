@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from modeldeploy_runtime.access import ClientLabels
+
 # 0.5 ms to 10 s, roughly x2 apart.
 LATENCY_BUCKETS = (
     0.0005,
@@ -27,6 +29,7 @@ LATENCY_BUCKETS = (
 )
 SIZE_BUCKETS = (256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
 OTHER = "other"
+MAX_UNCONFIGURED_LABELS = 16
 
 
 class RuntimeMetrics:
@@ -88,10 +91,15 @@ class RuntimeMetrics:
             registry=self.registry,
         )
         self.in_flight_track = self.in_flight.labels(track)
+        self._seen = ClientLabels(limit=MAX_UNCONFIGURED_LABELS)
 
     def bounded(self, model: str, version: str) -> tuple[str, str]:
-        """Label values that cannot explode: the configured model, or ``other``."""
+        """Label values that cannot explode: the configured model, or ``other``. Without a
+        configured model, the first few names seen (requests for unknown models must not
+        mint series): the first 16 model/version pairs seen."""
         if self.model and model != self.model:
+            return OTHER, OTHER
+        if not self.model and self._seen.label(f"{model}\x00{version}") == OTHER:
             return OTHER, OTHER
         if self.version and version not in ("", self.version):
             return model, OTHER

@@ -15,6 +15,7 @@ from modeldeploy_runtime.access import (
     parse_rate,
     presented_key,
 )
+from modeldeploy_runtime.metrics import MAX_UNCONFIGURED_LABELS, RuntimeMetrics
 
 
 class Clock:
@@ -77,3 +78,13 @@ def test_token_bucket_allows_a_burst_then_the_rate() -> None:
 def test_client_labels_are_bounded() -> None:
     labels = ClientLabels(limit=2)
     assert [labels.label(c) for c in ("a", "b", "c", "a")] == ["a", "b", "other", "a"]
+
+
+def test_metric_labels_stay_bounded_without_a_configured_model() -> None:
+    metrics = RuntimeMetrics("stable")
+    seen = {metrics.bounded(f"model-{i}", "1")[0] for i in range(100)}
+    assert len(seen) == MAX_UNCONFIGURED_LABELS + 1  # the first ones and "other"
+    configured = RuntimeMetrics("stable", model="bert", version="3")
+    assert configured.bounded("bert", "") == ("bert", "3")
+    assert configured.bounded("bert", "9") == ("bert", "other")
+    assert configured.bounded("gpt", "1") == ("other", "other")
