@@ -51,13 +51,19 @@ class Message:
         return connection != b"close"
 
     def encode(self) -> bytes:
-        """The message with a Content-Length body (chunked bodies are re-framed)."""
+        """The message as received; chunked or close-delimited bodies get a Content-Length.
+
+        Headers are kept verbatim otherwise, so a response to HEAD keeps its Content-Length.
+        """
+        chunked = (self.header(b"transfer-encoding") or b"").lower() == b"chunked"
+        reframe = chunked or (self.header(b"content-length") is None and self.body)
         lines = [self.start]
         for key, value in self.headers:
-            if key in (b"transfer-encoding", b"content-length"):
+            if reframe and key in (b"transfer-encoding", b"content-length"):
                 continue
             lines.append(key + b": " + value)
-        lines.append(b"content-length: " + str(len(self.body)).encode())
+        if reframe:
+            lines.append(b"content-length: " + str(len(self.body)).encode())
         return b"\r\n".join(lines) + b"\r\n\r\n" + self.body
 
 
@@ -81,6 +87,12 @@ async def read_head(reader: asyncio.StreamReader) -> tuple[bytes, list[tuple[byt
     return lines[0], headers
 
 
+def has_no_body(request_start: bytes, response_start: bytes) -> bool:
+    """Responses to HEAD, and 1xx, 204 and 304 responses, carry no body whatever they say."""
+    status = response_start.split(b" ", 2)[1] if response_start.count(b" ") >= 1 else b""
+    return request_start.startswith(b"HEAD ") or status[:1] == b"1" or status in (b"204", b"304")
+
+
 async def read_body(
     reader: asyncio.StreamReader, message: Message, max_bytes: int, *, is_request: bool
 ) -> None:
@@ -92,7 +104,9 @@ async def read_body(
     if length is None:
         if is_request:
             return  # no body
-        message.body = await reader.read(max_bytes + 1)  # response delimited by close
+        message.body = await reader.read(-1)  # a response delimited by the connection's close
+        if len(message.body) > max_bytes:
+            raise ProtocolError(502, "too_large", f"response exceeds {max_bytes} bytes")
         return
     if not length.isdigit():
         raise ProtocolError(400, "bad_length", "Content-Length is not a number")

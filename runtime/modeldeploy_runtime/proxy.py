@@ -17,7 +17,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from modeldeploy_runtime.access import ApiKeys, ClientLabels, RateLimiter, client_id, presented_key
-from modeldeploy_runtime.http1 import Message, ProtocolError, error_response, read_body, read_head
+from modeldeploy_runtime.http1 import (
+    Message,
+    ProtocolError,
+    error_response,
+    has_no_body,
+    read_body,
+    read_head,
+)
 from modeldeploy_runtime.metrics import RuntimeMetrics
 from modeldeploy_runtime.settings import RuntimeSettings
 
@@ -70,7 +77,7 @@ class Upstream:
                 reader, writer = await self._connect()
                 writer.write(data)
                 await writer.drain()
-                return await self._read_response(reader)
+                return await self._read_response(reader, request)
             except (ConnectionError, asyncio.IncompleteReadError) as error:
                 self.close()
                 # A kept-alive connection Triton closed meanwhile: retry once on a new one.
@@ -91,14 +98,15 @@ class Upstream:
             raise UpstreamError(502, "connect", message) from error
         return self._reader, self._writer
 
-    async def _read_response(self, reader: asyncio.StreamReader) -> Message:
+    async def _read_response(self, reader: asyncio.StreamReader, request: Message) -> Message:
         try:
             async with asyncio.timeout(self._settings.upstream_timeout_seconds):
                 head = await read_head(reader)
                 if head is None:
                     raise asyncio.IncompleteReadError(b"", None)
                 response = Message(head[0], head[1])
-                await read_body(reader, response, 1 << 40, is_request=False)
+                if not has_no_body(request.start, response.start):
+                    await read_body(reader, response, 1 << 40, is_request=False)
         except TimeoutError as error:
             self.close()
             limit = self._settings.upstream_timeout_seconds
