@@ -40,6 +40,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="image of the model fetcher and sidecar",
     )
     parser.add_argument(
+        "--prometheus-url", help="for canary analysis when a ModelDeployment names no Prometheus"
+    )
+    parser.add_argument(
         "--resync-seconds", type=float, default=30.0, help="periodic full reconcile"
     )
     parser.add_argument(
@@ -89,6 +92,7 @@ async def run(args: argparse.Namespace, logger: logging.Logger) -> None:
         gpus=GpuInventory(api),
         logger=logger,
         resync_seconds=args.resync_seconds,
+        prometheus_url=args.prometheus_url,
         namespaces=tuple(args.namespace),
     )
     reconciler = Reconciler(ctx)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from modeldeploy_operator.builders.deployment import BuildConfig
 from modeldeploy_operator.k8s.client import ApiError, KubeApi
+from modeldeploy_operator.metrics.prometheus import MetricsProvider, PrometheusProvider
 from modeldeploy_operator.telemetry import Telemetry
 
 GPU_PRESENT_SELECTOR = "nvidia.com/gpu.present=true"
@@ -65,5 +66,8 @@ class OperatorContext:
     gpus: GpuInventory
     logger: logging.Logger
     clock: Callable[[], str] = utc_now
+    epoch: Callable[[], float] = time.time
+    metrics_provider: Callable[[str], MetricsProvider] = PrometheusProvider
+    prometheus_url: str | None = None  # used when a ModelDeployment names none
     resync_seconds: float = 30.0
     namespaces: tuple[str, ...] = ()  # empty: every namespace

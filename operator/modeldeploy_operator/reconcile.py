@@ -17,17 +17,20 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from modeldeploy_operator.api.v1alpha1 import API_VERSION, KIND, ModelDeployment
+from modeldeploy_operator import canary
+from modeldeploy_operator.api.v1alpha1 import API_VERSION, KIND, ModelDeployment, TrackStatus
 from modeldeploy_operator.autoscaling import AUTOSCALER_MANAGER, desired_replicas
 from modeldeploy_operator.builders.deployment import build_deployment
-from modeldeploy_operator.builders.labels import revision_of, selector_string
+from modeldeploy_operator.builders.labels import deployment_name, revision_of, selector_string
 from modeldeploy_operator.builders.service import build_service
 from modeldeploy_operator.context import OperatorContext
 from modeldeploy_operator.drift import needs_apply
 from modeldeploy_operator.k8s.client import ApiError
 from modeldeploy_operator.status import (
+    EventSpec,
     MissingReference,
     Observed,
+    RolloutView,
     compute_status,
     transition_events,
 )
@@ -77,11 +80,18 @@ def missing_references(md: ModelDeployment, ctx: OperatorContext) -> tuple[Missi
 
 
 def apply_children(
-    md: ModelDeployment, revision: str, ctx: OperatorContext
+    md: ModelDeployment, revision: str, ctx: OperatorContext, stable: bool = True
 ) -> tuple[dict[str, Any] | None, tuple[str, ...], str | None]:
-    """Apply the children that drifted; returns the Deployment, what was applied, any error."""
-    desired = [build_deployment(md, "stable", revision, ctx.build), build_service(md)]
-    deployment: dict[str, Any] | None = None
+    """Apply the children that drifted; returns the stable Deployment (read when ``stable``
+    is False: a rollout owns it then), what was applied, and any error."""
+    desired = [build_service(md)]
+    if stable:
+        desired.insert(0, build_deployment(md, "stable", revision, ctx.build))
+    else:
+        name = deployment_name(md, "stable")
+        deployment = ctx.api.get("apps/v1", "Deployment", md.metadata.namespace, name)
+    if stable:
+        deployment = None
     applied: list[str] = []
     error: str | None = None
     ns = md.metadata.namespace
@@ -150,11 +160,48 @@ def reconcile(body: Mapping[str, Any], ctx: OperatorContext) -> Outcome:
         return Outcome(phase=None)
 
     revision = revision_of(md, ctx.build.runtime_image)
-    deployment, applied, apply_error = apply_children(md, revision, ctx)
+    how = canary.mode(md, revision)
+    deployment, applied, apply_error = apply_children(md, revision, ctx, stable=how == "rolling")
+    pods = ctx.api.list("v1", "Pod", md.metadata.namespace, selector_string(md))
+    rollout, canary_deployment, decision = None, None, None
+    if how == "canary" and deployment is not None:
+        result = canary.run(md, dict(body), revision, deployment, pods, ctx, ctx.epoch())
+        rollout, canary_deployment, decision = (
+            result.view,
+            result.canary_deployment,
+            result.decision,
+        )
+        if result.promote:
+            deployment, promoted, apply_error = apply_children(md, revision, ctx)
+            applied += promoted
+            ctx.api.delete(
+                "apps/v1", "Deployment", md.metadata.namespace, deployment_name(md, "canary")
+            )
+            canary_deployment = None
+        if canary.COMMAND_ANNOTATION in (meta.get("annotations") or {}):
+            ctx.api.merge_patch(
+                API_VERSION,
+                KIND,
+                md.metadata.namespace,
+                md.metadata.name,
+                {"metadata": {"annotations": {canary.COMMAND_ANNOTATION: None}}},
+            )
+    elif how == "held":
+        rollout = RolloutView(
+            stable=md.status.stable or TrackStatus(),
+            rollback=md.status.rollback,
+            history=tuple(md.status.history),
+        )
+    elif md.status.canary is not None:  # the rollout was switched off mid-way
+        ctx.api.delete(
+            "apps/v1", "Deployment", md.metadata.namespace, deployment_name(md, "canary")
+        )
     deployment = scale(md, deployment, ctx)
     observed = Observed(
         deployment=deployment,
-        pods=ctx.api.list("v1", "Pod", md.metadata.namespace, selector_string(md)),
+        canary_deployment=canary_deployment,
+        rollout=rollout,
+        pods=pods,
         gpu_products=ctx.gpus.products() if md.spec.resources.gpu else None,
         missing=missing_references(md, ctx),
         apply_error=apply_error,
@@ -165,6 +212,11 @@ def reconcile(body: Mapping[str, Any], ctx: OperatorContext) -> Outcome:
     if written:
         ctx.api.patch_status(md.metadata.namespace, md.metadata.name, status_patch(old, new))
     events = transition_events(md.status, status) if written else []
+    if decision is not None and decision.action != "Wait":
+        failed = decision.action in ("Rollback", "Abort")
+        events.append(
+            EventSpec("Warning" if failed else "Normal", decision.reason, decision.message)
+        )
     involved = {"apiVersion": API_VERSION, "kind": KIND, "metadata": meta}
     for event in events:
         try:

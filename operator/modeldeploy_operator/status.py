@@ -19,9 +19,11 @@ from typing import Any, Literal
 from modeldeploy_operator.api.v1alpha1 import (
     Condition,
     ConditionStatus,
+    HistoryEntry,
     ModelDeployment,
     ModelDeploymentStatus,
     Phase,
+    RollbackStatus,
     TrackStatus,
 )
 from modeldeploy_operator.builders.labels import selector_string
@@ -44,6 +46,8 @@ PROBLEM_ORDER = (
     "CrashLoopBackOff",
     "ReplicaFailure",
     "ProgressDeadlineExceeded",
+    "RolledBack",
+    "Aborted",
 )
 
 
@@ -57,10 +61,23 @@ class MissingReference:
 
 
 @dataclass(frozen=True)
+class RolloutView:
+    """What the canary logic decided this round, for status to report."""
+
+    stable: TrackStatus
+    canary: TrackStatus | None = None
+    rollback: RollbackStatus | None = None
+    history: tuple[HistoryEntry, ...] = ()
+    message: str = ""  # the step, for the Progressing condition
+
+
+@dataclass(frozen=True)
 class Observed:
     """Everything reconcile saw, as plain data."""
 
     deployment: Mapping[str, Any] | None = None
+    canary_deployment: Mapping[str, Any] | None = None
+    rollout: RolloutView | None = None
     pods: Sequence[Mapping[str, Any]] = ()
     gpu_products: frozenset[str] | None = None  # None: nodes could not be listed
     missing: tuple[MissingReference, ...] = ()
@@ -113,18 +130,31 @@ def is_terminating(pod: Mapping[str, Any]) -> bool:
     return _get(pod, "metadata", "deletionTimestamp") is not None
 
 
+def _field(deployments: Sequence[Mapping[str, Any] | None], name: str) -> int:
+    return sum(int((_get(d, "status") or {}).get(name) or 0) for d in deployments)
+
+
+def _current(deployment: Mapping[str, Any] | None) -> bool:
+    status = _get(deployment, "status") or {}
+    return bool(status.get("observedGeneration") == _get(deployment, "metadata", "generation"))
+
+
 def count(md: ModelDeployment, observed: Observed) -> Counts:
     dep = observed.deployment
-    status = _get(dep, "status") or {}
+    both = [dep, observed.canary_deployment]
     pods = [p for p in observed.pods if not is_terminating(p)]
     return Counts(
-        desired=desired_replicas(md, dep),
-        replicas=int(status.get("replicas") or 0),
-        ready=int(status.get("readyReplicas") or 0),
-        updated=int(status.get("updatedReplicas") or 0),
-        available=int(status.get("availableReplicas") or 0),
+        desired=desired_replicas(md, dep)
+        if observed.canary_deployment is None
+        else int(_get(dep, "spec", "replicas") or 0)
+        + int(_get(observed.canary_deployment, "spec", "replicas") or 0),
+        replicas=_field(both, "replicas"),
+        ready=_field(both, "readyReplicas"),
+        updated=_field([dep], "updatedReplicas") + _field([observed.canary_deployment], "replicas"),
+        available=_field(both, "availableReplicas"),
         current=dep is not None
-        and status.get("observedGeneration") == _get(dep, "metadata", "generation"),
+        and _current(dep)
+        and (observed.canary_deployment is None or _current(observed.canary_deployment)),
         running_pods=sum(1 for p in pods if _get(p, "status", "phase") == "Running"),
         fetching_pods=sum(1 for p in pods if _init_state(p, "running") is not None),
     )
@@ -137,7 +167,7 @@ def _init_state(pod: Mapping[str, Any], state: str) -> Any:
     return None
 
 
-def _pod_problems(pod: Mapping[str, Any]) -> list[Problem]:
+def pod_problems(pod: Mapping[str, Any]) -> list[Problem]:
     found: list[Problem] = []
     name = _get(pod, "metadata", "name")
     for condition in _get(pod, "status", "conditions") or []:
@@ -222,7 +252,18 @@ def find_problems(md: ModelDeployment, observed: Observed) -> list[Problem]:
     )
     for pod in observed.pods:
         if not is_terminating(pod):
-            found.extend(_pod_problems(pod))
+            found.extend(pod_problems(pod))
+    rollout = observed.rollout
+    if rollout is not None and rollout.rollback is not None:
+        rolled = rollout.rollback
+        verb = "aborted" if rolled.reason == "Aborted" else "rolled back"
+        found.append(
+            Problem(
+                rolled.reason,
+                f"revision {rolled.revision} was {verb}: {rolled.message};"
+                " stable keeps serving; change the spec to try again",
+            )
+        )
     for condition in _get(observed.deployment, "status", "conditions") or []:
         if condition.get("type") == "ReplicaFailure" and condition.get("status") == "True":
             found.append(Problem("ReplicaFailure", condition.get("message", "")))
@@ -244,7 +285,9 @@ def summarize(problems: Sequence[Problem]) -> str:
     return "; ".join(lines)
 
 
-def decide_phase(counts: Counts, problems: Sequence[Problem], has_deployment: bool) -> Phase:
+def decide_phase(
+    counts: Counts, problems: Sequence[Problem], has_deployment: bool, canary: bool = False
+) -> Phase:
     if any(p.reason == "ApplyFailed" for p in problems) and not has_deployment:
         return "Failed"  # nothing runs: the API server refused what the spec asks for
     if problems:
@@ -252,7 +295,8 @@ def decide_phase(counts: Counts, problems: Sequence[Problem], has_deployment: bo
     if not has_deployment:
         return "Pending"
     complete = (
-        counts.current
+        not canary
+        and counts.current
         and counts.updated >= counts.desired
         and counts.available >= counts.desired
         and counts.replicas == counts.desired
@@ -264,8 +308,26 @@ def decide_phase(counts: Counts, problems: Sequence[Problem], has_deployment: bo
     return "Progressing"
 
 
+def _progressing(
+    counts: Counts, problems: Sequence[Problem], phase: Phase, canary_message: str
+) -> tuple[str, ConditionStatus, str, str]:
+    primary = problems[0] if problems else None
+    progress_text = f"{counts.updated}/{counts.desired} replicas updated, {counts.ready} ready"
+    if phase == "Available":
+        return ("Progressing", "False", "RolloutComplete", progress_text)
+    if phase == "Failed" and primary is not None:
+        return ("Progressing", "False", primary.reason, primary.message)
+    if any(p.reason == "ProgressDeadlineExceeded" for p in problems):
+        return ("Progressing", "False", "ProgressDeadlineExceeded", progress_text)
+    if canary_message:
+        return ("Progressing", "True", "Canary", canary_message)
+    if counts.fetching_pods:
+        return ("Progressing", "True", "FetchingModel", progress_text)
+    return ("Progressing", "True", "RollingOut", progress_text)
+
+
 def decide_conditions(
-    counts: Counts, problems: Sequence[Problem], phase: Phase
+    counts: Counts, problems: Sequence[Problem], phase: Phase, canary_message: str = ""
 ) -> list[tuple[str, ConditionStatus, str, str]]:
     """(type, status, reason, message) of Ready, Progressing and Degraded."""
     primary = problems[0] if problems else None
@@ -281,17 +343,7 @@ def decide_conditions(
     else:
         ready = ("Ready", "False", "ReplicasUnavailable", ready_text)
 
-    progress_text = f"{counts.updated}/{counts.desired} replicas updated, {counts.ready} ready"
-    if phase == "Available":
-        progressing = ("Progressing", "False", "RolloutComplete", progress_text)
-    elif phase == "Failed" and primary is not None:
-        progressing = ("Progressing", "False", primary.reason, primary.message)
-    elif any(p.reason == "ProgressDeadlineExceeded" for p in problems):
-        progressing = ("Progressing", "False", "ProgressDeadlineExceeded", progress_text)
-    elif counts.fetching_pods:
-        progressing = ("Progressing", "True", "FetchingModel", progress_text)
-    else:
-        progressing = ("Progressing", "True", "RollingOut", progress_text)
+    progressing = _progressing(counts, problems, phase, canary_message)
 
     if primary is not None:
         degraded = ("Degraded", "True", primary.reason, summarize(problems))
@@ -334,13 +386,17 @@ def compute_status(
     """The status to write, given the previous one (``md.status``) and what was observed."""
     counts = count(md, observed)
     problems = find_problems(md, observed)
-    phase = decide_phase(counts, problems, observed.deployment is not None)
+    rollout = observed.rollout
+    canary = rollout.canary if rollout is not None else None
+    phase = decide_phase(counts, problems, observed.deployment is not None, canary is not None)
     conditions = merge_conditions(
         md.status.conditions,
-        decide_conditions(counts, problems, phase),
+        decide_conditions(counts, problems, phase, rollout.message if canary and rollout else ""),
         md.metadata.generation,
         now,
     )
+    if rollout is None:
+        rollout = RolloutView(stable=TrackStatus(version=md.spec.model.version, revision=revision))
     gpu = md.spec.resources.gpu
     return md.status.model_copy(
         update={
@@ -353,7 +409,10 @@ def compute_status(
             "ready": f"{counts.ready}/{counts.desired}",
             "gpus": counts.desired * gpu.count if gpu else 0,
             "selector": selector_string(md),
-            "stable": TrackStatus(version=md.spec.model.version, revision=revision),
+            "stable": rollout.stable,
+            "canary": rollout.canary,
+            "rollback": rollout.rollback,
+            "history": list(rollout.history) or md.status.history,
             "conditions": conditions,
         }
     )

@@ -549,9 +549,22 @@ class Condition(ApiModel):
 class TrackStatus(ApiModel):
     version: str | None = None
     revision: str | None = None
-    weight: int | None = None
+    weight: int | None = Field(default=None, description="Traffic percent actually achieved.")
     step: int | None = None
     failed_checks: int | None = None
+    passed_checks: int | None = Field(default=None, description="Passed analyses in this step.")
+    started: float | None = Field(default=None, description="Epoch seconds.")
+    step_started: float | None = Field(default=None, description="Epoch seconds.")
+    last_analysis: float | None = Field(default=None, description="Epoch seconds.")
+    paused: bool | None = None
+
+
+class RollbackStatus(ApiModel):
+    """The revision that failed its rollout; not retried until the spec changes."""
+
+    revision: str
+    reason: str
+    message: str = ""
 
 
 class AnalysisResult(ApiModel):
@@ -566,7 +579,9 @@ class AnalysisResult(ApiModel):
 class HistoryEntry(ApiModel):
     version: str
     revision: str
-    result: str
+    result: str  # Promoted, RolledBack or Aborted
+    storage_uri: str | None = None
+    image: str | None = None
     started: str | None = None
     finished: str | None = None
     reason: str | None = None
@@ -584,6 +599,7 @@ class ModelDeploymentStatus(ApiModel):
     selector: str | None = None
     stable: TrackStatus | None = None
     canary: TrackStatus | None = None
+    rollback: RollbackStatus | None = None
     analysis: list[AnalysisResult] = Field(default_factory=list)
     conditions: list[Condition] = Field(default_factory=list)
     history: list[HistoryEntry] = Field(default_factory=list)

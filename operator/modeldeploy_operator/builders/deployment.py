@@ -313,7 +313,11 @@ def surge_strategy(md: ModelDeployment) -> dict[str, Any]:
 
 
 def build_deployment(
-    md: ModelDeployment, track: Track, revision: str, config: BuildConfig
+    md: ModelDeployment,
+    track: Track,
+    revision: str,
+    config: BuildConfig,
+    replicas: int | None = None,
 ) -> dict[str, Any]:
     """The Deployment ``<name>-<track>``.
 
@@ -328,7 +332,9 @@ def build_deployment(
         "progressDeadlineSeconds": config.progress_deadline_seconds,
         "template": {"metadata": {"labels": labels}, "spec": pod_spec(md, track, config)},
     }
-    if md.spec.autoscaling is None:
+    if replicas is not None:  # a canary's share, decided by the rollout
+        spec["replicas"] = replicas
+    elif md.spec.autoscaling is None:
         spec["replicas"] = md.spec.desired_replicas()
     return {
         "apiVersion": "apps/v1",

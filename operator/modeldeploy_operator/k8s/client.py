@@ -87,6 +87,12 @@ class KubeApi(Protocol):
 
     def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> Json: ...
 
+    def merge_patch(
+        self, api_version: str, kind: str, namespace: str, name: str, patch: Mapping[str, Any]
+    ) -> Json: ...
+
+    def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None: ...
+
     def emit_event(
         self, involved: Mapping[str, Any], type_: str, reason: str, message: str
     ) -> None: ...
@@ -208,6 +214,24 @@ class KubernetesApi:
             body={"status": dict(status)},
             content_type="application/merge-patch+json",
         )
+
+    def merge_patch(
+        self, api_version: str, kind: str, namespace: str, name: str, patch: Mapping[str, Any]
+    ) -> Json:
+        """A JSON merge patch (for the scale subresource, kind is e.g. ``Deployment/scale``)."""
+        base, _, sub = kind.partition("/")
+        path = resource_path(api_version, base, namespace, name) + (f"/{sub}" if sub else "")
+        return self._call(
+            "PATCH", path, kind=base, body=dict(patch), content_type="application/merge-patch+json"
+        )
+
+    def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
+        """Delete in the foreground is not needed: owner references take the pods."""
+        try:
+            self._call("DELETE", resource_path(api_version, kind, namespace, name), kind=kind)
+        except ApiError as error:
+            if error.status != 404:
+                raise
 
     def emit_event(
         self, involved: Mapping[str, Any], type_: str, reason: str, message: str

@@ -1,0 +1,301 @@
+"""Canary rollouts: observe, decide (pure, in ``rollout/``), act; all state in ``status``.
+
+A new revision of an Available ModelDeployment with ``spec.rollout.strategy: Canary`` runs
+as ``<name>-canary`` beside the untouched ``<name>-stable``. The Service selects both tracks,
+so traffic splits by the ratio of ready pods: the canary gets ceil(weight x total) of the
+total replicas and stable the rest, so no extra GPUs are used. Each reconcile decides one step
+with :func:`decide_step`; promotion rolls the stable Deployment to the new revision and removes
+the canary; a rollback or abort removes the canary at once and remembers the revision, which
+is not retried until the spec changes.
+
+Manual control: the annotation ``serving.modeldeploy.io/command`` (promote, abort, pause,
+resume, rollback), consumed once acted on.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from dataclasses import dataclass
+from typing import Any, cast
+
+from modeldeploy_operator.api.v1alpha1 import (
+    GROUP,
+    HistoryEntry,
+    ModelDeployment,
+    RollbackStatus,
+    TrackStatus,
+)
+from modeldeploy_operator.builders.deployment import build_deployment
+from modeldeploy_operator.builders.labels import TRACK_LABEL, deployment_name
+from modeldeploy_operator.context import OperatorContext
+from modeldeploy_operator.drift import needs_apply
+from modeldeploy_operator.metrics.prometheus import ProviderError
+from modeldeploy_operator.rollout.analysis import (
+    BUILTIN_QUERIES,
+    Measurement,
+    TemplateError,
+    describe,
+    render_query,
+    verdict,
+)
+from modeldeploy_operator.rollout.decide import (
+    Command,
+    Decision,
+    Observation,
+    Progress,
+    Step,
+    canary_replicas,
+    decide_step,
+)
+from modeldeploy_operator.status import RolloutView, pod_problems
+
+COMMAND_ANNOTATION = f"{GROUP}/command"
+COMMANDS = ("promote", "abort", "pause", "resume", "rollback")
+CANARY_FAILURES = {
+    "ImagePullBackOff",
+    "ModelFetchFailed",
+    "CrashLoopBackOff",
+    "ContainerConfigError",
+}
+HISTORY_LIMIT = 10
+UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+    """``1m30s`` -> 90.0 (the API server already checked the format)."""
+    return sum(float(n) * UNITS[u] for n, u in re.findall(r"([0-9.]+)(ms|s|m|h)", text))
+
+
+def steps_of(md: ModelDeployment) -> tuple[Step, ...]:
+    rollout = md.spec.rollout
+    steps = [
+        Step(
+            weight=s.weight,
+            pause_seconds=None if s.pause in (None, "manual") else parse_duration(s.pause),
+            manual=s.pause == "manual",
+        )
+        for s in (rollout.steps if rollout else [])
+    ]
+    return tuple(steps) or (Step(weight=100),)
+
+
+def mode(md: ModelDeployment, revision: str) -> str:
+    """``rolling`` (apply the spec to stable), ``canary`` (a rollout runs) or ``held`` (this
+    revision failed its rollout: stable keeps the promoted one)."""
+    status = md.status
+    if status.rollback is not None and status.rollback.revision == revision:
+        return "held"
+    rollout = md.spec.rollout
+    promoted = status.stable.revision if status.stable else None
+    if rollout is None or rollout.strategy != "Canary" or promoted in (None, revision):
+        return "rolling"
+    if status.canary is not None and status.canary.revision == revision:
+        return "canary"
+    return "canary" if status.phase == "Available" else "rolling"
+
+
+def iso(epoch: float) -> str:
+    return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class CanaryResult:
+    view: RolloutView
+    canary_deployment: dict[str, Any] | None
+    stable_deployment: dict[str, Any] | None
+    decision: Decision
+    promote: bool  # the caller applies the new revision to stable
+
+
+def _command(md_body: dict[str, Any]) -> Command | None:
+    value = (md_body["metadata"].get("annotations") or {}).get(COMMAND_ANNOTATION, "")
+    return cast(Command, value) if value in COMMANDS else None
+
+
+def analyse(
+    md: ModelDeployment, ctx: OperatorContext, now: float, last: float | None
+) -> tuple[str | None, str, float | None]:
+    """(result, message, time) of an analysis when one is due, else (None, "", last)."""
+    analysis = md.spec.rollout.analysis if md.spec.rollout else None
+    if analysis is None or not analysis.metrics:
+        return None, "", last
+    interval = parse_duration(analysis.interval)
+    if last is not None and now - last < interval:
+        return None, "", last
+    url = analysis.prometheus.url if analysis.prometheus else ctx.prometheus_url
+    variables = {
+        "selector": f'namespace="{md.metadata.namespace}", modeldeployment="{md.metadata.name}"',
+        "interval": f"{max(int(interval), 1)}s",
+        "namespace": md.metadata.namespace,
+        "name": md.metadata.name,
+    }
+    measurements = []
+    for metric in analysis.metrics:
+        try:
+            if not url:
+                raise ProviderError("no Prometheus URL (spec.rollout.analysis.prometheus.url)")
+            query = render_query(metric.query or BUILTIN_QUERIES[metric.builtin or ""], variables)
+            value = ctx.metrics_provider(url).query(query)
+            measurements.append(Measurement(metric.name, value, metric.min, metric.max))
+        except (ProviderError, TemplateError, KeyError) as error:
+            measurements.append(
+                Measurement(metric.name, None, metric.min, metric.max, error=str(error))
+            )
+    result, decisive = verdict(measurements)
+    return result, describe(decisive) if decisive else "all metrics within bounds", now
+
+
+def run(
+    md: ModelDeployment,
+    md_body: dict[str, Any],
+    revision: str,
+    stable: dict[str, Any] | None,
+    pods: list[dict[str, Any]],
+    ctx: OperatorContext,
+    now: float,
+) -> CanaryResult:
+    """One round of the rollout of ``revision``."""
+    ns = md.metadata.namespace
+    steps = steps_of(md)
+    previous = md.status.canary
+    progress = (
+        Progress(
+            revision=revision,
+            step=previous.step or 0,
+            step_started=previous.step_started or now,
+            failed_checks=previous.failed_checks or 0,
+            passed_in_step=previous.passed_checks or 0,
+            paused=bool(previous.paused),
+        )
+        if previous is not None and previous.revision == revision
+        else Progress(revision=revision, step_started=now)
+    )
+    total = md.spec.desired_replicas()  # under autoscaling: minReplicas while the canary runs
+    weight = steps[min(progress.step, len(steps) - 1)].weight
+    canary = _scale_tracks(md, revision, ctx, total, weight)
+    canary_pods = [p for p in pods if p["metadata"].get("labels", {}).get(TRACK_LABEL) == "canary"]
+    failure = next(
+        (
+            p.message
+            for pod in canary_pods
+            for p in pod_problems(pod)
+            if p.reason in CANARY_FAILURES
+        ),
+        None,
+    )
+    ready = int((canary or {}).get("status", {}).get("readyReplicas") or 0) >= canary_replicas(
+        total, weight
+    )
+    result, message, analysed = analyse(md, ctx, now, previous.last_analysis if previous else None)
+    analysis_configured = bool(
+        md.spec.rollout and md.spec.rollout.analysis and md.spec.rollout.analysis.metrics
+    )
+    decision = decide_step(
+        progress,
+        steps,
+        Observation(
+            now=now,
+            canary_ready=ready,
+            canary_failure=failure,
+            analysis=cast(Any, result),
+            analysis_message=message,
+            analysis_configured=analysis_configured,
+            failure_limit=md.spec.rollout.analysis.failure_limit
+            if md.spec.rollout and md.spec.rollout.analysis
+            else 2,
+            command=_command(md_body),
+        ),
+    )
+    if decision.action == "Advance":
+        canary = _scale_tracks(md, revision, ctx, total, decision.weight)
+    stable_status = md.status.stable or TrackStatus()
+    history = list(md.status.history)
+    began = (
+        previous.started if previous is not None and previous.revision == revision else None
+    ) or now
+    started = iso(began)
+    entry = HistoryEntry(
+        version=md.spec.model.version,
+        revision=revision,
+        result="",
+        storage_uri=md.spec.model.storage_uri,
+        image=md.spec.server.image,
+        started=started,
+        finished=iso(now),
+        reason=decision.message,
+    )
+    if decision.action in ("Rollback", "Abort"):
+        ctx.api.delete("apps/v1", "Deployment", ns, deployment_name(md, "canary"))
+        ctx.api.merge_patch(
+            "apps/v1",
+            "Deployment/scale",
+            ns,
+            deployment_name(md, "stable"),
+            {"spec": {"replicas": total}},
+        )
+        result_name = "Aborted" if decision.action == "Abort" else "RolledBack"
+        view = RolloutView(
+            stable=stable_status,
+            rollback=RollbackStatus(
+                revision=revision, reason=result_name, message=decision.message
+            ),
+            history=tuple(
+                [*history, entry.model_copy(update={"result": result_name})][-HISTORY_LIMIT:]
+            ),
+        )
+        return CanaryResult(view, None, stable, decision, promote=False)
+    if decision.action == "Promote":
+        view = RolloutView(
+            stable=TrackStatus(version=md.spec.model.version, revision=revision),
+            history=tuple(
+                [*history, entry.model_copy(update={"result": "Promoted"})][-HISTORY_LIMIT:]
+            ),
+        )
+        return CanaryResult(view, canary, stable, decision, promote=True)
+    achieved = _achieved_weight(stable, canary)
+    after = decision.progress
+    view = RolloutView(
+        stable=stable_status,
+        canary=TrackStatus(
+            version=md.spec.model.version,
+            revision=revision,
+            weight=achieved,
+            step=after.step,
+            started=began,
+            failed_checks=after.failed_checks,
+            passed_checks=after.passed_in_step,
+            step_started=after.step_started,
+            last_analysis=analysed,
+            paused=after.paused,
+        ),
+        history=tuple(history),
+        message=f"canary step {after.step + 1}/{len(steps)}: {decision.message}",
+    )
+    return CanaryResult(view, canary, stable, decision, promote=False)
+
+
+def _achieved_weight(stable: dict[str, Any] | None, canary: dict[str, Any] | None) -> int:
+    def ready(deployment: dict[str, Any] | None) -> int:
+        return int((deployment or {}).get("status", {}).get("readyReplicas") or 0)
+
+    both = ready(stable) + ready(canary)
+    return round(100 * ready(canary) / both) if both else 0
+
+
+def _scale_tracks(
+    md: ModelDeployment, revision: str, ctx: OperatorContext, total: int, weight: int
+) -> dict[str, Any] | None:
+    """Apply the canary Deployment with its share and scale stable to the rest."""
+    ns = md.metadata.namespace
+    wanted = canary_replicas(total, weight)
+    desired = build_deployment(md, "canary", revision, ctx.build, replicas=wanted)
+    observed = ctx.api.get("apps/v1", "Deployment", ns, desired["metadata"]["name"])
+    canary = ctx.api.apply(desired) if needs_apply(observed, desired) else observed
+    stable_name = deployment_name(md, "stable")
+    stable = ctx.api.get("apps/v1", "Deployment", ns, stable_name)
+    if stable is not None and stable.get("spec", {}).get("replicas") != total - wanted:
+        ctx.api.merge_patch(
+            "apps/v1", "Deployment/scale", ns, stable_name, {"spec": {"replicas": total - wanted}}
+        )
+    return canary

@@ -1,0 +1,189 @@
+"""Canary rollouts on the real control plane, with the operator as a process.
+
+These rollouts have no analysis (no Prometheus in this tier): they prove the mechanics
+(canary Deployment, replica split, steps, promotion, manual control, crash safety).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import pytest
+import yaml
+
+from localcluster import Cluster
+from localcluster.operator import OperatorProcess
+from support import DELETE, load_example, merged, wait_for
+
+pytestmark = pytest.mark.cluster
+
+VERSION_LABEL = "app.kubernetes.io/version"
+
+
+def model(steps: list[dict[str, Any]]) -> dict[str, Any]:
+    return merged(
+        load_example("minimal.yaml"),
+        {
+            "spec": {
+                "replicas": 2,
+                "resources": {"gpu": DELETE},
+                "rollout": {"strategy": "Canary", "steps": steps},
+            }
+        },
+    )
+
+
+def get(cluster: Cluster, namespace: str, kind: str, name: str) -> dict[str, Any] | None:
+    result = cluster.kubectl("get", kind, name, "-n", namespace, "-o", "json", check=False)
+    return json.loads(result.stdout) if result.returncode == 0 else None
+
+
+def status(cluster: Cluster, namespace: str) -> dict[str, Any]:
+    md = get(cluster, namespace, "md", "resnet50") or {}
+    found: dict[str, Any] = md.get("status", {})
+    return found
+
+
+def start(cluster: Cluster, namespace: str, steps: list[dict[str, Any]]) -> None:
+    """Version 1 Available, then version 2 applied: a canary starts."""
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(model(steps)))
+    wait_for("version 1 Available", lambda: status(cluster, namespace).get("phase") == "Available")
+    cluster.kubectl(
+        "patch",
+        "md",
+        "resnet50",
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        '{"spec": {"model": {"version": "2"}}}',
+    )
+
+
+def canary_replicas(cluster: Cluster, namespace: str) -> int | None:
+    deployment = get(cluster, namespace, "deployment", "resnet50-canary")
+    return None if deployment is None else int(deployment["spec"]["replicas"])
+
+
+def stable_version(cluster: Cluster, namespace: str) -> str:
+    deployment = get(cluster, namespace, "deployment", "resnet50-stable") or {}
+    return str(deployment["spec"]["template"]["metadata"]["labels"][VERSION_LABEL])
+
+
+def test_a_healthy_canary_goes_through_every_step_and_is_promoted(
+    cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    start(cluster, namespace, [{"weight": 50, "pause": "2s"}, {"weight": 100}])
+    wait_for("the canary at 50 %", lambda: canary_replicas(cluster, namespace) == 1, timeout=20)
+    stable = get(cluster, namespace, "deployment", "resnet50-stable")
+    assert stable is not None
+    assert stable["spec"]["replicas"] == 1  # scaled down to match: no extra pods
+    assert stable_version(cluster, namespace) == "1"
+    during = status(cluster, namespace)
+    assert during["phase"] == "Progressing"
+    assert during["stable"]["version"] == "1"
+    assert during["canary"]["version"] == "2"
+
+    wait_for(
+        "promotion",
+        lambda: status(cluster, namespace).get("stable", {}).get("version") == "2",
+        timeout=60,
+    )
+    done = status(cluster, namespace)
+    assert "canary" not in done
+    assert done["history"][-1]["result"] == "Promoted"
+    assert done["history"][-1]["version"] == "2"
+    assert stable_version(cluster, namespace) == "2"
+    wait_for(
+        "the canary Deployment gone",
+        lambda: canary_replicas(cluster, namespace) is None,
+        timeout=20,
+    )
+    wait_for(
+        "Available again",
+        lambda: status(cluster, namespace).get("phase") == "Available",
+        timeout=30,
+    )
+
+
+def test_abort_sends_traffic_back_and_the_revision_is_not_retried(
+    cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    start(cluster, namespace, [{"weight": 50, "pause": "manual"}, {"weight": 100}])
+    wait_for("the canary at 50 %", lambda: canary_replicas(cluster, namespace) == 1, timeout=20)
+    cluster.kubectl(
+        "annotate", "md", "resnet50", "-n", namespace, "serving.modeldeploy.io/command=abort"
+    )
+    wait_for("the canary removed", lambda: canary_replicas(cluster, namespace) is None, timeout=20)
+    after = status(cluster, namespace)
+    assert after["rollback"]["reason"] == "Aborted"
+    assert after["history"][-1]["result"] == "Aborted"
+    assert after["stable"]["version"] == "1"
+    assert stable_version(cluster, namespace) == "1"
+    wait_for(
+        "stable back to 2 replicas",
+        lambda: (
+            (get(cluster, namespace, "deployment", "resnet50-stable") or {})["spec"]["replicas"]
+            == 2
+        ),
+    )
+    wait_for(
+        "phase Degraded, reason Aborted",
+        lambda: status(cluster, namespace).get("phase") == "Degraded",
+    )
+    md = get(cluster, namespace, "md", "resnet50") or {}
+    assert "serving.modeldeploy.io/command" not in md["metadata"].get("annotations", {})
+    # Resyncs do not retry the aborted revision.
+    time.sleep(2 * operator.resync_seconds)
+    assert canary_replicas(cluster, namespace) is None
+    assert stable_version(cluster, namespace) == "1"
+
+
+def test_manual_promote_skips_the_remaining_steps(
+    cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    start(
+        cluster,
+        namespace,
+        [{"weight": 50, "pause": "manual"}, {"weight": 75, "pause": "1h"}, {"weight": 100}],
+    )
+    wait_for("the canary at 50 %", lambda: canary_replicas(cluster, namespace) == 1, timeout=20)
+    cluster.kubectl(
+        "annotate", "md", "resnet50", "-n", namespace, "serving.modeldeploy.io/command=promote"
+    )
+    wait_for(
+        "promotion",
+        lambda: status(cluster, namespace).get("stable", {}).get("version") == "2",
+        timeout=30,
+    )
+    assert stable_version(cluster, namespace) == "2"
+
+
+def test_a_killed_operator_resumes_the_same_step(
+    cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    start(cluster, namespace, [{"weight": 50, "pause": "8s"}, {"weight": 100}])
+    wait_for("the canary at 50 %", lambda: canary_replicas(cluster, namespace) == 1, timeout=20)
+    before = status(cluster, namespace)["canary"]
+    assert operator.pid is not None
+    os.kill(operator.pid, signal.SIGKILL)
+    operator.stop()
+    operator.start()
+    resumed = wait_for(
+        "a reconcile after the restart",
+        lambda: status(cluster, namespace).get("canary"),
+        timeout=20,
+    )
+    assert resumed["step"] == before["step"] == 0
+    assert resumed["stepStarted"] == before["stepStarted"]  # the pause is not restarted
+    assert resumed["started"] == before["started"]
+    wait_for(
+        "promotion",
+        lambda: status(cluster, namespace).get("stable", {}).get("version") == "2",
+        timeout=60,
+    )
+    assert [h["result"] for h in status(cluster, namespace)["history"]] == ["Promoted"]
