@@ -114,15 +114,15 @@ def _command(md_body: dict[str, Any]) -> Command | None:
 
 
 def analyse(
-    md: ModelDeployment, ctx: OperatorContext, now: float, last: float | None
+    md: ModelDeployment, ctx: OperatorContext, now: float, last: float | None, not_before: float
 ) -> tuple[str | None, str, float | None]:
     """(result, message, time) of an analysis when one is due, else (None, "", last)."""
     analysis = md.spec.rollout.analysis if md.spec.rollout else None
     if analysis is None or not analysis.metrics:
         return None, "", last
     interval = parse_duration(analysis.interval)
-    if last is not None and now - last < interval:
-        return None, "", last
+    if now - (last if last is not None else not_before) < interval:
+        return None, "", last  # the first check comes one interval in: there is data by then
     url = analysis.prometheus.url if analysis.prometheus else ctx.prometheus_url
     variables = {
         "selector": f'namespace="{md.metadata.namespace}", modeldeployment="{md.metadata.name}"',
@@ -187,7 +187,12 @@ def run(
     ready = int((canary or {}).get("status", {}).get("readyReplicas") or 0) >= canary_replicas(
         total, weight
     )
-    result, message, analysed = analyse(md, ctx, now, previous.last_analysis if previous else None)
+    last = (
+        previous.last_analysis if previous is not None and previous.revision == revision else None
+    )
+    result, message, analysed = (
+        analyse(md, ctx, now, last, not_before=progress.step_started) if ready else (None, "", last)
+    )
     analysis_configured = bool(
         md.spec.rollout and md.spec.rollout.analysis and md.spec.rollout.analysis.metrics
     )

@@ -26,9 +26,11 @@ class DriftMonitor(Collector):
         registry: CollectorRegistry,
         queue_size: int = 256,
         top_k: int = 20,
+        track: str = "stable",
     ) -> None:
         self.window = window
         self.top_k = top_k
+        self.track = track  # a label on the gauges, so canary analysis can select its track
         self._queue: queue.Queue[InferExchange | None] = queue.Queue(maxsize=queue_size)
         self.samples = Counter(
             "modeldeploy_runtime_drift_samples_total",
@@ -94,27 +96,30 @@ class DriftMonitor(Collector):
         score = GaugeMetricFamily(
             "modeldeploy_runtime_drift_score",
             "Largest PSI over all profiled input and output features.",
+            labels=["track"],
         )
-        score.add_metric([], max((d.psi for d in drift), default=0.0))
+        score.add_metric([self.track], max((d.psi for d in drift), default=0.0))
         yield score
         rows = GaugeMetricFamily(
-            "modeldeploy_runtime_drift_window_rows", "Rows in the drift window.", labels=["kind"]
+            "modeldeploy_runtime_drift_window_rows",
+            "Rows in the drift window.",
+            labels=["track", "kind"],
         )
         for kind in ("input", "output"):
-            rows.add_metric([kind], self.window.rows(kind))
+            rows.add_metric([self.track, kind], self.window.rows(kind))
         yield rows
         psi = GaugeMetricFamily(
             "modeldeploy_runtime_drift_psi",
             f"Population stability index per feature (the {self.top_k} most drifted).",
-            labels=["kind", "feature"],
+            labels=["track", "kind", "feature"],
         )
         distance = GaugeMetricFamily(
             "modeldeploy_runtime_drift_ks",
             f"Kolmogorov-Smirnov distance per feature (the {self.top_k} most drifted).",
-            labels=["kind", "feature"],
+            labels=["track", "kind", "feature"],
         )
         for item in sorted(drift, key=lambda d: d.psi, reverse=True)[: self.top_k]:
-            psi.add_metric([item.kind, item.feature], item.psi)
-            distance.add_metric([item.kind, item.feature], item.ks)
+            psi.add_metric([self.track, item.kind, item.feature], item.psi)
+            distance.add_metric([self.track, item.kind, item.feature], item.ks)
         yield psi
         yield distance

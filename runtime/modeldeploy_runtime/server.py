@@ -91,7 +91,11 @@ async def serve(settings: RuntimeSettings, stop: asyncio.Event | None = None) ->
     if settings.reference_profile is not None:
         window = DriftWindow(Profile.load(settings.reference_profile), settings.drift_window)
         monitor = DriftMonitor(
-            window, metrics.registry, settings.drift_queue_size, settings.drift_top_k
+            window,
+            metrics.registry,
+            settings.drift_queue_size,
+            settings.drift_top_k,
+            settings.track,
         )
     access = None
     if settings.api_keys_dir is not None or settings.rate_limit_per_client:

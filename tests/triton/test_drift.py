@@ -76,11 +76,12 @@ def test_psi_stays_low_on_reference_like_data_and_flags_a_shifted_feature(
     send(proxy, [rng.normal(size=(ROWS, 4)) for _ in range(REQUESTS)], protocol)
     samples = wait_decoded(proxy, REQUESTS)
     assert (
-        samples[("modeldeploy_runtime_drift_window_rows", (("kind", "input"),))] == REQUESTS * ROWS
+        samples[("modeldeploy_runtime_drift_window_rows", (("kind", "input"), ("track", "stable")))]
+        == REQUESTS * ROWS
     )
     assert all(v < 0.1 for v in psi(samples, "input").values()), psi(samples, "input")
     assert psi(samples, "output")["score:0"] < 0.1
-    assert samples[("modeldeploy_runtime_drift_score", ())] < 0.1
+    assert samples[("modeldeploy_runtime_drift_score", (("track", "stable"),))] < 0.1
 
     shifted = []
     for _ in range(REQUESTS):
@@ -93,7 +94,7 @@ def test_psi_stays_low_on_reference_like_data_and_flags_a_shifted_feature(
     assert inputs["x:2"] > 0.25, inputs
     assert all(v < 0.1 for k, v in inputs.items() if k != "x:2"), inputs
     assert psi(samples, "output")["score:0"] > 0.25  # the outputs moved too
-    assert samples[("modeldeploy_runtime_drift_score", ())] == pytest.approx(
+    assert samples[("modeldeploy_runtime_drift_score", (("track", "stable"),))] == pytest.approx(
         max(inputs["x:2"], psi(samples, "output")["score:0"])
     )
     assert samples[("modeldeploy_runtime_drift_dropped_total", ())] == 0

@@ -22,9 +22,11 @@ BUILTIN_QUERIES: Mapping[str, str] = {
         "modeldeploy_runtime_request_duration_seconds_bucket"
         '{$selector, track="canary"}[$interval])))'
     ),
+    # Errors over all requests; "or vector(0)": no errors is 0, no requests stays no data.
     "ErrorRatio": (
-        'sum(rate(modeldeploy_runtime_requests_total{$selector, track="canary", code!~"2..|OK"}'
-        "[$interval])) / sum(rate(modeldeploy_runtime_requests_total"
+        "(sum(rate(modeldeploy_runtime_requests_total"
+        '{$selector, track="canary", code!~"2..|OK"}[$interval])) or vector(0))'
+        " / sum(rate(modeldeploy_runtime_requests_total"
         '{$selector, track="canary"}[$interval]))'
     ),
     "DriftScore": 'max(modeldeploy_runtime_drift_score{$selector, track="canary"})',

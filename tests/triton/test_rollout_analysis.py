@@ -1,0 +1,259 @@
+"""Canary analysis end to end: the operator judges a canary by real metrics.
+
+Pods on kwok nodes run no containers, so the pods' sidecars run here as processes in front of
+a real Triton, one per track, and a real Prometheus scrapes them with the target labels the
+chart's PodMonitor gives real pods (namespace, modeldeployment). The operator's analysis
+queries that Prometheus. Traffic to the canary sidecar plays the canary's traffic: healthy,
+failing, 3x slower, or drifting.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+from localcluster import Cluster
+from localcluster.operator import OperatorProcess, free_port
+from modeldeploy_runtime.drift import Profile, profile_features
+from prometheus_support import prometheus_binary, start_prometheus
+from support import DELETE, load_example, merged, wait_for
+from triton_support import Sidecar, SidecarFactory
+
+pytestmark = [pytest.mark.cluster, pytest.mark.triton, pytest.mark.prometheus]
+
+INTERVAL = 3  # seconds between analyses
+
+
+def body(rows: np.ndarray[Any, Any]) -> bytes:
+    return json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "x",
+                    "shape": list(rows.shape),
+                    "datatype": "FP32",
+                    "data": rows.ravel().tolist(),
+                }
+            ]
+        }
+    ).encode()
+
+
+class Traffic:
+    """Requests to one sidecar in a loop, until stopped; remembers when the first was sent."""
+
+    def __init__(self, sidecar: Sidecar, model: str, payload: Callable[[], bytes]) -> None:
+        self.first: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(sidecar, model, payload), daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, sidecar: Sidecar, model: str, payload: Callable[[], bytes]) -> None:
+        url = f"http://{sidecar.http}/v2/models/{model}/infer"
+        while not self._stop.is_set():
+            request = urllib.request.Request(
+                url, data=payload(), headers={"Content-Type": "application/json"}
+            )
+            self.first = self.first or time.monotonic()
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - loopback
+                    response.read()
+            except (urllib.error.HTTPError, OSError):
+                pass
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=15)
+
+
+@pytest.fixture
+def monitoring(
+    sidecar: SidecarFactory, tmp_path: Path, namespace: str
+) -> Iterator[Callable[..., tuple[str, Sidecar, Sidecar]]]:
+    """Stable and canary sidecars and a Prometheus scraping them as PodMonitor targets."""
+    if prometheus_binary() is None:
+        pytest.skip("prometheus is not installed")
+    procs = []
+
+    def start(**canary_flags: object) -> tuple[str, Sidecar, Sidecar]:
+        stable = sidecar(model="features", track="stable")
+        canary = sidecar(
+            model=canary_flags.pop("model", "features"), track="canary", **canary_flags
+        )
+        port = free_port()
+        labels = {"namespace": namespace, "modeldeployment": "resnet50"}
+        procs.append(
+            start_prometheus(
+                tmp_path,
+                port,
+                {"pods": [stable.metrics, canary.metrics]},
+                target_labels={"pods": labels},
+            )
+        )
+        return f"http://127.0.0.1:{port}", stable, canary
+
+    yield start
+    for proc in procs:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def status(cluster: Cluster, namespace: str) -> dict[str, Any]:
+    result = cluster.kubectl("get", "md", "resnet50", "-n", namespace, "-o", "json", check=False)
+    found: dict[str, Any] = (
+        json.loads(result.stdout).get("status", {}) if result.returncode == 0 else {}
+    )
+    return found
+
+
+def canary_exists(cluster: Cluster, namespace: str) -> bool:
+    return (
+        cluster.kubectl(
+            "get", "deployment", "resnet50-canary", "-n", namespace, check=False
+        ).returncode
+        == 0
+    )
+
+
+def start_rollout(
+    cluster: Cluster,
+    namespace: str,
+    prometheus: str,
+    metrics: list[dict[str, Any]],
+    failure_limit: int,
+) -> None:
+    spec = {
+        "replicas": 2,
+        "resources": {"gpu": DELETE},
+        "rollout": {
+            "strategy": "Canary",
+            "steps": [{"weight": 50, "pause": f"{2 * INTERVAL}s"}, {"weight": 100}],
+            "analysis": {
+                "interval": f"{INTERVAL}s",
+                "failureLimit": failure_limit,
+                "prometheus": {"url": prometheus},
+                "metrics": metrics,
+            },
+        },
+    }
+    manifest = merged(load_example("minimal.yaml"), {"spec": spec})
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(manifest))
+    wait_for("version 1 Available", lambda: status(cluster, namespace).get("phase") == "Available")
+    cluster.kubectl(
+        "patch",
+        "md",
+        "resnet50",
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        '{"spec": {"model": {"version": "2"}}}',
+    )
+    wait_for("the canary", lambda: canary_exists(cluster, namespace), timeout=20)
+
+
+ERRORS = {"name": "errors", "builtin": "ErrorRatio", "max": 0.01}
+LATENCY = {"name": "p99", "builtin": "P99Latency", "max": 0.25}
+DRIFT = {"name": "drift", "builtin": "DriftScore", "max": 0.2}
+GOOD = body(np.zeros((1, 4), np.float32))
+
+
+def test_a_healthy_canary_is_analysed_and_promoted(
+    cluster: Cluster, operator: OperatorProcess, namespace: str, monitoring: Callable[..., Any]
+) -> None:
+    prometheus, stable, canary = monitoring()
+    background = [Traffic(stable, "features", lambda: GOOD)]
+    try:
+        start_rollout(cluster, namespace, prometheus, [ERRORS, LATENCY], failure_limit=2)
+        background.append(Traffic(canary, "features", lambda: GOOD))
+        wait_for(
+            "promotion",
+            lambda: status(cluster, namespace).get("stable", {}).get("version") == "2",
+            90,
+        )
+        history = status(cluster, namespace)["history"]
+        assert history[-1]["result"] == "Promoted"
+    finally:
+        for traffic in background:
+            traffic.stop()
+
+
+SLOW = body(np.zeros((1, 4), np.float32))
+
+
+def bad_canaries(
+    tmp_path: Path,
+) -> dict[str, tuple[dict[str, Any], dict[str, Any], str, Callable[[], bytes]]]:
+    """name -> (metric, canary sidecar flags, model the canary traffic asks for, payload)."""
+    rng = np.random.default_rng(5)
+    reference = rng.normal(size=(5000, 4))
+    profile = Profile(inputs={"x": profile_features("x", reference, 10)}, outputs={})
+    (tmp_path / "profile.json").write_text(json.dumps(profile.to_json()))
+    return {
+        # Requests the canary's model rejects: every one an error.
+        "errors": (ERRORS, {}, "features", lambda: body(np.zeros((1, 3), np.float32))),
+        # The 2 ms model behind a canary that takes 3x the p99 budget.
+        "slow": (
+            LATENCY,
+            {"model": "slow"},
+            "slow",
+            lambda: json.dumps(
+                {
+                    "inputs": [
+                        {"name": "x", "shape": [1, 1], "datatype": "FP32", "data": [0.0]},
+                        {"name": "delay", "shape": [1, 1], "datatype": "FP32", "data": [0.75]},
+                    ]
+                }
+            ).encode(),
+        ),
+        # Inputs shifted by 3 standard deviations.
+        "drift": (
+            DRIFT,
+            {"reference_profile": tmp_path / "profile.json", "sample_rate": 1.0},
+            "features",
+            lambda: body((rng.normal(size=(8, 4)) + 3.0).astype(np.float32)),
+        ),
+    }
+
+
+@pytest.mark.parametrize("kind", ["errors", "slow", "drift"])
+def test_a_bad_canary_is_rolled_back_within_three_intervals(
+    cluster: Cluster,
+    operator: OperatorProcess,
+    namespace: str,
+    monitoring: Callable[..., Any],
+    tmp_path: Path,
+    kind: str,
+) -> None:
+    metric, flags, model, payload = bad_canaries(tmp_path)[kind]
+    prometheus, stable, canary = monitoring(**flags)
+    background = [Traffic(stable, "features", lambda: GOOD)]
+    try:
+        start_rollout(cluster, namespace, prometheus, [metric], failure_limit=1)
+        bad = Traffic(canary, model, payload)
+        background.append(bad)
+        wait_for("the canary removed", lambda: not canary_exists(cluster, namespace), timeout=60)
+        assert bad.first is not None
+        elapsed = time.monotonic() - bad.first
+        after = status(cluster, namespace)
+        assert after["rollback"]["reason"] == "RolledBack", after
+        assert metric["name"] in after["rollback"]["message"], after["rollback"]["message"]
+        assert after["stable"]["version"] == "1"
+        print(f"{kind}: {elapsed:.1f}s from the first bad request to 0 % canary traffic")
+        assert elapsed < 3 * INTERVAL, f"{kind}: {elapsed:.1f}s from the first bad request to 0 %"
+    finally:
+        for traffic in background:
+            traffic.stop()
