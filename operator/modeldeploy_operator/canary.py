@@ -21,6 +21,7 @@ from typing import Any, cast
 
 from modeldeploy_operator.api.v1alpha1 import (
     GROUP,
+    AnalysisResult,
     HistoryEntry,
     ModelDeployment,
     RollbackStatus,
@@ -35,6 +36,7 @@ from modeldeploy_operator.rollout.analysis import (
     BUILTIN_QUERIES,
     Measurement,
     TemplateError,
+    assess,
     describe,
     render_query,
     verdict,
@@ -115,14 +117,15 @@ def _command(md_body: dict[str, Any]) -> Command | None:
 
 def analyse(
     md: ModelDeployment, ctx: OperatorContext, now: float, last: float | None, not_before: float
-) -> tuple[str | None, str, float | None]:
-    """(result, message, time) of an analysis when one is due, else (None, "", last)."""
+) -> tuple[str | None, str, float | None, tuple[AnalysisResult, ...]]:
+    """(result, message, time, per-metric results) of an analysis when one is due, else
+    (None, "", last, ())."""
     analysis = md.spec.rollout.analysis if md.spec.rollout else None
     if analysis is None or not analysis.metrics:
-        return None, "", last
+        return None, "", last, ()
     interval = parse_duration(analysis.interval)
     if now - (last if last is not None else not_before) < interval:
-        return None, "", last  # the first check comes one interval in: there is data by then
+        return None, "", last, ()  # the first check comes one interval in: there is data by then
     url = analysis.prometheus.url if analysis.prometheus else ctx.prometheus_url
     variables = {
         "selector": f'namespace="{md.metadata.namespace}", modeldeployment="{md.metadata.name}"',
@@ -143,7 +146,13 @@ def analyse(
                 Measurement(metric.name, None, metric.min, metric.max, error=str(error))
             )
     result, decisive = verdict(measurements)
-    return result, describe(decisive) if decisive else "all metrics within bounds", now
+    results = tuple(
+        AnalysisResult(
+            name=m.name, value=m.value, min=m.min, max=m.max, result=assess(m), time=iso(now)
+        )
+        for m in measurements
+    )
+    return result, describe(decisive) if decisive else "all metrics within bounds", now, results
 
 
 def run(
@@ -190,8 +199,10 @@ def run(
     last = (
         previous.last_analysis if previous is not None and previous.revision == revision else None
     )
-    result, message, analysed = (
-        analyse(md, ctx, now, last, not_before=progress.step_started) if ready else (None, "", last)
+    result, message, analysed, results = (
+        analyse(md, ctx, now, last, not_before=progress.step_started)
+        if ready
+        else (None, "", last, ())
     )
     analysis_configured = bool(
         md.spec.rollout and md.spec.rollout.analysis and md.spec.rollout.analysis.metrics
@@ -253,6 +264,7 @@ def run(
     if decision.action == "Promote":
         view = RolloutView(
             stable=TrackStatus(version=md.spec.model.version, revision=revision),
+            analysis=results or tuple(md.status.analysis),
             history=tuple(
                 [*history, entry.model_copy(update={"result": "Promoted"})][-HISTORY_LIMIT:]
             ),
@@ -275,6 +287,7 @@ def run(
             paused=after.paused,
         ),
         history=tuple(history),
+        analysis=results or tuple(md.status.analysis),
         message=f"canary step {after.step + 1}/{len(steps)}: {decision.message}",
     )
     return CanaryResult(view, canary, stable, decision, promote=False)

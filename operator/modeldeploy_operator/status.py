@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from modeldeploy_operator.api.v1alpha1 import (
+    AnalysisResult,
     Condition,
     ConditionStatus,
     HistoryEntry,
@@ -68,6 +69,7 @@ class RolloutView:
     canary: TrackStatus | None = None
     rollback: RollbackStatus | None = None
     history: tuple[HistoryEntry, ...] = ()
+    analysis: tuple[AnalysisResult, ...] = ()  # the last check, per metric
     message: str = ""  # the step, for the Progressing condition
 
 
@@ -413,6 +415,7 @@ def compute_status(
             "canary": rollout.canary,
             "rollback": rollout.rollback,
             "history": list(rollout.history) or md.status.history,
+            "analysis": list(rollout.analysis),
             "conditions": conditions,
         }
     )

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -187,3 +191,50 @@ def test_a_killed_operator_resumes_the_same_step(
         timeout=60,
     )
     assert [h["result"] for h in status(cluster, namespace)["history"]] == ["Promoted"]
+
+
+def plugin(cluster: Cluster, namespace: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`kubectl modeldeploy ...` through the real kubectl, with the plugin on PATH."""
+    scripts = Path(shutil.which("kubectl-modeldeploy") or sys.executable).parent
+    env = {**cluster.env(), "PATH": f"{cluster.toolchain.bin_dir}:{scripts}:{os.environ['PATH']}"}
+    return subprocess.run(
+        ["kubectl", "modeldeploy", *args, "-n", namespace],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_the_kubectl_plugin_shows_and_steers_a_rollout(
+    cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    start(cluster, namespace, [{"weight": 50, "pause": "manual"}, {"weight": 100}])
+    wait_for("the canary at 50 %", lambda: canary_replicas(cluster, namespace) == 1, timeout=20)
+    wait_for(
+        "the canary's weight in status",
+        lambda: status(cluster, namespace).get("canary", {}).get("weight") == 50,
+        timeout=20,
+    )
+    shown = plugin(cluster, namespace, "status", "resnet50")
+    assert shown.returncode == 0, shown.stderr
+    assert "stable   version 1" in shown.stdout
+    assert "canary   version 2" in shown.stdout
+    assert "step 1/2" in shown.stdout
+    assert "[##########----------] 50%" in shown.stdout
+    as_json = json.loads(plugin(cluster, namespace, "status", "resnet50", "-o", "json").stdout)
+    assert as_json["canary"]["version"] == "2"
+
+    promoted = plugin(cluster, namespace, "promote", "resnet50")
+    assert promoted.returncode == 0, promoted.stderr
+    wait_for(
+        "promotion",
+        lambda: status(cluster, namespace).get("stable", {}).get("version") == "2",
+        timeout=30,
+    )
+    history = plugin(cluster, namespace, "history", "resnet50")
+    assert "Promoted" in history.stdout
+    missing = plugin(cluster, namespace, "status", "nope")
+    assert missing.returncode == 1
+    assert "not found" in missing.stderr

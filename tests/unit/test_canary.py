@@ -86,34 +86,32 @@ def context(provider: FakeProvider) -> OperatorContext:
 
 def test_analysis_passes_fails_and_is_inconclusive() -> None:
     healthy = FakeProvider({"histogram_quantile": 0.1, "requests_total": 0.0, "drift_score": 0.05})
-    assert analyse(md(), context(healthy), now=100.0, last=None, not_before=0.0) == (
-        "Passed",
-        "all metrics within bounds",
-        100.0,
+    result, message, when, results = analyse(
+        md(), context(healthy), now=100.0, last=None, not_before=0.0
     )
+    assert (result, message, when) == ("Passed", "all metrics within bounds", 100.0)
+    assert [(r.name, r.result) for r in results] == [
+        ("p99", "Passed"),
+        ("errors", "Passed"),
+        ("drift", "Passed"),
+    ]
     assert all(
         'namespace="ns", modeldeployment="bert-large", track="canary"' in q for q in healthy.queries
     )
     slow = FakeProvider({"histogram_quantile": 0.6, "requests_total": 0.0, "drift_score": 0.05})
-    result, message, _ = analyse(md(), context(slow), now=100.0, last=None, not_before=0.0)
+    result, message, _, _ = analyse(md(), context(slow), now=100.0, last=None, not_before=0.0)
     assert (result, message) == ("Failed", "p99 = 0.6 (max 0.25)")
     down = FakeProvider({"histogram_quantile": ProviderError("Prometheus unreachable")})
-    result, message, _ = analyse(md(), context(down), now=100.0, last=None, not_before=0.0)
+    result, message, _, _ = analyse(md(), context(down), now=100.0, last=None, not_before=0.0)
     assert result == "Inconclusive"
     assert "unreachable" in message
 
 
 def test_analysis_runs_once_per_interval() -> None:
     provider = FakeProvider({})
-    assert analyse(md(), context(provider), now=110.0, last=100.0, not_before=0.0) == (
-        None,
-        "",
-        100.0,
-    )
+    skipped = (None, "", 100.0, ())
+    assert analyse(md(), context(provider), now=110.0, last=100.0, not_before=0.0) == skipped
     # The first check waits one interval (30 s here) after the step started.
-    assert analyse(md(), context(provider), now=110.0, last=None, not_before=100.0) == (
-        None,
-        "",
-        None,
-    )
+    first = analyse(md(), context(provider), now=110.0, last=None, not_before=100.0)
+    assert first == (None, "", None, ())
     assert provider.queries == []
