@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 
@@ -150,3 +155,49 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return sum(
         v for (n, ls), v in samples.items() if n == name and labels.items() <= dict(ls).items()
     )
+
+
+def json_body(rows: np.ndarray[Any, Any]) -> bytes:
+    """A KServe v2 JSON request for the `x` input of the test models."""
+    return json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "x",
+                    "shape": list(rows.shape),
+                    "datatype": "FP32",
+                    "data": rows.ravel().tolist(),
+                }
+            ]
+        }
+    ).encode()
+
+
+class Traffic:
+    """Requests to one sidecar in a loop, until stopped; remembers when the first was sent."""
+
+    def __init__(self, sidecar: Sidecar, model: str, payload: Callable[[], bytes]) -> None:
+        self.first: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(sidecar, model, payload), daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, sidecar: Sidecar, model: str, payload: Callable[[], bytes]) -> None:
+        url = f"http://{sidecar.http}/v2/models/{model}/infer"
+        while not self._stop.is_set():
+            request = urllib.request.Request(
+                url, data=payload(), headers={"Content-Type": "application/json"}
+            )
+            self.first = self.first or time.monotonic()
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - loopback
+                    response.read()
+            except (urllib.error.HTTPError, OSError):
+                pass
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=15)

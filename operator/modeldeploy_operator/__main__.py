@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import sys
+import time
 from collections.abc import Sequence
 
 from prometheus_client import start_http_server
@@ -81,6 +82,21 @@ async def resync(reconciler: Reconciler, ctx: OperatorContext, stop: asyncio.Eve
                     )
 
 
+async def requeue(reconciler: Reconciler, ctx: OperatorContext, stop: asyncio.Event) -> None:
+    """Reconcile objects at the times they asked for (a canary's next analysis or pause end),
+    so rollouts do not wait for the resync timer."""
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=0.25)
+        for namespace, name in reconciler.due(time.monotonic()):
+            try:
+                await asyncio.to_thread(reconciler.trigger, namespace, name)
+            except Exception:
+                ctx.logger.exception(
+                    "Reconcile failed", extra={"modeldeployment": f"{namespace}/{name}"}
+                )
+
+
 async def run(args: argparse.Namespace, logger: logging.Logger) -> None:
     telemetry = Telemetry()
     api_client = load_api_client(args.kubeconfig)
@@ -103,6 +119,7 @@ async def run(args: argparse.Namespace, logger: logging.Logger) -> None:
         extra={"version": __version__, "namespaces": args.namespace or "all"},
     )
     timer = asyncio.create_task(resync(reconciler, ctx, stop))
+    waker = asyncio.create_task(requeue(reconciler, ctx, stop))
     try:
         await handlers.serve(
             reconciler,
@@ -114,9 +131,10 @@ async def run(args: argparse.Namespace, logger: logging.Logger) -> None:
         )
     finally:  # kopf returns on SIGINT/SIGTERM (its own handlers or our stop flag)
         stop.set()
-        timer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await timer
+        for task in (timer, waker):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
     logger.info("Stopped modeldeploy operator")
 
 

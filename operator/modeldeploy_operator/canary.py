@@ -108,6 +108,23 @@ class CanaryResult:
     stable_deployment: dict[str, Any] | None
     decision: Decision
     promote: bool  # the caller applies the new revision to stable
+    requeue_after: float | None = None  # when the rollout next needs a look
+
+
+def next_look(
+    md: ModelDeployment, progress: Progress, steps: tuple[Step, ...], now: float, last: float | None
+) -> float:
+    """Seconds until something changes by itself: the next analysis or the end of a pause.
+    Watch events cover the rest (pods becoming ready); at most a few seconds, as a floor."""
+    waits = [5.0]
+    analysis = md.spec.rollout.analysis if md.spec.rollout else None
+    if analysis is not None and analysis.metrics:
+        since = last if last is not None else progress.step_started
+        waits.append(parse_duration(analysis.interval) - (now - since))
+    step = steps[min(progress.step, len(steps) - 1)]
+    if step.pause_seconds is not None:
+        waits.append(step.pause_seconds - (now - progress.step_started))
+    return max(0.2, min(waits))
 
 
 def _command(md_body: dict[str, Any]) -> Command | None:
@@ -290,7 +307,8 @@ def run(
         analysis=results or tuple(md.status.analysis),
         message=f"canary step {after.step + 1}/{len(steps)}: {decision.message}",
     )
-    return CanaryResult(view, canary, stable, decision, promote=False)
+    wake = next_look(md, after, steps, now, analysed)
+    return CanaryResult(view, canary, stable, decision, promote=False, requeue_after=wake)
 
 
 def _achieved_weight(stable: dict[str, Any] | None, canary: dict[str, Any] | None) -> int:

@@ -42,6 +42,7 @@ class Outcome:
     applied: tuple[str, ...] = ()
     status_written: bool = False
     events: tuple[str, ...] = ()
+    requeue_after: float | None = None  # seconds until the next analysis or pause end
 
 
 def status_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
@@ -163,14 +164,11 @@ def reconcile(body: Mapping[str, Any], ctx: OperatorContext) -> Outcome:
     how = canary.mode(md, revision)
     deployment, applied, apply_error = apply_children(md, revision, ctx, stable=how == "rolling")
     pods = ctx.api.list("v1", "Pod", md.metadata.namespace, selector_string(md))
-    rollout, canary_deployment, decision = None, None, None
+    rollout, canary_deployment, decision, requeue_after = None, None, None, None
     if how == "canary" and deployment is not None:
         result = canary.run(md, dict(body), revision, deployment, pods, ctx, ctx.epoch())
-        rollout, canary_deployment, decision = (
-            result.view,
-            result.canary_deployment,
-            result.decision,
-        )
+        rollout, canary_deployment = result.view, result.canary_deployment
+        decision, requeue_after = result.decision, result.requeue_after
         if result.promote:
             deployment, promoted, apply_error = apply_children(md, revision, ctx)
             applied += promoted
@@ -239,6 +237,7 @@ def reconcile(body: Mapping[str, Any], ctx: OperatorContext) -> Outcome:
         applied=applied,
         status_written=written,
         events=tuple(e.reason for e in events),
+        requeue_after=requeue_after,
     )
 
 
@@ -256,6 +255,15 @@ class Reconciler:
     ctx: OperatorContext
     _states: dict[tuple[str, str], _KeyState] = field(default_factory=dict)
     _guard: threading.Lock = field(default_factory=threading.Lock)
+    _due: dict[tuple[str, str], float] = field(default_factory=dict)  # monotonic wake-ups
+
+    def due(self, now: float) -> list[tuple[str, str]]:
+        """Objects whose requested re-reconcile time has come; they are handed out once."""
+        with self._guard:
+            ready = [key for key, at in self._due.items() if at <= now]
+            for key in ready:
+                del self._due[key]
+        return ready
 
     def trigger(self, namespace: str, name: str) -> Outcome | None:
         key = (namespace, name)
@@ -270,6 +278,8 @@ class Reconciler:
             while True:
                 outcome = self._once(namespace, name)
                 with self._guard:
+                    if outcome is not None and outcome.requeue_after is not None:
+                        self._due[key] = time.monotonic() + outcome.requeue_after
                     if not state.dirty:
                         break
                     state.dirty = False

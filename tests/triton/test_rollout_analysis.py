@@ -10,10 +10,7 @@ failing, 3x slower, or drifting.
 from __future__ import annotations
 
 import json
-import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,56 +24,11 @@ from localcluster.operator import OperatorProcess, free_port
 from modeldeploy_runtime.drift import Profile, profile_features
 from prometheus_support import prometheus_binary, start_prometheus
 from support import DELETE, load_example, merged, wait_for
-from triton_support import Sidecar, SidecarFactory
+from triton_support import Sidecar, SidecarFactory, Traffic, json_body
 
 pytestmark = [pytest.mark.cluster, pytest.mark.triton, pytest.mark.prometheus]
 
 INTERVAL = 3  # seconds between analyses
-
-
-def body(rows: np.ndarray[Any, Any]) -> bytes:
-    return json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "x",
-                    "shape": list(rows.shape),
-                    "datatype": "FP32",
-                    "data": rows.ravel().tolist(),
-                }
-            ]
-        }
-    ).encode()
-
-
-class Traffic:
-    """Requests to one sidecar in a loop, until stopped; remembers when the first was sent."""
-
-    def __init__(self, sidecar: Sidecar, model: str, payload: Callable[[], bytes]) -> None:
-        self.first: float | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, args=(sidecar, model, payload), daemon=True
-        )
-        self._thread.start()
-
-    def _run(self, sidecar: Sidecar, model: str, payload: Callable[[], bytes]) -> None:
-        url = f"http://{sidecar.http}/v2/models/{model}/infer"
-        while not self._stop.is_set():
-            request = urllib.request.Request(
-                url, data=payload(), headers={"Content-Type": "application/json"}
-            )
-            self.first = self.first or time.monotonic()
-            try:
-                with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - loopback
-                    response.read()
-            except (urllib.error.HTTPError, OSError):
-                pass
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=15)
 
 
 @pytest.fixture
@@ -168,7 +120,7 @@ def start_rollout(
 ERRORS = {"name": "errors", "builtin": "ErrorRatio", "max": 0.01}
 LATENCY = {"name": "p99", "builtin": "P99Latency", "max": 0.25}
 DRIFT = {"name": "drift", "builtin": "DriftScore", "max": 0.2}
-GOOD = body(np.zeros((1, 4), np.float32))
+GOOD = json_body(np.zeros((1, 4), np.float32))
 
 
 def test_a_healthy_canary_is_analysed_and_promoted(
@@ -191,7 +143,7 @@ def test_a_healthy_canary_is_analysed_and_promoted(
             traffic.stop()
 
 
-SLOW = body(np.zeros((1, 4), np.float32))
+SLOW = json_body(np.zeros((1, 4), np.float32))
 
 
 def bad_canaries(
@@ -204,7 +156,7 @@ def bad_canaries(
     (tmp_path / "profile.json").write_text(json.dumps(profile.to_json()))
     return {
         # Requests the canary's model rejects: every one an error.
-        "errors": (ERRORS, {}, "features", lambda: body(np.zeros((1, 3), np.float32))),
+        "errors": (ERRORS, {}, "features", lambda: json_body(np.zeros((1, 3), np.float32))),
         # The 2 ms model behind a canary that takes 3x the p99 budget.
         "slow": (
             LATENCY,
@@ -224,7 +176,7 @@ def bad_canaries(
             DRIFT,
             {"reference_profile": tmp_path / "profile.json", "sample_rate": 1.0},
             "features",
-            lambda: body((rng.normal(size=(8, 4)) + 3.0).astype(np.float32)),
+            lambda: json_body((rng.normal(size=(8, 4)) + 3.0).astype(np.float32)),
         ),
     }
 
