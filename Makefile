@@ -45,7 +45,7 @@ demo: toolchain ## The main job: cluster, CRD, operator, examples/minimal.yaml b
 
 ##@ Benchmarks (not tests: ratios against a baseline measured in the same run)
 .PHONY: bench
-bench: bench-operator bench-runtime ## Every benchmark; results land in docs/benchmarks.md
+bench: bench-operator bench-runtime bench-rollout ## Every benchmark; results in docs/benchmarks.md
 
 .PHONY: bench-operator
 bench-operator: toolchain ## Operator overhead vs bare Deployments, cold start of 500, idle writes
@@ -54,6 +54,10 @@ bench-operator: toolchain ## Operator overhead vs bare Deployments, cold start o
 .PHONY: bench-runtime
 bench-runtime: ## Sidecar vs direct Triton: throughput ratio, added latency, CPU, RSS, drift cost
 	PYTHONPATH=$(CURDIR)/tests $(PYTHON) bench/runtime_bench.py $(BENCH_ARGS)
+
+.PHONY: bench-rollout
+bench-rollout: toolchain ## Fault to 0 % canary traffic at 5 s and 30 s analysis intervals
+	PYTHONPATH=$(CURDIR)/tests $(PYTHON) bench/rollout_bench.py $(BENCH_ARGS)
 
 ##@ Generated files
 .PHONY: crds
