@@ -92,8 +92,8 @@ def mode(md: ModelDeployment, revision: str) -> str:
     promoted = status.stable.revision if status.stable else None
     if rollout is None or rollout.strategy != "Canary" or promoted in (None, revision):
         return "rolling"
-    if status.canary is not None and status.canary.revision == revision:
-        return "canary"
+    if status.canary is not None:
+        return "canary"  # this revision's rollout, or a newer spec: it starts over, analysed
     return "canary" if status.phase == "Available" else "rolling"
 
 

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from localcluster import Cluster
-from localcluster.operator import OperatorProcess
+from localcluster.operator import OperatorProcess, free_port
 from support import DELETE, load_example, merged, wait_for
 
 pytestmark = pytest.mark.cluster
@@ -238,3 +238,67 @@ def test_the_kubectl_plugin_shows_and_steers_a_rollout(
     missing = plugin(cluster, namespace, "status", "nope")
     assert missing.returncode == 1
     assert "not found" in missing.stderr
+
+
+def test_with_prometheus_down_nothing_is_promoted_and_a_new_revision_restarts_analysis(
+    cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    """Every check is inconclusive (nothing listens at the Prometheus URL): the canary must
+    never be promoted; a spec change mid-way starts over for the new revision."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    analysis = {
+        "interval": "1s",
+        "failureLimit": 100,
+        "prometheus": {"url": dead},
+        "metrics": [{"name": "errors", "builtin": "ErrorRatio", "max": 0.01}],
+    }
+    manifest = merged(
+        model([{"weight": 50}, {"weight": 100}]), {"spec": {"rollout": {"analysis": analysis}}}
+    )
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(manifest))
+    wait_for("version 1 Available", lambda: status(cluster, namespace).get("phase") == "Available")
+    cluster.kubectl(
+        "patch",
+        "md",
+        "resnet50",
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        '{"spec": {"model": {"version": "2"}}}',
+    )
+    wait_for(
+        "failed checks counting up",
+        lambda: (status(cluster, namespace).get("canary") or {}).get("failedChecks", 0) >= 3,
+        timeout=30,
+    )
+    first = status(cluster, namespace)["canary"]
+    assert first["version"] == "2"
+    assert first["step"] == 0  # an unanalysed step never advances
+    assert [a["result"] for a in status(cluster, namespace)["analysis"]] == ["Inconclusive"]
+
+    cluster.kubectl(
+        "patch",
+        "md",
+        "resnet50",
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        '{"spec": {"model": {"version": "3"}}}',
+    )
+    wait_for(
+        "the rollout of version 3",
+        lambda: (status(cluster, namespace).get("canary") or {}).get("version") == "3",
+        timeout=30,
+    )
+    restarted = status(cluster, namespace)["canary"]
+    assert restarted["revision"] != first["revision"]
+    assert (
+        restarted["failedChecks"] < first["failedChecks"] or restarted["started"] > first["started"]
+    )
+    time.sleep(3)
+    final = status(cluster, namespace)
+    assert final["stable"]["version"] == "1"  # never promoted
+    assert final["canary"]["step"] == 0
+    assert not final.get("history")

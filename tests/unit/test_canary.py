@@ -47,6 +47,11 @@ def test_steps_of_the_full_example() -> None:
             {"stable": {"revision": "r1"}, "phase": "Progressing", "canary": {"revision": "r2"}},
             "canary",
         ),
+        # A newer spec during a rollout starts over as a canary: never straight to stable.
+        (
+            {"stable": {"revision": "r1"}, "phase": "Progressing", "canary": {"revision": "r0"}},
+            "canary",
+        ),
         ({"stable": {"revision": "r2"}, "phase": "Available"}, "rolling"),  # nothing new
         (
             {"stable": {"revision": "r1"}, "rollback": {"revision": "r2", "reason": "RolledBack"}},
