@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import sys
 import tempfile
 import time
@@ -28,29 +27,13 @@ sys.path.insert(0, str(ROOT / "tests"))
 from localcluster import Cluster, ClusterState, Toolchain  # noqa: E402
 from localcluster.operator import OperatorProcess, free_port  # noqa: E402
 from prometheus_support import start_prometheus  # noqa: E402
+from rollout_support import canary_exists, start_canary  # noqa: E402
 from triton_support import Traffic, json_body, start_sidecar, start_triton, stop  # noqa: E402
 
 BEGIN = "<!-- rollout-bench:begin -->"
 END = "<!-- rollout-bench:end -->"
 GOOD = json_body(np.zeros((1, 4), np.float32))
 BAD = json_body(np.zeros((1, 3), np.float32))  # the model wants 4 values: every request fails
-
-
-def status(cluster: Cluster, namespace: str) -> dict[str, Any]:
-    result = cluster.kubectl("get", "md", "resnet50", "-n", namespace, "-o", "json", check=False)
-    found: dict[str, Any] = (
-        json.loads(result.stdout).get("status", {}) if result.returncode == 0 else {}
-    )
-    return found
-
-
-def canary_exists(cluster: Cluster, namespace: str) -> bool:
-    return (
-        cluster.kubectl(
-            "get", "deployment", "resnet50-canary", "-n", namespace, check=False
-        ).returncode
-        == 0
-    )
 
 
 def wait(check: Any, timeout: float) -> None:
@@ -107,18 +90,7 @@ def measure(cluster: Cluster, work: Path, interval: int, triton: Any) -> float:
                 "metrics": [{"name": "errors", "builtin": "ErrorRatio", "max": 0.01}],
             },
         }
-        cluster.kubectl("apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(doc))
-        wait(lambda: status(cluster, namespace).get("phase") == "Available", 60)
-        cluster.kubectl(
-            "patch",
-            "md",
-            "resnet50",
-            "-n",
-            namespace,
-            "--type=merge",
-            "-p",
-            '{"spec": {"model": {"version": "2"}}}',
-        )
+        start_canary(cluster, namespace, doc)
         wait(lambda: canary_exists(cluster, namespace), 30)
         bad = Traffic(canary, "features", lambda: BAD)
         traffic.append(bad)

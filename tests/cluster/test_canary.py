@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from localcluster import Cluster
 from localcluster.operator import OperatorProcess, free_port
+from rollout_support import md_status, set_version, start_canary
 from support import DELETE, load_example, merged, wait_for
 
 pytestmark = pytest.mark.cluster
@@ -47,25 +47,12 @@ def get(cluster: Cluster, namespace: str, kind: str, name: str) -> dict[str, Any
 
 
 def status(cluster: Cluster, namespace: str) -> dict[str, Any]:
-    md = get(cluster, namespace, "md", "resnet50") or {}
-    found: dict[str, Any] = md.get("status", {})
-    return found
+    return md_status(cluster, namespace)
 
 
 def start(cluster: Cluster, namespace: str, steps: list[dict[str, Any]]) -> None:
     """Version 1 Available, then version 2 applied: a canary starts."""
-    cluster.kubectl("apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(model(steps)))
-    wait_for("version 1 Available", lambda: status(cluster, namespace).get("phase") == "Available")
-    cluster.kubectl(
-        "patch",
-        "md",
-        "resnet50",
-        "-n",
-        namespace,
-        "--type=merge",
-        "-p",
-        '{"spec": {"model": {"version": "2"}}}',
-    )
+    start_canary(cluster, namespace, model(steps))
 
 
 def canary_replicas(cluster: Cluster, namespace: str) -> int | None:
@@ -255,18 +242,7 @@ def test_with_prometheus_down_nothing_is_promoted_and_a_new_revision_restarts_an
     manifest = merged(
         model([{"weight": 50}, {"weight": 100}]), {"spec": {"rollout": {"analysis": analysis}}}
     )
-    cluster.kubectl("apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(manifest))
-    wait_for("version 1 Available", lambda: status(cluster, namespace).get("phase") == "Available")
-    cluster.kubectl(
-        "patch",
-        "md",
-        "resnet50",
-        "-n",
-        namespace,
-        "--type=merge",
-        "-p",
-        '{"spec": {"model": {"version": "2"}}}',
-    )
+    start_canary(cluster, namespace, manifest)
     wait_for(
         "failed checks counting up",
         lambda: (status(cluster, namespace).get("canary") or {}).get("failedChecks", 0) >= 3,
@@ -277,16 +253,7 @@ def test_with_prometheus_down_nothing_is_promoted_and_a_new_revision_restarts_an
     assert first["step"] == 0  # an unanalysed step never advances
     assert [a["result"] for a in status(cluster, namespace)["analysis"]] == ["Inconclusive"]
 
-    cluster.kubectl(
-        "patch",
-        "md",
-        "resnet50",
-        "-n",
-        namespace,
-        "--type=merge",
-        "-p",
-        '{"spec": {"model": {"version": "3"}}}',
-    )
+    set_version(cluster, namespace, "3")
     wait_for(
         "the rollout of version 3",
         lambda: (status(cluster, namespace).get("canary") or {}).get("version") == "3",

@@ -17,12 +17,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-import yaml
 
 from localcluster import Cluster
 from localcluster.operator import OperatorProcess, free_port
 from modeldeploy_runtime.drift import Profile, profile_features
 from prometheus_support import prometheus_binary, start_prometheus
+from rollout_support import canary_exists, md_status, start_canary
 from support import DELETE, load_example, merged, wait_for
 from triton_support import Sidecar, SidecarFactory, Traffic, json_body
 
@@ -63,23 +63,6 @@ def monitoring(
         proc.wait(timeout=20)
 
 
-def status(cluster: Cluster, namespace: str) -> dict[str, Any]:
-    result = cluster.kubectl("get", "md", "resnet50", "-n", namespace, "-o", "json", check=False)
-    found: dict[str, Any] = (
-        json.loads(result.stdout).get("status", {}) if result.returncode == 0 else {}
-    )
-    return found
-
-
-def canary_exists(cluster: Cluster, namespace: str) -> bool:
-    return (
-        cluster.kubectl(
-            "get", "deployment", "resnet50-canary", "-n", namespace, check=False
-        ).returncode
-        == 0
-    )
-
-
 def start_rollout(
     cluster: Cluster,
     namespace: str,
@@ -101,19 +84,7 @@ def start_rollout(
             },
         },
     }
-    manifest = merged(load_example("minimal.yaml"), {"spec": spec})
-    cluster.kubectl("apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(manifest))
-    wait_for("version 1 Available", lambda: status(cluster, namespace).get("phase") == "Available")
-    cluster.kubectl(
-        "patch",
-        "md",
-        "resnet50",
-        "-n",
-        namespace,
-        "--type=merge",
-        "-p",
-        '{"spec": {"model": {"version": "2"}}}',
-    )
+    start_canary(cluster, namespace, merged(load_example("minimal.yaml"), {"spec": spec}))
     wait_for("the canary", lambda: canary_exists(cluster, namespace), timeout=20)
 
 
@@ -133,10 +104,10 @@ def test_a_healthy_canary_is_analysed_and_promoted(
         background.append(Traffic(canary, "features", lambda: GOOD))
         wait_for(
             "promotion",
-            lambda: status(cluster, namespace).get("stable", {}).get("version") == "2",
+            lambda: md_status(cluster, namespace).get("stable", {}).get("version") == "2",
             90,
         )
-        history = status(cluster, namespace)["history"]
+        history = md_status(cluster, namespace)["history"]
         assert history[-1]["result"] == "Promoted"
     finally:
         for traffic in background:
@@ -200,7 +171,7 @@ def test_a_bad_canary_is_rolled_back_within_three_intervals(
         wait_for("the canary removed", lambda: not canary_exists(cluster, namespace), timeout=60)
         assert bad.first is not None
         elapsed = time.monotonic() - bad.first
-        after = status(cluster, namespace)
+        after = md_status(cluster, namespace)
         assert after["rollback"]["reason"] == "RolledBack", after
         assert metric["name"] in after["rollback"]["message"], after["rollback"]["message"]
         assert after["stable"]["version"] == "1"
