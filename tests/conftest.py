@@ -35,6 +35,14 @@ def crd(cluster: Cluster) -> None:
     cluster.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=30s")
 
 
+@pytest.fixture(scope="session")
+def gateway_api(cluster: Cluster) -> None:
+    """The Gateway API CRDs (standard channel), from the published Go module."""
+    for path in cluster.toolchain.gateway_api_crds():
+        cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(path))
+    cluster.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
+
+
 @pytest.fixture
 def namespace(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[str]:
     """A fresh namespace for one test, deleted (without waiting) afterwards."""

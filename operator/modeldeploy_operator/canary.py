@@ -29,6 +29,7 @@ from modeldeploy_operator.api.v1alpha1 import (
 )
 from modeldeploy_operator.builders.deployment import build_deployment
 from modeldeploy_operator.builders.labels import TRACK_LABEL, deployment_name
+from modeldeploy_operator.builders.route import gateway_routing
 from modeldeploy_operator.context import OperatorContext
 from modeldeploy_operator.drift import needs_apply
 from modeldeploy_operator.metrics.prometheus import ProviderError
@@ -287,7 +288,8 @@ def run(
             ),
         )
         return CanaryResult(view, canary, stable, decision, promote=True)
-    achieved = _achieved_weight(stable, canary)
+    # Through a Gateway the route sets the split; by replicas, the ready pods do.
+    achieved = decision.weight if gateway_routing(md) else _achieved_weight(stable, canary)
     after = decision.progress
     view = RolloutView(
         stable=stable_status,

@@ -22,6 +22,7 @@ from modeldeploy_operator.api.v1alpha1 import API_VERSION, KIND, ModelDeployment
 from modeldeploy_operator.autoscaling import AUTOSCALER_MANAGER, desired_replicas
 from modeldeploy_operator.builders.deployment import build_deployment
 from modeldeploy_operator.builders.labels import deployment_name, revision_of, selector_string
+from modeldeploy_operator.builders.route import build_route, build_track_service, gateway_routing
 from modeldeploy_operator.builders.service import build_service
 from modeldeploy_operator.context import OperatorContext
 from modeldeploy_operator.drift import needs_apply
@@ -80,42 +81,67 @@ def missing_references(md: ModelDeployment, ctx: OperatorContext) -> tuple[Missi
     )
 
 
-def apply_children(
-    md: ModelDeployment, revision: str, ctx: OperatorContext, stable: bool = True
-) -> tuple[dict[str, Any] | None, tuple[str, ...], str | None]:
-    """Apply the children that drifted; returns the stable Deployment (read when ``stable``
-    is False: a rollout owns it then), what was applied, and any error."""
-    desired = [build_service(md)]
-    if stable:
-        desired.insert(0, build_deployment(md, "stable", revision, ctx.build))
-    else:
-        name = deployment_name(md, "stable")
-        deployment = ctx.api.get("apps/v1", "Deployment", md.metadata.namespace, name)
-    if stable:
-        deployment = None
+def apply_objects(
+    md: ModelDeployment, desired: list[dict[str, Any]], ctx: OperatorContext
+) -> tuple[dict[str, dict[str, Any] | None], list[str], str | None]:
+    """Apply those of ``desired`` that drifted. Returns each object as it now is (by kind and
+    name), what was applied, and the last refusal, which status reports as ApplyFailed."""
+    current: dict[str, dict[str, Any] | None] = {}
     applied: list[str] = []
     error: str | None = None
     ns = md.metadata.namespace
     for obj in desired:
         kind, name = obj["kind"], obj["metadata"]["name"]
         observed = ctx.api.get(obj["apiVersion"], kind, ns, name)
-        current = observed
-        if needs_apply(observed, obj):
-            try:
-                current = ctx.api.apply(obj)
-            except ApiError as failure:
-                # Reported in status (ApplyFailed) and retried on the next trigger or resync.
-                error = f"{kind} {ns}/{name} was refused ({failure.status}): {failure.message}"
-                ctx.logger.warning(error, extra={"modeldeployment": f"{ns}/{md.metadata.name}"})
-                continue
-            verb = "Created" if observed is None else "Updated"
-            ctx.logger.info(
-                f"{verb} {kind} {ns}/{name}", extra={"modeldeployment": f"{ns}/{md.metadata.name}"}
-            )
-            applied.append(f"{kind}/{name}")
-        if kind == "Deployment":
-            deployment = current
-    return deployment, tuple(applied), error
+        current[f"{kind}/{name}"] = observed
+        if not needs_apply(observed, obj):
+            continue
+        try:
+            current[f"{kind}/{name}"] = ctx.api.apply(obj)
+        except ApiError as failure:
+            # Reported in status (ApplyFailed) and retried on the next trigger or resync.
+            error = f"{kind} {ns}/{name} was refused ({failure.status}): {failure.message}"
+            ctx.logger.warning(error, extra={"modeldeployment": f"{ns}/{md.metadata.name}"})
+            continue
+        verb = "Created" if observed is None else "Updated"
+        ctx.logger.info(
+            f"{verb} {kind} {ns}/{name}", extra={"modeldeployment": f"{ns}/{md.metadata.name}"}
+        )
+        applied.append(f"{kind}/{name}")
+    return current, applied, error
+
+
+def apply_children(
+    md: ModelDeployment, revision: str, ctx: OperatorContext, stable: bool = True
+) -> tuple[dict[str, Any] | None, list[str], str | None]:
+    """Apply the Service and, when ``stable``, the stable Deployment (a rollout owns it
+    otherwise, and it is only read); returns the stable Deployment, what was applied, any error."""
+    name = deployment_name(md, "stable")
+    desired = [build_service(md)]
+    if stable:
+        desired.insert(0, build_deployment(md, "stable", revision, ctx.build))
+    current, applied, error = apply_objects(md, desired, ctx)
+    if stable:
+        return current.get(f"Deployment/{name}"), applied, error
+    return ctx.api.get("apps/v1", "Deployment", md.metadata.namespace, name), applied, error
+
+
+def apply_routing(
+    md: ModelDeployment, rollout: RolloutView | None, ctx: OperatorContext
+) -> tuple[list[str], str | None]:
+    """With Gateway API routing: the per-track Services and the HTTPRoute at the canary's
+    weight (0 when no canary runs)."""
+    routing = gateway_routing(md)
+    if routing is None:
+        return [], None
+    weight = (rollout.canary.weight or 0) if rollout and rollout.canary else 0
+    desired = [
+        build_track_service(md, "stable"),
+        build_track_service(md, "canary"),
+        build_route(md, routing, weight),
+    ]
+    _, applied, error = apply_objects(md, desired, ctx)
+    return applied, error
 
 
 def scale(
@@ -144,6 +170,27 @@ def scale(
         extra={"modeldeployment": f"{md.metadata.namespace}/{md.metadata.name}"},
     )
     return ctx.api.apply(patch, field_manager=AUTOSCALER_MANAGER)
+
+
+def emit_events(
+    ctx: OperatorContext, involved: dict[str, Any], key: str, events: list[EventSpec]
+) -> None:
+    """Post the Events; best effort, since status already tells the truth."""
+    for event in events:
+        try:
+            ctx.api.emit_event(involved, event.type, event.reason, event.message)
+        except ApiError as failure:  # Events are best effort; status already tells the truth
+            terminating = "being terminated" in failure.message  # the namespace is going away
+            ctx.logger.log(
+                logging.DEBUG if terminating else logging.WARNING,
+                f"Could not emit Event {event.reason}: {failure}",
+                extra={"modeldeployment": key},
+            )
+            continue
+        ctx.telemetry.events.labels(event.type, event.reason).inc()
+        ctx.logger.info(
+            f"{event.reason}: {event.message}", extra={"modeldeployment": key, "event": event.type}
+        )
 
 
 def reconcile(body: Mapping[str, Any], ctx: OperatorContext) -> Outcome:
@@ -194,6 +241,9 @@ def reconcile(body: Mapping[str, Any], ctx: OperatorContext) -> Outcome:
         ctx.api.delete(
             "apps/v1", "Deployment", md.metadata.namespace, deployment_name(md, "canary")
         )
+    routed, routing_error = apply_routing(md, rollout, ctx)
+    applied += routed
+    apply_error = apply_error or routing_error
     deployment = scale(md, deployment, ctx)
     observed = Observed(
         deployment=deployment,
@@ -215,26 +265,11 @@ def reconcile(body: Mapping[str, Any], ctx: OperatorContext) -> Outcome:
         events.append(
             EventSpec("Warning" if failed else "Normal", decision.reason, decision.message)
         )
-    involved = {"apiVersion": API_VERSION, "kind": KIND, "metadata": meta}
-    for event in events:
-        try:
-            ctx.api.emit_event(involved, event.type, event.reason, event.message)
-        except ApiError as failure:  # Events are best effort; status already tells the truth
-            terminating = "being terminated" in failure.message  # the namespace is going away
-            ctx.logger.log(
-                logging.DEBUG if terminating else logging.WARNING,
-                f"Could not emit Event {event.reason}: {failure}",
-                extra={"modeldeployment": key},
-            )
-            continue
-        ctx.telemetry.events.labels(event.type, event.reason).inc()
-        ctx.logger.info(
-            f"{event.reason}: {event.message}", extra={"modeldeployment": key, "event": event.type}
-        )
+    emit_events(ctx, {"apiVersion": API_VERSION, "kind": KIND, "metadata": meta}, key, events)
     ctx.telemetry.phases.set((md.metadata.namespace, md.metadata.name), status.phase or "Pending")
     return Outcome(
         phase=status.phase,
-        applied=applied,
+        applied=tuple(applied),
         status_written=written,
         events=tuple(e.reason for e in events),
         requeue_after=requeue_after,

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from localcluster import Cluster
 from localcluster.operator import OperatorProcess, free_port
@@ -269,3 +270,58 @@ def test_with_prometheus_down_nothing_is_promoted_and_a_new_revision_restarts_an
     assert final["stable"]["version"] == "1"  # never promoted
     assert final["canary"]["step"] == 0
     assert not final.get("history")
+
+
+def route_weights(cluster: Cluster, namespace: str) -> dict[str, int]:
+    route = get(cluster, namespace, "httproute", "resnet50") or {
+        "spec": {"rules": [{"backendRefs": []}]}
+    }
+    return {ref["name"]: ref["weight"] for ref in route["spec"]["rules"][0]["backendRefs"]}
+
+
+def test_gateway_api_routing_moves_the_httproute_weights(
+    cluster: Cluster, operator: OperatorProcess, namespace: str, gateway_api: None
+) -> None:
+    routing = {
+        "gatewayAPI": {
+            "parentRefs": [{"name": "inference-gateway"}],
+            "hostnames": ["models.example.com"],
+        }
+    }
+    manifest = merged(
+        model([{"weight": 20, "pause": "manual"}, {"weight": 100}]),
+        {"spec": {"rollout": {"trafficRouting": routing}}},
+    )
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(manifest))
+    wait_for(
+        "all traffic on stable",
+        lambda: route_weights(cluster, namespace) == {"resnet50-stable": 100, "resnet50-canary": 0},
+    )
+    route = get(cluster, namespace, "httproute", "resnet50") or {}
+    assert [ref["name"] for ref in route["spec"]["parentRefs"]] == ["inference-gateway"]
+    assert route["spec"]["hostnames"] == ["models.example.com"]
+    for track in ("stable", "canary"):
+        service = get(cluster, namespace, "service", f"resnet50-{track}") or {}
+        assert service["spec"]["selector"]["serving.modeldeploy.io/track"] == track
+
+    wait_for("version 1 Available", lambda: status(cluster, namespace).get("phase") == "Available")
+    set_version(cluster, namespace, "2")
+    wait_for(
+        "20 % on the canary",
+        lambda: route_weights(cluster, namespace) == {"resnet50-stable": 80, "resnet50-canary": 20},
+        timeout=30,
+    )
+    assert status(cluster, namespace)["canary"]["weight"] == 20  # what the route achieves
+    cluster.kubectl(
+        "annotate", "md", "resnet50", "-n", namespace, "serving.modeldeploy.io/command=promote"
+    )
+    wait_for(
+        "promotion",
+        lambda: status(cluster, namespace).get("stable", {}).get("version") == "2",
+        timeout=30,
+    )
+    wait_for(
+        "all traffic back on stable",
+        lambda: route_weights(cluster, namespace) == {"resnet50-stable": 100, "resnet50-canary": 0},
+        timeout=20,
+    )

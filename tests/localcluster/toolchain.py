@@ -11,6 +11,7 @@ with its published release of the same Kubernetes version. Binaries are version-
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -39,6 +40,9 @@ BINARIES = (
     "helm",
 )
 STAMP_FILE = ".toolchain-fingerprint"
+# The Gateway API CRDs the tests install come from this module's config/crd/standard.
+# (Not in go.mod: nothing imports it, so `go mod tidy` would drop it.)
+GATEWAY_API = "sigs.k8s.io/gateway-api@v1.6.3"
 HEARTBEAT_SECONDS = 60.0
 
 
@@ -264,6 +268,20 @@ class Toolchain:
             raise
         print(f"[toolchain] done in {format_duration(time.monotonic() - started)}", file=out)
         return True
+
+    def gateway_api_crds(self) -> list[Path]:
+        """The standard-channel Gateway API CRD files, downloaded through the module proxy."""
+        result = subprocess.run(
+            ["go", "mod", "download", "-json", GATEWAY_API],
+            cwd=self.module_dir,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise ToolchainError(f"cannot download {GATEWAY_API}: {result.stdout}{result.stderr}")
+        folder = Path(json.loads(result.stdout)["Dir"]) / "config" / "crd" / "standard"
+        return sorted(folder.glob("*.yaml"))
 
     def _go(self, args: Sequence[str], what: str, out: TextIO) -> None:
         """Run one go command, printing a heartbeat while it works and its time when done."""

@@ -108,6 +108,7 @@ PLURALS = {
     ("v1", "ConfigMap"): "configmaps",
     ("v1", "Event"): "events",
     (f"{GROUP}/{VERSION}", "ModelDeployment"): PLURAL,
+    ("gateway.networking.k8s.io/v1", "HTTPRoute"): "httproutes",
 }
 CLUSTER_SCOPED = {"Node"}
 
