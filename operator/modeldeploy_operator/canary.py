@@ -9,7 +9,7 @@ the canary; a rollback or abort removes the canary at once and remembers the rev
 is not retried until the spec changes.
 
 Manual control: the annotation ``serving.modeldeploy.io/command`` (promote, abort, pause,
-resume, rollback), consumed once acted on.
+resume, rollback; retry for a held revision), consumed once acted on.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ from modeldeploy_operator.rollout.decide import (
 from modeldeploy_operator.status import RolloutView, pod_problems
 
 COMMAND_ANNOTATION = f"{GROUP}/command"
-COMMANDS = ("promote", "abort", "pause", "resume", "rollback")
+COMMANDS = ("promote", "abort", "pause", "resume", "rollback", "retry")
 CANARY_FAILURES = {
     "ImagePullBackOff",
     "ModelFetchFailed",
@@ -128,9 +128,15 @@ def next_look(
     return max(0.2, min(waits))
 
 
-def _command(md_body: dict[str, Any]) -> Command | None:
+def requested(md_body: dict[str, Any]) -> str | None:
+    """The command in the annotation, if it is one we know."""
     value = (md_body["metadata"].get("annotations") or {}).get(COMMAND_ANNOTATION, "")
-    return cast(Command, value) if value in COMMANDS else None
+    return value if value in COMMANDS else None
+
+
+def _command(md_body: dict[str, Any]) -> Command | None:
+    value = requested(md_body)
+    return cast(Command, value) if value not in (None, "retry") else None
 
 
 def analyse(

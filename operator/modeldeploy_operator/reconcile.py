@@ -209,6 +209,8 @@ def reconcile(body: Mapping[str, Any], ctx: OperatorContext) -> Outcome:
 
     revision = revision_of(md, ctx.build.runtime_image)
     how = canary.mode(md, revision)
+    if how == "held" and canary.requested(dict(body)) == "retry":
+        how = "canary"  # a fresh rollout of the held revision; status.rollback is cleared
     deployment, applied, apply_error = apply_children(md, revision, ctx, stable=how == "rolling")
     pods = ctx.api.list("v1", "Pod", md.metadata.namespace, selector_string(md))
     rollout, canary_deployment, decision, requeue_after = None, None, None, None
@@ -223,14 +225,6 @@ def reconcile(body: Mapping[str, Any], ctx: OperatorContext) -> Outcome:
                 "apps/v1", "Deployment", md.metadata.namespace, deployment_name(md, "canary")
             )
             canary_deployment = None
-        if canary.COMMAND_ANNOTATION in (meta.get("annotations") or {}):
-            ctx.api.merge_patch(
-                API_VERSION,
-                KIND,
-                md.metadata.namespace,
-                md.metadata.name,
-                {"metadata": {"annotations": {canary.COMMAND_ANNOTATION: None}}},
-            )
     elif how == "held":
         rollout = RolloutView(
             stable=md.status.stable or TrackStatus(),
@@ -258,7 +252,22 @@ def reconcile(body: Mapping[str, Any], ctx: OperatorContext) -> Outcome:
     old, new = dump(md.status), dump(status)
     written = old != new
     if written:
-        ctx.api.patch_status(md.metadata.namespace, md.metadata.name, status_patch(old, new))
+        # A rollout's progress is written only onto the object it was decided from: two
+        # writers (say, an old and a new operator) cannot both advance a step.
+        precondition = meta.get("resourceVersion") if md.status.canary or status.canary else None
+        ctx.api.patch_status(
+            md.metadata.namespace, md.metadata.name, status_patch(old, new), precondition
+        )
+    if canary.COMMAND_ANNOTATION in (meta.get("annotations") or {}):
+        # Consumed after the status that records its effect is written (that write is
+        # preconditioned on the resourceVersion this removal changes).
+        ctx.api.merge_patch(
+            API_VERSION,
+            KIND,
+            md.metadata.namespace,
+            md.metadata.name,
+            {"metadata": {"annotations": {canary.COMMAND_ANNOTATION: None}}},
+        )
     events = transition_events(md.status, status) if written else []
     if decision is not None and decision.action != "Wait":
         failed = decision.action in ("Rollback", "Abort")
@@ -345,6 +354,11 @@ class Reconciler:
         except ApiError as error:
             if error.status == 404:  # deleted while we worked: nothing left to do
                 result = "gone"
+                return None
+            if error.status == 409:  # written meanwhile: decide again from what is there now
+                result = "conflict"
+                with self._guard:
+                    self._states.setdefault((namespace, name), _KeyState()).dirty = True
                 return None
             self.ctx.telemetry.reconcile_errors.labels(f"api_{error.status}").inc()
             raise

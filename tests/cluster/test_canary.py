@@ -21,6 +21,7 @@ import yaml
 
 from localcluster import Cluster
 from localcluster.operator import OperatorProcess, free_port
+from modeldeploy_operator.k8s.client import ApiError, KubernetesApi, load_api_client
 from rollout_support import md_status, set_version, start_canary
 from support import DELETE, load_example, merged, wait_for
 
@@ -133,6 +134,14 @@ def test_abort_sends_traffic_back_and_the_revision_is_not_retried(
     time.sleep(2 * operator.resync_seconds)
     assert canary_replicas(cluster, namespace) is None
     assert stable_version(cluster, namespace) == "1"
+    # ... until someone asks for it.
+    cluster.kubectl(
+        "annotate", "md", "resnet50", "-n", namespace, "serving.modeldeploy.io/command=retry"
+    )
+    wait_for("the canary back", lambda: canary_replicas(cluster, namespace) == 1, timeout=20)
+    retried = status(cluster, namespace)
+    assert "rollback" not in retried
+    assert retried["canary"]["version"] == "2"
 
 
 def test_manual_promote_skips_the_remaining_steps(
@@ -155,16 +164,31 @@ def test_manual_promote_skips_the_remaining_steps(
     assert stable_version(cluster, namespace) == "2"
 
 
-def test_a_killed_operator_resumes_the_same_step(
-    cluster: Cluster, operator: OperatorProcess, namespace: str
-) -> None:
-    start(cluster, namespace, [{"weight": 50, "pause": "8s"}, {"weight": 100}])
-    wait_for("the canary at 50 %", lambda: canary_replicas(cluster, namespace) == 1, timeout=20)
-    before = status(cluster, namespace)["canary"]
+def kill_and_restart(operator: OperatorProcess) -> None:
     assert operator.pid is not None
     os.kill(operator.pid, signal.SIGKILL)
     operator.stop()
     operator.start()
+
+
+def test_a_killed_operator_resumes_the_same_step(
+    cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    """SIGKILL at three stages: in a timed pause, right after an advance (at a manual step),
+    and at the last step; each time the same step, pause and start resume, nothing advances
+    twice."""
+    start(
+        cluster,
+        namespace,
+        [
+            {"weight": 25, "pause": "6s"},
+            {"weight": 50, "pause": "manual"},
+            {"weight": 100, "pause": "5s"},
+        ],
+    )
+    wait_for("step 1", lambda: canary_replicas(cluster, namespace) == 1, timeout=20)
+    before = status(cluster, namespace)["canary"]
+    kill_and_restart(operator)
     resumed = wait_for(
         "a reconcile after the restart",
         lambda: status(cluster, namespace).get("canary"),
@@ -173,6 +197,28 @@ def test_a_killed_operator_resumes_the_same_step(
     assert resumed["step"] == before["step"] == 0
     assert resumed["stepStarted"] == before["stepStarted"]  # the pause is not restarted
     assert resumed["started"] == before["started"]
+
+    wait_for(
+        "step 2",
+        lambda: (status(cluster, namespace).get("canary") or {}).get("step") == 1,
+        timeout=30,
+    )
+    at_manual = status(cluster, namespace)["canary"]
+    kill_and_restart(operator)
+    time.sleep(2 * operator.resync_seconds)
+    again = status(cluster, namespace)["canary"]
+    assert again["step"] == 1  # a manual step waits, restarts or not
+    assert again["stepStarted"] == at_manual["stepStarted"]
+
+    cluster.kubectl(
+        "annotate", "md", "resnet50", "-n", namespace, "serving.modeldeploy.io/command=resume"
+    )
+    wait_for(
+        "step 3",
+        lambda: (status(cluster, namespace).get("canary") or {}).get("step") == 2,
+        timeout=30,
+    )
+    kill_and_restart(operator)
     wait_for(
         "promotion",
         lambda: status(cluster, namespace).get("stable", {}).get("version") == "2",
@@ -325,3 +371,19 @@ def test_gateway_api_routing_moves_the_httproute_weights(
         lambda: route_weights(cluster, namespace) == {"resnet50-stable": 100, "resnet50-canary": 0},
         timeout=20,
     )
+
+
+def test_rollout_status_writes_are_preconditioned_on_the_resource_version(
+    cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    """Two writers deciding from the same read cannot both write: the second gets 409."""
+    start(cluster, namespace, [{"weight": 50, "pause": "manual"}, {"weight": 100}])
+    wait_for("the canary at 50 %", lambda: canary_replicas(cluster, namespace) == 1, timeout=20)
+    api = KubernetesApi(load_api_client(str(cluster.state.kubeconfig)))
+    read = get(cluster, namespace, "md", "resnet50") or {}
+    version = read["metadata"]["resourceVersion"]
+    cluster.kubectl("annotate", "md", "resnet50", "-n", namespace, "example.com/touched=yes")
+    with pytest.raises(ApiError) as caught:
+        api.patch_status(namespace, "resnet50", {"canary": {"step": 1}}, resource_version=version)
+    assert caught.value.status == 409
+    assert status(cluster, namespace)["canary"]["step"] == 0

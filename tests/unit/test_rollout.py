@@ -160,3 +160,11 @@ def test_query_templates_fail_on_a_missing_variable() -> None:
     assert "$" not in query
     with pytest.raises(TemplateError, match=r"\$interval"):
         render_query(BUILTIN_QUERIES["P99Latency"], {"selector": 'namespace="ns"'})
+
+
+def test_relative_latency_compares_the_tracks() -> None:
+    query = render_query(
+        BUILTIN_QUERIES["RelativeP99Latency"], {"selector": 'namespace="ns"', "interval": "30s"}
+    )
+    assert query.count('track="canary"') == 1
+    assert query.count('track="stable"') == 1

@@ -413,7 +413,9 @@ class AnalysisMetric(ApiModel):
     )
 
     name: str = Field(max_length=63, pattern=DNS_LABEL_PATTERN)
-    builtin: Literal["P99Latency", "ErrorRatio", "DriftScore", "QueueTime"] | None = None
+    builtin: (
+        Literal["P99Latency", "RelativeP99Latency", "ErrorRatio", "DriftScore", "QueueTime"] | None
+    ) = Field(default=None, description="RelativeP99Latency: canary p99 over stable p99.")
     query: str | None = Field(default=None, max_length=4096, min_length=1)
     min: float | None = None
     max: float | None = None

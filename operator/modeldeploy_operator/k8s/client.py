@@ -85,7 +85,13 @@ class KubeApi(Protocol):
 
     def apply(self, obj: Mapping[str, Any], field_manager: str = FIELD_MANAGER) -> Json: ...
 
-    def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> Json: ...
+    def patch_status(
+        self,
+        namespace: str,
+        name: str,
+        status: Mapping[str, Any],
+        resource_version: str | None = None,
+    ) -> Json: ...
 
     def merge_patch(
         self, api_version: str, kind: str, namespace: str, name: str, patch: Mapping[str, Any]
@@ -206,13 +212,24 @@ class KubernetesApi:
             content_type="application/apply-patch+yaml",
         )
 
-    def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> Json:
+    def patch_status(
+        self,
+        namespace: str,
+        name: str,
+        status: Mapping[str, Any],
+        resource_version: str | None = None,
+    ) -> Json:
+        """Merge-patch the status; with ``resource_version``, only if nobody wrote the object
+        since it was read (409 Conflict otherwise)."""
         path = resource_path(f"{GROUP}/{VERSION}", "ModelDeployment", namespace, name) + "/status"
+        body: Json = {"status": dict(status)}
+        if resource_version is not None:
+            body["metadata"] = {"resourceVersion": resource_version}
         return self._call(
             "PATCH",
             path,
             kind="ModelDeployment",
-            body={"status": dict(status)},
+            body=body,
             content_type="application/merge-patch+json",
         )
 

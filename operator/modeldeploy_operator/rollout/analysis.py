@@ -22,6 +22,15 @@ BUILTIN_QUERIES: Mapping[str, str] = {
         "modeldeploy_runtime_request_duration_seconds_bucket"
         '{$selector, track="canary"}[$interval])))'
     ),
+    # Canary p99 over stable p99: 1.0 is "as fast as stable".
+    "RelativeP99Latency": (
+        "histogram_quantile(0.99, sum by (le) (rate("
+        "modeldeploy_runtime_request_duration_seconds_bucket"
+        '{$selector, track="canary"}[$interval])))'
+        " / histogram_quantile(0.99, sum by (le) (rate("
+        "modeldeploy_runtime_request_duration_seconds_bucket"
+        '{$selector, track="stable"}[$interval])))'
+    ),
     # Errors over all requests; "or vector(0)": no errors is 0, no requests stays no data.
     "ErrorRatio": (
         "(sum(rate(modeldeploy_runtime_requests_total"
