@@ -216,7 +216,7 @@ def run(
             if p.reason in CANARY_FAILURES
         ),
         None,
-    )
+    ) or stalled(canary)
     ready = int((canary or {}).get("status", {}).get("readyReplicas") or 0) >= canary_replicas(
         total, weight
     )
@@ -317,6 +317,17 @@ def run(
     )
     wake = next_look(md, after, steps, now, analysed)
     return CanaryResult(view, canary, stable, decision, promote=False, requeue_after=wake)
+
+
+def stalled(deployment: dict[str, Any] | None) -> str | None:
+    """The canary Deployment's ProgressDeadlineExceeded, as a failure message."""
+    for condition in (deployment or {}).get("status", {}).get("conditions", []):
+        if (
+            condition.get("type") == "Progressing"
+            and condition.get("reason") == "ProgressDeadlineExceeded"
+        ):
+            return f"ProgressDeadlineExceeded: {condition.get('message', '')}"
+    return None
 
 
 def _achieved_weight(stable: dict[str, Any] | None, canary: dict[str, Any] | None) -> int:

@@ -10,7 +10,7 @@ import pytest
 
 from modeldeploy_operator.api.v1alpha1 import ModelDeployment
 from modeldeploy_operator.builders.deployment import BuildConfig
-from modeldeploy_operator.canary import analyse, mode, parse_duration, steps_of
+from modeldeploy_operator.canary import analyse, mode, parse_duration, stalled, steps_of
 from modeldeploy_operator.context import OperatorContext
 from modeldeploy_operator.metrics.prometheus import ProviderError
 from modeldeploy_operator.rollout.decide import Step
@@ -120,3 +120,30 @@ def test_analysis_runs_once_per_interval() -> None:
     first = analyse(md(), context(provider), now=110.0, last=None, not_before=100.0)
     assert first == (None, "", None, ())
     assert provider.queries == []
+
+
+def test_a_stalled_canary_is_a_failure() -> None:
+    stuck = {
+        "status": {
+            "conditions": [
+                {
+                    "type": "Progressing",
+                    "status": "False",
+                    "reason": "ProgressDeadlineExceeded",
+                    "message": "timed out",
+                }
+            ]
+        }
+    }
+    assert stalled(stuck) == "ProgressDeadlineExceeded: timed out"
+    assert (
+        stalled(
+            {
+                "status": {
+                    "conditions": [{"type": "Progressing", "reason": "NewReplicaSetAvailable"}]
+                }
+            }
+        )
+        is None
+    )
+    assert stalled(None) is None
