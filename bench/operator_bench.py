@@ -31,6 +31,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from report import markers, percentile, write_section  # noqa: E402
+
 from localcluster import Cluster, ClusterState, Toolchain  # noqa: E402
 from localcluster.nodes import NodeSpec, node_manifest  # noqa: E402
 from localcluster.operator import OperatorProcess, metric_sum  # noqa: E402
@@ -38,16 +40,9 @@ from modeldeploy_operator.api.v1alpha1 import ModelDeployment  # noqa: E402
 from modeldeploy_operator.builders.deployment import BuildConfig, build_deployment  # noqa: E402
 from modeldeploy_operator.builders.labels import revision_of  # noqa: E402
 
-BEGIN = "<!-- operator-bench:begin -->"
-END = "<!-- operator-bench:end -->"
+BEGIN, END = markers("operator-bench")
 WRITE_VERBS = "APPLY|PATCH|POST|PUT|DELETE"
 NAMESPACE = "bench"
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
-    return ordered[index]
 
 
 def wait(check: Callable[[], bool], timeout: float, poll: float = 0.05) -> float:
@@ -243,19 +238,6 @@ def render(results: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def write_report(section: str, path: Path) -> None:
-    text = (
-        path.read_text()
-        if path.exists()
-        else "# Benchmarks\n\n## Operator\n\n" + BEGIN + "\n" + END + "\n"
-    )
-    if BEGIN not in text:
-        text += "\n## Operator\n\n" + BEGIN + "\n" + END + "\n"
-    head, rest = text.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1]
-    path.write_text(head + section + tail)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=15)
@@ -308,7 +290,7 @@ def main() -> int:
     section = render(results)
     print(section)
     print(json.dumps({"cold_start": cold, "idle": quiet}, indent=2))
-    write_report(section, args.output)
+    write_section(args.output, "operator-bench", "Operator", section)
     return 0
 
 

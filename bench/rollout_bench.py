@@ -24,14 +24,15 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from report import markers, write_section  # noqa: E402
+
 from localcluster import Cluster, ClusterState, Toolchain  # noqa: E402
 from localcluster.operator import OperatorProcess, free_port  # noqa: E402
 from prometheus_support import start_prometheus  # noqa: E402
 from rollout_support import canary_exists, start_canary  # noqa: E402
 from triton_support import Traffic, json_body, start_sidecar, start_triton, stop  # noqa: E402
 
-BEGIN = "<!-- rollout-bench:begin -->"
-END = "<!-- rollout-bench:end -->"
+BEGIN, END = markers("rollout-bench")
 GOOD = json_body(np.zeros((1, 4), np.float32))
 BAD = json_body(np.zeros((1, 3), np.float32))  # the model wants 4 values: every request fails
 
@@ -129,14 +130,6 @@ def render(results: dict[int, float], date: str) -> str:
     return "\n".join(rows)
 
 
-def write_report(section: str, path: Path) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if BEGIN not in text:
-        text = text.rstrip() + "\n\n## Canary rollback\n\n" + BEGIN + "\n" + END + "\n"
-    head, rest = text.split(BEGIN, 1)
-    path.write_text(head + section + rest.split(END, 1)[1])
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--intervals", type=int, nargs="+", default=[5, 30])
@@ -160,7 +153,7 @@ def main() -> int:
             cluster.down()
     section = render(results, dt.date.today().isoformat())
     print(section)
-    write_report(section, args.output)
+    write_section(args.output, "rollout-bench", "Canary rollback", section)
     return 0
 
 

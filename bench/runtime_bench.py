@@ -32,12 +32,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from report import markers, percentile, write_section  # noqa: E402
+
 from localcluster.operator import free_port  # noqa: E402
 from modeldeploy_runtime.drift import DriftWindow, Profile, decode_tensors, profile_features  # noqa: E402
 from triton_support import start_sidecar, start_triton, stop  # noqa: E402
 
-BEGIN = "<!-- runtime-bench:begin -->"
-END = "<!-- runtime-bench:end -->"
+BEGIN, END = markers("runtime-bench")
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -52,8 +53,7 @@ class Run:
         return self.requests / self.seconds
 
     def percentile(self, q: float) -> float:
-        ordered = sorted(self.latencies)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+        return percentile(self.latencies, q)
 
 
 def request_bytes(model: str) -> bytes:
@@ -142,14 +142,6 @@ def drift_cost(features: int = 64, rows: int = 32, rounds: int = 300) -> float:
     for _ in range(rounds):
         window.add("input", decode_tensors([], body, "inputs"))
     return (time.perf_counter() - started) / (rounds * rows * features) * 1e9
-
-
-def write_report(section: str, path: Path) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if BEGIN not in text:
-        text = text.rstrip() + "\n\n## Runtime sidecar\n\n" + BEGIN + "\n" + END + "\n"
-    head, rest = text.split(BEGIN, 1)
-    path.write_text(head + section + rest.split(END, 1)[1])
 
 
 def render(results: dict[str, Any]) -> str:
@@ -242,7 +234,7 @@ def main() -> int:
     }
     section = render(results)
     print(section)
-    write_report(section, args.output)
+    write_section(args.output, "runtime-bench", "Runtime sidecar", section)
     return 0
 
 

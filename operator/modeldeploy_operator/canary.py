@@ -106,7 +106,6 @@ def iso(epoch: float) -> str:
 class CanaryResult:
     view: RolloutView
     canary_deployment: dict[str, Any] | None
-    stable_deployment: dict[str, Any] | None
     decision: Decision
     promote: bool  # the caller applies the new revision to stable
     requeue_after: float | None = None  # when the rollout next needs a look
@@ -206,7 +205,7 @@ def run(
     )
     total = md.spec.desired_replicas()  # under autoscaling: minReplicas while the canary runs
     weight = steps[min(progress.step, len(steps) - 1)].weight
-    canary = _scale_tracks(md, revision, ctx, total, weight)
+    canary = _scale_tracks(md, revision, ctx, total, weight, stable)
     canary_pods = [p for p in pods if p["metadata"].get("labels", {}).get(TRACK_LABEL) == "canary"]
     failure = next(
         (
@@ -248,7 +247,7 @@ def run(
         ),
     )
     if decision.action == "Advance":
-        canary = _scale_tracks(md, revision, ctx, total, decision.weight)
+        canary = _scale_tracks(md, revision, ctx, total, decision.weight, stable)
     stable_status = md.status.stable or TrackStatus()
     history = list(md.status.history)
     began = (
@@ -284,7 +283,7 @@ def run(
                 [*history, entry.model_copy(update={"result": result_name})][-HISTORY_LIMIT:]
             ),
         )
-        return CanaryResult(view, None, stable, decision, promote=False)
+        return CanaryResult(view, None, decision, promote=False)
     if decision.action == "Promote":
         view = RolloutView(
             stable=TrackStatus(version=md.spec.model.version, revision=revision),
@@ -293,7 +292,7 @@ def run(
                 [*history, entry.model_copy(update={"result": "Promoted"})][-HISTORY_LIMIT:]
             ),
         )
-        return CanaryResult(view, canary, stable, decision, promote=True)
+        return CanaryResult(view, canary, decision, promote=True)
     # Through a Gateway the route sets the split; by replicas, the ready pods do.
     achieved = decision.weight if gateway_routing(md) else _achieved_weight(stable, canary)
     after = decision.progress
@@ -316,7 +315,7 @@ def run(
         message=f"canary step {after.step + 1}/{len(steps)}: {decision.message}",
     )
     wake = next_look(md, after, steps, now, analysed)
-    return CanaryResult(view, canary, stable, decision, promote=False, requeue_after=wake)
+    return CanaryResult(view, canary, decision, promote=False, requeue_after=wake)
 
 
 def stalled(deployment: dict[str, Any] | None) -> str | None:
@@ -339,18 +338,26 @@ def _achieved_weight(stable: dict[str, Any] | None, canary: dict[str, Any] | Non
 
 
 def _scale_tracks(
-    md: ModelDeployment, revision: str, ctx: OperatorContext, total: int, weight: int
+    md: ModelDeployment,
+    revision: str,
+    ctx: OperatorContext,
+    total: int,
+    weight: int,
+    stable: dict[str, Any] | None,
 ) -> dict[str, Any] | None:
-    """Apply the canary Deployment with its share and scale stable to the rest."""
+    """Apply the canary Deployment with its share and scale ``stable`` (as reconcile read it)
+    to the rest; returns the canary Deployment."""
     ns = md.metadata.namespace
     wanted = canary_replicas(total, weight)
     desired = build_deployment(md, "canary", revision, ctx.build, replicas=wanted)
     observed = ctx.api.get("apps/v1", "Deployment", ns, desired["metadata"]["name"])
     canary = ctx.api.apply(desired) if needs_apply(observed, desired) else observed
-    stable_name = deployment_name(md, "stable")
-    stable = ctx.api.get("apps/v1", "Deployment", ns, stable_name)
     if stable is not None and stable.get("spec", {}).get("replicas") != total - wanted:
         ctx.api.merge_patch(
-            "apps/v1", "Deployment/scale", ns, stable_name, {"spec": {"replicas": total - wanted}}
+            "apps/v1",
+            "Deployment/scale",
+            ns,
+            deployment_name(md, "stable"),
+            {"spec": {"replicas": total - wanted}},
         )
     return canary
