@@ -341,7 +341,7 @@ class AutoscalingSpec(ApiModel):
     behavior: ScalingBehavior | None = None
 
 
-# -- spec.rollout (validated and stored; behaviour arrives with the rollout issue) ----------
+# -- spec.rollout (canary rollouts: canary.py, rollout/) ----------------------------------
 
 
 class CanaryStep(ApiModel):
@@ -466,7 +466,7 @@ class RolloutSpec(ApiModel):
     analysis: AnalysisSpec | None = None
 
 
-# -- spec.monitoring (validated and stored; the sidecar arrives with the runtime issue) -----
+# -- spec.monitoring (the runtime sidecar's settings) --------------------------------------
 
 
 class LocalObjectRef(ApiModel):
