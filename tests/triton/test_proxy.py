@@ -267,12 +267,15 @@ def test_readyz_follows_the_model(triton: Endpoint, sidecar: SidecarFactory) -> 
 def test_triton_queue_and_compute_time_from_its_statistics(sidecar: SidecarFactory) -> None:
     proxy = sidecar(model="slow", stats_interval_seconds=0.2)
     client = httpclient.InferenceServerClient(proxy.http)
+    slowest = 0.0
     for _ in range(5):
         x = httpclient.InferInput("x", [1, 2], "FP32")
         x.set_data_from_numpy(np.ones((1, 2), np.float32))
         delay = httpclient.InferInput("delay", [1, 1], "FP32")
         delay.set_data_from_numpy(np.array([[0.05]], np.float32))
+        started = time.monotonic()
         client.infer("slow", [x, delay])
+        slowest = max(slowest, time.monotonic() - started)
     deadline = time.monotonic() + 10
     while True:
         samples = scrape(proxy.metrics)
@@ -280,5 +283,7 @@ def test_triton_queue_and_compute_time_from_its_statistics(sidecar: SidecarFacto
         if compute or time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    assert 0.04 < compute < 1.0  # the model sleeps 50 ms per request
+    # The model sleeps 50 ms per request; Triton's server-side mean can never exceed what the
+    # slowest request took end to end (a shared CI machine once made one take a second).
+    assert 0.04 < compute <= slowest
     assert value(samples, "modeldeploy_runtime_triton_queue_seconds", model="slow") >= 0
