@@ -6,6 +6,7 @@ The ``cluster`` fixture gives the session one real local control plane: it reuse
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,7 +47,7 @@ def gateway_api(cluster: Cluster) -> None:
 @pytest.fixture
 def namespace(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[str]:
     """A fresh namespace for one test, deleted (without waiting) afterwards."""
-    stem = request.node.name.lower().replace("_", "-")[:40].strip("-")
+    stem = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower().replace("_", "-"))[:40].strip("-")
     name = f"{stem}-{uuid.uuid4().hex[:6]}"
     cluster.kubectl("create", "namespace", name)
     yield name

@@ -15,7 +15,6 @@ resume, rollback; retry for a held revision), consumed once acted on.
 from __future__ import annotations
 
 import datetime as dt
-import re
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -26,9 +25,10 @@ from modeldeploy_operator.api.v1alpha1 import (
     ModelDeployment,
     RollbackStatus,
     TrackStatus,
+    parse_duration,
 )
 from modeldeploy_operator.builders.deployment import build_deployment
-from modeldeploy_operator.builders.labels import TRACK_LABEL, deployment_name
+from modeldeploy_operator.builders.labels import TRACK_LABEL, deployment_name, metric_selector
 from modeldeploy_operator.builders.route import gateway_routing
 from modeldeploy_operator.context import OperatorContext
 from modeldeploy_operator.drift import needs_apply
@@ -62,12 +62,6 @@ CANARY_FAILURES = {
     "ContainerConfigError",
 }
 HISTORY_LIMIT = 10
-UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-def parse_duration(text: str) -> float:
-    """``1m30s`` -> 90.0 (the API server already checked the format)."""
-    return sum(float(n) * UNITS[u] for n, u in re.findall(r"([0-9.]+)(ms|s|m|h)", text))
 
 
 def steps_of(md: ModelDeployment) -> tuple[Step, ...]:
@@ -151,7 +145,7 @@ def analyse(
         return None, "", last, ()  # the first check comes one interval in: there is data by then
     url = analysis.prometheus.url if analysis.prometheus else ctx.prometheus_url
     variables = {
-        "selector": f'namespace="{md.metadata.namespace}", modeldeployment="{md.metadata.name}"',
+        "selector": metric_selector(md),
         "interval": f"{max(int(interval), 1)}s",
         "namespace": md.metadata.namespace,
         "name": md.metadata.name,

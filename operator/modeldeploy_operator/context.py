@@ -7,8 +7,9 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from modeldeploy_operator.autoscaling.decide import Recommendation
 from modeldeploy_operator.builders.deployment import BuildConfig
 from modeldeploy_operator.k8s.client import ApiError, KubeApi
 from modeldeploy_operator.metrics.prometheus import MetricsProvider, PrometheusProvider
@@ -59,6 +60,35 @@ class GpuInventory:
 
 
 @dataclass
+class ScalingState:
+    """What the builtin autoscaler remembers about one ModelDeployment between evaluations."""
+
+    since: float  # when the operator started watching it: the history is complete from here
+    last_evaluation: float | None = None
+    history: list[Recommendation] = field(default_factory=list)  # raw, oldest first
+    awake_since: float | None = None  # when it last came up from zero replicas
+    last_replicas: int | None = None
+
+
+class ScalingMemory:
+    """Per-ModelDeployment autoscaler memory. Kept in memory like the HPA's recommendations;
+    an operator restart starts empty, and the algorithm then treats the unknown past as "stay"
+    (see ``autoscaling.decide.stabilise``), so a restart never hastens a scale-down."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._states: dict[tuple[str, str], ScalingState] = {}
+
+    def state(self, key: tuple[str, str], now: float) -> ScalingState:
+        with self._lock:
+            return self._states.setdefault(key, ScalingState(since=now, awake_since=now))
+
+    def forget(self, key: tuple[str, str]) -> None:
+        with self._lock:
+            self._states.pop(key, None)
+
+
+@dataclass
 class OperatorContext:
     api: KubeApi
     build: BuildConfig
@@ -71,3 +101,4 @@ class OperatorContext:
     prometheus_url: str | None = None  # used when a ModelDeployment names none
     resync_seconds: float = 30.0
     namespaces: tuple[str, ...] = ()  # empty: every namespace
+    scaling: ScalingMemory = field(default_factory=ScalingMemory)

@@ -17,9 +17,14 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from modeldeploy_operator import canary
-from modeldeploy_operator.api.v1alpha1 import API_VERSION, KIND, ModelDeployment, TrackStatus
-from modeldeploy_operator.autoscaling import AUTOSCALER_MANAGER, desired_replicas
+from modeldeploy_operator import autoscaler, canary
+from modeldeploy_operator.api.v1alpha1 import (
+    API_VERSION,
+    KIND,
+    ModelDeployment,
+    ModelDeploymentStatus,
+    TrackStatus,
+)
 from modeldeploy_operator.builders.deployment import build_deployment
 from modeldeploy_operator.builders.labels import deployment_name, revision_of, selector_string
 from modeldeploy_operator.builders.route import build_route, build_track_service, gateway_routing
@@ -144,34 +149,6 @@ def apply_routing(
     return applied, error
 
 
-def scale(
-    md: ModelDeployment, deployment: dict[str, Any] | None, ctx: OperatorContext
-) -> dict[str, Any] | None:
-    """Set the Deployment's replicas when the builtin autoscaler owns them and wants a change.
-
-    A separate field manager owns ``spec.replicas``, so the main apply (which leaves the field
-    out under autoscaling) never resets it.
-    """
-    if md.spec.autoscaling is None or deployment is None:
-        return deployment
-    current = deployment.get("spec", {}).get("replicas")
-    wanted = desired_replicas(current, md.spec.autoscaling)
-    if wanted is None or wanted == current:
-        return deployment
-    meta = deployment["metadata"]
-    patch = {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": meta["name"], "namespace": meta["namespace"]},
-        "spec": {"replicas": wanted},
-    }
-    ctx.logger.info(
-        f"Scaled Deployment {meta['namespace']}/{meta['name']} from {current} to {wanted}",
-        extra={"modeldeployment": f"{md.metadata.namespace}/{md.metadata.name}"},
-    )
-    return ctx.api.apply(patch, field_manager=AUTOSCALER_MANAGER)
-
-
 def emit_events(
     ctx: OperatorContext, involved: dict[str, Any], key: str, events: list[EventSpec]
 ) -> None:
@@ -193,21 +170,62 @@ def emit_events(
         )
 
 
+def write_status(
+    md: ModelDeployment,
+    meta: Mapping[str, Any],
+    status: ModelDeploymentStatus,
+    ctx: OperatorContext,
+) -> bool:
+    """Write the status when it changed, then consume a command; True when written."""
+    old, new = dump(md.status), dump(status)
+    written = old != new
+    if written:
+        # A rollout's progress is written only onto the object it was decided from: two
+        # writers (say, an old and a new operator) cannot both advance a step.
+        precondition = meta.get("resourceVersion") if md.status.canary or status.canary else None
+        ctx.api.patch_status(
+            md.metadata.namespace, md.metadata.name, status_patch(old, new), precondition
+        )
+    if canary.COMMAND_ANNOTATION in (meta.get("annotations") or {}):
+        # Consumed after the status that records its effect is written (that write is
+        # preconditioned on the resourceVersion this removal changes).
+        ctx.api.merge_patch(
+            API_VERSION,
+            KIND,
+            md.metadata.namespace,
+            md.metadata.name,
+            {"metadata": {"annotations": {canary.COMMAND_ANNOTATION: None}}},
+        )
+    return written
+
+
+def parse(body: Mapping[str, Any], key: str, ctx: OperatorContext) -> ModelDeployment | None:
+    try:
+        return ModelDeployment.model_validate(body)
+    except ValidationError as invalid:
+        # The API server validates against the same models, so this means a stale CRD.
+        message = f"spec does not match the operator's API: {invalid.errors()[0]['msg']}"
+        ctx.logger.error(message, extra={"modeldeployment": key})
+        return None
+
+
 def reconcile(body: Mapping[str, Any], ctx: OperatorContext) -> Outcome:
     """Bring one ModelDeployment's children and status in line with its spec."""
     meta = body["metadata"]
     key = f"{meta['namespace']}/{meta['name']}"
     if meta.get("deletionTimestamp"):
         return Outcome(phase=None)  # going away; garbage collection takes the children
-    try:
-        md = ModelDeployment.model_validate(body)
-    except ValidationError as invalid:
-        # The API server validates against the same models, so this means a stale CRD.
-        message = f"spec does not match the operator's API: {invalid.errors()[0]['msg']}"
-        ctx.logger.error(message, extra={"modeldeployment": key})
+    md = parse(body, key, ctx)
+    if md is None:
         return Outcome(phase=None)
-
     revision = revision_of(md, ctx.build.runtime_image)
+    scaling = autoscaler.run(md, ctx, revision, ctx.epoch())
+    if scaling.scaled:  # spec.replicas changed: go on from the object as it is now
+        fresh = ctx.api.get(API_VERSION, KIND, md.metadata.namespace, md.metadata.name)
+        md = parse(fresh, key, ctx) if fresh is not None else None
+        if fresh is None or md is None:
+            return Outcome(phase=None)
+        body, meta = fresh, fresh["metadata"]
     how = canary.mode(md, revision)
     if how == "held" and canary.requested(dict(body)) == "retry":
         how = "canary"  # a fresh rollout of the held revision; status.rollback is cleared
@@ -237,8 +255,9 @@ def reconcile(body: Mapping[str, Any], ctx: OperatorContext) -> Outcome:
         )
     routed, routing_error = apply_routing(md, rollout, ctx)
     applied += routed
-    apply_error = apply_error or routing_error
-    deployment = scale(md, deployment, ctx)
+    _, engine_applied, engine_error = apply_objects(md, list(scaling.objects), ctx)
+    applied += engine_applied
+    apply_error = apply_error or routing_error or engine_error or scaling.error
     observed = Observed(
         deployment=deployment,
         canary_deployment=canary_deployment,
@@ -247,28 +266,14 @@ def reconcile(body: Mapping[str, Any], ctx: OperatorContext) -> Outcome:
         gpu_products=ctx.gpus.products() if md.spec.resources.gpu else None,
         missing=missing_references(md, ctx),
         apply_error=apply_error,
+        autoscaling=scaling.view,
+        at_gpu_capacity=scaling.at_capacity,
     )
     status = compute_status(md, observed, revision, ctx.clock())
-    old, new = dump(md.status), dump(status)
-    written = old != new
-    if written:
-        # A rollout's progress is written only onto the object it was decided from: two
-        # writers (say, an old and a new operator) cannot both advance a step.
-        precondition = meta.get("resourceVersion") if md.status.canary or status.canary else None
-        ctx.api.patch_status(
-            md.metadata.namespace, md.metadata.name, status_patch(old, new), precondition
-        )
-    if canary.COMMAND_ANNOTATION in (meta.get("annotations") or {}):
-        # Consumed after the status that records its effect is written (that write is
-        # preconditioned on the resourceVersion this removal changes).
-        ctx.api.merge_patch(
-            API_VERSION,
-            KIND,
-            md.metadata.namespace,
-            md.metadata.name,
-            {"metadata": {"annotations": {canary.COMMAND_ANNOTATION: None}}},
-        )
+    written = write_status(md, meta, status, ctx)
     events = transition_events(md.status, status) if written else []
+    if scaling.event is not None:
+        events.append(scaling.event)
     if decision is not None and decision.action != "Wait":
         failed = decision.action in ("Rollback", "Abort")
         events.append(
@@ -281,7 +286,9 @@ def reconcile(body: Mapping[str, Any], ctx: OperatorContext) -> Outcome:
         applied=tuple(applied),
         status_written=written,
         events=tuple(e.reason for e in events),
-        requeue_after=requeue_after,
+        requeue_after=min(
+            (t for t in (requeue_after, scaling.requeue_after) if t is not None), default=None
+        ),
     )
 
 

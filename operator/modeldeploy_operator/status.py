@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from modeldeploy_operator.api.v1alpha1 import (
     AnalysisResult,
+    AutoscalingStatus,
     Condition,
     ConditionStatus,
     HistoryEntry,
@@ -84,6 +85,8 @@ class Observed:
     gpu_products: frozenset[str] | None = None  # None: nodes could not be listed
     missing: tuple[MissingReference, ...] = ()
     apply_error: str | None = None
+    autoscaling: AutoscalingStatus | None = None  # the autoscaler's view, when it scales
+    at_gpu_capacity: str | None = None  # why the autoscaler stopped short, when it did
 
 
 @dataclass(frozen=True)
@@ -120,14 +123,6 @@ def _get(obj: Mapping[str, Any] | None, *path: str) -> Any:
     return node
 
 
-def desired_replicas(md: ModelDeployment, deployment: Mapping[str, Any] | None) -> int:
-    """The spec's count, or the autoscaler's choice (the Deployment's replicas) when it owns it."""
-    if md.spec.autoscaling is not None:
-        replicas = _get(deployment, "spec", "replicas")
-        return int(replicas) if replicas is not None else md.spec.autoscaling.min_replicas
-    return md.spec.desired_replicas()
-
-
 def is_terminating(pod: Mapping[str, Any]) -> bool:
     return _get(pod, "metadata", "deletionTimestamp") is not None
 
@@ -146,7 +141,7 @@ def count(md: ModelDeployment, observed: Observed) -> Counts:
     both = [dep, observed.canary_deployment]
     pods = [p for p in observed.pods if not is_terminating(p)]
     return Counts(
-        desired=desired_replicas(md, dep)
+        desired=md.spec.desired_replicas()
         if observed.canary_deployment is None
         else int(_get(dep, "spec", "replicas") or 0)
         + int(_get(observed.canary_deployment, "spec", "replicas") or 0),
@@ -354,6 +349,13 @@ def decide_conditions(
     return [ready, progressing, degraded]  # type: ignore[list-item]
 
 
+def capacity_condition(message: str | None) -> tuple[str, ConditionStatus, str, str]:
+    """AtGPUCapacity: True while the autoscaler wants more replicas than the GPUs hold."""
+    if message is not None:
+        return ("AtGPUCapacity", "True", "GPUCapacityReached", message)
+    return ("AtGPUCapacity", "False", "WithinCapacity", "the reachable GPUs hold what is wanted")
+
+
 def merge_conditions(
     previous: Sequence[Condition],
     decided: Sequence[tuple[str, ConditionStatus, str, str]],
@@ -391,12 +393,12 @@ def compute_status(
     rollout = observed.rollout
     canary = rollout.canary if rollout is not None else None
     phase = decide_phase(counts, problems, observed.deployment is not None, canary is not None)
-    conditions = merge_conditions(
-        md.status.conditions,
-        decide_conditions(counts, problems, phase, rollout.message if canary and rollout else ""),
-        md.metadata.generation,
-        now,
+    decided = decide_conditions(
+        counts, problems, phase, rollout.message if canary and rollout else ""
     )
+    if md.spec.autoscaling is not None:
+        decided.append(capacity_condition(observed.at_gpu_capacity))
+    conditions = merge_conditions(md.status.conditions, decided, md.metadata.generation, now)
     if rollout is None:
         rollout = RolloutView(stable=TrackStatus(version=md.spec.model.version, revision=revision))
     gpu = md.spec.resources.gpu
@@ -416,6 +418,7 @@ def compute_status(
             "rollback": rollout.rollback,
             "history": list(rollout.history) or md.status.history,
             "analysis": list(rollout.analysis),
+            "autoscaling": observed.autoscaling,
             "conditions": conditions,
         }
     )
@@ -446,4 +449,6 @@ def transition_events(
                 "Normal" if condition.reason == "RolloutComplete" else "Warning"
             )
             events.append(EventSpec(kind, condition.reason, condition.message))
+        elif condition.type == "AtGPUCapacity" and condition.status == "True":
+            events.append(EventSpec("Warning", "AtGPUCapacity", condition.message))
     return events

@@ -307,7 +307,7 @@ def test_operator_exports_its_own_metrics(operator: OperatorProcess) -> None:
     assert metric_sum(metrics, "modeldeploy_api_requests_total", verb="APPLY") > 0
 
 
-def test_replicas_are_not_fought_over_when_autoscaling_owns_them(
+def test_under_autoscaling_the_scale_subresource_sets_the_count_within_bounds(
     cluster: Cluster, operator: OperatorProcess, namespace: str
 ) -> None:
     scaling = {
@@ -329,8 +329,10 @@ def test_replicas_are_not_fought_over_when_autoscaling_owns_them(
         deployment = get(cluster, namespace, "deployment", "resnet50-stable")
         return int((deployment or {}).get("spec", {}).get("replicas", -1))
 
-    # Another autoscaler (or a human) sets 3, within bounds: it stays, resync after resync.
-    cluster.kubectl("scale", "deployment", "resnet50-stable", "-n", namespace, "--replicas=3")
+    # An autoscaler (or a human) scales the ModelDeployment: without metric data the
+    # builtin engine keeps the count, resync after resync.
+    cluster.kubectl("scale", "md", "resnet50", "-n", namespace, "--replicas=3")
+    wait_for("3 replicas", lambda: replicas() == 3, timeout=10)
     time.sleep(2 * operator.resync_seconds + 1)
     assert replicas() == 3
     wait_for(
@@ -341,6 +343,13 @@ def test_replicas_are_not_fought_over_when_autoscaling_owns_them(
         ),
         timeout=20,
     )
+    status = (get(cluster, namespace, "md", "resnet50") or {})["status"]
+    assert status["autoscaling"]["engine"] == "builtin"
+    # Editing the Deployment does not count: the ModelDeployment's count is taken back.
+    cluster.kubectl("scale", "deployment", "resnet50-stable", "-n", namespace, "--replicas=2")
+    wait_for(
+        "the Deployment back at 3", lambda: replicas() == 3, timeout=2 * operator.resync_seconds + 5
+    )
     # Beyond maxReplicas it is brought back within bounds.
-    cluster.kubectl("scale", "deployment", "resnet50-stable", "-n", namespace, "--replicas=9")
+    cluster.kubectl("scale", "md", "resnet50", "-n", namespace, "--replicas=9")
     wait_for("replicas clamped to maxReplicas", lambda: replicas() == 4, timeout=10)

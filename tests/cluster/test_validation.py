@@ -25,6 +25,10 @@ AUTOSCALING = {
 }
 
 
+def scaling(**fields: Any) -> dict[str, Any]:
+    return {"spec": {"autoscaling": {**AUTOSCALING, **fields}}}
+
+
 def rollout(**fields: Any) -> dict[str, Any]:
     return {"spec": {"rollout": fields}}
 
@@ -36,10 +40,52 @@ def analysis_metric(**fields: Any) -> dict[str, Any]:
 # (id, patch, the field the message must name, what the message must say)
 INVALID: list[tuple[str, dict[str, Any], str, str]] = [
     (
-        "replicas-and-autoscaling",
-        {"spec": {"replicas": 2, "autoscaling": AUTOSCALING}},
-        "spec",
-        "spec.replicas and spec.autoscaling are mutually exclusive",
+        "custom-metric-without-query",
+        scaling(metrics=[{"type": "Custom", "target": 1}]),
+        "spec.autoscaling.metrics[0].query",
+        "required for type Custom",
+    ),
+    (
+        "query-on-a-builtin-metric",
+        scaling(metrics=[{"type": "InFlightPerReplica", "target": 4, "query": "up"}]),
+        "spec.autoscaling.metrics[0].query",
+        "allowed only there",
+    ),
+    (
+        "custom-metric-with-hpa",
+        scaling(engine="hpa", metrics=[{"type": "Custom", "target": "0.5", "query": "up"}]),
+        "spec.autoscaling.metrics",
+        "needs engine builtin or keda",
+    ),
+    (
+        "scale-to-zero-with-hpa",
+        scaling(engine="hpa", scaleToZero={"enabled": True}),
+        "spec.autoscaling.scaleToZero",
+        "needs engine builtin or keda",
+    ),
+    (
+        "target-not-a-number",
+        scaling(metrics=[{"type": "RPSPerReplica", "target": "lots"}]),
+        "spec.autoscaling.metrics[0].target",
+        "must be a positive number",
+    ),
+    (
+        "cpu-utilization-without-cpu",
+        scaling(metrics=[{"type": "CPUUtilization", "target": 70}]),
+        "spec.autoscaling.metrics",
+        "needs spec.resources.cpu",
+    ),
+    (
+        "idle-after-not-duration",
+        scaling(scaleToZero={"enabled": True, "idleAfter": "a while"}),
+        "spec.autoscaling.scaleToZero.idleAfter",
+        "must be a duration",
+    ),
+    (
+        "min-replicas-zero",
+        scaling(minReplicas=0),
+        "spec.autoscaling.minReplicas",
+        "greater than or equal to 1",
     ),
     (
         "min-above-max",
@@ -284,3 +330,53 @@ def test_invalid_spec_is_rejected_naming_the_field(
     assert code != 0, "the API server accepted it"
     assert field in stderr, stderr
     assert text in stderr, stderr
+
+
+VALID = [
+    ("replicas-under-autoscaling", {"spec": {"replicas": 3, **scaling()["spec"]}}),
+    (
+        "every-metric",
+        scaling(
+            metrics=[
+                {"type": "InFlightPerReplica", "target": 4},
+                {"type": "RPSPerReplica", "target": "12.5"},
+                {"type": "P99Latency", "target": "250ms"},
+                {"type": "QueueTime", "target": "20ms"},
+                {"type": "GPUUtilization", "target": 80},
+                {"type": "Custom", "name": "queue", "target": "0.5", "query": "vector(1)"},
+                {"type": "Custom", "name": "other", "target": 2, "query": "vector(2)"},
+            ]
+        ),
+    ),
+    (
+        "behaviour-and-scale-to-zero",
+        scaling(
+            engine="keda",
+            interval="5s",
+            behavior={
+                "scaleUpStabilization": "0s",
+                "scaleDownStabilization": "2m",
+                "maxScaleUpStep": 4,
+                "maxScaleDownStep": 1,
+                "tolerancePercent": 5,
+            },
+            scaleToZero={"enabled": True, "idleAfter": "15m"},
+            prometheus={"url": "http://prometheus.monitoring:9090"},
+        ),
+    ),
+    (
+        "cpu-utilization-with-cpu",
+        merged(
+            scaling(metrics=[{"type": "CPUUtilization", "target": 70}]),
+            {"spec": {"resources": {"cpu": "4"}}},
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize("patch", [c[1] for c in VALID], ids=[c[0] for c in VALID])
+def test_valid_autoscaling_is_accepted(
+    cluster: Cluster, crd: None, namespace: str, minimal: dict[str, Any], patch: dict[str, Any]
+) -> None:
+    code, stderr = submit(cluster, namespace, merged(minimal, patch))
+    assert code == 0, stderr

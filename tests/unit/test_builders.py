@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from modeldeploy_operator.api.v1alpha1 import ModelDeployment
+from modeldeploy_operator.builders.autoscaler import build_hpa, build_scaled_object
 from modeldeploy_operator.builders.deployment import BuildConfig, build_deployment, surge_strategy
 from modeldeploy_operator.builders.labels import revision_of
 from modeldeploy_operator.builders.service import build_service
@@ -86,11 +87,24 @@ def test_credentials_are_mounted_only_into_the_fetcher() -> None:
     assert all("model-credentials" not in mounts(c) for c in pod["containers"])
 
 
-def test_autoscaling_leaves_replicas_to_the_autoscaler() -> None:
-    full = build_deployment(model(load_example("full.yaml")), "stable", "r1", CONFIG)
-    assert "replicas" not in full["spec"]
+def test_autoscaled_deployments_get_the_count_the_autoscaler_chose_within_bounds() -> None:
+    doc = load_example("full.yaml")  # minReplicas 1, maxReplicas 4
+    assert build_deployment(model(doc), "stable", "r1", CONFIG)["spec"]["replicas"] == 1
+    chosen = model(merged(doc, {"spec": {"replicas": 3}}))
+    assert build_deployment(chosen, "stable", "r1", CONFIG)["spec"]["replicas"] == 3
+    beyond = model(merged(doc, {"spec": {"replicas": 9}}))
+    assert build_deployment(beyond, "stable", "r1", CONFIG)["spec"]["replicas"] == 4
     fixed = build_deployment(model(load_example("minimal.yaml")), "stable", "r1", CONFIG)
     assert fixed["spec"]["replicas"] == 1
+
+
+def test_hpa_and_scaled_object_match_golden_files() -> None:
+    doc = load_example("full.yaml")
+    check_golden(
+        "full-hpa.yaml", build_hpa(model(merged(doc, {"spec": {"autoscaling": {"engine": "hpa"}}})))
+    )
+    keda = model(merged(doc, {"spec": {"autoscaling": {"engine": "keda"}}}))
+    check_golden("full-scaledobject.yaml", build_scaled_object(keda, "http://prometheus:9090"))
 
 
 def test_sidecar_is_gated_and_the_service_follows_it() -> None:

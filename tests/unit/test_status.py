@@ -224,21 +224,27 @@ def test_counts_selector_and_gpus() -> None:
     assert (status.stable.version, status.stable.revision) == ("1", "rev")
 
 
-def test_autoscaled_desired_count_comes_from_the_deployment() -> None:
-    scaled = md(
-        {
-            "spec": {
-                "autoscaling": {
-                    "minReplicas": 1,
-                    "maxReplicas": 5,
-                    "metrics": [{"type": "InFlightPerReplica", "target": 4}],
-                }
-            }
-        }
-    )
+def test_autoscaled_desired_count_is_the_autoscalers_choice_within_bounds() -> None:
+    scaling = {
+        "minReplicas": 1,
+        "maxReplicas": 5,
+        "metrics": [{"type": "InFlightPerReplica", "target": 4}],
+    }
+    scaled = md({"spec": {"replicas": 4, "autoscaling": scaling}})
     status = compute_status(scaled, Observed(deployment=deployment(4, 4, 4, 4)), "rev", NOW)
     assert status.ready == "4/4"
     assert status.phase == "Available"
+    capped = compute_status(
+        scaled,
+        Observed(deployment=deployment(4, 4, 4, 4), at_gpu_capacity="the GPUs hold 4"),
+        "rev",
+        NOW,
+    )
+    condition = next(c for c in capped.conditions if c.type == "AtGPUCapacity")
+    assert (condition.status, condition.message) == ("True", "the GPUs hold 4")
+    assert [e.reason for e in transition_events(status, capped)] == ["AtGPUCapacity"]
+    fixed = compute_status(md(), Observed(deployment=deployment()), "rev", NOW)
+    assert "AtGPUCapacity" not in {c.type for c in fixed.conditions}
 
 
 def test_unchanged_conditions_keep_their_transition_time_and_changed_ones_move() -> None:

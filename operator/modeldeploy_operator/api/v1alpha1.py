@@ -10,6 +10,7 @@ Every CEL message starts with the field it is about and says what is allowed.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -34,6 +35,14 @@ STORAGE_SCHEMES = ("s3", "gs", "pvc", "https", "hf", "oci")
 StorageFormat = Literal[
     "onnx", "tensorrt_plan", "pytorch_libtorch", "tensorflow_savedmodel", "python"
 ]
+
+
+DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+    """``1m30s`` -> 90.0 (the API server already checked the format)."""
+    return sum(float(n) * DURATION_UNITS[u] for n, u in re.findall(r"([0-9.]+)(ms|s|m|h)", text))
 
 
 def cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
@@ -269,9 +278,33 @@ class PlacementSpec(ApiModel):
     ] = Field(default_factory=list, max_length=8, description="core/v1 TopologySpreadConstraints.")
 
 
-# -- spec.autoscaling (validated and stored; behaviour arrives with the autoscaling issue) --
+class PrometheusRef(ApiModel):
+    url: str = Field(
+        max_length=2048,
+        json_schema_extra=rules(
+            cel(
+                "self.matches('^https?://.+')",
+                "prometheus.url (spec.rollout.analysis or spec.autoscaling) must be an http:// or"
+                " https:// URL",
+            )
+        ),
+    )
+
+
+# -- spec.autoscaling (autoscaling/, autoscaler.py) ----------------------------------------
 
 LATENCY_METRICS = ("P99Latency", "QueueTime")
+PERCENT_METRICS = ("GPUUtilization", "CPUUtilization")
+NUMBER_PATTERN = r"^[0-9]+([.][0-9]+)?$"
+ScalingMetricType = Literal[
+    "InFlightPerReplica",
+    "RPSPerReplica",
+    "P99Latency",
+    "QueueTime",
+    "GPUUtilization",
+    "CPUUtilization",
+    "Custom",
+]
 
 
 class ScalingMetric(ApiModel):
@@ -286,9 +319,11 @@ class ScalingMetric(ApiModel):
             ),
             cel(
                 "self.type in ['P99Latency', 'QueueTime']"
-                " || (type(self.target) == int && self.target > 0)",
-                "spec.autoscaling.metrics[].target must be a positive integer for"
-                " InFlightPerReplica and GPUUtilization",
+                " || (type(self.target) == int ? self.target > 0"
+                f" : self.target.matches('{NUMBER_PATTERN}') && double(self.target) > 0.0)",
+                "spec.autoscaling.metrics[].target must be a positive number such as 4 or '0.5'"
+                " for InFlightPerReplica, RPSPerReplica, GPUUtilization, CPUUtilization and"
+                " Custom",
                 ".target",
             ),
             cel(
@@ -296,25 +331,72 @@ class ScalingMetric(ApiModel):
                 "spec.autoscaling.metrics[].target is a percentage for GPUUtilization: 1-100",
                 ".target",
             ),
+            cel(
+                "(self.type == 'Custom') == has(self.query)",
+                "spec.autoscaling.metrics[].query is required for type Custom and allowed only"
+                " there",
+                ".query",
+            ),
         )
     )
 
-    type: Literal["InFlightPerReplica", "P99Latency", "QueueTime", "GPUUtilization"]
+    type: ScalingMetricType = Field(
+        description="Per replica: InFlightPerReplica, RPSPerReplica (desired = total / target);"
+        " ratio: P99Latency, QueueTime, GPUUtilization, CPUUtilization, Custom"
+        " (desired = current x value / target)."
+    )
     target: int | str = Field(
         json_schema_extra={"x-kubernetes-int-or-string": True, "maxLength": 32}
+    )
+    name: str | None = Field(
+        default=None,
+        max_length=63,
+        pattern=DNS_LABEL_PATTERN,
+        description="Names a Custom metric in status and Events.",
+    )
+    query: str | None = Field(
+        default=None,
+        max_length=4096,
+        min_length=1,
+        description="PromQL returning one number, for type Custom; $namespace, $name and"
+        " $selector are substituted.",
     )
 
 
 class ScalingBehavior(ApiModel):
-    scale_up_stabilization: str | None = Field(
-        default=None,
+    scale_up_stabilization: str = Field(
+        default="0s",
         max_length=32,
+        description="Scale up only to the lowest recommendation of this window.",
         json_schema_extra=duration_rule("spec.autoscaling.behavior.scaleUpStabilization"),
     )
-    scale_down_stabilization: str | None = Field(
-        default=None,
+    scale_down_stabilization: str = Field(
+        default="300s",
         max_length=32,
+        description="Scale down only to the highest recommendation of this window.",
         json_schema_extra=duration_rule("spec.autoscaling.behavior.scaleDownStabilization"),
+    )
+    max_scale_up_step: int | None = Field(
+        default=None, ge=1, le=1000, description="At most this many replicas added at once."
+    )
+    max_scale_down_step: int | None = Field(
+        default=None, ge=1, le=1000, description="At most this many replicas removed at once."
+    )
+    tolerance_percent: int = Field(
+        default=10,
+        ge=0,
+        le=100,
+        description="No change while every metric is within this percent of its target.",
+    )
+
+
+class ScaleToZero(ApiModel):
+    enabled: bool = False
+    idle_after: str = Field(
+        default="10m",
+        max_length=32,
+        description="Scale to 0 after this long without requests.",
+        json_schema_extra=duration_rule("spec.autoscaling.scaleToZero.idleAfter"),
     )
 
 
@@ -327,18 +409,45 @@ class AutoscalingSpec(ApiModel):
                 ".minReplicas",
             ),
             cel(
-                "self.metrics.all(m, self.metrics.exists_one(n, n.type == m.type))",
+                "self.metrics.all(m, m.type == 'Custom'"
+                " || self.metrics.exists_one(n, n.type == m.type))",
                 "spec.autoscaling.metrics must name each metric type at most once",
                 ".metrics",
+            ),
+            cel(
+                "self.engine != 'hpa' || self.metrics.all(m, m.type != 'Custom')",
+                "spec.autoscaling.metrics[].type Custom needs engine builtin or keda: an HPA"
+                " reads only the metrics the Prometheus Adapter rules define",
+                ".metrics",
+            ),
+            cel(
+                "self.engine != 'hpa' || !has(self.scaleToZero) || !self.scaleToZero.enabled",
+                "spec.autoscaling.scaleToZero needs engine builtin or keda: an HPA cannot scale"
+                " to 0 without an alpha feature gate",
+                ".scaleToZero",
             ),
         )
     )
 
     engine: Literal["builtin", "hpa", "keda"] = "builtin"
-    min_replicas: int = Field(default=1, ge=0, le=1000)
+    min_replicas: int = Field(default=1, ge=1, le=1000)
     max_replicas: int = Field(ge=1, le=1000)
     metrics: list[ScalingMetric] = Field(min_length=1, max_length=8)
-    behavior: ScalingBehavior | None = None
+    interval: str = Field(
+        default="15s",
+        max_length=32,
+        description="How often the builtin engine evaluates (the HPA's default sync period).",
+        json_schema_extra=duration_rule("spec.autoscaling.interval"),
+    )
+    behavior: ScalingBehavior = Field(default_factory=ScalingBehavior)
+    scale_to_zero: ScaleToZero | None = None
+    prometheus: PrometheusRef | None = Field(
+        default=None, description="Where metrics are queried; the operator's default if unset."
+    )
+
+    def floor(self) -> int:
+        """The lowest count the autoscaler may choose: 0 with scale to zero."""
+        return 0 if self.scale_to_zero and self.scale_to_zero.enabled else self.min_replicas
 
 
 # -- spec.rollout (canary rollouts: canary.py, rollout/) ----------------------------------
@@ -379,18 +488,6 @@ class TrafficRouting(ApiModel):
         json_schema_extra={"type": "object", "maxProperties": 0},
     )
     gateway_api: GatewayRouting | None = Field(default=None, alias="gatewayAPI")
-
-
-class PrometheusRef(ApiModel):
-    url: str = Field(
-        max_length=2048,
-        json_schema_extra=rules(
-            cel(
-                "self.matches('^https?://.+')",
-                "spec.rollout.analysis.prometheus.url must be an http:// or https:// URL",
-            )
-        ),
-    )
 
 
 class AnalysisMetric(ApiModel):
@@ -509,9 +606,20 @@ class ModelDeploymentSpec(ApiModel):
     model_config = ConfigDict(
         json_schema_extra=rules(
             cel(
-                "!(has(self.replicas) && has(self.autoscaling))",
-                "spec.replicas and spec.autoscaling are mutually exclusive: set one of them",
-            )
+                "!has(self.autoscaling)"
+                " || self.autoscaling.metrics.all(m, m.type != 'CPUUtilization')"
+                " || has(self.resources) && has(self.resources.cpu)",
+                "spec.autoscaling.metrics[].type CPUUtilization needs spec.resources.cpu:"
+                " utilisation is measured against the request",
+                ".autoscaling.metrics",
+            ),
+            cel(
+                "!has(self.autoscaling)"
+                " || self.autoscaling.metrics.all(m, m.type != 'GPUUtilization')"
+                " || has(self.resources) && has(self.resources.gpu)",
+                "spec.autoscaling.metrics[].type GPUUtilization needs spec.resources.gpu",
+                ".autoscaling.metrics",
+            ),
         )
     )
 
@@ -520,16 +628,25 @@ class ModelDeploymentSpec(ApiModel):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     placement: PlacementSpec = Field(default_factory=PlacementSpec)
     replicas: int | None = Field(
-        default=None, ge=0, le=1000, description="Fixed replica count; 1 when unset."
+        default=None,
+        ge=0,
+        le=1000,
+        description="Replica count; 1 when unset. Under spec.autoscaling it is the autoscaler's"
+        " current choice (written through the scale subresource), kept within its bounds.",
     )
     autoscaling: AutoscalingSpec | None = None
     rollout: RolloutSpec | None = None
     monitoring: MonitoringSpec = Field(default_factory=MonitoringSpec)
 
     def desired_replicas(self) -> int:
-        if self.autoscaling is not None:
-            return self.autoscaling.min_replicas
-        return 1 if self.replicas is None else self.replicas
+        """The total count over both tracks: the spec's, or under autoscaling the autoscaler's
+        choice within [minReplicas (0 with scale to zero), maxReplicas]."""
+        scaling = self.autoscaling
+        if scaling is None:
+            return 1 if self.replicas is None else self.replicas
+        if self.replicas is None:
+            return scaling.min_replicas
+        return min(max(self.replicas, scaling.floor()), scaling.max_replicas)
 
 
 # -- status ---------------------------------------------------------------------------------
@@ -589,6 +706,35 @@ class HistoryEntry(ApiModel):
     reason: str | None = None
 
 
+class ScalingMetricStatus(ApiModel):
+    name: str
+    value: float | None = Field(default=None, description="None: no data.")
+    target: float
+    replicas: int | None = Field(default=None, description="What this metric alone asks for.")
+
+
+class ScalingDecision(ApiModel):
+    time: str
+    from_replicas: int = Field(alias="from")
+    to_replicas: int = Field(alias="to")
+    reason: str
+    message: str = ""
+    metrics: list[ScalingMetricStatus] = Field(default_factory=list)
+
+
+class AutoscalingStatus(ApiModel):
+    engine: str
+    desired_replicas: int | None = None
+    capacity_replicas: int | None = Field(
+        default=None, description="Replicas the reachable GPUs can hold, when known."
+    )
+    last_scale_time: str | None = None
+    last_request_time: str | None = Field(
+        default=None, description="Last time requests were seen (scale to zero)."
+    )
+    last_decision: ScalingDecision | None = None
+
+
 class ModelDeploymentStatus(ApiModel):
     observed_generation: int | None = None
     phase: Phase | None = None
@@ -603,6 +749,7 @@ class ModelDeploymentStatus(ApiModel):
     canary: TrackStatus | None = None
     rollback: RollbackStatus | None = None
     analysis: list[AnalysisResult] = Field(default_factory=list)
+    autoscaling: AutoscalingStatus | None = None
     conditions: list[Condition] = Field(default_factory=list)
     history: list[HistoryEntry] = Field(default_factory=list)
 

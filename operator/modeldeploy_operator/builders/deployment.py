@@ -319,10 +319,8 @@ def build_deployment(
     config: BuildConfig,
     replicas: int | None = None,
 ) -> dict[str, Any]:
-    """The Deployment ``<name>-<track>``.
-
-    ``replicas`` is left out when autoscaling owns it, so server-side apply never takes the
-    field back from the autoscaler.
+    """The Deployment ``<name>-<track>`` with ``replicas`` (a canary's share) or the whole
+    count. Autoscalers act on the ModelDeployment's scale subresource, never on Deployments.
     """
     labels = track_labels(md, track, revision)
     spec: dict[str, Any] = {
@@ -332,10 +330,7 @@ def build_deployment(
         "progressDeadlineSeconds": config.progress_deadline_seconds,
         "template": {"metadata": {"labels": labels}, "spec": pod_spec(md, track, config)},
     }
-    if replicas is not None:  # a canary's share, decided by the rollout
-        spec["replicas"] = replicas
-    elif md.spec.autoscaling is None:
-        spec["replicas"] = md.spec.desired_replicas()
+    spec["replicas"] = md.spec.desired_replicas() if replicas is None else replicas
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",

@@ -95,3 +95,9 @@ def revision_of(md: ModelDeployment, runtime_image: str) -> str:
     }
     digest = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()
     return digest[:10]
+
+
+def metric_selector(md: ModelDeployment) -> str:
+    """The PromQL label matcher of one ModelDeployment's pods, as the chart's PodMonitor labels
+    them (namespace and modeldeployment target labels)."""
+    return f'namespace="{md.metadata.namespace}", modeldeployment="{md.metadata.name}"'

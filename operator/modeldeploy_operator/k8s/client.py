@@ -94,7 +94,13 @@ class KubeApi(Protocol):
     ) -> Json: ...
 
     def merge_patch(
-        self, api_version: str, kind: str, namespace: str, name: str, patch: Mapping[str, Any]
+        self,
+        api_version: str,
+        kind: str,
+        namespace: str,
+        name: str,
+        patch: Mapping[str, Any],
+        field_manager: str = FIELD_MANAGER,
     ) -> Json: ...
 
     def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None: ...
@@ -115,6 +121,8 @@ PLURALS = {
     ("v1", "Event"): "events",
     (f"{GROUP}/{VERSION}", "ModelDeployment"): PLURAL,
     ("gateway.networking.k8s.io/v1", "HTTPRoute"): "httproutes",
+    ("autoscaling/v2", "HorizontalPodAutoscaler"): "horizontalpodautoscalers",
+    ("keda.sh/v1alpha1", "ScaledObject"): "scaledobjects",
 }
 CLUSTER_SCOPED = {"Node"}
 
@@ -234,13 +242,24 @@ class KubernetesApi:
         )
 
     def merge_patch(
-        self, api_version: str, kind: str, namespace: str, name: str, patch: Mapping[str, Any]
+        self,
+        api_version: str,
+        kind: str,
+        namespace: str,
+        name: str,
+        patch: Mapping[str, Any],
+        field_manager: str = FIELD_MANAGER,
     ) -> Json:
         """A JSON merge patch (for the scale subresource, kind is e.g. ``Deployment/scale``)."""
         base, _, sub = kind.partition("/")
         path = resource_path(api_version, base, namespace, name) + (f"/{sub}" if sub else "")
         return self._call(
-            "PATCH", path, kind=base, body=dict(patch), content_type="application/merge-patch+json"
+            "PATCH",
+            path,
+            kind=base,
+            body=dict(patch),
+            query=[("fieldManager", field_manager)],
+            content_type="application/merge-patch+json",
         )
 
     def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:

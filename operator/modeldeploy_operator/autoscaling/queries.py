@@ -1,0 +1,61 @@
+"""PromQL of the autoscaling metrics over the sidecars' series (and DCGM's and cAdvisor's).
+
+``$selector`` matches one ModelDeployment's pods as the chart's PodMonitor labels them,
+``$pods`` its pod names (for exporters that label by pod), ``$window`` the rate window.
+Per-replica metrics return the *total* over all replicas; the algorithm divides by the target.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from modeldeploy_operator.api.v1alpha1 import ModelDeployment, ScalingMetric
+from modeldeploy_operator.builders.labels import metric_selector
+from modeldeploy_operator.rollout.analysis import render_query
+
+RATE_WINDOW = "1m"  # four scrapes at the usual 15 s: enough samples for a stable rate
+
+QUERIES: Mapping[str, str] = {
+    "InFlightPerReplica": "sum(modeldeploy_runtime_requests_in_flight{$selector})",
+    "RPSPerReplica": "sum(rate(modeldeploy_runtime_requests_total{$selector}[$window]))",
+    "P99Latency": (
+        "histogram_quantile(0.99, sum by (le) (rate("
+        "modeldeploy_runtime_request_duration_seconds_bucket{$selector}[$window])))"
+    ),
+    "QueueTime": "avg(modeldeploy_runtime_triton_queue_seconds{$selector})",
+    # The DCGM exporter labels GPUs with the pod using them (namespace, pod).
+    "GPUUtilization": 'avg(DCGM_FI_DEV_GPU_UTIL{namespace="$namespace", pod=~"$pods"})',
+    # cAdvisor: cores used by the Triton containers over cores requested, in percent.
+    "CPUUtilization": (
+        "100 * sum(rate(container_cpu_usage_seconds_total"
+        '{namespace="$namespace", pod=~"$pods", container="triton"}[$window]))'
+        " / (count(count by (pod) (container_cpu_usage_seconds_total"
+        '{namespace="$namespace", pod=~"$pods", container="triton"})) * $cpu)'
+    ),
+}
+PER_REPLICA = ("InFlightPerReplica", "RPSPerReplica")
+IDLE_QUERY = "sum(increase(modeldeploy_runtime_requests_total{$selector}[$idle]))"
+
+
+def variables(md: ModelDeployment, cpu_cores: float | None = None) -> dict[str, str]:
+    name = md.metadata.name
+    found = {
+        "selector": metric_selector(md),
+        "namespace": md.metadata.namespace,
+        "name": name,
+        "pods": f"{name}-(stable|canary)-.+",
+        "window": RATE_WINDOW,
+    }
+    if cpu_cores is not None:
+        found["cpu"] = f"{cpu_cores:g}"
+    return found
+
+
+def query_of(metric: ScalingMetric, values: Mapping[str, str]) -> str:
+    """The PromQL for one metric (``TemplateError`` when a variable is missing)."""
+    template = metric.query if metric.type == "Custom" and metric.query else QUERIES[metric.type]
+    return render_query(template, values)
+
+
+def metric_name(metric: ScalingMetric) -> str:
+    return metric.name or metric.type if metric.type == "Custom" else metric.type
