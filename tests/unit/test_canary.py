@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from modeldeploy_operator.api.v1alpha1 import ModelDeployment
+from modeldeploy_operator.api.v1alpha1 import ModelDeployment, parse_duration
 from modeldeploy_operator.builders.deployment import BuildConfig
-from modeldeploy_operator.canary import analyse, mode, parse_duration, stalled, steps_of
+from modeldeploy_operator.canary import analyse, mode, stalled, steps_of
 from modeldeploy_operator.context import OperatorContext
 from modeldeploy_operator.metrics.prometheus import ProviderError
 from modeldeploy_operator.rollout.decide import Step
