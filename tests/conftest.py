@@ -44,6 +44,14 @@ def gateway_api(cluster: Cluster) -> None:
     cluster.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
 
 
+@pytest.fixture(scope="session")
+def keda_crds(cluster: Cluster) -> None:
+    """KEDA's CRDs (no KEDA controller: the API server validates ScaledObjects)."""
+    for path in cluster.toolchain.keda_crds():
+        cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(path))
+    cluster.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
+
+
 @pytest.fixture
 def namespace(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[str]:
     """A fresh namespace for one test, deleted (without waiting) afterwards."""

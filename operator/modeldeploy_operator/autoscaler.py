@@ -242,6 +242,9 @@ def builtin_engine(
     stamp = ctx.clock()
     last = previous.last_decision if previous else None
     scaled = decision.replicas != current
+    # spec.replicas also follows when only the bounds moved it (say, minReplicas went up):
+    # the scale subresource then tells an observer (or an HPA) the count in force.
+    write = decision.replicas != md.spec.replicas
     changed_capacity = decision.at_capacity != capped_before
     view = AutoscalingStatus(
         engine="builtin",
@@ -253,7 +256,7 @@ def builtin_engine(
         else last,
     )
     event = None
-    if scaled:
+    if write:
         ctx.api.merge_patch(
             API_VERSION,
             f"{KIND}/scale",
@@ -262,6 +265,7 @@ def builtin_engine(
             {"spec": {"replicas": decision.replicas}},
             field_manager=AUTOSCALER_MANAGER,
         )
+    if scaled:
         ctx.logger.info(
             f"{decision.reason} from {current} to {decision.replicas}: {decision.message}",
             extra={"modeldeployment": f"{key[0]}/{key[1]}"},
@@ -274,7 +278,7 @@ def builtin_engine(
     return ScalingResult(
         view,
         at_capacity=decision.message if decision.at_capacity else None,
-        scaled=scaled,
+        scaled=write,
         event=event,
         requeue_after=interval,
     )

@@ -43,6 +43,7 @@ STAMP_FILE = ".toolchain-fingerprint"
 # The Gateway API CRDs the tests install come from this module's config/crd/standard.
 # (Not in go.mod: nothing imports it, so `go mod tidy` would drop it.)
 GATEWAY_API = "sigs.k8s.io/gateway-api@v1.6.3"
+KEDA = "github.com/kedacore/keda/v2@v2.21.0"
 HEARTBEAT_SECONDS = 60.0
 
 
@@ -271,17 +272,27 @@ class Toolchain:
 
     def gateway_api_crds(self) -> list[Path]:
         """The standard-channel Gateway API CRD files, downloaded through the module proxy."""
+        return self.module_files(GATEWAY_API, "config/crd/standard", "*.yaml")
+
+    def keda_crds(self) -> list[Path]:
+        """KEDA's CRD files (ScaledObject and friends), from its published module."""
+        return self.module_files(KEDA, "config/crd/bases", "keda.sh_*.yaml")
+
+    def module_files(self, module: str, folder: str, pattern: str) -> list[Path]:
+        """Files of a published Go module, downloaded through the module proxy (cached)."""
         result = subprocess.run(
-            ["go", "mod", "download", "-json", GATEWAY_API],
+            ["go", "mod", "download", "-json", module],
             cwd=self.module_dir,
             capture_output=True,
             text=True,
             check=False,
         )
         if result.returncode != 0:
-            raise ToolchainError(f"cannot download {GATEWAY_API}: {result.stdout}{result.stderr}")
-        folder = Path(json.loads(result.stdout)["Dir"]) / "config" / "crd" / "standard"
-        return sorted(folder.glob("*.yaml"))
+            raise ToolchainError(f"cannot download {module}: {result.stdout}{result.stderr}")
+        found = sorted((Path(json.loads(result.stdout)["Dir"]) / folder).glob(pattern))
+        if not found:
+            raise ToolchainError(f"{module} has no {folder}/{pattern}")
+        return found
 
     def _go(self, args: Sequence[str], what: str, out: TextIO) -> None:
         """Run one go command, printing a heartbeat while it works and its time when done."""

@@ -627,12 +627,13 @@ class ModelDeploymentSpec(ApiModel):
     server: ServerSpec = Field(default_factory=ServerSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     placement: PlacementSpec = Field(default_factory=PlacementSpec)
-    replicas: int | None = Field(
-        default=None,
+    replicas: int = Field(
+        default=1,
         ge=0,
         le=1000,
-        description="Replica count; 1 when unset. Under spec.autoscaling it is the autoscaler's"
-        " current choice (written through the scale subresource), kept within its bounds.",
+        description="Replica count. Under spec.autoscaling it is the autoscaler's current"
+        " choice (written through the scale subresource), kept within its bounds. Always"
+        " present, so the scale subresource (and an HPA) can read it.",
     )
     autoscaling: AutoscalingSpec | None = None
     rollout: RolloutSpec | None = None
@@ -643,9 +644,7 @@ class ModelDeploymentSpec(ApiModel):
         choice within [minReplicas (0 with scale to zero), maxReplicas]."""
         scaling = self.autoscaling
         if scaling is None:
-            return 1 if self.replicas is None else self.replicas
-        if self.replicas is None:
-            return scaling.min_replicas
+            return self.replicas
         return min(max(self.replicas, scaling.floor()), scaling.max_replicas)
 
 
