@@ -45,7 +45,7 @@ demo: toolchain ## The main job: cluster, CRD, operator, examples/minimal.yaml b
 
 ##@ Benchmarks (not tests: ratios against a baseline measured in the same run)
 .PHONY: bench
-bench: bench-operator bench-runtime bench-rollout ## Every benchmark; results in docs/benchmarks.md
+bench: bench-operator bench-runtime bench-rollout bench-autoscale ## Every benchmark; results in docs/benchmarks.md
 
 .PHONY: bench-operator
 bench-operator: toolchain ## Operator overhead vs bare Deployments, cold start of 500, idle writes
@@ -55,14 +55,20 @@ bench-operator: toolchain ## Operator overhead vs bare Deployments, cold start o
 bench-runtime: ## Sidecar vs direct Triton: throughput ratio, added latency, CPU, RSS, drift cost
 	PYTHONPATH=$(CURDIR)/tests $(PYTHON) bench/runtime_bench.py $(BENCH_ARGS)
 
+.PHONY: bench-autoscale
+bench-autoscale: toolchain ## Builtin autoscaler's reaction to a load step up and down, vs HPA defaults
+	PYTHONPATH=$(CURDIR)/tests $(PYTHON) bench/autoscale_bench.py $(BENCH_ARGS)
+
 .PHONY: bench-rollout
 bench-rollout: toolchain ## Fault to 0 % canary traffic at 5 s and 30 s analysis intervals
 	PYTHONPATH=$(CURDIR)/tests $(PYTHON) bench/rollout_bench.py $(BENCH_ARGS)
 
 ##@ Generated files
 .PHONY: crds
-crds: ## Regenerate crds/ from the pydantic API models
+crds: ## Regenerate crds/ (and the chart's Prometheus Adapter rules) from the Python models
 	$(PYTHON) -m modeldeploy_operator.api.crd > crds/serving.modeldeploy.io_modeldeployments.yaml
+	mkdir -p charts/modeldeploy/files
+	$(PYTHON) -m modeldeploy_operator.builders.autoscaler > charts/modeldeploy/files/prometheus-adapter-rules.yaml
 
 ##@ Checks
 .PHONY: lint

@@ -60,6 +60,20 @@ def render_status(md: ModelDeployment) -> str:
         )
         value = "no data" if result.value is None else f"{result.value:.4g}"
         lines.append(f"  analysis {result.name:<12} {value:>10}  {bounds:<14} {result.result}")
+    scaling = status.autoscaling
+    if scaling is not None:
+        capacity = (
+            f"  GPUs hold {scaling.capacity_replicas}"
+            if scaling.capacity_replicas is not None
+            else ""
+        )
+        lines.append(f"  scaling  {scaling.engine}  desired {scaling.desired_replicas}{capacity}")
+        if scaling.last_decision is not None:
+            last = scaling.last_decision
+            lines.append(
+                f"  last     {last.reason} {last.from_replicas} -> {last.to_replicas}"
+                f" at {last.time}: {last.message}"
+            )
     for condition in status.conditions:
         lines.append(
             f"  {condition.type:<11} {condition.status:<6} {condition.reason}: {condition.message}"

@@ -346,6 +346,7 @@ class Reconciler:
             if state is not None and not state.running:
                 del self._states[(namespace, name)]
         self.ctx.telemetry.phases.forget((namespace, name))
+        self.ctx.scaling.forget((namespace, name))
 
     def _once(self, namespace: str, name: str) -> Outcome | None:
         started = time.monotonic()

@@ -20,12 +20,13 @@ from typing import Any
 
 import pytest
 
+from autoscaling_support import Load
 from localcluster import Cluster
 from localcluster.operator import OperatorProcess, free_port
 from prometheus_support import prometheus_binary, start_prometheus
 from rollout_support import md_status, set_version
 from support import DELETE, load_example, merged, wait_for
-from triton_support import Sidecar, SidecarFactory, Traffic
+from triton_support import Sidecar, SidecarFactory
 
 pytestmark = [pytest.mark.cluster, pytest.mark.triton, pytest.mark.prometheus]
 
@@ -33,30 +34,6 @@ INTERVAL = 3  # seconds between evaluations
 DOWN_WINDOW = 20  # scale-down stabilisation, seconds
 TARGET = 2  # in-flight requests per replica
 STEADY_SECONDS = float(os.environ.get("MODELDEPLOY_STEADY_SECONDS", "300"))
-SLOW = json.dumps(
-    {
-        "inputs": [
-            {"name": "x", "shape": [1, 1], "datatype": "FP32", "data": [0.0]},
-            {"name": "delay", "shape": [1, 1], "datatype": "FP32", "data": [0.4]},
-        ]
-    }
-).encode()
-
-
-class Load:
-    """``clients`` closed-loop clients spread over the sidecars: about that many requests
-    are in flight at any time."""
-
-    def __init__(self, sidecars: list[Sidecar], clients: int) -> None:
-        self.clients = [
-            Traffic(sidecars[i % len(sidecars)], "slow", lambda: SLOW) for i in range(clients)
-        ]
-        self.started = time.monotonic()
-
-    def stop(self) -> float:
-        for client in self.clients:
-            client.stop()
-        return time.monotonic()
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from modeldeploy_operator.api.v1alpha1 import ModelDeployment
 from modeldeploy_operator.autoscaling.capacity import replicas_that_fit, tolerates
 from modeldeploy_operator.autoscaling.decide import (
     Inputs,
@@ -16,6 +17,8 @@ from modeldeploy_operator.autoscaling.decide import (
     metric_replicas,
     stabilise,
 )
+from modeldeploy_operator.plugin import render_status
+from support import load_example, merged
 
 POLICY = Policy(min_replicas=1, max_replicas=10, down_window=300.0)
 
@@ -193,3 +196,25 @@ def test_untolerated_taints_make_a_node_unreachable() -> None:
     assert replicas_that_fit([node("a", 4)], [], untolerated, ours) == 0
     assert tolerates([{"operator": "Exists"}], {"key": "x", "effect": "NoExecute"})
     assert tolerates([], {"key": "x", "effect": "PreferNoSchedule"})
+
+
+def test_the_plugin_shows_the_last_scaling_decision() -> None:
+    status = {
+        "phase": "Available",
+        "autoscaling": {
+            "engine": "builtin",
+            "desiredReplicas": 4,
+            "capacityReplicas": 8,
+            "lastDecision": {
+                "time": "2026-11-21T08:00:00Z",
+                "from": 1,
+                "to": 4,
+                "reason": "ScaledUp",
+                "message": "InFlightPerReplica 7.6 (target 2) -> 4",
+            },
+        },
+    }
+    md = ModelDeployment.model_validate(merged(load_example("full.yaml"), {"status": status}))
+    text = render_status(md)
+    assert "scaling  builtin  desired 4  GPUs hold 8" in text
+    assert "ScaledUp 1 -> 4 at 2026-11-21T08:00:00Z: InFlightPerReplica 7.6" in text

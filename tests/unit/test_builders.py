@@ -10,7 +10,11 @@ import pytest
 import yaml
 
 from modeldeploy_operator.api.v1alpha1 import ModelDeployment
-from modeldeploy_operator.builders.autoscaler import build_hpa, build_scaled_object
+from modeldeploy_operator.builders.autoscaler import (
+    build_hpa,
+    build_scaled_object,
+    render_adapter_rules,
+)
 from modeldeploy_operator.builders.deployment import BuildConfig, build_deployment, surge_strategy
 from modeldeploy_operator.builders.labels import revision_of
 from modeldeploy_operator.builders.service import build_service
@@ -191,3 +195,14 @@ def test_the_runtime_accepts_every_flag_the_operator_passes() -> None:
         ports["proxy-grpc"],
         ports["proxy-metrics"],
     )
+
+
+def test_the_charts_prometheus_adapter_rules_are_current() -> None:
+    rules = Path(__file__).parents[2] / "charts/modeldeploy/files/prometheus-adapter-rules.yaml"
+    assert rules.read_text() == render_adapter_rules(), "stale: run `make crds`"
+    names = {r["name"]["as"] for r in yaml.safe_load(rules.read_text())["rules"]}
+    hpa = build_hpa(
+        model(merged(load_example("full.yaml"), {"spec": {"autoscaling": {"engine": "hpa"}}}))
+    )
+    used = {m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"}
+    assert used <= names, "the HPA asks for a metric no adapter rule provides"
