@@ -41,7 +41,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="image of the model fetcher and sidecar",
     )
     parser.add_argument(
-        "--prometheus-url", help="for canary analysis when a ModelDeployment names no Prometheus"
+        "--prometheus-url",
+        help="Prometheus for canary analysis and autoscaling when a ModelDeployment names none",
     )
     parser.add_argument(
         "--resync-seconds", type=float, default=30.0, help="periodic full reconcile"
