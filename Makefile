@@ -65,9 +65,10 @@ bench-rollout: toolchain ## Fault to 0 % canary traffic at 5 s and 30 s analysis
 
 ##@ Generated files
 .PHONY: crds
-crds: ## Regenerate crds/ (and the chart's Prometheus Adapter rules) from the Python models
+crds: ## Regenerate crds/ (and the chart's copy and Prometheus Adapter rules) from the Python models
 	$(PYTHON) -m modeldeploy_operator.api.crd > crds/serving.modeldeploy.io_modeldeployments.yaml
-	mkdir -p charts/modeldeploy/files
+	mkdir -p charts/modeldeploy/files charts/modeldeploy/crds
+	cp crds/*.yaml charts/modeldeploy/crds/
 	$(PYTHON) -m modeldeploy_operator.builders.autoscaler > charts/modeldeploy/files/prometheus-adapter-rules.yaml
 
 ##@ Checks
