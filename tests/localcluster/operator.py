@@ -62,8 +62,10 @@ class OperatorProcess:
         resync_seconds: float = 3.0,
         extra_args: tuple[str, ...] = (),
         detach: bool = False,
+        kubeconfig: Path | None = None,
     ) -> None:
         self.cluster = cluster
+        self.kubeconfig = kubeconfig or cluster.state.kubeconfig  # another identity, say
         self.log_path = log_path
         self.resync_seconds = resync_seconds
         self.extra_args = extra_args
@@ -90,7 +92,7 @@ class OperatorProcess:
             sys.executable,
             "-m",
             "modeldeploy_operator",
-            f"--kubeconfig={self.cluster.state.kubeconfig}",
+            f"--kubeconfig={self.kubeconfig}",
             "--bind-address=127.0.0.1",
             f"--metrics-port={self.metrics_port}",
             f"--health-port={self.health_port}",

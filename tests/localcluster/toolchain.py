@@ -44,6 +44,7 @@ STAMP_FILE = ".toolchain-fingerprint"
 # (Not in go.mod: nothing imports it, so `go mod tidy` would drop it.)
 GATEWAY_API = "sigs.k8s.io/gateway-api@v1.6.3"
 KEDA = "github.com/kedacore/keda/v2@v2.21.0"
+PROMETHEUS_OPERATOR = "github.com/prometheus-operator/prometheus-operator@v0.85.0"
 HEARTBEAT_SECONDS = 60.0
 
 
@@ -277,6 +278,12 @@ class Toolchain:
     def keda_crds(self) -> list[Path]:
         """KEDA's CRD files (ScaledObject and friends), from its published module."""
         return self.module_files(KEDA, "config/crd/bases", "keda.sh_*.yaml")
+
+    def prometheus_operator_crds(self) -> list[Path]:
+        """The Prometheus Operator's CRDs (ServiceMonitor, PodMonitor, PrometheusRule, ...)."""
+        return self.module_files(
+            PROMETHEUS_OPERATOR, "example/prometheus-operator-crd", "monitoring.coreos.com_*.yaml"
+        )
 
     def module_files(self, module: str, folder: str, pattern: str) -> list[Path]:
         """Files of a published Go module, downloaded through the module proxy (cached)."""

@@ -1,0 +1,267 @@
+"""The Helm chart on the real control plane: lint, render, validate, install, run the operator
+with the chart's ServiceAccount, check its rights, uninstall."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from localcluster import Cluster
+from localcluster.operator import OperatorProcess
+from support import load_example, wait_for
+
+pytestmark = pytest.mark.cluster
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "modeldeploy"
+EVERYTHING_ON = (
+    "monitoring.serviceMonitor=true",
+    "monitoring.podMonitor=true",
+    "monitoring.prometheusRule=true",
+    "grafana.dashboard=true",
+    "prometheusAdapter.rules=true",
+    "networkPolicy.enabled=true",
+)
+
+# What the operator's ServiceAccount may do, cluster-wide: (resource, verbs). Anything more
+# fails the test; so does anything less that the operator needs (the install test).
+ALLOWED = {
+    "modeldeployments.serving.modeldeploy.io": {"get", "list", "watch", "patch", "update"},
+    "modeldeployments.serving.modeldeploy.io/status": {"get", "patch", "update"},
+    "modeldeployments.serving.modeldeploy.io/scale": {"get", "patch", "update"},
+    "deployments.apps": {"get", "list", "watch", "create", "patch", "update", "delete"},
+    "deployments.apps/scale": {"get", "patch", "update"},
+    "services": {"get", "list", "watch", "create", "patch", "update", "delete"},
+    "pods": {"get", "list", "watch"},
+    "secrets": {"get"},
+    "configmaps": {"get"},
+    "events": {"create", "patch"},
+    "events.events.k8s.io": {"create", "patch"},
+    "httproutes.gateway.networking.k8s.io": {
+        "get",
+        "list",
+        "watch",
+        "create",
+        "patch",
+        "update",
+        "delete",
+    },
+    "horizontalpodautoscalers.autoscaling": {"get", "create", "patch", "update", "delete"},
+    "scaledobjects.keda.sh": {"get", "create", "patch", "update", "delete"},
+    "nodes": {"get", "list", "watch"},
+    "customresourcedefinitions.apiextensions.k8s.io": {"get", "list", "watch"},
+}
+# Granted to every authenticated identity by Kubernetes itself (system:basic-user and friends).
+BUILTIN = {
+    "selfsubjectreviews.authentication.k8s.io",
+    "selfsubjectaccessreviews.authorization.k8s.io",
+    "selfsubjectrulesreviews.authorization.k8s.io",
+}
+
+
+def render(cluster: Cluster, *values: str, namespace: str = "modeldeploy-system") -> str:
+    args = ["template", "modeldeploy", str(CHART), "-n", namespace]
+    for value in values:
+        args += ["--set", value]
+    return cluster.helm(*args).stdout
+
+
+@pytest.fixture(scope="module")
+def prometheus_operator_crds(cluster: Cluster) -> None:
+    for path in cluster.toolchain.prometheus_operator_crds():
+        cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(path))
+    cluster.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
+
+
+def test_the_charts_crds_are_byte_identical_to_crds() -> None:
+    ours = sorted(p.name for p in (ROOT / "crds").glob("*.yaml"))
+    assert ours == sorted(p.name for p in (CHART / "crds").glob("*.yaml"))
+    for name in ours:
+        assert (CHART / "crds" / name).read_bytes() == (ROOT / "crds" / name).read_bytes(), (
+            f"charts/modeldeploy/crds/{name} differs from crds/{name}: run `make crds`"
+        )
+
+
+def test_helm_lint_passes_and_the_schema_rejects_unknown_values(cluster: Cluster) -> None:
+    cluster.helm("lint", "--strict", str(CHART))
+    on = [f"--set={v}" for v in EVERYTHING_ON] + ["--set=networkPolicy.namespaces={models}"]
+    cluster.helm("lint", "--strict", str(CHART), *on)
+    typo = cluster.helm(
+        "lint", "--strict", str(CHART), "--set", "operator.prometheusURL=x", check=False
+    )
+    assert typo.returncode != 0
+    assert "prometheusURL" in typo.stdout + typo.stderr
+
+
+@pytest.mark.parametrize("optional", [False, True], ids=["defaults", "everything-on"])
+def test_the_api_server_accepts_the_rendered_chart_in_a_restricted_namespace(
+    cluster: Cluster, namespace: str, prometheus_operator_crds: None, optional: bool
+) -> None:
+    cluster.kubectl(
+        "label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted"
+    )
+    values = [*EVERYTHING_ON, f"networkPolicy.namespaces={{{namespace}}}"] if optional else []
+    manifests = render(cluster, *values, namespace=namespace)
+    kinds = {doc["kind"] for doc in yaml.safe_load_all(manifests) if doc}
+    if optional:
+        assert {"ServiceMonitor", "PodMonitor", "PrometheusRule", "NetworkPolicy"} <= kinds
+    result = cluster.kubectl(
+        "apply", "--dry-run=server", "-n", namespace, "-f", "-", stdin=manifests, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Warning" not in result.stderr, result.stderr  # PodSecurity warns, restricted denies
+
+
+def write_kubeconfig(cluster: Cluster, token: str, path: Path) -> Path:
+    admin = yaml.safe_load(cluster.state.kubeconfig.read_text())
+    server = admin["clusters"][0]["cluster"]
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "local", "cluster": server}],
+                "users": [{"name": "modeldeploy", "user": {"token": token}}],
+                "contexts": [
+                    {"name": "operator", "context": {"cluster": "local", "user": "modeldeploy"}}
+                ],
+                "current-context": "operator",
+            }
+        )
+    )
+    return path
+
+
+@pytest.fixture
+def installed(cluster: Cluster, crd: None) -> Iterator[str]:
+    """The chart installed as release `modeldeploy` into a fresh namespace."""
+    release_ns = "modeldeploy-system"
+    cluster.kubectl("delete", "namespace", release_ns, "--wait=true", check=False, timeout=120)
+    cluster.helm("install", "modeldeploy", str(CHART), "-n", release_ns, "--create-namespace")
+    yield release_ns
+    cluster.helm("uninstall", "modeldeploy", "-n", release_ns, check=False)
+    cluster.kubectl("delete", "namespace", release_ns, "--wait=false", check=False)
+
+
+def rights(cluster: Cluster, account: str) -> dict[str, set[str]]:
+    listed = cluster.kubectl("auth", "can-i", "--list", f"--as={account}").stdout
+    found: dict[str, set[str]] = {}
+    for line in listed.splitlines()[1:]:
+        parts = line.split()
+        if not parts or parts[0].startswith("["):  # non-resource URLs
+            continue
+        verbs = line[line.rindex("[") + 1 : line.rindex("]")].split()
+        found.setdefault(parts[0], set()).update(verbs)
+    return found
+
+
+def test_install_run_the_operator_with_the_charts_account_and_uninstall(
+    cluster: Cluster, installed: str, namespace: str, tmp_path: Path
+) -> None:
+    account = f"system:serviceaccount:{installed}:modeldeploy"
+    granted = {k: v for k, v in rights(cluster, account).items() if k not in BUILTIN}
+    assert granted == ALLOWED
+    for forbidden in (
+        "list secrets",
+        "watch secrets",
+        "create pods/exec",
+        "impersonate users",
+        "escalate clusterroles",
+        "bind clusterroles",
+    ):
+        verb, resource = forbidden.split()
+        answer = cluster.kubectl(
+            "auth", "can-i", verb, resource, f"--as={account}", "-A", check=False
+        )
+        assert answer.stdout.strip() == "no", forbidden
+
+    # The operator, as the chart's ServiceAccount (a TokenRequest token, not the admin's).
+    token = cluster.kubectl(
+        "create", "token", "modeldeploy", "-n", installed, "--duration=1h"
+    ).stdout.strip()
+    kubeconfig = write_kubeconfig(cluster, token, tmp_path / "operator.kubeconfig")
+    operator = OperatorProcess(cluster, tmp_path / "operator.log", kubeconfig=kubeconfig)
+    operator.start()
+    try:
+        for example in ("minimal.yaml", "full.yaml"):
+            manifest = json.dumps(load_example(example))
+            cluster.kubectl("apply", "-n", namespace, "-f", "-", stdin=manifest)
+        wait_for(
+            "resnet50 Ready",
+            lambda: ready(cluster, namespace, "resnet50"),
+            timeout=60,
+        )
+        wait_for("bert-large reconciled", lambda: reconciled(cluster, namespace, "bert-large"), 60)
+        log = (tmp_path / "operator.log").read_text()
+        assert "Forbidden" not in log, log[-2000:]
+        assert " 403" not in log, log[-2000:]
+    finally:
+        operator.stop()
+
+    cluster.helm("uninstall", "modeldeploy", "-n", installed)
+    crds = cluster.kubectl("get", "crd", "modeldeployments.serving.modeldeploy.io", check=False)
+    assert crds.returncode == 0, "helm uninstall removed the CRD"
+    kept = cluster.kubectl("get", "md", "-n", namespace, "-o", "name").stdout.split()
+    assert sorted(kept) == [
+        "modeldeployment.serving.modeldeploy.io/bert-large",
+        "modeldeployment.serving.modeldeploy.io/resnet50",
+    ]
+
+
+def condition(cluster: Cluster, namespace: str, name: str, type_: str) -> dict[str, Any]:
+    found = cluster.kubectl("get", "md", name, "-n", namespace, "-o", "json", check=False)
+    if found.returncode != 0:
+        return {}
+    for item in json.loads(found.stdout).get("status", {}).get("conditions", []):
+        if item["type"] == type_:
+            return dict(item)
+    return {}
+
+
+def ready(cluster: Cluster, namespace: str, name: str) -> bool:
+    return condition(cluster, namespace, name, "Ready").get("status") == "True"
+
+
+def reconciled(cluster: Cluster, namespace: str, name: str) -> bool:
+    found = cluster.kubectl("get", "md", name, "-n", namespace, "-o", "json")
+    body = json.loads(found.stdout)
+    return bool(body.get("status", {}).get("observedGeneration") == body["metadata"]["generation"])
+
+
+def test_the_chart_renders_the_operator_securely(cluster: Cluster) -> None:
+    docs = [d for d in yaml.safe_load_all(render(cluster, "image.digest=sha256:" + "a" * 64)) if d]
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"].endswith("@sha256:" + "a" * 64)
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    roles = [d for d in docs if d["kind"] in ("ClusterRole", "Role")]
+    for role in roles:
+        for rule in role["rules"]:
+            assert "*" not in rule["verbs"], rule
+            assert "*" not in rule["resources"], rule
+    namespaced = [
+        d
+        for d in yaml.safe_load_all(render(cluster, "operator.watchNamespaces={a,b}"))
+        if d and d["kind"] in ("Role", "ClusterRole")
+    ]
+    assert [(d["kind"], d["metadata"].get("namespace")) for d in namespaced] == [
+        ("Role", "a"),
+        ("Role", "b"),
+        ("ClusterRole", None),
+    ]
+    cluster_rules = namespaced[-1]["rules"]
+    assert {r["resources"][0] for r in cluster_rules} == {"customresourcedefinitions", "nodes"}
+    args = next(
+        d
+        for d in yaml.safe_load_all(render(cluster, "operator.watchNamespaces={a,b}"))
+        if d and d["kind"] == "Deployment"
+    )["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[:2] == ["--namespace=a", "--namespace=b"]
