@@ -32,7 +32,11 @@ class Load:
         self.started = time.monotonic()
 
     def stop(self) -> float:
-        """Stop every client; returns when the last one stopped."""
+        """Stop every client at once; returns when they were told (the load starts falling
+        then), after they all stopped."""
+        for client in self.clients:
+            client.signal()
+        told = time.monotonic()
         for client in self.clients:
             client.stop()
-        return time.monotonic()
+        return told

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -69,3 +71,14 @@ def start_prometheus(
                 f"prometheus did not start: {(workdir / 'prometheus.log').read_text()[-2000:]}"
             )
         time.sleep(0.2)
+
+
+def instant_vector(url: str, query: str) -> list[dict[str, Any]]:
+    """The result of an instant query (the samples; empty when there is no data)."""
+    address = f"{url}/api/v1/query?{urllib.parse.urlencode({'query': query})}"
+    with urllib.request.urlopen(address, timeout=10) as response:  # noqa: S310 - loopback
+        document = json.loads(response.read())
+    if document.get("status") != "success":
+        raise AssertionError(f"{query}: {document.get('error')}")
+    result: list[dict[str, Any]] = document["data"]["result"]
+    return result

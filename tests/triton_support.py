@@ -198,6 +198,10 @@ class Traffic:
                 pass
             time.sleep(0.02)
 
-    def stop(self) -> None:
+    def signal(self) -> None:
+        """Send no more requests (the one in flight completes)."""
         self._stop.set()
+
+    def stop(self) -> None:
+        self.signal()
         self._thread.join(timeout=15)

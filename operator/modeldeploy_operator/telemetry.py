@@ -57,6 +57,7 @@ class Telemetry:
             ["reason"],
             registry=self.registry,
         )
+        self.reconcile_errors.labels("unexpected")  # a 0 series, so rate() alerts have data
         self.api_requests = Counter(
             "modeldeploy_api_requests_total",
             "Requests the operator made to the Kubernetes API.",

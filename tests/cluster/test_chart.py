@@ -4,6 +4,8 @@ with the chart's ServiceAccount, check its rights, uninstall."""
 from __future__ import annotations
 
 import json
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,8 @@ import yaml
 
 from localcluster import Cluster
 from localcluster.operator import OperatorProcess
-from support import load_example, wait_for
+from rollout_support import md_status, start_canary
+from support import DELETE, load_example, merged, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -265,3 +268,108 @@ def test_the_chart_renders_the_operator_securely(cluster: Cluster) -> None:
         if d and d["kind"] == "Deployment"
     )["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[:2] == ["--namespace=a", "--namespace=b"]
+
+
+def previous_chart(workdir: Path) -> tuple[str, Path]:
+    """The chart at its previous version, from git history: (version, chart directory)."""
+    chart_yaml = "charts/modeldeploy/Chart.yaml"
+    current = yaml.safe_load((CHART / "Chart.yaml").read_text())["version"]
+    revisions = git("log", "--format=%H", "--", chart_yaml).split()
+    for revision in revisions:
+        version = yaml.safe_load(git("show", f"{revision}:{chart_yaml}"))["version"]
+        if version != current:
+            archive = subprocess.run(
+                ["git", "archive", revision, "charts/modeldeploy"],
+                cwd=ROOT,
+                capture_output=True,
+                check=True,
+            ).stdout
+            subprocess.run(["tar", "-x", "-C", str(workdir)], input=archive, check=True)
+            return version, workdir / "charts" / "modeldeploy"
+    pytest.fail(f"no chart version before {current} in git history (a shallow clone?)")
+
+
+def git(*args: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+
+
+def operator_as(cluster: Cluster, release_ns: str, log: Path, kubeconfig: Path) -> OperatorProcess:
+    token = cluster.kubectl(
+        "create", "token", "modeldeploy", "-n", release_ns, "--duration=1h"
+    ).stdout.strip()
+    process = OperatorProcess(cluster, log, kubeconfig=write_kubeconfig(cluster, token, kubeconfig))
+    process.start()
+    return process
+
+
+def test_helm_upgrade_from_the_previous_version_keeps_a_rollout_going(
+    cluster: Cluster, crd: None, namespace: str, tmp_path: Path
+) -> None:
+    release_ns = "modeldeploy-system"
+    old_version, old_chart = previous_chart(tmp_path)
+    cluster.kubectl("delete", "namespace", release_ns, "--wait=true", check=False, timeout=120)
+    cluster.helm("install", "modeldeploy", str(old_chart), "-n", release_ns, "--create-namespace")
+    operator = operator_as(cluster, release_ns, tmp_path / "old.log", tmp_path / "old.kubeconfig")
+    try:
+        manifest = merged(
+            load_example("minimal.yaml"),
+            {
+                "spec": {
+                    "replicas": 2,
+                    "resources": {"gpu": DELETE},
+                    "rollout": {
+                        "strategy": "Canary",
+                        "steps": [{"weight": 50, "pause": "manual"}, {"weight": 100}],
+                    },
+                }
+            },
+        )
+        start_canary(cluster, namespace, manifest)
+        wait_for(
+            "the canary waiting at 50 %",
+            lambda: (md_status(cluster, namespace).get("canary") or {}).get("weight") == 50,
+            timeout=30,
+        )
+        before = md_status(cluster, namespace)["canary"]
+
+        # The documented upgrade: CRDs by server-side apply, then helm upgrade; the chart's
+        # Recreate strategy stops the old operator before the new one starts.
+        cluster.kubectl("apply", "--server-side", "-f", str(CHART / "crds"))
+        cluster.helm("upgrade", "modeldeploy", str(CHART), "-n", release_ns)
+        operator.stop()
+        operator = operator_as(
+            cluster, release_ns, tmp_path / "new.log", tmp_path / "new.kubeconfig"
+        )
+        releases = json.loads(cluster.helm("list", "-n", release_ns, "-o", "json").stdout)
+        assert releases[0]["chart"] != f"modeldeploy-{old_version}"
+        assert releases[0]["revision"] == "2"
+
+        time.sleep(2 * operator.resync_seconds)  # reconciles under the new chart's rights
+        after = md_status(cluster, namespace)["canary"]
+        assert (after["step"], after["weight"], after["revision"]) == (
+            before["step"],
+            before["weight"],
+            before["revision"],
+        )
+        cluster.kubectl(
+            "annotate",
+            "md",
+            "resnet50",
+            "-n",
+            namespace,
+            "serving.modeldeploy.io/command=promote",
+        )
+        wait_for(
+            "promotion",
+            lambda: md_status(cluster, namespace).get("stable", {}).get("version") == "2",
+            timeout=60,
+        )
+        assert md_status(cluster, namespace)["history"][-1]["result"] == "Promoted"
+        log = (tmp_path / "new.log").read_text()
+        assert "Forbidden" not in log, log[-2000:]
+    finally:
+        operator.stop()
+        cluster.helm("uninstall", "modeldeploy", "-n", release_ns, check=False)
+        cluster.kubectl("delete", "namespace", release_ns, "--wait=false", check=False)

@@ -18,10 +18,11 @@ from typing import Any
 import numpy as np
 import pytest
 
+from chart_support import alert_selectors, dashboard_queries
 from localcluster import Cluster
 from localcluster.operator import OperatorProcess, free_port
 from modeldeploy_runtime.drift import Profile, profile_features
-from prometheus_support import prometheus_binary, start_prometheus
+from prometheus_support import instant_vector, prometheus_binary, start_prometheus
 from rollout_support import canary_exists, md_status, start_canary
 from support import DELETE, load_example, merged, wait_for
 from triton_support import Sidecar, SidecarFactory, Traffic, json_body
@@ -29,11 +30,12 @@ from triton_support import Sidecar, SidecarFactory, Traffic, json_body
 pytestmark = [pytest.mark.cluster, pytest.mark.triton, pytest.mark.prometheus]
 
 INTERVAL = 3  # seconds between analyses
+OPERATOR_JOB = "modeldeploy-metrics"  # the chart's metrics Service of release "modeldeploy"
 
 
 @pytest.fixture
 def monitoring(
-    sidecar: SidecarFactory, tmp_path: Path, namespace: str
+    sidecar: SidecarFactory, tmp_path: Path, namespace: str, operator: OperatorProcess
 ) -> Iterator[Callable[..., tuple[str, Sidecar, Sidecar]]]:
     """Stable and canary sidecars and a Prometheus scraping them as PodMonitor targets."""
     if prometheus_binary() is None:
@@ -51,7 +53,11 @@ def monitoring(
             start_prometheus(
                 tmp_path,
                 port,
-                {"pods": [stable.metrics, canary.metrics]},
+                {
+                    "pods": [stable.metrics, canary.metrics],
+                    # The operator, as the chart's ServiceMonitor names its job.
+                    OPERATOR_JOB: [f"127.0.0.1:{operator.metrics_port}"],
+                },
                 target_labels={"pods": labels},
             )
         )
@@ -95,13 +101,35 @@ GOOD = json_body(np.zeros((1, 4), np.float32))
 
 
 def test_a_healthy_canary_is_analysed_and_promoted(
-    cluster: Cluster, operator: OperatorProcess, namespace: str, monitoring: Callable[..., Any]
+    cluster: Cluster,
+    operator: OperatorProcess,
+    namespace: str,
+    monitoring: Callable[..., Any],
+    tmp_path: Path,
 ) -> None:
-    prometheus, stable, canary = monitoring()
+    reference = np.random.default_rng(7).normal(size=(5000, 4))
+    profile = Profile(inputs={"x": profile_features("x", reference, 10)}, outputs={})
+    (tmp_path / "profile.json").write_text(json.dumps(profile.to_json()))
+    prometheus, stable, canary = monitoring(
+        reference_profile=tmp_path / "profile.json", sample_rate=1.0
+    )
     background = [Traffic(stable, "features", lambda: GOOD)]
     try:
         start_rollout(cluster, namespace, prometheus, [ERRORS, LATENCY], failure_limit=2)
         background.append(Traffic(canary, "features", lambda: GOOD))
+        # While the rollout runs, the chart's dashboard shows data in every panel (but the
+        # GPU count: no DCGM exporter runs here).
+        variables = {"$__rate_interval": "1m", "$namespace": namespace, "$modeldeployment": ".*"}
+        queries = {
+            title: query
+            for title, query in dashboard_queries(variables).items()
+            if "DCGM_FI_DEV_GPU_UTIL" not in query
+        }
+        deadline = time.monotonic() + 20
+        while empty := [t for t, q in queries.items() if not instant_vector(prometheus, q)]:
+            assert time.monotonic() < deadline, f"dashboard panels without data: {empty}"
+            time.sleep(1)
+        assert canary_exists(cluster, namespace), "the rollout ended before the check"
         wait_for(
             "promotion",
             lambda: md_status(cluster, namespace).get("stable", {}).get("version") == "2",
@@ -177,6 +205,13 @@ def test_a_bad_canary_is_rolled_back_within_three_intervals(
         assert after["stable"]["version"] == "1"
         print(f"{kind}: {elapsed:.1f}s from the first bad request to 0 % canary traffic")
         assert elapsed < 3 * INTERVAL, f"{kind}: {elapsed:.1f}s from the first bad request to 0 %"
+        if kind == "drift":
+            # Every series the chart's alerts read exists in this Prometheus (sidecars with
+            # drift profiles, the operator as its job), with the labels they select by.
+            deadline = time.monotonic() + 15
+            while empty := [s for s in alert_selectors() if not instant_vector(prometheus, s)]:
+                assert time.monotonic() < deadline, f"alert selectors without data: {empty}"
+                time.sleep(1)
     finally:
         for traffic in background:
             traffic.stop()
