@@ -10,7 +10,7 @@ weight, so an autoscaler never fights a rollout (argo-rollouts#3849).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from modeldeploy_operator.api.v1alpha1 import (
@@ -226,18 +226,7 @@ def builtin_engine(
     if decision.recommendation is not None and decision.recommendation > current:
         capacity = gpu_capacity(md, ctx, revision)
         if capacity is not None:
-            decision = desired_replicas(
-                Inputs(
-                    now=inputs.now,
-                    current=inputs.current,
-                    readings=inputs.readings,
-                    history=inputs.history,
-                    since=inputs.since,
-                    capacity=capacity,
-                    idle=inputs.idle,
-                ),
-                policy,
-            )
+            decision = desired_replicas(replace(inputs, capacity=capacity), policy)
     remember(state, now, decision, policy)
     stamp = ctx.clock()
     last = previous.last_decision if previous else None
