@@ -141,7 +141,16 @@ def write_kubeconfig(cluster: Cluster, token: str, path: Path) -> Path:
 
 
 @pytest.fixture
-def installed(cluster: Cluster, crd: None) -> Iterator[str]:
+def no_session_operator(operator: OperatorProcess) -> Iterator[None]:
+    """Stop the session's (admin) operator while a test runs its own as the chart's account:
+    two operators would race, and the admin one would hide missing rights."""
+    operator.stop()
+    yield
+    operator.start()
+
+
+@pytest.fixture
+def installed(cluster: Cluster, crd: None, no_session_operator: None) -> Iterator[str]:
     """The chart installed as release `modeldeploy` into a fresh namespace."""
     release_ns = "modeldeploy-system"
     cluster.kubectl("delete", "namespace", release_ns, "--wait=true", check=False, timeout=120)
@@ -305,7 +314,7 @@ def operator_as(cluster: Cluster, release_ns: str, log: Path, kubeconfig: Path) 
 
 
 def test_helm_upgrade_from_the_previous_version_keeps_a_rollout_going(
-    cluster: Cluster, crd: None, namespace: str, tmp_path: Path
+    cluster: Cluster, crd: None, namespace: str, tmp_path: Path, no_session_operator: None
 ) -> None:
     release_ns = "modeldeploy-system"
     old_version, old_chart = previous_chart(tmp_path)

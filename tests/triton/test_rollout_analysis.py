@@ -75,13 +75,14 @@ def start_rollout(
     prometheus: str,
     metrics: list[dict[str, Any]],
     failure_limit: int,
+    pause: float = 2 * INTERVAL,
 ) -> None:
     spec = {
         "replicas": 2,
         "resources": {"gpu": DELETE},
         "rollout": {
             "strategy": "Canary",
-            "steps": [{"weight": 50, "pause": f"{2 * INTERVAL}s"}, {"weight": 100}],
+            "steps": [{"weight": 50, "pause": f"{pause:g}s"}, {"weight": 100}],
             "analysis": {
                 "interval": f"{INTERVAL}s",
                 "failureLimit": failure_limit,
@@ -115,7 +116,8 @@ def test_a_healthy_canary_is_analysed_and_promoted(
     )
     background = [Traffic(stable, "features", lambda: GOOD)]
     try:
-        start_rollout(cluster, namespace, prometheus, [ERRORS, LATENCY], failure_limit=2)
+        # A long first pause: the dashboard check below runs while the canary is at 50 %.
+        start_rollout(cluster, namespace, prometheus, [ERRORS, LATENCY], failure_limit=2, pause=30)
         background.append(Traffic(canary, "features", lambda: GOOD))
         # While the rollout runs, the chart's dashboard shows data in every panel (but the
         # GPU count: no DCGM exporter runs here).
