@@ -21,7 +21,6 @@ import argparse
 import datetime as dt
 import json
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,13 +31,14 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from environment import cluster_and_triton  # noqa: E402
 from report import markers, percentile, write_section  # noqa: E402
 
 from autoscaling_support import Load  # noqa: E402
-from localcluster import Cluster, ClusterState, Toolchain  # noqa: E402
+from localcluster import Cluster  # noqa: E402
 from localcluster.operator import OperatorProcess, free_port  # noqa: E402
 from prometheus_support import start_prometheus  # noqa: E402
-from triton_support import start_sidecar, start_triton, stop  # noqa: E402
+from triton_support import start_sidecar, stop  # noqa: E402
 
 BEGIN, END = markers("autoscale-bench")
 CLIENTS, TARGET = 8, 2
@@ -178,22 +178,12 @@ def main() -> int:
     parser.add_argument("--baseline-steps", type=int, default=1)
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="autoscale-bench-"))
-    cluster = Cluster(Toolchain.locate(), ClusterState.default())
-    started_here = cluster.up()
-    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
-    cluster.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=30s")
-    triton_proc, triton = start_triton(work / "triton.log", (free_port(), free_port(), free_port()))
     results = {}
-    try:
+    with cluster_and_triton("autoscale-bench-") as env:
         for label, config in CONFIGS.items():
             steps = args.baseline_steps if label == "HPA defaults" else args.steps
             print(f"[bench] {label}: {steps} steps", flush=True)
-            results[label] = measure(cluster, work, label, config, triton, steps)
-    finally:
-        stop(triton_proc, group=True)
-        if started_here:
-            cluster.down()
+            results[label] = measure(env.cluster, env.work, label, config, env.triton, steps)
     section = render(results, dt.date.today().isoformat())
     print(section)
     write_section(args.output, "autoscale-bench", "Autoscaling reaction", section)

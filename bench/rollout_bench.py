@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -24,13 +23,14 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from environment import cluster_and_triton  # noqa: E402
 from report import markers, write_section  # noqa: E402
 
-from localcluster import Cluster, ClusterState, Toolchain  # noqa: E402
+from localcluster import Cluster  # noqa: E402
 from localcluster.operator import OperatorProcess, free_port  # noqa: E402
 from prometheus_support import start_prometheus  # noqa: E402
 from rollout_support import canary_exists, start_canary  # noqa: E402
-from triton_support import Traffic, json_body, start_sidecar, start_triton, stop  # noqa: E402
+from triton_support import Traffic, json_body, start_sidecar, stop  # noqa: E402
 
 BEGIN, END = markers("rollout-bench")
 GOOD = json_body(np.zeros((1, 4), np.float32))
@@ -135,22 +135,12 @@ def main() -> int:
     parser.add_argument("--intervals", type=int, nargs="+", default=[5, 30])
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="rollout-bench-"))
-    cluster = Cluster(Toolchain.locate(), ClusterState.default())
-    started_here = cluster.up()
-    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
-    cluster.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=30s")
-    triton_proc, triton = start_triton(work / "triton.log", (free_port(), free_port(), free_port()))
     results = {}
-    try:
+    with cluster_and_triton("rollout-bench-") as env:
         for interval in args.intervals:
             print(f"[bench] analysis interval {interval}s", flush=True)
-            results[interval] = measure(cluster, work, interval, triton)
+            results[interval] = measure(env.cluster, env.work, interval, env.triton)
             print(f"[bench]   fault to 0 %: {results[interval]:.1f}s", flush=True)
-    finally:
-        stop(triton_proc, group=True)
-        if started_here:
-            cluster.down()
     section = render(results, dt.date.today().isoformat())
     print(section)
     write_section(args.output, "rollout-bench", "Canary rollback", section)
