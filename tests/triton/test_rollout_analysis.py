@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 from chart_support import alert_selectors, dashboard_queries
 from localcluster import Cluster
@@ -37,10 +38,23 @@ OPERATOR_JOB = "modeldeploy-metrics"  # the chart's metrics Service of release "
 def monitoring(
     sidecar: SidecarFactory, tmp_path: Path, namespace: str, operator: OperatorProcess
 ) -> Iterator[Callable[..., tuple[str, Sidecar, Sidecar]]]:
-    """Stable and canary sidecars and a Prometheus scraping them as PodMonitor targets."""
+    """Stable and canary sidecars and a Prometheus scraping them as PodMonitor targets, the
+    operator, and a stand-in for the DCGM exporter (no GPU here): one GPU per pod, labelled
+    with the pod the way the exporter's Kubernetes mode labels it."""
     if prometheus_binary() is None:
         pytest.skip("prometheus is not installed")
     procs = []
+    dcgm = CollectorRegistry()
+    utilisation = Gauge(
+        "DCGM_FI_DEV_GPU_UTIL",
+        "GPU utilization (in %).",
+        ["gpu", "namespace", "pod"],
+        registry=dcgm,
+    )
+    for gpu, pod in enumerate(("resnet50-stable-7d9f-abcde", "resnet50-canary-5c8b-fghij")):
+        utilisation.labels(str(gpu), namespace, pod).set(40 + gpu)
+    dcgm_port = free_port()
+    dcgm_server, _ = start_http_server(dcgm_port, addr="127.0.0.1", registry=dcgm)
 
     def start(**canary_flags: object) -> tuple[str, Sidecar, Sidecar]:
         stable = sidecar(model="features", track="stable")
@@ -57,6 +71,7 @@ def monitoring(
                     "pods": [stable.metrics, canary.metrics],
                     # The operator, as the chart's ServiceMonitor names its job.
                     OPERATOR_JOB: [f"127.0.0.1:{operator.metrics_port}"],
+                    "dcgm-exporter": [f"127.0.0.1:{dcgm_port}"],
                 },
                 target_labels={"pods": labels},
             )
@@ -67,6 +82,7 @@ def monitoring(
     for proc in procs:
         proc.terminate()
         proc.wait(timeout=20)
+    dcgm_server.shutdown()
 
 
 def start_rollout(
@@ -119,14 +135,9 @@ def test_a_healthy_canary_is_analysed_and_promoted(
         # A long first pause: the dashboard check below runs while the canary is at 50 %.
         start_rollout(cluster, namespace, prometheus, [ERRORS, LATENCY], failure_limit=2, pause=30)
         background.append(Traffic(canary, "features", lambda: GOOD))
-        # While the rollout runs, the chart's dashboard shows data in every panel (but the
-        # GPU count: no DCGM exporter runs here).
+        # While the rollout runs, the chart's dashboard shows data in every panel.
         variables = {"$__rate_interval": "1m", "$namespace": namespace, "$modeldeployment": ".*"}
-        queries = {
-            title: query
-            for title, query in dashboard_queries(variables).items()
-            if "DCGM_FI_DEV_GPU_UTIL" not in query
-        }
+        queries = dashboard_queries(variables)
         deadline = time.monotonic() + 20
         while empty := [t for t, q in queries.items() if not instant_vector(prometheus, q)]:
             assert time.monotonic() < deadline, f"dashboard panels without data: {empty}"
