@@ -38,6 +38,7 @@ from autoscaling_support import Load  # noqa: E402
 from localcluster import Cluster  # noqa: E402
 from localcluster.operator import OperatorProcess, free_port  # noqa: E402
 from prometheus_support import start_prometheus  # noqa: E402
+from support import get  # noqa: E402
 from triton_support import start_sidecar, stop  # noqa: E402
 
 BEGIN, END = markers("autoscale-bench")
@@ -58,10 +59,8 @@ def poll(probe: Callable[[], int], until: Callable[[int], bool], timeout: float)
 
 
 def replicas(cluster: Cluster, namespace: str, kind: str, name: str) -> int:
-    found = cluster.kubectl("get", kind, name, "-n", namespace, "-o", "json", check=False)
-    if found.returncode != 0:
-        return 0
-    return int(json.loads(found.stdout)["spec"].get("replicas", 0))
+    found = get(cluster, namespace, kind, name)
+    return 0 if found is None else int(found["spec"].get("replicas", 0))
 
 
 def measure(

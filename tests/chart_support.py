@@ -19,9 +19,10 @@ DASHBOARD = CHART / "files" / "dashboard.json"
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$namespace": ".*", "$modeldeployment": ".*"}
 
 
-def render(*values: str) -> list[dict[str, Any]]:
-    """``helm template`` of the chart with ``--set`` values, as documents."""
-    command = [str(Toolchain.locate().path("helm")), "template", "modeldeploy", str(CHART)]
+def render(*values: str, namespace: str = "modeldeploy-system") -> list[dict[str, Any]]:
+    """``helm template`` of the chart (release ``modeldeploy``) with ``--set`` values."""
+    helm = str(Toolchain.locate().path("helm"))
+    command = [helm, "template", "modeldeploy", str(CHART), "-n", namespace]
     for value in values:
         command += ["--set", value]
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import subprocess
 import sys
 import time
@@ -12,6 +13,8 @@ from typing import Any, TypeVar
 
 import pytest
 import yaml
+
+from localcluster import Cluster
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -68,3 +71,20 @@ def make(target: str, state_dir: Path, name: str) -> subprocess.CompletedProcess
         timeout=300,
         check=False,
     )
+
+
+def get(cluster: Cluster, namespace: str, kind: str, name: str) -> dict[str, Any] | None:
+    """One object as JSON, or None when it does not exist."""
+    result = cluster.kubectl("get", kind, name, "-n", namespace, "-o", "json", check=False)
+    if result.returncode != 0:
+        return None
+    loaded: dict[str, Any] = json.loads(result.stdout)
+    return loaded
+
+
+def condition(obj: dict[str, Any] | None, type_: str) -> dict[str, Any] | None:
+    """The condition of ``type_`` in an object's status, if it has one."""
+    for found in (obj or {}).get("status", {}).get("conditions", []):
+        if found["type"] == type_:
+            return dict(found)
+    return None

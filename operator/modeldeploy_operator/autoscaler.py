@@ -192,13 +192,19 @@ def builtin_engine(
     if state.last_replicas == 0 and current > 0:
         state.awake_since = now  # woken (kubectl scale): give it idleAfter before sleeping
     state.last_replicas = current
-    capped_before = any(
-        c.type == "AtGPUCapacity" and c.status == "True" for c in md.status.conditions
+    capped = next(
+        (
+            c.message
+            for c in md.status.conditions
+            if c.type == "AtGPUCapacity" and c.status == "True"
+        ),
+        None,
     )
+    capped_before = capped is not None
     if state.last_evaluation is not None and now - state.last_evaluation < interval:
         return ScalingResult(
             previous,
-            at_capacity=_capacity_message(md) if capped_before else None,
+            at_capacity=capped,
             requeue_after=interval - (now - state.last_evaluation),
         )
     state.last_evaluation = now
@@ -271,13 +277,6 @@ def builtin_engine(
         event=event,
         requeue_after=interval,
     )
-
-
-def _capacity_message(md: ModelDeployment) -> str:
-    for condition in md.status.conditions:
-        if condition.type == "AtGPUCapacity":
-            return condition.message
-    return ""
 
 
 def remember(state: ScalingState, now: float, decision: Decision, policy: Policy) -> None:

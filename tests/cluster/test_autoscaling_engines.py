@@ -12,7 +12,7 @@ import pytest
 from localcluster import Cluster
 from localcluster.operator import OperatorProcess
 from rollout_support import md_status
-from support import load_example, merged, wait_for
+from support import condition, get, load_example, merged, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -32,23 +32,11 @@ SCALING: dict[str, Any] = {
 }
 
 
-def get(cluster: Cluster, namespace: str, kind: str, name: str) -> dict[str, Any] | None:
-    found = cluster.kubectl("get", kind, name, "-n", namespace, "-o", "json", check=False)
-    return json.loads(found.stdout) if found.returncode == 0 else None
-
-
 def apply(cluster: Cluster, namespace: str, scaling: dict[str, Any] | None) -> None:
     manifest = merged(load_example("minimal.yaml"), {"spec": {"resources": {"cpu": "2"}}})
     if scaling is not None:
         manifest["spec"]["autoscaling"] = scaling
     cluster.kubectl("apply", "-n", namespace, "-f", "-", stdin=json.dumps(manifest))
-
-
-def condition(obj: dict[str, Any] | None, type_: str) -> dict[str, Any]:
-    for found in (obj or {}).get("status", {}).get("conditions", []):
-        if found["type"] == type_:
-            return dict(found)
-    return {}
 
 
 def test_the_hpa_engine_drives_the_scale_subresource_and_keda_replaces_it(
@@ -72,7 +60,9 @@ def test_the_hpa_engine_drives_the_scale_subresource_and_keda_replaces_it(
     wait_for(
         "the HPA controller to read the scale subresource",
         lambda: (
-            condition(get(cluster, namespace, "hpa", "resnet50"), "AbleToScale").get("reason")
+            (condition(get(cluster, namespace, "hpa", "resnet50"), "AbleToScale") or {}).get(
+                "reason"
+            )
             == "SucceededGetScale"
         ),
         timeout=60,
@@ -115,10 +105,12 @@ def test_keda_without_a_prometheus_url_is_reported(
     wait_for(
         "ApplyFailed",
         lambda: (
-            condition({"status": md_status(cluster, namespace)}, "Degraded").get("reason")
+            (condition(get(cluster, namespace, "md", "resnet50"), "Degraded") or {}).get("reason")
             == "ApplyFailed"
         ),
         timeout=20,
     )
-    message = condition({"status": md_status(cluster, namespace)}, "Degraded")["message"]
+    degraded = condition(get(cluster, namespace, "md", "resnet50"), "Degraded")
+    assert degraded is not None
+    message = degraded["message"]
     assert "spec.autoscaling.prometheus.url" in message

@@ -23,7 +23,7 @@ from localcluster import Cluster
 from localcluster.operator import OperatorProcess, free_port
 from modeldeploy_operator.k8s.client import ApiError, KubernetesApi, load_api_client
 from rollout_support import md_status, set_version, start_canary
-from support import DELETE, load_example, merged, wait_for
+from support import DELETE, get, load_example, merged, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -41,11 +41,6 @@ def model(steps: list[dict[str, Any]]) -> dict[str, Any]:
             }
         },
     )
-
-
-def get(cluster: Cluster, namespace: str, kind: str, name: str) -> dict[str, Any] | None:
-    result = cluster.kubectl("get", kind, name, "-n", namespace, "-o", "json", check=False)
-    return json.loads(result.stdout) if result.returncode == 0 else None
 
 
 def status(cluster: Cluster, namespace: str) -> dict[str, Any]:

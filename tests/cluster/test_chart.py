@@ -8,20 +8,18 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
 
+from chart_support import CHART, ROOT, render
 from localcluster import Cluster
 from localcluster.operator import OperatorProcess
 from rollout_support import md_status, start_canary
-from support import DELETE, load_example, merged, wait_for
+from support import DELETE, condition, get, load_example, merged, wait_for
 
 pytestmark = pytest.mark.cluster
 
-ROOT = Path(__file__).resolve().parents[2]
-CHART = ROOT / "charts" / "modeldeploy"
 EVERYTHING_ON = (
     "monitoring.serviceMonitor=true",
     "monitoring.podMonitor=true",
@@ -67,13 +65,6 @@ BUILTIN = {
 }
 
 
-def render(cluster: Cluster, *values: str, namespace: str = "modeldeploy-system") -> str:
-    args = ["template", "modeldeploy", str(CHART), "-n", namespace]
-    for value in values:
-        args += ["--set", value]
-    return cluster.helm(*args).stdout
-
-
 @pytest.fixture(scope="module")
 def prometheus_operator_crds(cluster: Cluster) -> None:
     for path in cluster.toolchain.prometheus_operator_crds():
@@ -109,12 +100,19 @@ def test_the_api_server_accepts_the_rendered_chart_in_a_restricted_namespace(
         "label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted"
     )
     values = [*EVERYTHING_ON, f"networkPolicy.namespaces={{{namespace}}}"] if optional else []
-    manifests = render(cluster, *values, namespace=namespace)
-    kinds = {doc["kind"] for doc in yaml.safe_load_all(manifests) if doc}
+    documents = render(*values, namespace=namespace)
+    kinds = {doc["kind"] for doc in documents}
     if optional:
         assert {"ServiceMonitor", "PodMonitor", "PrometheusRule", "NetworkPolicy"} <= kinds
     result = cluster.kubectl(
-        "apply", "--dry-run=server", "-n", namespace, "-f", "-", stdin=manifests, check=False
+        "apply",
+        "--dry-run=server",
+        "-n",
+        namespace,
+        "-f",
+        "-",
+        stdin=yaml.safe_dump_all(documents),
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     assert "Warning" not in result.stderr, result.stderr  # PodSecurity warns, restricted denies
@@ -225,28 +223,19 @@ def test_install_run_the_operator_with_the_charts_account_and_uninstall(
     ]
 
 
-def condition(cluster: Cluster, namespace: str, name: str, type_: str) -> dict[str, Any]:
-    found = cluster.kubectl("get", "md", name, "-n", namespace, "-o", "json", check=False)
-    if found.returncode != 0:
-        return {}
-    for item in json.loads(found.stdout).get("status", {}).get("conditions", []):
-        if item["type"] == type_:
-            return dict(item)
-    return {}
-
-
 def ready(cluster: Cluster, namespace: str, name: str) -> bool:
-    return condition(cluster, namespace, name, "Ready").get("status") == "True"
+    found = condition(get(cluster, namespace, "md", name), "Ready")
+    return found is not None and found["status"] == "True"
 
 
 def reconciled(cluster: Cluster, namespace: str, name: str) -> bool:
-    found = cluster.kubectl("get", "md", name, "-n", namespace, "-o", "json")
-    body = json.loads(found.stdout)
-    return bool(body.get("status", {}).get("observedGeneration") == body["metadata"]["generation"])
+    body = get(cluster, namespace, "md", name) or {"metadata": {}}
+    generation = body["metadata"].get("generation")
+    return generation is not None and body.get("status", {}).get("observedGeneration") == generation
 
 
 def test_the_chart_renders_the_operator_securely(cluster: Cluster) -> None:
-    docs = [d for d in yaml.safe_load_all(render(cluster, "image.digest=sha256:" + "a" * 64)) if d]
+    docs = render("image.digest=sha256:" + "a" * 64)
     deployment = next(d for d in docs if d["kind"] == "Deployment")
     assert deployment["spec"]["replicas"] == 1
     assert deployment["spec"]["strategy"] == {"type": "Recreate"}
@@ -259,11 +248,8 @@ def test_the_chart_renders_the_operator_securely(cluster: Cluster) -> None:
         for rule in role["rules"]:
             assert "*" not in rule["verbs"], rule
             assert "*" not in rule["resources"], rule
-    namespaced = [
-        d
-        for d in yaml.safe_load_all(render(cluster, "operator.watchNamespaces={a,b}"))
-        if d and d["kind"] in ("Role", "ClusterRole")
-    ]
+    scoped = render("operator.watchNamespaces={a,b}")
+    namespaced = [d for d in scoped if d["kind"] in ("Role", "ClusterRole")]
     assert sorted((d["kind"], d["metadata"].get("namespace", "")) for d in namespaced) == [
         ("ClusterRole", ""),
         ("Role", "a"),
@@ -271,11 +257,8 @@ def test_the_chart_renders_the_operator_securely(cluster: Cluster) -> None:
     ]
     cluster_rules = next(d for d in namespaced if d["kind"] == "ClusterRole")["rules"]
     assert {r["resources"][0] for r in cluster_rules} == {"customresourcedefinitions", "nodes"}
-    args = next(
-        d
-        for d in yaml.safe_load_all(render(cluster, "operator.watchNamespaces={a,b}"))
-        if d and d["kind"] == "Deployment"
-    )["spec"]["template"]["spec"]["containers"][0]["args"]
+    deployment = next(d for d in scoped if d["kind"] == "Deployment")
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[:2] == ["--namespace=a", "--namespace=b"]
 
 

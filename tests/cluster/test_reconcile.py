@@ -3,7 +3,6 @@ status, self-healing, scaling and garbage collection."""
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -13,7 +12,7 @@ import yaml
 from localcluster import Cluster
 from localcluster.nodes import A100_80GB, NodeSpec, node_manifest
 from localcluster.operator import OperatorProcess, metric_sum
-from support import DELETE, load_example, merged, wait_for
+from support import DELETE, condition, get, load_example, merged, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -22,21 +21,6 @@ GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSc
 
 def apply(cluster: Cluster, namespace: str, manifest: dict[str, Any]) -> None:
     cluster.kubectl("apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(manifest))
-
-
-def get(cluster: Cluster, namespace: str, kind: str, name: str) -> dict[str, Any] | None:
-    result = cluster.kubectl("get", "-n", namespace, kind, name, "-o", "json", check=False)
-    if result.returncode != 0:
-        return None
-    loaded: dict[str, Any] = json.loads(result.stdout)
-    return loaded
-
-
-def condition(md: dict[str, Any] | None, type_: str) -> dict[str, Any] | None:
-    for cond in (md or {}).get("status", {}).get("conditions", []):
-        if cond["type"] == type_:
-            return dict(cond)
-    return None
 
 
 def wait_condition(

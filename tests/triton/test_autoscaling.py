@@ -25,7 +25,7 @@ from localcluster import Cluster
 from localcluster.operator import OperatorProcess, free_port
 from prometheus_support import prometheus_binary, start_prometheus
 from rollout_support import md_status, set_version
-from support import DELETE, load_example, merged, wait_for
+from support import DELETE, get, load_example, merged, wait_for
 from triton_support import Sidecar, SidecarFactory
 
 pytestmark = [pytest.mark.cluster, pytest.mark.triton, pytest.mark.prometheus]
@@ -77,17 +77,14 @@ def create(cluster: Cluster, namespace: str, manifest: dict[str, Any]) -> None:
 
 
 def spec_replicas(cluster: Cluster, namespace: str) -> int:
-    found = cluster.kubectl("get", "md", "resnet50", "-n", namespace, "-o", "json")
-    return int(json.loads(found.stdout)["spec"].get("replicas", 1))
+    found = get(cluster, namespace, "md", "resnet50")
+    assert found is not None
+    return int(found["spec"]["replicas"])
 
 
 def deployment_replicas(cluster: Cluster, namespace: str, track: str) -> int:
-    found = cluster.kubectl(
-        "get", "deployment", f"resnet50-{track}", "-n", namespace, "-o", "json", check=False
-    )
-    if found.returncode != 0:
-        return 0
-    return int(json.loads(found.stdout)["spec"]["replicas"])
+    found = get(cluster, namespace, "deployment", f"resnet50-{track}")
+    return 0 if found is None else int(found["spec"]["replicas"])
 
 
 def scale_events(cluster: Cluster, namespace: str) -> list[dict[str, Any]]:
