@@ -7,9 +7,11 @@ PYTEST_ARGS ?=
 # Where the local cluster keeps its state (kubeconfig, certificates, etcd data, logs).
 CLUSTER_DIR ?= $(CURDIR)/.cluster
 CLUSTER_NAME ?= modeldeploy
-# The local-cluster tooling lives in tests/localcluster.
-LOCALCLUSTER := PYTHONPATH=$(CURDIR)/tests $(PYTHON) -m localcluster \
-	--state-dir '$(CLUSTER_DIR)' --name '$(CLUSTER_NAME)'
+# REAL_NODE=0: only simulated nodes (no containerd, kubelet or images), e.g. a second cluster.
+REAL_NODE ?= 1
+# The local-cluster tooling lives in tools/localcluster.
+LOCALCLUSTER := PYTHONPATH=$(CURDIR)/tools $(PYTHON) -m localcluster \
+	--state-dir '$(CLUSTER_DIR)' --name '$(CLUSTER_NAME)' $(if $(filter 0,$(REAL_NODE)),--no-real-node)
 
 .PHONY: help
 help: ## Show this help
@@ -17,14 +19,24 @@ help: ## Show this help
 	  /^##@/ {printf "\n%s\n", substr($$0, 5)} \
 	  /^[a-zA-Z0-9_-]+:.*## / {printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
+STAGE := $(CURDIR)/tools/stage
+
 ##@ Setup
+.PHONY: deps
+deps: ## Install what demo and test need: Debian packages (containerd, runc, CNI, podman, Prometheus, Go) and pip -e .[dev]
+	@tools/install-deps $(PYTHON)
+
 .PHONY: install
 install: ## Install modeldeploy with its test and lint tools (pip, editable)
 	$(PYTHON) -m pip install --quiet -e '.[dev]'
 
 .PHONY: toolchain
-toolchain: ## Build the pinned control-plane binaries (cached in ~/.cache/modeldeploy)
+toolchain: ## Build the pinned control-plane and node binaries (cached in ~/.cache/modeldeploy)
 	$(LOCALCLUSTER) build
+
+.PHONY: images
+images: ## Build the operator, runtime, CPU Triton and pause images with podman (cached by content)
+	$(LOCALCLUSTER) images
 
 ##@ Local cluster
 .PHONY: cluster-up
@@ -40,8 +52,11 @@ cluster-status: ## Tell whether the local cluster is running
 	$(LOCALCLUSTER) status
 
 .PHONY: demo
-demo: toolchain ## The main job: cluster, CRD, operator, examples/minimal.yaml becoming Ready
-	$(LOCALCLUSTER) demo
+demo: ## The main job: a real inference from a Triton pod on the real node, then a canary
+	@$(STAGE) "install dependencies" tools/install-deps $(PYTHON)
+	@$(STAGE) "control-plane binaries" $(LOCALCLUSTER) build
+	@$(STAGE) "images" $(LOCALCLUSTER) images >/dev/null
+	@$(STAGE) "demo" $(LOCALCLUSTER) demo
 
 ##@ Benchmarks (not tests: ratios against a baseline measured in the same run)
 .PHONY: bench
@@ -49,19 +64,19 @@ bench: bench-operator bench-runtime bench-rollout bench-autoscale ## Every bench
 
 .PHONY: bench-operator
 bench-operator: toolchain ## Operator overhead vs bare Deployments, cold start of 500, idle writes
-	PYTHONPATH=$(CURDIR)/tests $(PYTHON) bench/operator_bench.py $(BENCH_ARGS)
+	PYTHONPATH=$(CURDIR)/tools:$(CURDIR)/tests $(PYTHON) bench/operator_bench.py $(BENCH_ARGS)
 
 .PHONY: bench-runtime
 bench-runtime: ## Sidecar vs direct Triton: throughput ratio, added latency, CPU, RSS, drift cost
-	PYTHONPATH=$(CURDIR)/tests $(PYTHON) bench/runtime_bench.py $(BENCH_ARGS)
+	PYTHONPATH=$(CURDIR)/tools:$(CURDIR)/tests $(PYTHON) bench/runtime_bench.py $(BENCH_ARGS)
 
 .PHONY: bench-autoscale
 bench-autoscale: toolchain ## Builtin autoscaler's reaction to a load step up and down, vs HPA defaults
-	PYTHONPATH=$(CURDIR)/tests $(PYTHON) bench/autoscale_bench.py $(BENCH_ARGS)
+	PYTHONPATH=$(CURDIR)/tools:$(CURDIR)/tests $(PYTHON) bench/autoscale_bench.py $(BENCH_ARGS)
 
 .PHONY: bench-rollout
 bench-rollout: toolchain ## Fault to 0 % canary traffic at 5 s and 30 s analysis intervals
-	PYTHONPATH=$(CURDIR)/tests $(PYTHON) bench/rollout_bench.py $(BENCH_ARGS)
+	PYTHONPATH=$(CURDIR)/tools:$(CURDIR)/tests $(PYTHON) bench/rollout_bench.py $(BENCH_ARGS)
 
 ##@ Generated files
 .PHONY: crds
@@ -87,12 +102,22 @@ test-unit: ## Unit tests: pure logic, no cluster
 	$(PYTHON) -m pytest -m 'not cluster' $(PYTEST_ARGS)
 
 .PHONY: test-cluster
-test-cluster: toolchain ## Tests against the real local control plane
+test-cluster: toolchain ## Tests against the real local control plane (real-pod tier included)
 	$(PYTHON) -m pytest -m cluster $(PYTEST_ARGS)
 
+.PHONY: test-realnode
+test-realnode: toolchain images ## Only the real-pod tier: our images in real pods on the real node
+	$(PYTHON) -m pytest -m realnode $(PYTEST_ARGS)
+
 .PHONY: test
-test: lint typecheck toolchain ## Everything: lint, types, unit and cluster tests
-	$(PYTHON) -m pytest $(PYTEST_ARGS)
+test: ## Everything, on a fresh machine too: dependencies, lint, types, unit, cluster and real-pod tests
+	@$(STAGE) "install dependencies" tools/install-deps $(PYTHON)
+	@$(STAGE) "lint" $(MAKE) --no-print-directory lint
+	@$(STAGE) "typecheck" $(MAKE) --no-print-directory typecheck
+	@$(STAGE) "control-plane binaries" $(LOCALCLUSTER) build
+	@$(STAGE) "images" $(LOCALCLUSTER) images >/dev/null
+	@$(STAGE) "unit, Triton and Prometheus tests" $(PYTHON) -m pytest -m "not cluster" $(PYTEST_ARGS)
+	@$(STAGE) "cluster and real-pod tests" $(PYTHON) -m pytest -m cluster $(PYTEST_ARGS)
 
 .PHONY: fmt
 fmt: ## Format and auto-fix with ruff

@@ -65,6 +65,7 @@ def make(target: str, state_dir: Path, name: str) -> subprocess.CompletedProcess
             f"CLUSTER_DIR={state_dir}",
             f"CLUSTER_NAME={name}",
             f"PYTHON={sys.executable}",
+            "REAL_NODE=0",  # the real node is the session cluster's (one per machine)
         ],
         capture_output=True,
         text=True,

@@ -31,6 +31,9 @@ from modeldeploy_operator.api.v1alpha1 import (
 from modeldeploy_operator.builders.labels import selector_string
 
 FETCH_CONTAINER = "fetch-model"
+TRITON_CONTAINER = "triton"
+# Triton's log lines that name why a model did not load ("failed to load 'm' version 1: ...").
+LOAD_FAILURE_MARKERS = ("failed to load", "UNAVAILABLE:", "error: creating server")
 IMAGE_PULL_REASONS = {"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull"}
 CONFIG_ERROR_REASONS = {"CreateContainerConfigError", "CreateContainerError"}
 
@@ -44,6 +47,7 @@ PROBLEM_ORDER = (
     "Unschedulable",
     "ImagePullBackOff",
     "ModelFetchFailed",
+    "ModelLoadFailed",
     "ContainerConfigError",
     "CrashLoopBackOff",
     "ReplicaFailure",
@@ -199,7 +203,10 @@ def pod_problems(pod: Mapping[str, Any]) -> list[Problem]:
         waiting = _get(status, "state", "waiting") or {}
         waiting_reason = waiting.get("reason")
         container = status.get("name")
-        if waiting_reason in IMAGE_PULL_REASONS:
+        load_failure = model_load_failure(status) if container == TRITON_CONTAINER else None
+        if load_failure is not None:
+            found.append(Problem("ModelLoadFailed", f"pod {name}: {load_failure}"))
+        elif waiting_reason in IMAGE_PULL_REASONS:
             found.append(
                 Problem(
                     "ImagePullBackOff",
@@ -218,6 +225,30 @@ def pod_problems(pod: Mapping[str, Any]) -> list[Problem]:
                 Problem("CrashLoopBackOff", f"pod {name}, container {container} keeps crashing")
             )
     return found
+
+
+def model_load_failure(container_status: Mapping[str, Any]) -> str | None:
+    """Why Triton exited, when it exited because a model did not load.
+
+    The triton container's ``FallbackToLogsOnError`` puts the end of its log into the
+    termination message; the lines that name the failed model are the cause.
+    """
+    terminated = (
+        _get(container_status, "state", "terminated")
+        or _get(container_status, "lastState", "terminated")
+        or {}
+    )
+    if not terminated or terminated.get("exitCode", 0) == 0:
+        return None
+    lines = [
+        line.strip().strip("|").strip()
+        for line in str(terminated.get("message", "")).splitlines()
+        if any(marker in line for marker in LOAD_FAILURE_MARKERS)
+    ]
+    if not lines:
+        return None
+    cause = "; ".join(dict.fromkeys(lines))
+    return f"Triton could not load the model (exit code {terminated['exitCode']}): {cause}"[:1024]
 
 
 def find_problems(md: ModelDeployment, observed: Observed) -> list[Problem]:

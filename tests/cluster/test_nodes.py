@@ -24,7 +24,9 @@ def is_ready(node: dict[str, Any]) -> bool:
     return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
 
 
-def test_kubectl_get_nodes_lists_the_four_nodes_ready(cluster: Cluster) -> None:
+def test_kubectl_get_nodes_lists_the_simulated_nodes_and_the_real_one_ready(
+    cluster: Cluster,
+) -> None:
     table = cluster.kubectl("get", "nodes", "--no-headers").stdout.splitlines()
     rows = {line.split()[0]: line.split()[1] for line in table}
     assert rows == {
@@ -32,7 +34,23 @@ def test_kubectl_get_nodes_lists_the_four_nodes_ready(cluster: Cluster) -> None:
         "gpu-a100-1": "Ready",
         "gpu-h100-0": "Ready",
         "cpu-0": "Ready",
+        "real-0": "Ready",
     }
+
+
+def test_the_real_node_runs_a_kubelet_with_containerd_and_advertises_gpus(
+    cluster: Cluster,
+) -> None:
+    node = nodes_by_name(cluster)["real-0"]
+    info = node["status"]["nodeInfo"]
+    assert info["kubeletVersion"] == cluster.toolchain.versions.kubernetes
+    assert info["containerRuntimeVersion"].startswith("containerd://")
+    assert node["status"]["allocatable"]["nvidia.com/gpu"] == "4"
+    assert node["metadata"]["labels"]["nvidia.com/gpu.product"] == "NVIDIA-L4"
+    assert "kwok.x-k8s.io/node" not in node["metadata"].get("annotations", {})
+    assert GPU_TAINT in node["spec"]["taints"]
+    addresses = {a["type"]: a["address"] for a in node["status"]["addresses"]}
+    assert addresses["InternalIP"] == "172.30.0.1"
 
 
 @pytest.mark.parametrize(

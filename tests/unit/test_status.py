@@ -87,6 +87,35 @@ FETCH_FAILED = pod(
         }
     ],
 )
+TRITON_LOG_TAIL = "\n".join(
+    [
+        "I1203 09:17:33.602 model_lifecycle.cc:473] loading: iris:1",
+        "E1203 09:17:33.602 model_lifecycle.cc:642] \"failed to load 'iris' version 1:"
+        ' Internal: SyntaxError: invalid syntax (model.py, line 3)"',
+        "| iris  | 1       | UNAVAILABLE: Internal: SyntaxError: invalid syntax |",
+        "error: creating server: Internal - failed to load all models",
+    ]
+)
+LOAD_FAILED = pod(
+    "Running",
+    containerStatuses=[
+        {
+            "name": "triton",
+            "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+            "lastState": {"terminated": {"exitCode": 1, "message": TRITON_LOG_TAIL}},
+        }
+    ],
+)
+TRITON_KILLED = pod(
+    "Running",
+    containerStatuses=[
+        {
+            "name": "triton",
+            "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+            "lastState": {"terminated": {"exitCode": 137, "message": "I1203 serving"}},
+        }
+    ],
+)
 FETCHING = pod("Pending", initContainerStatuses=[{"name": "fetch-model", "state": {"running": {}}}])
 DEADLINE = {
     "type": "Progressing",
@@ -94,6 +123,15 @@ DEADLINE = {
     "reason": "ProgressDeadlineExceeded",
     "message": "timed out",
 }
+
+
+def test_model_load_failure_names_the_model_and_the_cause() -> None:
+    observed = Observed(deployment=deployment(ready=0, available=0), pods=[LOAD_FAILED])
+    status = compute_status(md(), observed, "rev", NOW)
+    degraded = next(c for c in status.conditions if c.type == "Degraded")
+    assert "Triton could not load the model (exit code 1)" in degraded.message
+    assert "failed to load 'iris' version 1: Internal: SyntaxError" in degraded.message
+    assert "I1203" not in degraded.message  # only the lines that say why
 
 
 def conditions(status: ModelDeploymentStatus) -> dict[str, tuple[str, str]]:
@@ -133,6 +171,18 @@ def conditions(status: ModelDeploymentStatus) -> dict[str, tuple[str, str]]:
             "Degraded",
             ("False", "ModelFetchFailed"),
             ("True", "ModelFetchFailed"),
+        ),
+        (
+            Observed(deployment=deployment(ready=0, available=0), pods=[LOAD_FAILED]),
+            "Degraded",
+            ("False", "ModelLoadFailed"),
+            ("True", "ModelLoadFailed"),
+        ),
+        (  # a crash that is not a model load failure stays a crash loop
+            Observed(deployment=deployment(ready=0, available=0), pods=[TRITON_KILLED]),
+            "Degraded",
+            ("False", "CrashLoopBackOff"),
+            ("True", "CrashLoopBackOff"),
         ),
         (
             Observed(deployment=deployment(ready=0, available=0, conditions=[DEADLINE])),

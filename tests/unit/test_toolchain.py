@@ -130,3 +130,14 @@ def test_an_empty_cache_is_not_built(tmp_path: Path) -> None:
     toolchain = Toolchain.locate({"MODELDEPLOY_CACHE_DIR": str(tmp_path)})
     assert toolchain.bin_dir == tmp_path / "bin" / toolchain.versions.kubernetes
     assert not toolchain.is_built()
+
+
+def test_prometheus_is_built_in_its_own_module_with_only_kubernetes_discovery() -> None:
+    steps = build_steps(versions_from_go_mod(GO_MOD), "v0.316.0")
+    (prometheus,) = [s for s in steps if s.binaries == ("prometheus",)]
+    assert prometheus.module == "prometheus"
+    args = prometheus.build_args(Path("/out"), "-s -w")
+    assert args[args.index("-tags") + 1] == "remove_all_sd,enable_kubernetes_sd"
+    assert args[-1] == "github.com/prometheus/prometheus/cmd/prometheus"
+    assert "-o" in args
+    assert args[args.index("-o") + 1] == "/out/prometheus"

@@ -155,6 +155,9 @@ def triton_container(md: ModelDeployment, config: BuildConfig) -> dict[str, Any]
             for name, port in TRITON_PORTS.items()
         ],
         "resources": triton_resources(md),
+        # When Triton exits on an error (a model that does not load), the end of its log
+        # becomes the termination message: status reports it as ModelLoadFailed.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "startupProbe": {
             "httpGet": {"path": "/v2/health/ready", "port": probe_port},
             "periodSeconds": period,

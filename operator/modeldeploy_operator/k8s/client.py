@@ -60,12 +60,24 @@ def load_api_client(kubeconfig: str | None) -> k8s.ApiClient:
     return k8s.ApiClient()
 
 
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an ``Authorization`` value. The client's kubeconfig loader stores
+    ``Bearer <token>``, its in-cluster loader ``bearer <token>``: the scheme is
+    case-insensitive (RFC 9110), and kopf adds its own."""
+    if not authorization:
+        return None
+    scheme, _, token = authorization.strip().partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return authorization.strip()
+
+
 def connection_of(api_client: k8s.ApiClient) -> Connection:
     config = api_client.configuration
     authorization = (config.api_key or {}).get("authorization") or (config.api_key or {}).get(
         "BearerToken"
     )
-    token = authorization.removeprefix("Bearer ").strip() if authorization else None
+    token = bearer_token(authorization)
     return Connection(
         server=config.host,
         ca_path=config.ssl_ca_cert,

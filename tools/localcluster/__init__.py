@@ -2,7 +2,7 @@
 
 kwokctl (``--runtime binary``) runs etcd, kube-apiserver, kube-controller-manager,
 kube-scheduler and the kwok controller as plain processes on 127.0.0.1. Every binary is built
-from the pinned Go module in ``tests/toolchain`` and cached outside the repository
+from the pinned Go module in ``tools/toolchain`` and cached outside the repository
 (:mod:`localcluster.toolchain`); the fake nodes are described in :mod:`localcluster.nodes`;
 :mod:`localcluster.cluster` starts, checks and stops the whole thing.
 

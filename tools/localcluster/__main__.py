@@ -1,4 +1,4 @@
-"""``python -m localcluster build|bin-dir|up|down|status|demo``: what ``make`` runs."""
+"""``python -m localcluster build|bin-dir|images|up|down|status|demo``: what ``make`` runs."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from pathlib import Path
 
 from localcluster import demo
 from localcluster.cluster import DEFAULT_NAME, Cluster, ClusterError, ClusterState
+from localcluster.images import ImageError
+from localcluster.realnode import NodeError, RealNodeSpec
 from localcluster.toolchain import Toolchain, ToolchainError
 
 
@@ -16,9 +18,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m localcluster", description=__doc__)
     parser.add_argument(
         "command",
-        choices=["build", "bin-dir", "up", "down", "status", "demo"],
-        help="build: the pinned binaries; bin-dir: where they are; up/down/status: the cluster;"
-        " demo: cluster, CRD, operator and an example",
+        choices=["build", "bin-dir", "images", "up", "down", "status", "demo"],
+        help="build: the pinned binaries; bin-dir: where they are; images: our container images;"
+        " up/down/status: the cluster; demo: a model answering inference, then a canary",
+    )
+    parser.add_argument(
+        "--no-real-node",
+        action="store_true",
+        help="only simulated nodes (no containerd, kubelet or images; a second cluster)",
     )
     parser.add_argument(
         "--state-dir",
@@ -48,8 +55,12 @@ def main(argv: list[str] | None = None) -> int:
             print(toolchain.bin_dir)
             return 0
         state = ClusterState.default() if args.state_dir is None else ClusterState(args.state_dir)
-        cluster = Cluster(toolchain, ClusterState(state.root, args.name))
-        if args.command == "demo":
+        real_node = None if args.no_real_node else RealNodeSpec()
+        cluster = Cluster(toolchain, ClusterState(state.root, args.name), real_node=real_node)
+        if args.command == "images":
+            for image in cluster.image_builder().ensure_built().values():
+                print(image.reference)
+        elif args.command == "demo":
             demo.run(cluster)
             print_env(cluster)
         elif args.command == "up":
@@ -59,12 +70,15 @@ def main(argv: list[str] | None = None) -> int:
             cluster.down()
         elif cluster.is_running():
             pids = ", ".join(f"{p.component}={p.pid}" for p in cluster.processes())
+            node = cluster.node
+            if node is not None:
+                pids += "".join(f", {d.name}={d.pid}" for d in node.daemons())
             print(f"cluster {args.name!r} is running: {pids}")
             print_env(cluster)
         else:
             print(f"cluster {args.name!r} is not running (make cluster-up starts it)")
             return 1
-    except (ClusterError, ToolchainError) as error:
+    except (ClusterError, ToolchainError, ImageError, NodeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -1,11 +1,14 @@
-"""Start, check and stop the local control plane.
+"""Start, check and stop the local cluster.
 
-kwokctl does the process management (certificates, ports, flags, pid files); this module
-feeds it our own binaries, adds the simulated GPU nodes, waits until the cluster can run
-pods, and on the way down makes sure, by PID, that nothing it started is left behind.
+kwokctl does the control plane's process management (certificates, ports, flags, pid files);
+this module feeds it our own binaries, adds the simulated GPU nodes and, unless told not to,
+a real node whose pods run our images (:mod:`localcluster.realnode`,
+:mod:`localcluster.images`), waits until the cluster can run pods, and on the way down makes
+sure, by PID, that nothing it started is left behind.
 
 State lives under one folder (``.cluster/`` in the repository by default, git-ignored):
-``kubeconfig`` for users and tests, ``kwok/`` for kwokctl's work directory.
+``kubeconfig`` for users and tests, ``kwok/`` for kwokctl's work directory, ``node/`` for the
+real node.
 """
 
 from __future__ import annotations
@@ -25,13 +28,22 @@ from typing import Any, TextIO
 
 import yaml
 
+from localcluster.images import BuiltImage, Images
 from localcluster.nodes import NodeSpec, default_nodes, node_manifest
-from localcluster.toolchain import Toolchain, format_duration
+from localcluster.realnode import (
+    NodePaths,
+    RealNode,
+    RealNodeSpec,
+    kwokctl_options,
+    kwokctl_patches,
+)
+from localcluster.toolchain import Toolchain, default_cache_root, format_duration
 
 DEFAULT_NAME = "modeldeploy"
 READY_TIMEOUT_SECONDS = 120.0
 LOOPBACK = "127.0.0.1"
 SERVICE_RANGE = "10.96.0.0/16"
+LOCAL_TAG = "local"  # every image of ours is also known to the node as <repository>:local
 
 
 class ClusterError(RuntimeError):
@@ -68,6 +80,10 @@ class ClusterState:
     @property
     def pid_dir(self) -> Path:
         return self.cluster_dir / "pids"
+
+    @property
+    def node_paths(self) -> NodePaths:
+        return NodePaths.under(self.root, self.name)
 
     @property
     def operator_pid_file(self) -> Path:
@@ -153,10 +169,13 @@ def _signal(pid: int, sig: signal.Signals) -> None:
         os.kill(pid, sig)
 
 
-def kwokctl_configuration(toolchain: Toolchain) -> dict[str, Any]:
-    """kwokctl's configuration: our binaries, run as processes, listening on 127.0.0.1 only."""
+def kwokctl_configuration(
+    toolchain: Toolchain, real_node: RealNodeSpec | None = None
+) -> dict[str, Any]:
+    """kwokctl's configuration: our binaries, run as processes, listening on 127.0.0.1 only
+    (with a real node, the API server listens on the node's bridge address instead)."""
     path = toolchain.path
-    return {
+    config: dict[str, Any] = {
         "apiVersion": "config.kwok.x-k8s.io/v1alpha1",
         "kind": "KwokctlConfiguration",
         "options": {
@@ -179,15 +198,59 @@ def kwokctl_configuration(toolchain: Toolchain) -> dict[str, Any]:
             }
         ],
     }
+    if real_node is not None:
+        config["options"] |= kwokctl_options(real_node)
+        config["componentsPatches"] += kwokctl_patches(real_node)
+    return config
 
 
 class Cluster:
-    """One local cluster: a toolchain (the binaries) and a state folder."""
+    """One local cluster: a toolchain (the binaries), a state folder and, optionally, a real
+    node (a machine-wide singleton: only one cluster at a time can have one)."""
 
-    def __init__(self, toolchain: Toolchain, state: ClusterState, out: TextIO = sys.stderr):
+    def __init__(
+        self,
+        toolchain: Toolchain,
+        state: ClusterState,
+        out: TextIO = sys.stderr,
+        *,
+        real_node: RealNodeSpec | None = RealNodeSpec(),  # noqa: B008 - frozen dataclass
+    ) -> None:
         self.toolchain = toolchain
         self.state = state
         self.out = out
+        self.real_node_spec = real_node
+        self.images: dict[str, BuiltImage] = {}
+
+    @property
+    def node(self) -> RealNode | None:
+        """The real node, when this cluster has one."""
+        if self.real_node_spec is None:
+            return None
+        return RealNode(
+            self.real_node_spec,
+            self.state.node_paths,
+            cluster_name=self.state.name,
+            bin_dir=self.toolchain.bin_dir,
+            kubeconfig=self.state.kubeconfig,
+            kubectl=self.kubectl,
+            out=self.out,
+        )
+
+    def image_builder(self) -> Images:
+        return Images(
+            repo_root(),
+            default_cache_root(os.environ),
+            self.toolchain.versions.kubernetes,
+            out=self.out,
+        )
+
+    def image(self, name: str) -> str:
+        """The reference of one of our images (``operator``, ``runtime``, ``triton-cpu``),
+        as the real node's containerd knows it; builds nothing when the cache is warm."""
+        if name not in self.images:
+            self.images = self.image_builder().ensure_built()
+        return self.images[name].reference
 
     # -- observing -----------------------------------------------------------------------
 
@@ -243,15 +306,23 @@ class Cluster:
             )
             self._teardown()
         self.toolchain.ensure_built(self.out)
+        node = self.node
+        if node is not None:
+            node.check_prerequisites()
+            self.images = self.image_builder().ensure_built()
         started = time.monotonic()
         version = self.toolchain.versions.kubernetes
         self._say(f"starting cluster {self.state.name!r} (Kubernetes {version})")
         self.state.root.mkdir(parents=True, exist_ok=True)
         try:
+            if node is not None:
+                node.network_up()
             self._kwokctl("create", "cluster", *self._create_flags(), timeout=READY_TIMEOUT_SECONDS)
             self._wait_api_ready()
             self._add_nodes(default_nodes() if nodes is None else tuple(nodes))
             self._wait_pods_admissible()
+            if node is not None:
+                node.up(self.images["pause"].reference, self._import_images)
         except BaseException:
             self._say("start failed; stopping what was started")
             self._teardown()
@@ -271,8 +342,25 @@ class Cluster:
         self._say(f"removed {self.state.root}")
         return True
 
+    def _import_images(self, socket: Path) -> None:
+        """Our images into the node's containerd, each also as ``<repository>:local``: the
+        stable name examples use (``localhost/modeldeploy-triton-cpu:local``)."""
+        self.image_builder().import_into(self.images.values(), "ctr", socket)
+        for image in self.images.values():
+            alias = f"{image.repository}:{LOCAL_TAG}"
+            self._run(
+                ["ctr", "-a", str(socket), "-n", "k8s.io", "images", "tag", "--force"]
+                + [image.reference, alias],
+                check=True,
+                timeout=60,
+            )
+
     def _teardown(self) -> list[str]:
         """Stop by PID everything recorded for this cluster, then remove the state folder."""
+        node = self.node if self.state.node_paths.root.exists() else None
+        if node is not None:
+            api_up = bool(self.processes()) and self.state.kubeconfig.is_file()
+            node.down(api_up=api_up)
         recorded = self.processes()
         # operator.pid, when `make demo` started one; its command line names our kubeconfig.
         operator = [
@@ -291,12 +379,15 @@ class Cluster:
         still = [p for p in recorded if is_ours(p.pid, marker)]
         if still:
             raise ClusterError(f"could not stop {still}; state kept in {self.state.root}")
+        if node is not None:
+            node.network_down()
         shutil.rmtree(self.state.root, ignore_errors=True)
         return [f"{p.component}={p.pid}" for p in [*operator, *recorded]]
 
     def _create_flags(self) -> list[str]:
         config = self.state.root / "kwokctl.yaml"
-        config.write_text(yaml.safe_dump(kwokctl_configuration(self.toolchain), sort_keys=False))
+        configuration = kwokctl_configuration(self.toolchain, self.real_node_spec)
+        config.write_text(yaml.safe_dump(configuration, sort_keys=False))
         return [
             f"--config={config}",
             f"--kubeconfig={self.state.kubeconfig}",

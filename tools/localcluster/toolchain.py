@@ -1,6 +1,6 @@
 """Build the control plane's binaries from pinned sources, once, into a cache outside the repo.
 
-The Go module in ``tests/toolchain`` is the single source of truth for versions: its
+The Go module in ``tools/toolchain`` is the single source of truth for versions: its
 ``go.mod`` requires ``k8s.io/kubernetes``, ``sigs.k8s.io/kwok`` and ``helm.sh/helm/v3`` and
 (indirectly) the etcd server Kubernetes was released with; every staging module is replaced
 with its published release of the same Kubernetes version. Binaries are version-stamped with
@@ -28,6 +28,10 @@ KUBERNETES_MODULE = "k8s.io/kubernetes"
 KWOK_MODULE = "sigs.k8s.io/kwok"
 HELM_MODULE = "helm.sh/helm/v3"
 ETCD_MODULE = "go.etcd.io/etcd/server/v3"
+# Upstream Prometheus, in a Go module of its own (tools/prometheus): Debian's package is built
+# without Kubernetes service discovery. Only that discovery is compiled in.
+PROMETHEUS_MODULE = "github.com/prometheus/prometheus"
+PROMETHEUS_TAGS = ("remove_all_sd", "enable_kubernetes_sd")
 
 BINARIES = (
     "etcd",
@@ -35,9 +39,12 @@ BINARIES = (
     "kube-controller-manager",
     "kube-scheduler",
     "kubectl",
+    "kubelet",
+    "kube-proxy",
     "kwok",
     "kwokctl",
     "helm",
+    "prometheus",
 )
 STAMP_FILE = ".toolchain-fingerprint"
 # The Gateway API CRDs the tests install come from this module's config/crd/standard.
@@ -69,6 +76,14 @@ class BuildStep:
     binaries: tuple[str, ...]
     packages: tuple[str, ...]
     source: str  # "module version", for progress messages
+    module: str = "toolchain"  # the Go module under tools/ it builds in
+    tags: tuple[str, ...] = ()
+
+    def build_args(self, out_dir: Path, flags: str) -> list[str]:
+        args = ["build", "-trimpath", "-ldflags", flags]
+        if self.tags:
+            args += ["-tags", ",".join(self.tags)]
+        return [*args, *self.output_args(out_dir), *self.packages]
 
     def output_args(self, out_dir: Path) -> list[str]:
         # A package path ending in /v3 would name its binary "server"; give etcd its name.
@@ -108,7 +123,7 @@ def versions_from_go_mod(text: str) -> Versions:
     }
     missing = sorted(module for module in wanted.values() if module not in requires)
     if missing:
-        raise ToolchainError(f"tests/toolchain/go.mod does not require {', '.join(missing)}")
+        raise ToolchainError(f"tools/toolchain/go.mod does not require {', '.join(missing)}")
     return Versions(**{field: requires[module] for field, module in wanted.items()})
 
 
@@ -141,7 +156,7 @@ def ldflags(versions: Versions) -> str:
     return " ".join(flags)
 
 
-def build_steps(versions: Versions) -> tuple[BuildStep, ...]:
+def build_steps(versions: Versions, prometheus: str = "") -> tuple[BuildStep, ...]:
     """What to build, smallest first, so a broken setup fails fast."""
     return (
         BuildStep(("etcd",), (ETCD_MODULE,), f"{ETCD_MODULE} {versions.etcd}"),
@@ -151,7 +166,14 @@ def build_steps(versions: Versions) -> tuple[BuildStep, ...]:
             f"{KWOK_MODULE} {versions.kwok}",
         ),
         BuildStep(
-            ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl"),
+            (
+                "kube-apiserver",
+                "kube-controller-manager",
+                "kube-scheduler",
+                "kubectl",
+                "kubelet",
+                "kube-proxy",
+            ),
             tuple(
                 f"{KUBERNETES_MODULE}/cmd/{name}"
                 for name in (
@@ -159,18 +181,27 @@ def build_steps(versions: Versions) -> tuple[BuildStep, ...]:
                     "kube-controller-manager",
                     "kube-scheduler",
                     "kubectl",
+                    "kubelet",
+                    "kube-proxy",
                 )
             ),
             f"{KUBERNETES_MODULE} {versions.kubernetes}",
         ),
         BuildStep(("helm",), (f"{HELM_MODULE}/cmd/helm",), f"{HELM_MODULE} {versions.helm}"),
+        BuildStep(
+            ("prometheus",),
+            (f"{PROMETHEUS_MODULE}/cmd/prometheus",),
+            f"{PROMETHEUS_MODULE} {prometheus}".rstrip(),
+            module="prometheus",
+            tags=PROMETHEUS_TAGS,
+        ),
     )
 
 
-def fingerprint(go_mod: bytes, go_sum: bytes, flags: str) -> str:
+def fingerprint(go_mod: bytes, go_sum: bytes, flags: str, *more: bytes) -> str:
     """Changes whenever a rebuild is needed: any pinned version or any linker flag."""
     digest = hashlib.sha256()
-    for part in (go_mod, go_sum, flags.encode()):
+    for part in (go_mod, go_sum, flags.encode(), *more):
         digest.update(len(part).to_bytes(8, "big"))
         digest.update(part)
     return digest.hexdigest()
@@ -190,7 +221,7 @@ def default_cache_root(environ: Mapping[str, str]) -> Path:
 
 
 def module_dir() -> Path:
-    """``tests/toolchain``, beside this package."""
+    """``tools/toolchain``, beside this package."""
     return Path(__file__).resolve().parent.parent / "toolchain"
 
 
@@ -215,11 +246,24 @@ class Toolchain:
             raise KeyError(binary)
         return self.bin_dir / binary
 
+    @property
+    def modules(self) -> dict[str, Path]:
+        """The Go modules under tools/ that binaries are built in."""
+        return {"toolchain": self.module_dir, "prometheus": self.module_dir.parent / "prometheus"}
+
+    def prometheus_version(self) -> str:
+        requires = parse_go_mod_requires((self.modules["prometheus"] / "go.mod").read_text())
+        return requires.get(PROMETHEUS_MODULE, "")
+
     def fingerprint(self) -> str:
+        prometheus = self.modules["prometheus"]
         return fingerprint(
             (self.module_dir / "go.mod").read_bytes(),
             (self.module_dir / "go.sum").read_bytes(),
             ldflags(self.versions),
+            (prometheus / "go.mod").read_bytes(),
+            (prometheus / "go.sum").read_bytes(),
+            ",".join(PROMETHEUS_TAGS).encode(),
         )
 
     def is_built(self) -> bool:
@@ -252,14 +296,15 @@ class Toolchain:
         stamp = self.fingerprint()
         staging = Path(tempfile.mkdtemp(prefix="build-", dir=self.bin_dir.parent))
         try:
-            self._go(["mod", "download"], "downloading Go modules", out)
+            for name, folder in self.modules.items():
+                self._go(["mod", "download"], f"downloading Go modules ({name})", out, folder)
             flags = ldflags(self.versions)
-            for step in build_steps(self.versions):
-                args = ["build", "-trimpath", "-ldflags", flags, *step.output_args(staging)]
+            for step in build_steps(self.versions, self.prometheus_version()):
                 self._go(
-                    [*args, *step.packages],
+                    step.build_args(staging, flags),
                     f"building {', '.join(step.binaries)} from {step.source}",
                     out,
+                    self.modules[step.module],
                 )
             (staging / STAMP_FILE).write_text(stamp + "\n")
             if self.bin_dir.exists():
@@ -301,14 +346,14 @@ class Toolchain:
             raise ToolchainError(f"{module} has no {folder}/{pattern}")
         return found
 
-    def _go(self, args: Sequence[str], what: str, out: TextIO) -> None:
+    def _go(self, args: Sequence[str], what: str, out: TextIO, cwd: Path) -> None:
         """Run one go command, printing a heartbeat while it works and its time when done."""
         print(f"[toolchain] {what} ...", file=out, flush=True)
         env = {**os.environ, "CGO_ENABLED": "0", "GOFLAGS": "-mod=readonly"}
         started = time.monotonic()
         with subprocess.Popen(
             ["go", *args],
-            cwd=self.module_dir,
+            cwd=cwd,
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

@@ -1,0 +1,167 @@
+"""Canary rollouts on real pods: pods take seconds to become Ready here (fetch, Triton start,
+model load, probes), which the simulated nodes hide. A steady client talks to the Service the
+whole time; Prometheus scrapes the real sidecars; the chart's operator pod decides."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from localcluster import Cluster
+from localcluster.dataplane import infer, service_address
+from realnode_support import (
+    VERSICOLOR,
+    CapacityWatch,
+    SteadyLoad,
+    iris,
+    last_history,
+    md_status,
+    pods,
+    promoted,
+    ready,
+    version_of,
+)
+from support import wait_for
+
+pytestmark = [pytest.mark.cluster, pytest.mark.realnode]
+
+
+def roll_to(cluster: Cluster, namespace: str, version: str) -> None:
+    patch = {
+        "spec": {"model": {"version": version, "storageUri": f"pvc://model-store/iris/{version}"}}
+    }
+    cluster.kubectl("patch", "md", "iris", "-n", namespace, "--type=merge", "-p", json.dumps(patch))
+
+
+def serve_version_1(cluster: Cluster, namespace: str, replicas: int, **spec: Any) -> str:
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", stdin=iris("1", replicas, **spec))
+    wait_for("iris Ready", lambda: ready(cluster, namespace), timeout=240)
+    address = service_address(cluster, namespace, "iris")
+    wait_for("an answer", lambda: version_of(infer(address, "iris", [VERSICOLOR])[0]) == "1")
+    return address
+
+
+def plugin(cluster: Cluster, *args: str) -> str:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "modeldeploy_operator.plugin",
+            *args,
+            f"--kubeconfig={cluster.state.kubeconfig}",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    return result.stdout
+
+
+def test_a_healthy_canary_under_steady_load_is_promoted_without_a_failed_request(
+    cluster: Cluster, chart_operator: None, namespace: str, store: Path
+) -> None:
+    address = serve_version_1(cluster, namespace, replicas=2)
+    with CapacityWatch(cluster, namespace) as capacity, SteadyLoad(address) as load:
+        wait_for("a few answers before the change", lambda: len(load.outcomes) >= 20)
+        roll_to(cluster, namespace, "2")
+        wait_for("version 2 promoted", lambda: promoted(cluster, namespace, "2"), timeout=300)
+        wait_for(
+            "version 2 answering alone",
+            lambda: [o.version for o in load.outcomes[-20:]] == ["2"] * 20,
+            timeout=60,
+        )
+    assert last_history(cluster, namespace)["result"] == "Promoted"
+    versions = {o.version for o in load.outcomes if o.ok}
+    assert versions == {"1", "2"}, versions  # both versions served during the rollout
+    assert load.failures == [], load.failures[:5]
+    assert len(load.outcomes) > 100
+    # Never fewer pods serving than the user asked for.
+    assert capacity.minimum >= 2, capacity.samples
+
+
+def test_a_bad_canary_is_rolled_back_and_stable_answers_every_request(
+    cluster: Cluster, chart_operator: None, namespace: str, store: Path
+) -> None:
+    address = serve_version_1(cluster, namespace, replicas=2)
+    with SteadyLoad(address) as load:
+        roll_to(cluster, namespace, "3")  # loads, then fails every inference
+        wait_for(
+            "the canary rolled back",
+            lambda: last_history(cluster, namespace).get("result") == "RolledBack",
+            timeout=240,
+        )
+        wait_for(
+            "no canary pod left",
+            lambda: (
+                not [
+                    p
+                    for p in pods(cluster, namespace)
+                    if p["metadata"]["labels"].get("serving.modeldeploy.io/track") == "canary"
+                ]
+            ),
+            timeout=90,
+        )
+        rolled_back = len(load.outcomes)
+        wait_for("50 answers after the rollback", lambda: len(load.outcomes) >= rolled_back + 50)
+    history = last_history(cluster, namespace)
+    assert history["version"] == "3"
+    assert "errors" in history.get("reason", "") or "ErrorRatio" in history.get("reason", "")
+    assert load.failures, "the broken canary never answered a request"  # it was judged on them
+    after = load.outcomes[rolled_back:]
+    assert all(o.ok and o.version == "1" for o in after), [o for o in after if not o.ok][:5]
+    status = md_status(cluster, namespace)
+    assert status["stable"]["version"] == "1"
+    assert status["phase"] in ("RolledBack", "Degraded", "Available")
+
+
+def test_a_stable_pod_killed_mid_canary_is_replaced_and_the_rollout_goes_on(
+    cluster: Cluster, chart_operator: None, namespace: str, store: Path
+) -> None:
+    steps = {"steps": [{"weight": 50, "pause": "manual"}, {"weight": 100}]}
+    rollout = {**json.loads(iris())["spec"]["rollout"], **steps}
+    address = serve_version_1(cluster, namespace, replicas=2, rollout=rollout)
+    roll_to(cluster, namespace, "2")
+
+    def paused_at_half() -> bool:
+        canary = md_status(cluster, namespace).get("canary") or {}
+        ready_canary = [
+            p
+            for p in pods(cluster, namespace)
+            if p["metadata"]["labels"].get("serving.modeldeploy.io/track") == "canary"
+            and all(c.get("ready") for c in p["status"].get("containerStatuses", []))
+        ]
+        return canary.get("weight") == 50 and bool(ready_canary)
+
+    wait_for("the canary paused at 50 %", paused_at_half, timeout=240)
+    (stable,) = [
+        p
+        for p in pods(cluster, namespace)
+        if p["metadata"]["labels"].get("serving.modeldeploy.io/track") == "stable"
+    ]
+    killed = stable["metadata"]["name"]
+    cluster.kubectl(
+        "delete", "pod", killed, "-n", namespace, "--grace-period=0", "--force", check=False
+    )
+
+    def replaced() -> bool:
+        now = [
+            p
+            for p in pods(cluster, namespace)
+            if p["metadata"]["labels"].get("serving.modeldeploy.io/track") == "stable"
+            and p["metadata"]["name"] != killed
+            and all(c.get("ready") for c in p["status"].get("containerStatuses", []))
+        ]
+        return bool(now)
+
+    wait_for("a new stable pod Ready", replaced, timeout=180)
+    assert md_status(cluster, namespace)["canary"]["weight"] == 50  # the rollout stayed put
+    plugin(cluster, "promote", "iris", "-n", namespace)
+    wait_for("version 2 promoted", lambda: promoted(cluster, namespace, "2"), timeout=240)
+    assert last_history(cluster, namespace)["result"] == "Promoted"
+    assert version_of(infer(address, "iris", [VERSICOLOR])[0]) == "2"

@@ -1,0 +1,111 @@
+"""Serving on real pods: the chart's operator pod, Triton, the sidecar and the fetcher run our
+images on the real node, and a model answers through its Service."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from localcluster import Cluster
+from localcluster.dataplane import OPERATOR_NAMESPACE, infer, operator_pod, service_address
+from localcluster.realnode import RealNodeSpec
+from realnode_support import SETOSA, VIRGINICA, iris, pods, ready
+from support import condition, get, wait_for
+
+pytestmark = [pytest.mark.cluster, pytest.mark.realnode]
+
+
+def test_the_charts_operator_pod_runs_on_the_real_node_with_its_service_account(
+    cluster: Cluster, chart_operator: None, real_node: RealNodeSpec
+) -> None:
+    """The two start-up bugs of the operator image: no passwd entry for its UID (kopf asked
+    for the user name and crashed) and `Bearer bearer <jwt>` (401 on every watch)."""
+    pod = operator_pod(cluster)
+    assert pod is not None, "no running operator pod"
+    assert pod["spec"]["nodeName"] == real_node.name
+    statuses = pod["status"]["containerStatuses"]
+    assert [s["restartCount"] for s in statuses] == [0]
+    assert statuses[0]["ready"] is True
+    name = pod["metadata"]["name"]
+    log = cluster.kubectl("logs", "-n", OPERATOR_NAMESPACE, name).stdout
+    assert "Starting modeldeploy operator" in log
+    assert "getpwuid" not in log
+    assert "401" not in log
+    assert "Unauthorized" not in log
+
+
+def test_a_model_answers_from_a_real_pod_and_logs_and_exec_work(
+    cluster: Cluster, chart_operator: None, namespace: str, store: Path, real_node: RealNodeSpec
+) -> None:
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", stdin=iris())
+    wait_for("iris Ready", lambda: ready(cluster, namespace), timeout=240)
+
+    (pod,) = pods(cluster, namespace)
+    spec, status = pod["spec"], pod["status"]
+    assert spec["nodeName"] == real_node.name
+    assert status["podIP"].startswith(real_node.pod_cidr.rsplit(".", 1)[0] + ".")
+    assert spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+
+    address = service_address(cluster, namespace, "iris")
+    setosa, virginica = infer(address, "iris", [SETOSA, VIRGINICA])
+    assert max(range(3), key=lambda i: setosa[i]) == 0
+    assert max(range(3), key=lambda i: virginica[i]) == 2
+    assert sum(setosa) == pytest.approx(1.0, abs=1e-5)
+
+    name = pod["metadata"]["name"]
+    triton_log = cluster.kubectl("logs", "-n", namespace, name, "-c", "triton").stdout
+    assert re.search(r"\|\s*iris\s*\|\s*1\s*\|\s*READY", triton_log), triton_log[-2000:]
+    fetch_log = cluster.kubectl("logs", "-n", namespace, name, "-c", "fetch-model").stdout
+    assert "iris" in fetch_log
+    listed = cluster.kubectl(
+        "exec", "-n", namespace, name, "-c", "runtime", "--", "ls", "/etc/hostname"
+    )
+    assert listed.stdout.strip() == "/etc/hostname"
+    # The sidecar measured the inference it proxied.
+    metrics = cluster.kubectl(
+        "exec",
+        "-n",
+        namespace,
+        name,
+        "-c",
+        "runtime",
+        "--",
+        "python3",
+        "-c",
+        "import urllib.request;"
+        "print(urllib.request.urlopen('http://127.0.0.1:9090/metrics').read().decode())",
+    ).stdout
+    assert re.search(r'modeldeploy_runtime_requests_total\{[^}]*code="200"[^}]*\} [1-9]', metrics)
+
+
+def test_a_model_that_fails_to_fetch_or_to_load_says_why(
+    cluster: Cluster, chart_operator: None, namespace: str, store: Path
+) -> None:
+    missing = json.loads(iris(name="iris-missing"))
+    missing["spec"]["model"]["storageUri"] = "pvc://model-store/iris/404"
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", stdin=json.dumps(missing))
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", stdin=iris("4", name="iris-broken"))
+
+    def degraded(name: str, reason: str) -> dict[str, object] | None:
+        found = condition(get(cluster, namespace, "md", name), "Degraded")
+        if found is not None and found["status"] == "True" and found["reason"] == reason:
+            return found
+        return None
+
+    fetch = wait_for(
+        "ModelFetchFailed", lambda: degraded("iris-missing", "ModelFetchFailed"), timeout=180
+    )
+    assert "iris/404 does not exist on the claim" in str(fetch["message"])
+    load = wait_for(
+        "ModelLoadFailed", lambda: degraded("iris-broken", "ModelLoadFailed"), timeout=240
+    )
+    assert "weights.npz not found next to model.py" in str(load["message"])
+    for name in ("iris-missing", "iris-broken"):
+        assert not ready(cluster, namespace, name)
+        assert all(
+            not all(c.get("ready") for c in p["status"].get("containerStatuses", []))
+            for p in pods(cluster, namespace, name)
+        )

@@ -1,0 +1,181 @@
+"""Helpers of the real-pod tier (tests/realnode): the iris manifests, a steady client."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from localcluster import Cluster
+from localcluster.dataplane import infer
+from support import condition, get, load_example, merged
+
+MD_LABEL = "serving.modeldeploy.io/modeldeployment"
+SETOSA = [5.1, 3.5, 1.4, 0.2]
+VERSICOLOR = [6.0, 2.9, 4.5, 1.5]
+VIRGINICA = [6.9, 3.1, 5.4, 2.1]
+# The versicolor-like row's versicolor probability tells the versions apart.
+ANSWERS = {"1": 0.838, "2": 0.888}
+
+
+def iris(version: str = "1", replicas: int = 1, name: str = "iris", **spec: Any) -> str:
+    """examples/iris.yaml at a version of the store, as JSON for `kubectl apply -f -`."""
+    manifest = merged(
+        load_example("iris.yaml"),
+        {
+            "metadata": {"name": name},
+            "spec": {
+                "model": {"version": version, "storageUri": f"pvc://model-store/iris/{version}"},
+                "replicas": replicas,
+                **spec,
+            },
+        },
+    )
+    return json.dumps(manifest)
+
+
+def ready(cluster: Cluster, namespace: str, name: str = "iris") -> bool:
+    found = condition(get(cluster, namespace, "md", name), "Ready")
+    return found is not None and found["status"] == "True"
+
+
+def pods(cluster: Cluster, namespace: str, name: str = "iris") -> list[dict[str, Any]]:
+    listed = cluster.kubectl_json("get", "pods", "-n", namespace, "-l", f"{MD_LABEL}={name}")
+    return list(listed["items"])
+
+
+def version_of(probabilities: list[float]) -> str | None:
+    for version, expected in ANSWERS.items():
+        if abs(probabilities[1] - expected) < 0.005:
+            return version
+    return None
+
+
+@dataclass
+class Outcome:
+    at: float
+    ok: bool
+    version: str | None  # which version answered, told apart by its probabilities
+    error: str = ""
+
+
+@dataclass
+class SteadyLoad:
+    """A client that sends one inference every ``period`` seconds from a thread, bounded in
+    count and time, and records every outcome."""
+
+    address: str
+    model: str = "iris"
+    period: float = 0.1
+    max_requests: int = 6000
+    max_seconds: float = 600.0
+    outcomes: list[Outcome] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def __enter__(self) -> SteadyLoad:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        started = time.monotonic()
+        while (
+            not self._stop.is_set()
+            and len(self.outcomes) < self.max_requests
+            and time.monotonic() - started < self.max_seconds
+        ):
+            at = time.monotonic()
+            try:
+                answer = infer(self.address, self.model, [VERSICOLOR])
+                self.outcomes.append(Outcome(at, True, version_of(answer[0])))
+            except Exception as error:  # recorded: the test asserts on them
+                self.outcomes.append(Outcome(at, False, None, str(error)[:200]))
+            self._stop.wait(max(0.0, self.period - (time.monotonic() - at)))
+
+    @property
+    def failures(self) -> list[Outcome]:
+        return [o for o in self.outcomes if not o.ok]
+
+
+@dataclass
+class CapacityWatch:
+    """Samples, from a thread, how many ready endpoints the model's Service has: the pods that
+    serve clients. Bounded in time."""
+
+    cluster: Cluster
+    namespace: str
+    service: str = "iris"
+    period: float = 0.5
+    max_seconds: float = 600.0
+    samples: list[tuple[float, int]] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def __enter__(self) -> CapacityWatch:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def ready_endpoints(self) -> int:
+        result = self.cluster.kubectl(
+            "get",
+            "endpointslices",
+            "-n",
+            self.namespace,
+            "-l",
+            f"kubernetes.io/service-name={self.service}",
+            "-o",
+            "json",
+            check=False,
+        )
+        if result.returncode != 0:
+            return -1
+        slices = json.loads(result.stdout)["items"]
+        return sum(
+            1
+            for piece in slices
+            for endpoint in piece.get("endpoints") or []
+            if endpoint.get("conditions", {}).get("ready")
+        )
+
+    def _run(self) -> None:
+        started = time.monotonic()
+        while not self._stop.is_set() and time.monotonic() - started < self.max_seconds:
+            count = self.ready_endpoints()
+            if count >= 0:
+                self.samples.append((time.monotonic(), count))
+            self._stop.wait(self.period)
+
+    @property
+    def minimum(self) -> int:
+        return min(count for _, count in self.samples)
+
+
+def md_status(cluster: Cluster, namespace: str, name: str = "iris") -> dict[str, Any]:
+    body = get(cluster, namespace, "md", name) or {}
+    status: dict[str, Any] = body.get("status", {})
+    return status
+
+
+def promoted(cluster: Cluster, namespace: str, version: str, name: str = "iris") -> bool:
+    status = md_status(cluster, namespace, name)
+    return status.get("stable", {}).get("version") == version and not status.get("canary")
+
+
+def last_history(cluster: Cluster, namespace: str, name: str = "iris") -> dict[str, Any]:
+    history = md_status(cluster, namespace, name).get("history") or [{}]
+    last: dict[str, Any] = history[-1]
+    return last
