@@ -12,6 +12,7 @@ from localcluster.realnode import (
     RealNodeSpec,
     cni_conflist,
     containerd_config,
+    kube_chain_cleanup,
     kube_proxy_configuration,
     kubelet_args,
     kubelet_configuration,
@@ -147,4 +148,28 @@ def test_mounts_under_prefixes_deepest_first() -> None:
         "/state/node/kubelet/pods/x/volumes/kubernetes.io~empty-dir/tmp",
         "/run/netns/cni-1234",
         "/state/node/kubelet",
+    ]
+
+
+def test_kube_chains_are_unhooked_then_flushed_then_deleted() -> None:
+    rules = "\n".join(
+        [
+            "-P INPUT ACCEPT",
+            "-N KUBE-FIREWALL",
+            "-N KUBE-SERVICES",
+            "-N DOCKER-USER",
+            "-A INPUT -j KUBE-FIREWALL",
+            '-A OUTPUT -m comment --comment "kubernetes service portals" -j KUBE-SERVICES',
+            "-A INPUT -j DOCKER-USER",
+            "-A KUBE-FIREWALL -j DROP",
+        ]
+    )
+    assert kube_chain_cleanup(rules) == [
+        ["-D", "INPUT", "-j", "KUBE-FIREWALL"],
+        ["-D", "OUTPUT", "-m", "comment", "--comment", "kubernetes service portals"]
+        + ["-j", "KUBE-SERVICES"],
+        ["-F", "KUBE-FIREWALL"],
+        ["-F", "KUBE-SERVICES"],
+        ["-X", "KUBE-FIREWALL"],
+        ["-X", "KUBE-SERVICES"],
     ]

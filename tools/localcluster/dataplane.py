@@ -71,7 +71,10 @@ def operator_values(
             "resyncSeconds": resync_seconds,
             "logLevel": "info",
             "nodeSelector": {REAL_NODE_LABEL: "true"},
-            "tolerations": [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}],
+            "tolerations": [
+                {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"},
+                {"key": REAL_NODE_LABEL, "operator": "Exists", "effect": "NoSchedule"},
+            ],
         },
     }
     if prometheus_url:

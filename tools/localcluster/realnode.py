@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -63,6 +64,7 @@ PACKAGES = {
 }
 # Paths the kubelet writes outside its --root-dir, removed on the way down.
 KUBELET_FIXED_PATHS = (
+    Path("/var/lib/kubelet"),
     Path("/var/lib/kubelet/device-plugins"),
     Path("/var/log/pods"),
     Path("/var/log/containers"),
@@ -273,6 +275,10 @@ def kubelet_configuration(spec: RealNodeSpec, paths: NodePaths) -> dict[str, Any
         "containerRuntimeEndpoint": socket,
         "imageServiceEndpoint": socket,
         "resolvConf": str(paths.resolv_conf),
+        # No cluster DNS runs (and nothing resolves off the machine): pods reach Services by
+        # address. A cluster DNS address keeps the kubelet from warning on every pod.
+        "clusterDNS": ["127.0.0.1"],
+        "clusterDomain": "cluster.local",
         "registerNode": True,
         "registerWithTaints": [dict(GPU_TAINT), dict(REAL_NODE_TAINT)],
         "maxPods": spec.max_pods,
@@ -427,6 +433,25 @@ def kwokctl_options(spec: RealNodeSpec) -> dict[str, Any]:
         "kubeApiserverPort": spec.api_port,
         "kubeApiserverCertSANs": [API_SERVICE_IP, spec.node_ip],
     }
+
+
+def kube_chain_cleanup(rules: str) -> list[list[str]]:
+    """``iptables -S`` output -> the arguments that remove every ``KUBE-*`` chain the kubelet
+    and kube-proxy made: first the rules that jump to one (from any chain), then each chain's
+    rules and the chain itself."""
+    deletes: list[list[str]] = []
+    chains: list[str] = []
+    for line in rules.splitlines():
+        parts = shlex.split(line)
+        if len(parts) >= 2 and parts[0] == "-N" and parts[1].startswith("KUBE-"):
+            chains.append(parts[1])
+        elif len(parts) >= 2 and parts[0] == "-A" and not parts[1].startswith("KUBE-"):
+            if any(p.startswith("KUBE-") for p in parts[2:]):
+                deletes.append(["-D", *parts[1:]])
+    for chain in chains:
+        deletes.append(["-F", chain])
+    deletes += [["-X", chain] for chain in chains]
+    return deletes
 
 
 def uplinks_of(routes: Iterable[dict[str, Any]]) -> list[str]:
@@ -668,6 +693,7 @@ class RealNode:
             _run([str(proxy), "--cleanup", f"--config={self.paths.kube_proxy_config}"], check=False)
         if "kubelet" in daemons:
             _stop(daemons["kubelet"])
+        _remove_kube_chains()
         if "containerd" in daemons:
             self._kill_tasks()
             _stop(daemons["containerd"])
@@ -745,6 +771,16 @@ class RealNode:
 
     def _say(self, message: str) -> None:
         print(f"[node] {message}", file=self.out, flush=True)
+
+
+def _remove_kube_chains() -> None:
+    for program in ("iptables", "ip6tables"):
+        if shutil.which(program) is None:
+            continue
+        for table in ("filter", "nat", "mangle"):
+            listed = _run([program, "-t", table, "-S"], check=False)
+            for args in kube_chain_cleanup(listed.stdout):
+                _run([program, "-t", table, *args], check=False)
 
 
 def _kube_proxy_healthy() -> bool:
