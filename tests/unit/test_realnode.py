@@ -151,6 +151,9 @@ def test_mounts_under_prefixes_deepest_first() -> None:
     ]
 
 
+PORTALS = "kubernetes service portals"
+
+
 def test_kube_chains_are_unhooked_then_flushed_then_deleted() -> None:
     rules = "\n".join(
         [
@@ -166,8 +169,7 @@ def test_kube_chains_are_unhooked_then_flushed_then_deleted() -> None:
     )
     assert kube_chain_cleanup(rules) == [
         ["-D", "INPUT", "-j", "KUBE-FIREWALL"],
-        ["-D", "OUTPUT", "-m", "comment", "--comment", "kubernetes service portals"]
-        + ["-j", "KUBE-SERVICES"],
+        ["-D", "OUTPUT", "-m", "comment", "--comment", PORTALS, "-j", "KUBE-SERVICES"],
         ["-F", "KUBE-FIREWALL"],
         ["-F", "KUBE-SERVICES"],
         ["-X", "KUBE-FIREWALL"],

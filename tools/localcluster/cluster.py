@@ -347,10 +347,9 @@ class Cluster:
         stable name examples use (``localhost/modeldeploy-triton-cpu:local``)."""
         self.image_builder().import_into(self.images.values(), "ctr", socket)
         for image in self.images.values():
-            alias = f"{image.repository}:{LOCAL_TAG}"
+            tag = [image.reference, f"{image.repository}:{LOCAL_TAG}"]
             self._run(
-                ["ctr", "-a", str(socket), "-n", "k8s.io", "images", "tag", "--force"]
-                + [image.reference, alias],
+                ["ctr", "-a", str(socket), "-n", "k8s.io", "images", "tag", "--force", *tag],
                 check=True,
                 timeout=60,
             )

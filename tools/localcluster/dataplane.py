@@ -3,9 +3,10 @@
 - **The operator** as users run it: the Helm chart, our operator image, in a pod on the real
   node, reaching the API server through its ServiceAccount token and the ``kubernetes``
   Service.
-- **Prometheus** (upstream's, built by ``make toolchain``) on the node address, discovering model pods through the
-  API server exactly as the chart's PodMonitor relabels them (``namespace``,
-  ``modeldeployment``, ``pod``), so canary analysis and autoscaling query real sidecars.
+- **Prometheus** (upstream's, built by ``make toolchain``) on the node address, discovering
+  model pods through the API server exactly as the chart's PodMonitor relabels them
+  (``namespace``, ``modeldeployment``, ``pod``), so canary analysis and autoscaling query
+  real sidecars.
 - **A model store**: a folder on this machine served to the fetcher init container as a
   read-only ``pvc://`` claim (a hostPath PersistentVolume bound to one claim).
 

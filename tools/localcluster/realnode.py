@@ -445,9 +445,13 @@ def kube_chain_cleanup(rules: str) -> list[list[str]]:
         parts = shlex.split(line)
         if len(parts) >= 2 and parts[0] == "-N" and parts[1].startswith("KUBE-"):
             chains.append(parts[1])
-        elif len(parts) >= 2 and parts[0] == "-A" and not parts[1].startswith("KUBE-"):
-            if any(p.startswith("KUBE-") for p in parts[2:]):
-                deletes.append(["-D", *parts[1:]])
+        elif (
+            len(parts) >= 2
+            and parts[0] == "-A"
+            and not parts[1].startswith("KUBE-")
+            and any(p.startswith("KUBE-") for p in parts[2:])
+        ):
+            deletes.append(["-D", *parts[1:]])
     for chain in chains:
         deletes.append(["-F", chain])
     deletes += [["-X", chain] for chain in chains]
