@@ -60,7 +60,7 @@ demo: ## The main job: a real inference from a Triton pod on the real node, then
 
 ##@ Benchmarks (not tests: ratios against a baseline measured in the same run)
 .PHONY: bench
-bench: bench-operator bench-runtime bench-rollout bench-autoscale ## Every benchmark; results in docs/benchmarks.md
+bench: bench-operator bench-runtime bench-rollout bench-autoscale bench-realnode ## Every benchmark; results in docs/benchmarks.md
 
 .PHONY: bench-operator
 bench-operator: toolchain ## Operator overhead vs bare Deployments, cold start of 500, idle writes
@@ -73,6 +73,10 @@ bench-runtime: ## Sidecar vs direct Triton: throughput ratio, added latency, CPU
 .PHONY: bench-autoscale
 bench-autoscale: toolchain ## Builtin autoscaler's reaction to a load step up and down, vs HPA defaults
 	PYTHONPATH=$(CURDIR)/tools:$(CURDIR)/tests $(PYTHON) bench/autoscale_bench.py $(BENCH_ARGS)
+
+.PHONY: bench-realnode
+bench-realnode: toolchain images ## On real pods: apply to first inference vs a bare Deployment, a whole canary, rollback
+	PYTHONPATH=$(CURDIR)/tools:$(CURDIR)/tests $(PYTHON) bench/realnode_bench.py $(BENCH_ARGS)
 
 .PHONY: bench-rollout
 bench-rollout: toolchain ## Fault to 0 % canary traffic at 5 s and 30 s analysis intervals

@@ -46,6 +46,16 @@ def pods(cluster: Cluster, namespace: str, name: str = "iris") -> list[dict[str,
     return list(listed["items"])
 
 
+def answering(address: str, version: str | None = None) -> bool:
+    """True when the Service answers (by ``version``, if given). Right after Ready, kube-proxy
+    may not have programmed the Service's new endpoints yet (it syncs at most once a second)."""
+    try:
+        answer = infer(address, "iris", [VERSICOLOR])
+    except Exception:  # refused or 503 while nothing serves yet
+        return False
+    return version is None or version_of(answer[0]) == version
+
+
 def version_of(probabilities: list[float]) -> str | None:
     for version, expected in ANSWERS.items():
         if abs(probabilities[1] - expected) < 0.005:

@@ -203,7 +203,7 @@ def pod_problems(pod: Mapping[str, Any]) -> list[Problem]:
         waiting = _get(status, "state", "waiting") or {}
         waiting_reason = waiting.get("reason")
         container = status.get("name")
-        load_failure = model_load_failure(status) if container == TRITON_CONTAINER else None
+        load_failure = model_load_failure(status, name) if container == TRITON_CONTAINER else None
         if load_failure is not None:
             found.append(Problem("ModelLoadFailed", f"pod {name}: {load_failure}"))
         elif waiting_reason in IMAGE_PULL_REASONS:
@@ -227,11 +227,13 @@ def pod_problems(pod: Mapping[str, Any]) -> list[Problem]:
     return found
 
 
-def model_load_failure(container_status: Mapping[str, Any]) -> str | None:
+def model_load_failure(container_status: Mapping[str, Any], pod: str) -> str | None:
     """Why Triton exited, when it exited because a model did not load.
 
-    The triton container's ``FallbackToLogsOnError`` puts the end of its log into the
-    termination message; the lines that name the failed model are the cause.
+    The triton container's ``FallbackToLogsOnError`` puts the end of its log (the kubelet
+    keeps 2 KiB) into the termination message; the lines that name the failed model are the
+    cause. Triton prints its wide options table after the model table, so the model's own
+    line is often cut off: then the message says where the whole log is.
     """
     terminated = (
         _get(container_status, "state", "terminated")
@@ -248,6 +250,8 @@ def model_load_failure(container_status: Mapping[str, Any]) -> str | None:
     if not lines:
         return None
     cause = "; ".join(dict.fromkeys(lines))
+    if not any("failed to load '" in line or "UNAVAILABLE:" in line for line in lines):
+        cause += f" (the model's own error: kubectl logs {pod} -c {TRITON_CONTAINER} --previous)"
     return f"Triton could not load the model (exit code {terminated['exitCode']}): {cause}"[:1024]
 
 

@@ -18,6 +18,7 @@ from realnode_support import (
     VERSICOLOR,
     CapacityWatch,
     SteadyLoad,
+    answering,
     iris,
     last_history,
     md_status,
@@ -42,7 +43,7 @@ def serve_version_1(cluster: Cluster, namespace: str, replicas: int, **spec: Any
     cluster.kubectl("apply", "-n", namespace, "-f", "-", stdin=iris("1", replicas, **spec))
     wait_for("iris Ready", lambda: ready(cluster, namespace), timeout=240)
     address = service_address(cluster, namespace, "iris")
-    wait_for("an answer", lambda: version_of(infer(address, "iris", [VERSICOLOR])[0]) == "1")
+    wait_for("version 1 answering", lambda: answering(address, "1"), timeout=30)
     return address
 
 
@@ -63,6 +64,12 @@ def plugin(cluster: Cluster, *args: str) -> str:
     return result.stdout
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 12 (controller core): the canary shrinks stable before canary pods are Ready,"
+    " promotion replaces every pod at once (seconds with no ready pod) and pods leave without"
+    " draining, so clients see connection refused during a healthy rollout",
+)
 def test_a_healthy_canary_under_steady_load_is_promoted_without_a_failed_request(
     cluster: Cluster, chart_operator: None, namespace: str, store: Path
 ) -> None:

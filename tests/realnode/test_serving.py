@@ -12,7 +12,7 @@ import pytest
 from localcluster import Cluster
 from localcluster.dataplane import OPERATOR_NAMESPACE, infer, operator_pod, service_address
 from localcluster.realnode import RealNodeSpec
-from realnode_support import SETOSA, VIRGINICA, iris, pods, ready
+from realnode_support import SETOSA, VIRGINICA, answering, iris, pods, ready
 from support import condition, get, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.realnode]
@@ -50,6 +50,7 @@ def test_a_model_answers_from_a_real_pod_and_logs_and_exec_work(
     assert spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
 
     address = service_address(cluster, namespace, "iris")
+    wait_for("the Service answering", lambda: answering(address), timeout=30)
     setosa, virginica = infer(address, "iris", [SETOSA, VIRGINICA])
     assert max(range(3), key=lambda i: setosa[i]) == 0
     assert max(range(3), key=lambda i: virginica[i]) == 2
@@ -102,7 +103,16 @@ def test_a_model_that_fails_to_fetch_or_to_load_says_why(
     load = wait_for(
         "ModelLoadFailed", lambda: degraded("iris-broken", "ModelLoadFailed"), timeout=240
     )
-    assert "weights.npz not found next to model.py" in str(load["message"])
+    message = str(load["message"])
+    assert "Triton could not load the model" in message
+    assert "failed to load" in message
+    # Triton's own cause: in the message, or in the log the message points to.
+    if "weights.npz not found next to model.py" not in message:
+        (broken,) = pods(cluster, namespace, "iris-broken")
+        pointer = f"kubectl logs {broken['metadata']['name']} -c triton --previous"
+        assert pointer in message
+        previous = cluster.kubectl(*pointer.split()[1:], "-n", namespace).stdout
+        assert "weights.npz not found next to model.py" in previous
     for name in ("iris-missing", "iris-broken"):
         assert not ready(cluster, namespace, name)
         assert all(

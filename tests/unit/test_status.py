@@ -132,6 +132,29 @@ def test_model_load_failure_names_the_model_and_the_cause() -> None:
     assert "Triton could not load the model (exit code 1)" in degraded.message
     assert "failed to load 'iris' version 1: Internal: SyntaxError" in degraded.message
     assert "I1203" not in degraded.message  # only the lines that say why
+    assert "kubectl logs" not in degraded.message  # the cause is there
+
+
+def test_a_load_failure_whose_cause_was_cut_off_says_where_the_log_is() -> None:
+    tail = "| cache_enabled | 0 |\nerror: creating server: Internal - failed to load all models"
+    cut = pod(
+        "Running",
+        containerStatuses=[
+            {
+                "name": "triton",
+                "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                "lastState": {"terminated": {"exitCode": 1, "message": tail}},
+            }
+        ],
+    )
+    observed = Observed(deployment=deployment(ready=0, available=0), pods=[cut])
+    degraded = next(
+        c for c in compute_status(md(), observed, "rev", NOW).conditions if c.type == "Degraded"
+    )
+    assert degraded.reason == "ModelLoadFailed"
+    assert "failed to load all models" in degraded.message
+    assert "kubectl logs " in degraded.message
+    assert "-c triton --previous" in degraded.message
 
 
 def conditions(status: ModelDeploymentStatus) -> dict[str, tuple[str, str]]:

@@ -250,6 +250,10 @@ class Cluster:
         as the real node's containerd knows it; builds nothing when the cache is warm."""
         if name not in self.images:
             self.images = self.image_builder().ensure_built()
+            node = self.node
+            if node is not None and node.daemons():
+                # A running node has the images of its start; the code may have changed since.
+                self._import_images(node.paths.containerd_socket)
         return self.images[name].reference
 
     # -- observing -----------------------------------------------------------------------
