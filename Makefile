@@ -10,7 +10,7 @@ CLUSTER_NAME ?= modeldeploy
 # REAL_NODE=0: only simulated nodes (no containerd, kubelet or images), e.g. a second cluster.
 REAL_NODE ?= 1
 # The local-cluster tooling lives in tools/localcluster.
-LOCALCLUSTER := PYTHONPATH=$(CURDIR)/tools $(PYTHON) -m localcluster \
+LOCALCLUSTER := env PYTHONPATH=$(CURDIR)/tools $(PYTHON) -m localcluster \
 	--state-dir '$(CLUSTER_DIR)' --name '$(CLUSTER_NAME)' $(if $(filter 0,$(REAL_NODE)),--no-real-node)
 
 .PHONY: help
@@ -53,10 +53,12 @@ cluster-status: ## Tell whether the local cluster is running
 
 .PHONY: demo
 demo: ## The main job: a real inference from a Triton pod on the real node, then a canary
-	@$(STAGE) "install dependencies" tools/install-deps $(PYTHON)
-	@$(STAGE) "control-plane binaries" $(LOCALCLUSTER) build
-	@$(STAGE) "images" $(LOCALCLUSTER) images >/dev/null
-	@$(STAGE) "demo" $(LOCALCLUSTER) demo
+	@started=$$(date +%s) \
+	&& $(STAGE) "install dependencies" tools/install-deps $(PYTHON) \
+	&& $(STAGE) "control-plane binaries" $(LOCALCLUSTER) build \
+	&& $(STAGE) "images" $(LOCALCLUSTER) images >/dev/null \
+	&& $(STAGE) "demo" $(LOCALCLUSTER) demo \
+	&& echo "==> make demo: done in $$(($$(date +%s) - started))s"
 
 ##@ Benchmarks (not tests: ratios against a baseline measured in the same run)
 .PHONY: bench
@@ -115,13 +117,15 @@ test-realnode: toolchain images ## Only the real-pod tier: our images in real po
 
 .PHONY: test
 test: ## Everything, on a fresh machine too: dependencies, lint, types, unit, cluster and real-pod tests
-	@$(STAGE) "install dependencies" tools/install-deps $(PYTHON)
-	@$(STAGE) "lint" $(MAKE) --no-print-directory lint
-	@$(STAGE) "typecheck" $(MAKE) --no-print-directory typecheck
-	@$(STAGE) "control-plane binaries" $(LOCALCLUSTER) build
-	@$(STAGE) "images" $(LOCALCLUSTER) images >/dev/null
-	@$(STAGE) "unit, Triton and Prometheus tests" $(PYTHON) -m pytest -m "not cluster" $(PYTEST_ARGS)
-	@$(STAGE) "cluster and real-pod tests" $(PYTHON) -m pytest -m cluster $(PYTEST_ARGS)
+	@started=$$(date +%s) \
+	&& $(STAGE) "install dependencies" tools/install-deps $(PYTHON) \
+	&& $(STAGE) "lint" $(MAKE) --no-print-directory lint \
+	&& $(STAGE) "typecheck" $(MAKE) --no-print-directory typecheck \
+	&& $(STAGE) "control-plane binaries" $(LOCALCLUSTER) build \
+	&& $(STAGE) "images" $(LOCALCLUSTER) images >/dev/null \
+	&& $(STAGE) "unit, Triton and Prometheus tests" $(PYTHON) -m pytest -m "not cluster" $(PYTEST_ARGS) \
+	&& $(STAGE) "cluster and real-pod tests" $(PYTHON) -m pytest -m cluster $(PYTEST_ARGS) \
+	&& echo "==> make test: done in $$(($$(date +%s) - started))s"
 
 .PHONY: fmt
 fmt: ## Format and auto-fix with ruff

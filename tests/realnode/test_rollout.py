@@ -13,9 +13,8 @@ from typing import Any
 import pytest
 
 from localcluster import Cluster
-from localcluster.dataplane import infer, service_address
+from localcluster.dataplane import service_address
 from realnode_support import (
-    VERSICOLOR,
     CapacityWatch,
     SteadyLoad,
     answering,
@@ -25,7 +24,6 @@ from realnode_support import (
     pods,
     promoted,
     ready,
-    version_of,
 )
 from support import wait_for
 
@@ -166,9 +164,25 @@ def test_a_stable_pod_killed_mid_canary_is_replaced_and_the_rollout_goes_on(
         ]
         return bool(now)
 
+    step = md_status(cluster, namespace)["canary"]["step"]
     wait_for("a new stable pod Ready", replaced, timeout=180)
-    assert md_status(cluster, namespace)["canary"]["weight"] == 50  # the rollout stayed put
+    # The rollout stayed put: same step, neither promoted nor rolled back; the traffic share
+    # (ready canary pods over ready pods) is back at 50 % once the replacement serves.
+    wait_for(
+        "the canary back at 50 %",
+        lambda: (md_status(cluster, namespace).get("canary") or {}).get("weight") == 50,
+        timeout=60,
+    )
+    canary = md_status(cluster, namespace)["canary"]
+    assert canary["step"] == step
+    assert canary["version"] == "2"
+    assert last_history(cluster, namespace).get("result") != "RolledBack"
     plugin(cluster, "promote", "iris", "-n", namespace)
     wait_for("version 2 promoted", lambda: promoted(cluster, namespace, "2"), timeout=240)
     assert last_history(cluster, namespace)["result"] == "Promoted"
-    assert version_of(infer(address, "iris", [VERSICOLOR])[0]) == "2"
+    # Promotion replaces the stable pods; version 2 answers alone once they are gone.
+    wait_for(
+        "version 2 answering alone",
+        lambda: all(answering(address, "2") for _ in range(10)),
+        timeout=120,
+    )
