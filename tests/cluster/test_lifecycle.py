@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from localcluster import Cluster, ClusterState, Toolchain
-from localcluster.cluster import process_cmdline, processes_mentioning
+from localcluster.processes import process_cmdline, processes_mentioning
 from support import make
 
 pytestmark = pytest.mark.cluster

@@ -10,13 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from localcluster.cluster import (
-    is_ours,
-    process_cmdline,
-    processes_mentioning,
-    read_pid_files,
-    stop_pids,
-)
+from localcluster.cluster import read_pid_files
+from localcluster.processes import is_ours, process_cmdline, processes_mentioning, stop_pids
 
 MARKER = "--marker=localcluster-unit-test"
 

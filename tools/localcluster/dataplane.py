@@ -26,8 +26,9 @@ from typing import Any
 
 import yaml
 
-from localcluster.cluster import Cluster, ClusterError, is_ours, repo_root
+from localcluster.cluster import Cluster, ClusterError, repo_root
 from localcluster.nodes import GPU_RESOURCE
+from localcluster.processes import is_ours
 from localcluster.realnode import REAL_NODE_LABEL, RealNodeSpec
 
 OPERATOR_NAMESPACE = "modeldeploy-system"

@@ -44,6 +44,7 @@ from typing import Any, TextIO
 import yaml
 
 from localcluster.nodes import GPU_RESOURCE, GPU_TAINT, Gpu
+from localcluster.processes import is_ours, processes_mentioning, stop_pids
 from localcluster.toolchain import format_duration
 
 L4 = Gpu(product="NVIDIA-L4", memory_mib=23034, family="ada-lovelace")
@@ -653,7 +654,7 @@ class RealNode:
         if self.paths.pids.is_dir():
             for path in sorted(self.paths.pids.glob("*.pid")):
                 text = path.read_text().strip()
-                if text.isdigit() and _mentions(int(text), str(self.paths.root)):
+                if text.isdigit() and is_ours(int(text), str(self.paths.root)):
                     out.append(Daemon(path.stem, int(text)))
         return out
 
@@ -690,20 +691,22 @@ class RealNode:
         if api_up and self._node_exists():
             self._drain()
         daemons = {d.name: d.pid for d in self.daemons()}
+        marker = str(self.paths.root)
         if "kube-proxy" in daemons:
-            _stop(daemons["kube-proxy"])
+            stop_pids([daemons["kube-proxy"]], lambda pid: is_ours(pid, marker))
         proxy = self.bin_dir / "kube-proxy"
         if proxy.exists() and self.paths.kube_proxy_config.exists():
             _run([str(proxy), "--cleanup", f"--config={self.paths.kube_proxy_config}"], check=False)
         if "kubelet" in daemons:
-            _stop(daemons["kubelet"])
+            stop_pids([daemons["kubelet"]], lambda pid: is_ours(pid, marker))
         _remove_kube_chains()
         if "containerd" in daemons:
             self._kill_tasks()
-            _stop(daemons["containerd"])
+            stop_pids([daemons["containerd"]], lambda pid: is_ours(pid, marker))
         self._kill_pods_by_cgroup()
-        for pid in _pids_mentioning(str(self.paths.run)):  # orphaned shims
-            _signal(pid, signal.SIGKILL)
+        for pid in processes_mentioning(str(self.paths.run)):  # orphaned shims
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
         self._unmount()
         self._remove_pod_cgroups()
         self._remove_fixed_paths()
@@ -748,7 +751,8 @@ class RealNode:
         for procs in CGROUP_ROOT.glob("*/kubepods/**/cgroup.procs"):
             with contextlib.suppress(OSError):
                 for pid in procs.read_text().split():
-                    _signal(int(pid), signal.SIGKILL)
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.kill(int(pid), signal.SIGKILL)
 
     def _unmount(self) -> None:
         prefixes = [str(self.paths.root), str(self.paths.run), "/run/netns/cni-"]
@@ -806,36 +810,3 @@ def _run(
             f"`{' '.join(command[:4])}` failed: {(result.stderr or result.stdout).strip()}"
         )
     return result
-
-
-def _mentions(pid: int, marker: str) -> bool:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-    return bool(raw) and marker in raw.replace(b"\0", b" ").decode(errors="replace")
-
-
-def _pids_mentioning(marker: str) -> list[int]:
-    return [
-        int(entry.name)
-        for entry in Path("/proc").iterdir()
-        if entry.name.isdigit()
-        and int(entry.name) != os.getpid()
-        and _mentions(int(entry.name), marker)
-    ]
-
-
-def _signal(pid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.kill(pid, sig)
-
-
-def _stop(pid: int, grace_seconds: float = 10.0) -> None:
-    _signal(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_seconds
-    while time.monotonic() < deadline:
-        if not _mentions(pid, ""):  # gone, or a zombie (empty command line)
-            return
-        time.sleep(0.1)
-    _signal(pid, signal.SIGKILL)
