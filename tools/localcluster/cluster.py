@@ -290,8 +290,10 @@ class Cluster:
     def _import_images(self, socket: Path) -> None:
         """Our images into the node's containerd, each also as ``<repository>:local``: the
         stable name examples use (``localhost/modeldeploy-triton-cpu:local``)."""
-        self.image_builder().import_into(self.images.values(), "ctr", socket)
-        for image in self.images.values():
+        # The base is only built upon; no pod runs it.
+        runnable = [image for name, image in self.images.items() if name != "base"]
+        self.image_builder().import_into(runnable, "ctr", socket)
+        for image in runnable:
             tag = [image.reference, f"{image.repository}:{LOCAL_TAG}"]
             self._run(
                 ["ctr", "-a", str(socket), "-n", "k8s.io", "images", "tag", "--force", *tag],
