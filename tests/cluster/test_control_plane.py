@@ -1,9 +1,10 @@
 """The control plane itself: every binary reports the pinned release, so version checks
 (kubectl skew, Helm's ``kubeVersion``) see the real Kubernetes version, and every process
-listens on 127.0.0.1 only."""
+listens on 127.0.0.1 only, or, with the real node, on the node's own bridge address."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from pathlib import Path
 
@@ -66,11 +67,32 @@ def listening_sockets(pid: int) -> set[tuple[str, int]]:
     return found
 
 
-def test_every_process_listens_on_loopback_only(cluster: Cluster) -> None:
-    loopback = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1, ::1
-    processes = cluster.processes()
+def proc_address(ip: str) -> str:
+    """An IPv4 address as /proc/net/tcp writes it (little-endian hex)."""
+    return ipaddress.IPv4Address(ip).packed[::-1].hex().upper()
+
+
+def test_proc_address() -> None:
+    assert proc_address("127.0.0.1") == "0100007F"
+    assert proc_address("172.30.0.1") == "01001EAC"
+
+
+def test_every_process_listens_on_loopback_or_the_node_bridge_only(cluster: Cluster) -> None:
+    """Never on 0.0.0.0 or an uplink's address. With the real node, the API server listens
+    on the node's bridge address (pods reach it through the kubernetes Service), and so do
+    the kubelet and Prometheus; the traffic guard drops those addresses on the uplinks."""
+    allowed = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1, ::1
+    node = cluster.node
+    processes = [(p.component, p.pid) for p in cluster.processes()]
     assert len(processes) == 5
-    for process in processes:
-        sockets = listening_sockets(process.pid)
-        assert sockets, f"{process.component} listens on nothing"
-        assert {address for address, _ in sockets} <= loopback, (process.component, sockets)
+    if node is not None:
+        allowed.add(proc_address(node.spec.node_ip))
+        processes += [(d.name, d.pid) for d in node.daemons()]
+        assert {name for name, _ in processes} >= {"containerd", "kubelet", "kube-proxy"}
+    for component, pid in processes:
+        sockets = listening_sockets(pid)
+        if component == "containerd":
+            assert {address for address, _ in sockets} <= allowed, (component, sockets)
+            continue  # its gRPC is a unix socket; the CRI stream server is on loopback
+        assert sockets, f"{component} listens on nothing"
+        assert {address for address, _ in sockets} <= allowed, (component, sockets)

@@ -129,9 +129,9 @@ def test_pods_without_the_toleration_never_land_on_gpu_nodes(
         deployment("untolerated", node_selector={"nvidia.com/gpu.product": H100}),
     )
     messages = wait_for("a FailedScheduling event", lambda: scheduling_failures(cluster, namespace))
-    # Kubernetes 1.36 counts the nodes per reason without naming the taint: the three GPU
-    # nodes are the tainted ones.
-    assert any("3 node(s) had untolerated taint" in m for m in messages), messages
+    # Kubernetes 1.36 counts the nodes per reason without naming the taint: the three
+    # simulated GPU nodes and the real node are the tainted ones.
+    assert any("4 node(s) had untolerated taint" in m for m in messages), messages
     [pod] = pods(cluster, namespace, "untolerated")
     assert pod["status"]["phase"] == "Pending"
     assert pod["spec"].get("nodeName") not in GPU_NODES
