@@ -28,7 +28,7 @@ from support import EXAMPLES
 MODELS = Path(__file__).parent / "models"
 
 
-@pytest.fixture(scope="package")
+@pytest.fixture(scope="session")
 def real_node(cluster: Cluster) -> RealNodeSpec:
     node = cluster.node
     if cluster.real_node_spec is None or node is None or not node.daemons():
@@ -36,16 +36,19 @@ def real_node(cluster: Cluster) -> RealNodeSpec:
     return cluster.real_node_spec
 
 
-@pytest.fixture(scope="package")
+@pytest.fixture(scope="session")
 def prometheus_url(cluster: Cluster, real_node: RealNodeSpec) -> str:
     return ClusterPrometheus(cluster).ensure_started()
 
 
-@pytest.fixture(scope="package")
+@pytest.fixture(scope="module")
 def chart_operator(
     cluster: Cluster, crd: None, operator: OperatorProcess, prometheus_url: str
 ) -> Iterator[None]:
-    """The chart's operator pod on the real node, for this package's tests only."""
+    """The chart's operator pod on the real node, for one module's tests; the session's
+    operator runs again after it. (Module scope: without an __init__.py this folder is no
+    package, and a "package" fixture would live until the session ends, leaving the pod, which
+    cannot reach 127.0.0.1, in charge of the later tiers' ModelDeployments.)"""
     operator.stop()
     try:
         install_operator(cluster, prometheus_url=prometheus_url, resync_seconds=10)

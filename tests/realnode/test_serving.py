@@ -30,8 +30,16 @@ def test_the_charts_operator_pod_runs_on_the_real_node_with_its_service_account(
     assert [s["restartCount"] for s in statuses] == [0]
     assert statuses[0]["ready"] is True
     name = pod["metadata"]["name"]
-    log = cluster.kubectl("logs", "-n", OPERATOR_NAMESPACE, name).stdout
-    assert "Starting modeldeploy operator" in log
+    log = wait_for(
+        "the operator's start in its log",
+        lambda: (
+            text
+            if "Starting modeldeploy operator"
+            in (text := cluster.kubectl("logs", "-n", OPERATOR_NAMESPACE, name).stdout)
+            else None
+        ),
+        timeout=30,
+    )
     assert "getpwuid" not in log
     assert "401" not in log
     assert "Unauthorized" not in log
