@@ -244,6 +244,22 @@ def infer(address: str, model: str, rows: list[list[float]]) -> list[list[float]
         client.close()
 
 
+def first_answer(
+    address: str, model: str, rows: list[list[float]], timeout: float = 30.0
+) -> list[list[float]]:
+    """:func:`infer`, retried until the Service answers: right after the pods are Ready,
+    kube-proxy may not have programmed their endpoints yet (it syncs at most once a second),
+    and the Service refuses connections until it has."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return infer(address, model, rows)
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 def apply(cluster: Cluster, documents: Iterable[Mapping[str, Any]]) -> None:
     cluster.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all(list(documents)))
 

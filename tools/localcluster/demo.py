@@ -23,6 +23,7 @@ import yaml
 from localcluster.cluster import Cluster, ClusterError, repo_root
 from localcluster.dataplane import (
     ClusterPrometheus,
+    first_answer,
     infer,
     install_operator,
     serve_model_store,
@@ -61,6 +62,17 @@ def print_answer(out: TextIO, address: str, answer: list[list[float]]) -> None:
         print(f"  {label:16} {features} -> {best:10} ({shown})", file=out, flush=True)
 
 
+def new_answer(address: str, old: list[list[float]], timeout: float = 60.0) -> list[list[float]]:
+    """The first answer that differs from ``old``: promotion replaces the pods, and the old
+    version's may answer for a few more seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        answer = first_answer(address, NAME, list(SAMPLES.values()))
+        if answer != old or time.monotonic() > deadline:
+            return answer
+        time.sleep(0.2)
+
+
 def plugin_status(cluster: Cluster) -> str:
     result = subprocess.run(
         [
@@ -97,6 +109,7 @@ def roll_out_version_2(cluster: Cluster, out: TextIO, address: str) -> None:
     )
     deadline = time.monotonic() + ROLLOUT_TIMEOUT_SECONDS
     last = ""
+    said_promoted = False
     while True:
         # Clients keep asking during the rollout: that is what the analysis judges.
         try:
@@ -109,8 +122,12 @@ def roll_out_version_2(cluster: Cluster, out: TextIO, address: str) -> None:
             last = text
         status = status_of(cluster)
         ended = (status.get("history") or [])[before:]
-        if status.get("stable", {}).get("version") == "2" and not status.get("canary"):
+        promoted = status.get("stable", {}).get("version") == "2" and not status.get("canary")
+        if promoted and not said_promoted:
             print("\n[demo] version 2 was promoted", file=out, flush=True)
+            said_promoted = True
+        # Done when the promoted version serves at full size (promotion replaces the pods).
+        if promoted and status.get("phase") == "Available":
             return
         if any(entry.get("result") not in (None, "Promoted") for entry in ended):
             raise ClusterError(f"the canary of version 2 ended as {ended[-1]}")
@@ -154,10 +171,11 @@ def run(cluster: Cluster, out: TextIO = sys.stdout) -> None:
     show(cluster, out, "get", "pods", "-n", NAMESPACE, "-o", "wide")
 
     address = service_address(cluster, NAMESPACE, NAME)
-    print_answer(out, address, infer(address, NAME, list(SAMPLES.values())))
+    version_1 = first_answer(address, NAME, list(SAMPLES.values()))
+    print_answer(out, address, version_1)
 
     roll_out_version_2(cluster, out, address)
-    print_answer(out, address, infer(address, NAME, list(SAMPLES.values())))
+    print_answer(out, address, new_answer(address, version_1))
     show(
         cluster,
         out,
