@@ -254,9 +254,11 @@ def first_answer(
     while True:
         try:
             return infer(address, model, rows)
-        except Exception:
+        except Exception as error:
             if time.monotonic() > deadline:
-                raise
+                raise ClusterError(
+                    f"{model} at {address} did not answer in {timeout:.0f}s: {error}"
+                ) from error
             time.sleep(0.2)
 
 
