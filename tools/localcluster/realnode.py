@@ -713,6 +713,8 @@ class RealNode:
         if api_up:
             self.kubectl("delete", "node", self.spec.name, "--wait=false", check=False)
         shutil.rmtree(self.paths.run, ignore_errors=True)
+        with contextlib.suppress(OSError):  # /run/modeldeploy, when no other cluster uses it
+            self.paths.run.parent.rmdir()
 
     def _drain(self) -> None:
         """Cordon, delete every pod on the node, and give the kubelet a moment to tear
