@@ -36,7 +36,6 @@ from report import markers, write_section  # noqa: E402
 from localcluster import Cluster, ClusterState, Toolchain  # noqa: E402
 from localcluster.dataplane import (  # noqa: E402
     ClusterPrometheus,
-    infer,
     install_operator,
     serve_model_store,
     service_address,
@@ -44,7 +43,7 @@ from localcluster.dataplane import (  # noqa: E402
 from modeldeploy_operator.api.v1alpha1 import ModelDeployment  # noqa: E402
 from modeldeploy_operator.builders.deployment import BuildConfig, build_deployment  # noqa: E402
 from modeldeploy_operator.builders.service import build_service  # noqa: E402
-from realnode_support import VERSICOLOR, SteadyLoad, iris, md_status, pods  # noqa: E402
+from realnode_support import SteadyLoad, answering, iris, md_status, pods  # noqa: E402
 
 BEGIN, END = markers("realnode-bench")
 PAUSE_SECONDS = 30
@@ -61,12 +60,8 @@ def wait(what: str, check: Callable[[], Any], timeout: float, period: float = 0.
         time.sleep(period)
 
 
-def answers(address: str) -> bool:
-    try:
-        infer(address, "iris", [VERSICOLOR])
-    except Exception:  # not yet: connection refused, 503 while loading
-        return False
-    return True
+def service_exists(cluster: Cluster, namespace: str) -> bool:
+    return cluster.kubectl("get", "service", "iris", "-n", namespace, check=False).returncode == 0
 
 
 def fresh_namespace(cluster: Cluster, stem: str) -> str:
@@ -106,16 +101,9 @@ def apply_to_answer(cluster: Cluster, bare: bool) -> float:
             )
         else:
             cluster.kubectl("apply", "-n", namespace, "-f", "-", stdin=iris("1", 1))
-        address = wait(
-            "the Service",
-            lambda: (
-                cluster.kubectl("get", "service", "iris", "-n", namespace, check=False).returncode
-                == 0
-                and service_address(cluster, namespace, "iris")
-            ),
-            60,
-        )
-        wait("an answer", lambda: answers(address), 300, period=0.05)
+        wait("the Service", lambda: service_exists(cluster, namespace), 60, period=0.05)
+        address = service_address(cluster, namespace, "iris")
+        wait("an answer", lambda: answering(address), 300, period=0.05)
         return time.monotonic() - started
     finally:
         cleanup(cluster, namespace)
@@ -129,20 +117,34 @@ def canary_pods(cluster: Cluster, namespace: str) -> int:
     )
 
 
+def serve_version_1(cluster: Cluster, namespace: str) -> str:
+    """iris version 1 with 2 replicas, Available and answering; returns its address."""
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", stdin=iris("1", 2))
+    wait("the Service", lambda: service_exists(cluster, namespace), 60)
+    address = service_address(cluster, namespace, "iris")
+    wait("version 1 answering", lambda: answering(address, "1"), 300)
+    wait(
+        "version 1 Available",
+        lambda: md_status(cluster, namespace).get("phase") == "Available",
+        120,
+    )
+    return address
+
+
+def roll_to(cluster: Cluster, namespace: str, version: str) -> None:
+    storage = f"pvc://model-store/iris/{version}"
+    patch = {"spec": {"model": {"version": version, "storageUri": storage}}}
+    cluster.kubectl("patch", "md", "iris", "-n", namespace, "--type=merge", "-p", json.dumps(patch))
+
+
 def rollout(cluster: Cluster) -> dict[str, float]:
     namespace = fresh_namespace(cluster, "bench-rollout")
     try:
-        cluster.kubectl("apply", "-n", namespace, "-f", "-", stdin=iris("1", 2))
-        address = wait("v1 answering", lambda: service_address(cluster, namespace, "iris"), 60)
-        wait("v1 answering", lambda: answers(address), 300)
-        wait("v1 Ready", lambda: md_status(cluster, namespace).get("phase") == "Available", 120)
+        address = serve_version_1(cluster, namespace)
         with SteadyLoad(address) as load:
             time.sleep(2)
             started = time.monotonic()
-            patch = {"spec": {"model": {"version": "2", "storageUri": "pvc://model-store/iris/2"}}}
-            cluster.kubectl(
-                "patch", "md", "iris", "-n", namespace, "--type=merge", "-p", json.dumps(patch)
-            )
+            roll_to(cluster, namespace, "2")
 
             def promoted() -> bool:
                 status = md_status(cluster, namespace)
@@ -161,20 +163,15 @@ def rollout(cluster: Cluster) -> dict[str, float]:
 def rollback(cluster: Cluster) -> dict[str, float]:
     namespace = fresh_namespace(cluster, "bench-rollback")
     try:
-        cluster.kubectl("apply", "-n", namespace, "-f", "-", stdin=iris("1", 2))
-        address = wait("v1 answering", lambda: service_address(cluster, namespace, "iris"), 60)
-        wait("v1 answering", lambda: answers(address), 300)
+        address = serve_version_1(cluster, namespace)
         with SteadyLoad(address):
             started = time.monotonic()
-            patch = {"spec": {"model": {"version": "3", "storageUri": "pvc://model-store/iris/3"}}}
-            cluster.kubectl(
-                "patch", "md", "iris", "-n", namespace, "--type=merge", "-p", json.dumps(patch)
-            )
+            roll_to(cluster, namespace, "3")  # fails every inference
 
             def failed_check() -> bool:
-                analysis = md_status(cluster, namespace).get("analysis") or []
-                history = md_status(cluster, namespace).get("history") or [{}]
-                return any(a.get("result") == "Failed" for a in analysis) or (
+                status = md_status(cluster, namespace)
+                history = status.get("history") or [{}]
+                return any(a.get("result") == "Failed" for a in status.get("analysis") or []) or (
                     history[-1].get("result") == "RolledBack"
                 )
 

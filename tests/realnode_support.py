@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Self
 
 from localcluster import Cluster
 from localcluster.dataplane import infer
@@ -71,73 +71,88 @@ class Outcome:
     error: str = ""
 
 
-@dataclass
-class SteadyLoad:
-    """A client that sends one inference every ``period`` seconds from a thread, bounded in
-    count and time, and records every outcome."""
+class Sampler:
+    """Calls :meth:`sample` every ``period`` seconds from a thread while the ``with`` block
+    runs, bounded in count and time."""
 
-    address: str
-    model: str = "iris"
-    period: float = 0.1
-    max_requests: int = 6000
-    max_seconds: float = 600.0
-    outcomes: list[Outcome] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
-
-    def __enter__(self) -> SteadyLoad:
+    def __init__(self, period: float, max_samples: int, max_seconds: float) -> None:
+        self.period = period
+        self.max_samples = max_samples
+        self.max_seconds = max_seconds
+        self.count = 0
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
-    def __exit__(self, *_: Any) -> None:
+    def __exit__(self, *_: object) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
+        self._thread.join(timeout=30)
+
+    def sample(self) -> None:
+        raise NotImplementedError
 
     def _run(self) -> None:
         started = time.monotonic()
         while (
             not self._stop.is_set()
-            and len(self.outcomes) < self.max_requests
+            and self.count < self.max_samples
             and time.monotonic() - started < self.max_seconds
         ):
             at = time.monotonic()
-            try:
-                answer = infer(self.address, self.model, [VERSICOLOR])
-                self.outcomes.append(Outcome(at, True, version_of(answer[0])))
-            except Exception as error:  # recorded: the test asserts on them
-                self.outcomes.append(Outcome(at, False, None, str(error)[:200]))
+            self.sample()
+            self.count += 1
             self._stop.wait(max(0.0, self.period - (time.monotonic() - at)))
+
+
+class SteadyLoad(Sampler):
+    """A client that sends one inference every ``period`` seconds and records every outcome."""
+
+    def __init__(
+        self,
+        address: str,
+        model: str = "iris",
+        period: float = 0.1,
+        max_requests: int = 6000,
+        max_seconds: float = 600.0,
+    ) -> None:
+        super().__init__(period, max_requests, max_seconds)
+        self.address = address
+        self.model = model
+        self.outcomes: list[Outcome] = []
+
+    def sample(self) -> None:
+        at = time.monotonic()
+        try:
+            answer = infer(self.address, self.model, [VERSICOLOR])
+            self.outcomes.append(Outcome(at, True, version_of(answer[0])))
+        except Exception as error:  # recorded: the test asserts on them
+            self.outcomes.append(Outcome(at, False, None, str(error)[:200]))
 
     @property
     def failures(self) -> list[Outcome]:
         return [o for o in self.outcomes if not o.ok]
 
 
-@dataclass
-class CapacityWatch:
-    """Samples, from a thread, how many ready endpoints the model's Service has: the pods that
-    serve clients. Bounded in time."""
+class CapacityWatch(Sampler):
+    """Samples how many ready endpoints the model's Service has: the pods that serve
+    clients."""
 
-    cluster: Cluster
-    namespace: str
-    service: str = "iris"
-    period: float = 0.5
-    max_seconds: float = 600.0
-    samples: list[tuple[float, int]] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
-
-    def __enter__(self) -> CapacityWatch:
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: Any) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
+    def __init__(
+        self,
+        cluster: Cluster,
+        namespace: str,
+        service: str = "iris",
+        period: float = 0.5,
+        max_seconds: float = 600.0,
+    ) -> None:
+        super().__init__(period, 10_000, max_seconds)
+        self.cluster = cluster
+        self.namespace = namespace
+        self.service = service
+        self.samples: list[tuple[float, int]] = []
 
     def ready_endpoints(self) -> int:
         result = self.cluster.kubectl(
@@ -161,13 +176,10 @@ class CapacityWatch:
             if endpoint.get("conditions", {}).get("ready")
         )
 
-    def _run(self) -> None:
-        started = time.monotonic()
-        while not self._stop.is_set() and time.monotonic() - started < self.max_seconds:
-            count = self.ready_endpoints()
-            if count >= 0:
-                self.samples.append((time.monotonic(), count))
-            self._stop.wait(self.period)
+    def sample(self) -> None:
+        count = self.ready_endpoints()
+        if count >= 0:
+            self.samples.append((time.monotonic(), count))
 
     @property
     def minimum(self) -> int:

@@ -573,8 +573,7 @@ class RealNode:
 
     def up(self, pause_image: str, import_images: Callable[[Path], None]) -> None:
         """containerd (images imported by ``import_images(socket)``), kubelet, kube-proxy."""
-        started = time.monotonic()
-        self.check_prerequisites()
+        started = time.monotonic()  # Cluster.up checked the prerequisites before any build
         paths = self.paths
         for folder in (paths.logs, paths.pids, paths.cni_conf_dir, paths.cni_data_dir, paths.run):
             folder.mkdir(parents=True, exist_ok=True)
