@@ -65,7 +65,7 @@ demo: ## The main job: a real inference from a Triton pod on the real node, then
 bench: bench-operator bench-runtime bench-rollout bench-autoscale bench-realnode ## Every benchmark; results in docs/benchmarks.md
 
 .PHONY: bench-operator
-bench-operator: toolchain ## Operator overhead vs bare Deployments, cold start of 500, idle writes
+bench-operator: toolchain ## Operator overhead vs bare Deployments, cold start of 1,000 and 10,000, idle reads and writes
 	PYTHONPATH=$(CURDIR)/tools:$(CURDIR)/tests $(PYTHON) bench/operator_bench.py $(BENCH_ARGS)
 
 .PHONY: bench-runtime
@@ -104,8 +104,8 @@ typecheck: ## mypy --strict
 	$(PYTHON) -m mypy
 
 .PHONY: test-unit
-test-unit: ## Unit tests: pure logic, no cluster
-	$(PYTHON) -m pytest -m 'not cluster' $(PYTEST_ARGS)
+test-unit: ## Unit and middle-tier tests (fake API, fake clock): no cluster, no binaries
+	$(PYTHON) -m pytest -m 'not cluster and not triton and not prometheus' $(PYTEST_ARGS)
 
 .PHONY: test-cluster
 test-cluster: toolchain ## Tests against the real local control plane (real-pod tier included)

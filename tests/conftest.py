@@ -6,6 +6,7 @@ The ``cluster`` fixture gives the session one real local control plane: it reuse
 
 from __future__ import annotations
 
+import os
 import re
 import uuid
 from collections.abc import Iterator
@@ -15,13 +16,19 @@ import pytest
 
 from localcluster import Cluster, ClusterState, Toolchain
 from localcluster.operator import OperatorProcess
+from localcluster.realnode import RealNodeSpec
 
 CRDS = Path(__file__).resolve().parents[1] / "crds"
 
 
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[Cluster]:
-    local = Cluster(Toolchain.locate(), ClusterState.default())
+    """``CLUSTER_NAME`` and ``REAL_NODE=0`` (as for ``make cluster-up``) pick a second,
+    simulated-only cluster, so two test runs can share a machine."""
+    state = ClusterState.default()
+    state = ClusterState(state.root, os.environ.get("CLUSTER_NAME") or state.name)
+    real_node = None if os.environ.get("REAL_NODE") == "0" else RealNodeSpec()
+    local = Cluster(Toolchain.locate(), state, real_node=real_node)
     started_here = local.up()
     yield local
     if started_here:
@@ -66,8 +73,18 @@ def namespace(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[str]
 def operator(
     cluster: Cluster, crd: None, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OperatorProcess]:
-    """The operator as a real process, watching every namespace; its log is in the tmp dir."""
-    process = OperatorProcess(cluster, tmp_path_factory.mktemp("operator") / "operator.log")
+    """The operator as a real process, watching every namespace; its log is in the tmp dir.
+    Short Lease timings: tests that SIGKILL it wait for its Lease to run out (5 s, not 15 s);
+    the high-availability tests run the defaults."""
+    process = OperatorProcess(
+        cluster,
+        tmp_path_factory.mktemp("operator") / "operator.log",
+        extra_args=(
+            "--leader-election-lease-duration=5",
+            "--leader-election-renew-deadline=4",
+            "--leader-election-retry-period=1",
+        ),
+    )
     process.start()
     yield process
     process.stop()

@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 
 from localcluster import Cluster
-from support import wait_for
+from support import DELETE, load_example, merged, wait_for
 
 NAME = "resnet50"
 
@@ -40,3 +40,15 @@ def start_canary(cluster: Cluster, namespace: str, manifest: dict[str, Any]) -> 
         "version 1 Available", lambda: md_status(cluster, namespace).get("phase") == "Available"
     )
     set_version(cluster, namespace, "2")
+
+
+def manual_canary(**rollout: Any) -> dict[str, Any]:
+    """minimal.yaml on CPU with 2 replicas and a Canary rollout that waits at 50 % for a
+    user (``pause: manual``), then goes to 100 %; ``rollout`` adds to ``spec.rollout``."""
+    steps = [{"weight": 50, "pause": "manual"}, {"weight": 100}]
+    spec = {
+        "replicas": 2,
+        "resources": {"gpu": DELETE},
+        "rollout": {"strategy": "Canary", "steps": steps, **rollout},
+    }
+    return merged(load_example("minimal.yaml"), {"spec": spec})

@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import logging
+import os
+import signal
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from prometheus_client import start_http_server
 
@@ -16,11 +20,45 @@ from modeldeploy_operator import __version__, handlers, logs
 from modeldeploy_operator.api.v1alpha1 import API_VERSION, KIND
 from modeldeploy_operator.builders.deployment import BuildConfig
 from modeldeploy_operator.context import GpuInventory, OperatorContext
-from modeldeploy_operator.k8s.client import KubernetesApi, connection_of, load_api_client
+from modeldeploy_operator.health import HealthServer
+from modeldeploy_operator.k8s import client as k8s_client
+from modeldeploy_operator.k8s.client import (
+    ApiClient,
+    KubeApi,
+    KubernetesApi,
+    KubernetesLeases,
+    connection_of,
+    load_api_client,
+)
+from modeldeploy_operator.leader.decide import Timing
+from modeldeploy_operator.leader.elector import (
+    LEASE_NAME,
+    LeaderElector,
+    LeaderOnlyApi,
+    default_namespace,
+    new_identity,
+)
+from modeldeploy_operator.metrics import prometheus
+from modeldeploy_operator.metrics.prometheus import PrometheusProvider
 from modeldeploy_operator.reconcile import Reconciler
 from modeldeploy_operator.telemetry import Telemetry
 
 DEFAULT_RUNTIME_IMAGE = f"ghcr.io/modeldeploy/runtime:{__version__.split('+')[0]}"
+WORKER_STOP_SECONDS = 5.0  # how long SIGTERM waits for the reconciles that run
+
+
+def positive_seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:  # also NaN
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -45,7 +83,37 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="Prometheus for canary analysis and autoscaling when a ModelDeployment names none",
     )
     parser.add_argument(
-        "--resync-seconds", type=float, default=30.0, help="periodic full reconcile"
+        "--prometheus-timeout",
+        type=positive_seconds,
+        default=prometheus.DEFAULT_TIMEOUT,
+        help="seconds a Prometheus query may take (default %(default)s)",
+    )
+    parser.add_argument(
+        "--api-timeout",
+        type=positive_seconds,
+        default=k8s_client.DEFAULT_TIMEOUT[1],
+        help="seconds to connect to, and then to wait for, the Kubernetes API server per"
+        " request (default %(default)s)",
+    )
+    parser.add_argument(
+        "--resync-seconds",
+        type=float,
+        default=30.0,
+        help="how often every ModelDeployment is added to the work queue",
+    )
+    parser.add_argument(
+        "--workers",
+        type=positive_int,
+        default=4,
+        help="worker threads that reconcile (different) ModelDeployments in parallel"
+        " (default %(default)s)",
+    )
+    parser.add_argument(
+        "--reconcile-budget-seconds",
+        type=positive_seconds,
+        default=30.0,
+        help="a reconcile of one ModelDeployment that takes longer is logged and counted"
+        " (default %(default)s)",
     )
     parser.add_argument(
         "--bind-address",
@@ -54,96 +122,230 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     parser.add_argument("--metrics-port", type=int, default=8080, help="Prometheus /metrics")
     parser.add_argument("--health-port", type=int, default=8081, help="liveness /healthz")
+    parser.add_argument(
+        "--reconcile-stall-seconds",
+        type=float,
+        default=300.0,
+        help="/healthz fails when one reconcile has run longer than this",
+    )
+    election = parser.add_argument_group("leader election (a coordination.k8s.io/v1 Lease)")
+    election.add_argument(
+        "--leader-elect",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reconcile only while holding the Lease, so replicas can stand by",
+    )
+    election.add_argument(
+        "--leader-election-namespace",
+        help="namespace of the Lease (default: the pod's own, or `default` outside a pod)",
+    )
+    election.add_argument(
+        "--leader-election-lease-duration",
+        type=positive_seconds,
+        default=Timing.lease_duration,
+        metavar="SECONDS",
+        help="how long standbys wait after the last renewal before taking over",
+    )
+    election.add_argument(
+        "--leader-election-renew-deadline",
+        type=positive_seconds,
+        default=Timing.renew_deadline,
+        metavar="SECONDS",
+        help="how long the leader keeps acting without a successful renewal, then exits",
+    )
+    election.add_argument(
+        "--leader-election-retry-period",
+        type=positive_seconds,
+        default=Timing.retry_period,
+        metavar="SECONDS",
+        help="how often candidates try and the leader renews",
+    )
     parser.add_argument("--log-format", choices=["json", "text"], default="json")
     parser.add_argument("--log-level", default="info")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    try:
+        args.timing = Timing(
+            lease_duration=args.leader_election_lease_duration,
+            renew_deadline=args.leader_election_renew_deadline,
+            retry_period=args.leader_election_retry_period,
+        )
+    except ValueError as error:
+        parser.error(str(error))
+    return args
 
 
 async def resync(reconciler: Reconciler, ctx: OperatorContext, stop: asyncio.Event) -> None:
-    """The timer: reconcile every ModelDeployment every ``resync_seconds``."""
+    """The timer: every ``resync_seconds``, add every ModelDeployment to the work queue (the
+    workers reconcile them in parallel; a requeue-after or a retry needs no timer: the queue
+    holds it)."""
     while True:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=ctx.resync_seconds)
         if stop.is_set():
             return
-        for namespace in ctx.namespaces or (None,):
-            try:
-                items = await asyncio.to_thread(ctx.api.list, API_VERSION, KIND, namespace)
-            except Exception:
-                ctx.logger.exception("Could not list ModelDeployments for the resync")
-                continue
-            for item in items:
-                meta = item["metadata"]
+        keys = ctx.cache.keys() if ctx.cache.ready else []
+        if not ctx.cache.ready:  # the watches have not listed everything yet
+            for namespace in ctx.namespaces or (None,):
                 try:
-                    await asyncio.to_thread(reconciler.trigger, meta["namespace"], meta["name"])
+                    items = await asyncio.to_thread(ctx.api.list, API_VERSION, KIND, namespace)
                 except Exception:
-                    ctx.logger.exception(
-                        "Reconcile failed",
-                        extra={"modeldeployment": f"{meta['namespace']}/{meta['name']}"},
-                    )
+                    ctx.logger.exception("Could not list ModelDeployments for the resync")
+                    continue
+                keys += [(i["metadata"]["namespace"], i["metadata"]["name"]) for i in items]
+        for namespace, name in keys:
+            reconciler.add(namespace, name)
 
 
-async def requeue(reconciler: Reconciler, ctx: OperatorContext, stop: asyncio.Event) -> None:
-    """Reconcile objects at the times they asked for (a canary's next analysis or pause end),
-    so rollouts do not wait for the resync timer."""
-    while not stop.is_set():
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=0.25)
-        for namespace, name in reconciler.due(time.monotonic()):
-            try:
-                await asyncio.to_thread(reconciler.trigger, namespace, name)
-            except Exception:
-                ctx.logger.exception(
-                    "Reconcile failed", extra={"modeldeployment": f"{namespace}/{name}"}
-                )
+def health_check(
+    reconciler: Reconciler,
+    elector: LeaderElector | None,
+    loops: list[asyncio.Task[None]],
+    stall_seconds: float,
+) -> str | None:
+    """Why the operator cannot do its work, or None. A standby is healthy while it campaigns;
+    a leader is not when a reconcile has been stuck past the budget, a loop or a worker
+    thread died."""
+    if elector is not None and not elector.leading:
+        return None
+    for task in loops:
+        if task.done():
+            return f"the {task.get_name()} loop ended"
+    dead = reconciler.dead_workers()
+    if dead:
+        return f"the worker thread {dead[0]} ended"
+    running = reconciler.longest_running(time.monotonic())
+    if running is not None and running[1] > stall_seconds:
+        (namespace, name), seconds = running
+        return f"the reconcile of {namespace}/{name} has run for {seconds:.0f} s"
+    return None
 
 
-async def run(args: argparse.Namespace, logger: logging.Logger) -> None:
-    telemetry = Telemetry()
-    api_client = load_api_client(args.kubeconfig)
-    api = KubernetesApi(api_client, on_request=telemetry.count_request)
-    ctx = OperatorContext(
+def exit_after(seconds: float, code: int) -> None:
+    """Exit the process ``seconds`` from now however shutdown goes (a thread blocked in a
+    request would otherwise hold it): client-go's OnStoppedLeading exits too."""
+    timer = threading.Timer(seconds, os._exit, args=(code,))
+    timer.daemon = True
+    timer.start()
+
+
+def build_context(
+    args: argparse.Namespace,
+    api_client: ApiClient,
+    telemetry: Telemetry,
+    logger: logging.Logger,
+    leading: Callable[[], bool] | None = None,
+) -> OperatorContext:
+    """The operator's context from its flags; no I/O. With ``leading``, every write is
+    refused once it says the Lease is lost."""
+    api: KubeApi = KubernetesApi(
+        api_client,
+        on_request=telemetry.count_request,
+        timeout=(args.api_timeout, args.api_timeout),
+    )
+    if leading is not None:
+        api = LeaderOnlyApi(api, leading)  # no write once the Lease is lost
+    return OperatorContext(
         api=api,
         build=BuildConfig(runtime_image=args.runtime_image),
         telemetry=telemetry,
         gpus=GpuInventory(api),
         logger=logger,
-        resync_seconds=args.resync_seconds,
+        metrics_provider=functools.partial(PrometheusProvider, timeout=args.prometheus_timeout),
         prometheus_url=args.prometheus_url,
+        api_timeout=args.api_timeout,
+        resync_seconds=args.resync_seconds,
         namespaces=tuple(args.namespace),
     )
-    reconciler = Reconciler(ctx)
+
+
+async def run(args: argparse.Namespace, logger: logging.Logger) -> int:
+    """Run until SIGTERM (0) or until the Lease is lost (1: restart clean)."""
+    telemetry = Telemetry()
+    api_client = load_api_client(args.kubeconfig)
+    elector: LeaderElector | None = None
+    if args.leader_elect:
+        elector = LeaderElector(
+            KubernetesLeases(
+                api_client,
+                timeout=args.timing.renew_deadline / 2,
+                on_request=telemetry.count_request,
+            ),
+            lease=(args.leader_election_namespace or default_namespace(), LEASE_NAME),
+            identity=new_identity(),
+            logger=logger,
+            timing=args.timing,
+        )
+        leader = elector
+        telemetry.leader.set_function(lambda: float(leader.leading))
+    else:
+        telemetry.leader.set(1)
+    ctx = build_context(
+        args, api_client, telemetry, logger, (lambda: leader.leading) if elector else None
+    )
+    reconciler = Reconciler(ctx, workers=args.workers, budget_seconds=args.reconcile_budget_seconds)
+    loops: list[asyncio.Task[None]] = []
     start_http_server(args.metrics_port, addr=args.bind_address, registry=telemetry.registry)
-    stop = asyncio.Event()  # set by kopf's cleanup handler on SIGINT/SIGTERM; ends the timer
+    health = HealthServer(
+        args.bind_address,
+        args.health_port,
+        lambda: health_check(reconciler, elector, loops, args.reconcile_stall_seconds),
+    )
+    health.start()
+    stop = asyncio.Event()  # SIGINT/SIGTERM: ours until kopf runs, then kopf's cleanup handler
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
     logger.info(
         "Starting modeldeploy operator",
-        extra={"version": __version__, "namespaces": args.namespace or "all"},
+        extra={
+            "version": __version__,
+            "namespaces": args.namespace or "all",
+            "identity": elector.identity if elector else None,
+        },
     )
-    timer = asyncio.create_task(resync(reconciler, ctx, stop))
-    waker = asyncio.create_task(requeue(reconciler, ctx, stop))
+    lost = False
     try:
-        await handlers.serve(
-            reconciler,
-            ctx,
-            namespaces=tuple(args.namespace),
-            connection=connection_of(api_client),
-            liveness_endpoint=f"http://{args.bind_address}:{args.health_port}/healthz",
-            stop=stop,
+        if elector is not None and not await elector.acquire(stop):
+            return 0  # stopped while standing by: nothing was written, nothing to release
+        reconciler.start()
+        loops.append(asyncio.create_task(resync(reconciler, ctx, stop), name="resync"))
+        watches = asyncio.create_task(
+            handlers.serve(
+                reconciler,
+                ctx,
+                namespaces=tuple(args.namespace),
+                connection=connection_of(api_client),
+                stop=stop,
+            )
         )
-    finally:  # kopf returns on SIGINT/SIGTERM (its own handlers or our stop flag)
-        stop.set()
-        for task in (timer, waker):
+        keeper = asyncio.create_task(elector.keep(stop)) if elector else None
+        await asyncio.wait({watches, *([keeper] if keeper else [])}, return_when="FIRST_COMPLETED")
+        lost = keeper is not None and keeper.done() and keeper.result()
+        if lost:
+            exit_after(10.0, 1)
+        stop.set()  # kopf returns on its own SIGINT/SIGTERM handling or on this flag
+        await watches
+        for task in (*loops, *([keeper] if keeper else [])):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-    logger.info("Stopped modeldeploy operator")
+    finally:
+        stop.set()
+        # Each worker finishes the object it holds; one blocked in a request is left behind
+        # (a daemon thread), and once the Lease is released its writes are refused anyway.
+        if not await asyncio.to_thread(reconciler.stop, WORKER_STOP_SECONDS):
+            logger.warning("Stopped without waiting for a reconcile still running")
+        if elector is not None and not lost:
+            await asyncio.to_thread(elector.release)
+        health.stop()
+    logger.info("Stopped modeldeploy operator", extra={"lostLease": lost})
+    return 1 if lost else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logger = logs.configure(args.log_format, args.log_level)
-    asyncio.run(run(args, logger))
-    return 0
+    return asyncio.run(run(args, logger))
 
 
 if __name__ == "__main__":

@@ -33,13 +33,6 @@ from modeldeploy_operator.autoscaling.decide import (
     Recommendation,
     desired_replicas,
 )
-from modeldeploy_operator.autoscaling.queries import (
-    IDLE_QUERY,
-    PER_REPLICA,
-    metric_name,
-    query_of,
-    variables,
-)
 from modeldeploy_operator.builders.autoscaler import (
     HPA_API_VERSION,
     KEDA_API_VERSION,
@@ -53,8 +46,21 @@ from modeldeploy_operator.builders.labels import MD_LABEL
 from modeldeploy_operator.context import OperatorContext, ScalingState
 from modeldeploy_operator.k8s.client import ApiError
 from modeldeploy_operator.metrics.prometheus import ProviderError
-from modeldeploy_operator.rollout.analysis import TemplateError, render_query
+from modeldeploy_operator.promql import (
+    IDLE_QUERY,
+    PER_REPLICA,
+    TemplateError,
+    metric_name,
+    query_of,
+    render_query,
+    variables,
+)
 from modeldeploy_operator.status import EventSpec
+
+NO_METRICS_SOURCE = (
+    "no Prometheus to read metrics from: set spec.autoscaling.prometheus.url or the operator's"
+    " --prometheus-url; the replica count stays as it is"
+)
 
 ENGINE_OBJECTS = {
     "hpa": (HPA_API_VERSION, "HorizontalPodAutoscaler"),
@@ -79,7 +85,7 @@ def policy_of(spec: AutoscalingSpec) -> Policy:
         min_replicas=spec.min_replicas,
         max_replicas=spec.max_replicas,
         scale_to_zero=bool(spec.scale_to_zero and spec.scale_to_zero.enabled),
-        tolerance=behavior.tolerance_percent / 100,
+        tolerance=behavior.tolerance(),
         up_window=parse_duration(behavior.scale_up_stabilization),
         down_window=parse_duration(behavior.scale_down_stabilization),
         max_up_step=behavior.max_scale_up_step,
@@ -188,7 +194,7 @@ def builtin_engine(
     state = ctx.scaling.state(key, now)
     previous = md.status.autoscaling
     current = md.spec.desired_replicas()
-    interval = parse_duration(spec.interval)
+    interval = spec.interval_seconds()
     if state.last_replicas == 0 and current > 0:
         state.awake_since = now  # woken (kubectl scale): give it idleAfter before sleeping
     state.last_replicas = current
@@ -249,6 +255,8 @@ def builtin_engine(
         last_decision=decision_status(decision, current, stamp)
         if scaled or changed_capacity
         else last,
+        reason=None if url else "NoMetricsSource",
+        message=None if url else NO_METRICS_SOURCE,
     )
     event = None
     if write:

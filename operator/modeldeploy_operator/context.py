@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from modeldeploy_operator.autoscaling.decide import Recommendation
 from modeldeploy_operator.builders.deployment import BuildConfig
+from modeldeploy_operator.cache import ClusterCache
 from modeldeploy_operator.k8s.client import ApiError, KubeApi
 from modeldeploy_operator.metrics.prometheus import MetricsProvider, PrometheusProvider
 from modeldeploy_operator.telemetry import Telemetry
@@ -99,6 +100,13 @@ class OperatorContext:
     epoch: Callable[[], float] = time.time
     metrics_provider: Callable[[str], MetricsProvider] = PrometheusProvider
     prometheus_url: str | None = None  # used when a ModelDeployment names none
+    api_timeout: float = 10.0  # seconds, for kopf's connections (KubernetesApi has its own)
     resync_seconds: float = 30.0
     namespaces: tuple[str, ...] = ()  # empty: every namespace
     scaling: ScalingMemory = field(default_factory=ScalingMemory)
+    # The last refused apply per object: act runs after the status write, so the next pass
+    # reports it (ApplyFailed) and clears it once an apply succeeds.
+    apply_errors: dict[tuple[str, str], str] = field(default_factory=dict)
+    # What the watches know (kopf's indices); passes read their snapshot from it once ready,
+    # and from the API server before (and in tools that run no watches).
+    cache: ClusterCache = field(default_factory=ClusterCache)

@@ -1,4 +1,12 @@
-"""kopf wiring: the only module that imports kopf. Handlers are thin; all call reconcile.
+"""kopf wiring: the only module that imports kopf. Handlers are thin: they add the
+ModelDeployment's key to the work queue and return (``Reconciler.add``, a short lock), so
+they are coroutines on kopf's event loop and kopf's own thread pool stays small; the queue's
+workers reconcile.
+
+kopf's watches also keep the operator's cache (``cache.py``): in-memory indices of the
+ModelDeployments and, filtered by label on the server, of their Deployments, Services and
+pods, projected to the fields the operator reads. kopf fills them before it calls any
+handler, so the first handler call also says the cache is complete.
 
 Only watch-event handlers are used, no change handlers, timers or daemons: kopf then keeps no
 state on our objects (no annotations, no finalizers, no status fields), so deleting a
@@ -16,17 +24,52 @@ import kopf
 
 from modeldeploy_operator.api.v1alpha1 import GROUP, PLURAL, VERSION
 from modeldeploy_operator.builders.labels import MANAGED_BY_LABEL, MANAGER, MD_LABEL
+from modeldeploy_operator.cache import MODELDEPLOYMENTS, ClusterCache, project
 from modeldeploy_operator.context import OperatorContext
 from modeldeploy_operator.k8s.client import Connection
 from modeldeploy_operator.reconcile import Reconciler
 
 CHILDREN = (("apps", "v1", "deployments"), ("v1", "services"), ("v1", "pods"))
+KINDS = {"deployments": "Deployment", "services": "Service", "pods": "Pod"}
+CHILDREN_IDS = tuple(plural for *_, plural in CHILDREN)
+OWNED = f"{MANAGED_BY_LABEL}={MANAGER}"  # the server-side label selector of child watches
 
 
 def build_registry(
-    reconciler: Reconciler, connection: Connection, stop: asyncio.Event
+    reconciler: Reconciler,
+    connection: Connection,
+    stop: asyncio.Event,
+    api_timeout: float = 10.0,
 ) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
+    cache: ClusterCache = reconciler.ctx.cache
+
+    @kopf.index(GROUP, VERSION, PLURAL, id=MODELDEPLOYMENTS, registry=registry)
+    async def modeldeployments(
+        body: kopf.Body, name: str, namespace: str | None, **_: Any
+    ) -> dict[Any, Any]:
+        return {(namespace, name): project(body, "ModelDeployment")} if namespace else {}
+
+    for resource in CHILDREN:
+        plural = resource[-1]
+
+        @kopf.index(
+            *resource,
+            id=plural,
+            labels={MANAGED_BY_LABEL: MANAGER},
+            registry=registry,
+        )
+        async def owned(
+            body: kopf.Body,
+            labels: Mapping[str, str],
+            namespace: str | None,
+            resource: kopf.Resource,
+            **_: Any,
+        ) -> dict[Any, Any]:
+            owner = labels.get(MD_LABEL)
+            if not (owner and namespace):
+                return {}
+            return {(namespace, owner): project(body, KINDS[resource.plural])}
 
     @kopf.on.cleanup(registry=registry)
     def stopping(**_: Any) -> None:
@@ -35,11 +78,22 @@ def build_registry(
         stop.set()
 
     @kopf.on.startup(registry=registry)
-    def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    def configure(settings: kopf.OperatorSettings, **kwargs: Any) -> None:
+        # kopf hands the live index objects to activity handlers as kwargs, by id.
+        cache.attach({index: kwargs[index] for index in (MODELDEPLOYMENTS, *CHILDREN_IDS)})
+        for plural in CHILDREN_IDS:  # filtered on the server: only what we manage
+            settings.watching.label_selectors[plural] = OWNED
         settings.posting.enabled = False  # we post our own Events, on transitions only
         settings.peering.standalone = True
         settings.watching.server_timeout = 300
-        settings.execution.max_workers = 8
+        # A dead API server or a half-open connection must not hang a watch forever: connect
+        # within --api-timeout, and give up on a stream the server should have ended.
+        settings.networking.connect_timeout = api_timeout
+        settings.watching.connect_timeout = api_timeout
+        settings.watching.client_timeout = settings.watching.server_timeout + 60
+        # Only these start-up, login and cleanup handlers are synchronous: the event handlers
+        # only enqueue, on the loop.
+        settings.execution.max_workers = 2
 
     @kopf.on.login(registry=registry)
     def login(**_: Any) -> kopf.ConnectionInfo:
@@ -55,13 +109,16 @@ def build_registry(
         )
 
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
-    def modeldeployment_changed(type: str, name: str, namespace: str | None, **_: Any) -> None:
+    async def modeldeployment_changed(
+        type: str, name: str, namespace: str | None, **_: Any
+    ) -> None:
+        cache.mark_ready()  # kopf calls handlers once every index is filled
         if namespace is None:
             return
         if type == "DELETED":
             reconciler.forget(namespace, name)  # children go with it: owner references
             return
-        reconciler.trigger(namespace, name)
+        reconciler.add(namespace, name)
 
     for resource in CHILDREN:
 
@@ -71,10 +128,11 @@ def build_registry(
             labels={MANAGED_BY_LABEL: MANAGER},
             registry=registry,
         )
-        def child_changed(labels: Mapping[str, str], namespace: str | None, **_: Any) -> None:
+        async def child_changed(labels: Mapping[str, str], namespace: str | None, **_: Any) -> None:
+            cache.mark_ready()
             owner = labels.get(MD_LABEL)
             if owner and namespace:
-                reconciler.trigger(namespace, owner)
+                reconciler.add(namespace, owner)
 
     return registry
 
@@ -85,13 +143,14 @@ async def serve(
     *,
     connection: Connection,
     namespaces: tuple[str, ...],
-    liveness_endpoint: str,
     stop: asyncio.Event,
+    liveness_endpoint: str | None = None,
 ) -> None:
-    """Run kopf's watches until ``stop`` is set; every namespace when none are given."""
+    """Run kopf's watches until ``stop`` is set; every namespace when none are given. The
+    operator serves its own /healthz (``health.py``): no ``liveness_endpoint`` by default."""
     scope: dict[str, Any] = {"namespaces": namespaces} if namespaces else {"clusterwide": True}
     await kopf.operator(
-        registry=build_registry(reconciler, connection, stop),
+        registry=build_registry(reconciler, connection, stop, ctx.api_timeout),
         memo=ctx,
         standalone=True,
         liveness_endpoint=liveness_endpoint,

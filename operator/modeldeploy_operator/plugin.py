@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from modeldeploy_operator.api.v1alpha1 import API_VERSION, KIND, ModelDeployment
-from modeldeploy_operator.canary import COMMAND_ANNOTATION, COMMANDS, steps_of
 from modeldeploy_operator.k8s.client import ApiError, KubeApi, KubernetesApi, load_api_client
+from modeldeploy_operator.rollout.plan import COMMAND_ANNOTATION, COMMANDS, steps_of
 
 BAR = 20
 

@@ -68,14 +68,15 @@ class MissingReference:
 
 @dataclass(frozen=True)
 class RolloutView:
-    """What the canary logic decided this round, for status to report."""
+    """What the rollout planner decided this round, for status to report."""
 
-    stable: TrackStatus
+    stable: TrackStatus | None  # None until a first revision has fully rolled out
     canary: TrackStatus | None = None
     rollback: RollbackStatus | None = None
     history: tuple[HistoryEntry, ...] = ()
     analysis: tuple[AnalysisResult, ...] = ()  # the last check, per metric
-    message: str = ""  # the step, for the Progressing condition
+    message: str = ""  # the step or the promotion, for the Progressing condition
+    reason: str = "Canary"  # the Progressing condition's reason while ``message`` is set
 
 
 @dataclass(frozen=True)
@@ -145,10 +146,8 @@ def count(md: ModelDeployment, observed: Observed) -> Counts:
     both = [dep, observed.canary_deployment]
     pods = [p for p in observed.pods if not is_terminating(p)]
     return Counts(
-        desired=md.spec.desired_replicas()
-        if observed.canary_deployment is None
-        else int(_get(dep, "spec", "replicas") or 0)
-        + int(_get(observed.canary_deployment, "spec", "replicas") or 0),
+        # What the spec asks for, also while a rollout runs extra pods beside it.
+        desired=md.spec.desired_replicas(),
         replicas=_field(both, "replicas"),
         ready=_field(both, "readyReplicas"),
         updated=_field([dep], "updatedReplicas") + _field([observed.canary_deployment], "replicas"),
@@ -158,6 +157,13 @@ def count(md: ModelDeployment, observed: Observed) -> Counts:
         and (observed.canary_deployment is None or _current(observed.canary_deployment)),
         running_pods=sum(1 for p in pods if _get(p, "status", "phase") == "Running"),
         fetching_pods=sum(1 for p in pods if _init_state(p, "running") is not None),
+    )
+
+
+def pod_ready(pod: Mapping[str, Any]) -> bool:
+    return any(
+        c.get("type") == "Ready" and c.get("status") == "True"
+        for c in _get(pod, "status", "conditions") or []
     )
 
 
@@ -341,7 +347,11 @@ def decide_phase(
 
 
 def _progressing(
-    counts: Counts, problems: Sequence[Problem], phase: Phase, canary_message: str
+    counts: Counts,
+    problems: Sequence[Problem],
+    phase: Phase,
+    canary_message: str,
+    canary_reason: str = "Canary",
 ) -> tuple[str, ConditionStatus, str, str]:
     primary = problems[0] if problems else None
     progress_text = f"{counts.updated}/{counts.desired} replicas updated, {counts.ready} ready"
@@ -352,14 +362,18 @@ def _progressing(
     if any(p.reason == "ProgressDeadlineExceeded" for p in problems):
         return ("Progressing", "False", "ProgressDeadlineExceeded", progress_text)
     if canary_message:
-        return ("Progressing", "True", "Canary", canary_message)
+        return ("Progressing", "True", canary_reason, canary_message)
     if counts.fetching_pods:
         return ("Progressing", "True", "FetchingModel", progress_text)
     return ("Progressing", "True", "RollingOut", progress_text)
 
 
 def decide_conditions(
-    counts: Counts, problems: Sequence[Problem], phase: Phase, canary_message: str = ""
+    counts: Counts,
+    problems: Sequence[Problem],
+    phase: Phase,
+    canary_message: str = "",
+    canary_reason: str = "Canary",
 ) -> list[tuple[str, ConditionStatus, str, str]]:
     """(type, status, reason, message) of Ready, Progressing and Degraded."""
     primary = problems[0] if problems else None
@@ -375,13 +389,23 @@ def decide_conditions(
     else:
         ready = ("Ready", "False", "ReplicasUnavailable", ready_text)
 
-    progressing = _progressing(counts, problems, phase, canary_message)
+    progressing = _progressing(counts, problems, phase, canary_message, canary_reason)
 
     if primary is not None:
         degraded = ("Degraded", "True", primary.reason, summarize(problems))
     else:
         degraded = ("Degraded", "False", "AsExpected", "no problems found")
     return [ready, progressing, degraded]  # type: ignore[list-item]
+
+
+def scaling_condition(
+    scaling: AutoscalingStatus | None,
+) -> tuple[str, ConditionStatus, str, str]:
+    """ScalingActive, as the HPA reports it: False when the autoscaler cannot act (no
+    metrics source); the model still serves at its replica count, so it is not Degraded."""
+    if scaling is not None and scaling.reason == "NoMetricsSource":
+        return ("ScalingActive", "False", "NoMetricsSource", f"spec.autoscaling: {scaling.message}")
+    return ("ScalingActive", "True", "ValidMetricsSource", "the autoscaler can read its metrics")
 
 
 def capacity_condition(message: str | None) -> tuple[str, ConditionStatus, str, str]:
@@ -429,10 +453,15 @@ def compute_status(
     canary = rollout.canary if rollout is not None else None
     phase = decide_phase(counts, problems, observed.deployment is not None, canary is not None)
     decided = decide_conditions(
-        counts, problems, phase, rollout.message if canary and rollout else ""
+        counts,
+        problems,
+        phase,
+        rollout.message if rollout else "",
+        rollout.reason if rollout else "Canary",
     )
     if md.spec.autoscaling is not None:
         decided.append(capacity_condition(observed.at_gpu_capacity))
+        decided.append(scaling_condition(observed.autoscaling))
     conditions = merge_conditions(md.status.conditions, decided, md.metadata.generation, now)
     if rollout is None:
         rollout = RolloutView(stable=TrackStatus(version=md.spec.model.version, revision=revision))
@@ -484,6 +513,8 @@ def transition_events(
                 "Normal" if condition.reason == "RolloutComplete" else "Warning"
             )
             events.append(EventSpec(kind, condition.reason, condition.message))
+        elif condition.type == "ScalingActive" and condition.status == "False":
+            events.append(EventSpec("Warning", condition.reason, condition.message))
         elif condition.type == "AtGPUCapacity" and condition.status == "True":
             events.append(EventSpec("Warning", "AtGPUCapacity", condition.message))
     return events

@@ -6,7 +6,7 @@ import threading
 from collections import Counter as Tally
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -68,6 +68,34 @@ class Telemetry:
             "modeldeploy_events_total",
             "Kubernetes Events the operator emitted.",
             ["type", "reason"],
+            registry=self.registry,
+        )
+        self.leader = Gauge(
+            "modeldeploy_operator_leader",
+            "1 while this process holds the leader Lease (or runs without election), else 0.",
+            registry=self.registry,
+        )
+        self.reconcile_over_budget = Counter(
+            "modeldeploy_operator_reconcile_over_budget_total",
+            "Reconciles of one ModelDeployment that took longer than --reconcile-budget-seconds.",
+            registry=self.registry,
+        )
+        # The work queue's, after client-go's workqueue metrics.
+        self.workqueue_depth = Gauge(
+            "modeldeploy_operator_workqueue_depth",
+            "ModelDeployments waiting in the work queue for a worker.",
+            registry=self.registry,
+        )
+        self.workqueue_wait = Histogram(
+            "modeldeploy_operator_workqueue_queue_wait_seconds",
+            "Time a ModelDeployment waited in the work queue (from when it was added or due)"
+            " until a worker took it.",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=self.registry,
+        )
+        self.workqueue_retries = Counter(
+            "modeldeploy_operator_workqueue_retries_total",
+            "Reconciles retried with backoff after a failure.",
             registry=self.registry,
         )
         self.phases = PhaseCollector()

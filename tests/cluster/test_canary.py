@@ -156,7 +156,8 @@ def test_manual_promote_skips_the_remaining_steps(
         lambda: status(cluster, namespace).get("stable", {}).get("version") == "2",
         timeout=30,
     )
-    assert stable_version(cluster, namespace) == "2"
+    # The decision is written first; stable's Deployment follows it.
+    wait_for("stable rolled to 2", lambda: stable_version(cluster, namespace) == "2", timeout=30)
 
 
 def kill_and_restart(operator: OperatorProcess) -> None:
@@ -187,7 +188,7 @@ def test_a_killed_operator_resumes_the_same_step(
     resumed = wait_for(
         "a reconcile after the restart",
         lambda: status(cluster, namespace).get("canary"),
-        timeout=20,
+        timeout=40,  # a SIGKILLed leader's Lease runs out first (15 s)
     )
     assert resumed["step"] == before["step"] == 0
     assert resumed["stepStarted"] == before["stepStarted"]  # the pause is not restarted
@@ -196,7 +197,7 @@ def test_a_killed_operator_resumes_the_same_step(
     wait_for(
         "step 2",
         lambda: (status(cluster, namespace).get("canary") or {}).get("step") == 1,
-        timeout=30,
+        timeout=60,
     )
     at_manual = status(cluster, namespace)["canary"]
     kill_and_restart(operator)
@@ -211,7 +212,7 @@ def test_a_killed_operator_resumes_the_same_step(
     wait_for(
         "step 3",
         lambda: (status(cluster, namespace).get("canary") or {}).get("step") == 2,
-        timeout=30,
+        timeout=60,
     )
     kill_and_restart(operator)
     wait_for(
@@ -273,7 +274,8 @@ def test_with_prometheus_down_nothing_is_promoted_and_a_new_revision_restarts_an
     cluster: Cluster, operator: OperatorProcess, namespace: str
 ) -> None:
     """Every check is inconclusive (nothing listens at the Prometheus URL): the canary must
-    never be promoted; a spec change mid-way starts over for the new revision."""
+    never be promoted, nor rolled back (no data is not a failure: the step waits, as Argo
+    Rollouts pauses); a spec change mid-way starts over for the new revision."""
     dead = f"http://127.0.0.1:{free_port()}"
     analysis = {
         "interval": "1s",
@@ -285,14 +287,17 @@ def test_with_prometheus_down_nothing_is_promoted_and_a_new_revision_restarts_an
         model([{"weight": 50}, {"weight": 100}]), {"spec": {"rollout": {"analysis": analysis}}}
     )
     start_canary(cluster, namespace, manifest)
-    wait_for(
-        "failed checks counting up",
-        lambda: (status(cluster, namespace).get("canary") or {}).get("failedChecks", 0) >= 3,
-        timeout=30,
-    )
+
+    def inconclusive() -> bool:
+        seen = status(cluster, namespace)
+        reasons = [c.get("message", "") for c in seen.get("conditions", [])]
+        return bool(seen.get("analysis")) and any("inconclusive" in r for r in reasons)
+
+    wait_for("an inconclusive check", inconclusive, timeout=30)
     first = status(cluster, namespace)["canary"]
     assert first["version"] == "2"
     assert first["step"] == 0  # an unanalysed step never advances
+    assert first.get("failedChecks", 0) == 0
     assert [a["result"] for a in status(cluster, namespace)["analysis"]] == ["Inconclusive"]
 
     set_version(cluster, namespace, "3")
@@ -303,9 +308,7 @@ def test_with_prometheus_down_nothing_is_promoted_and_a_new_revision_restarts_an
     )
     restarted = status(cluster, namespace)["canary"]
     assert restarted["revision"] != first["revision"]
-    assert (
-        restarted["failedChecks"] < first["failedChecks"] or restarted["started"] > first["started"]
-    )
+    assert restarted["started"] > first["started"]
     time.sleep(3)
     final = status(cluster, namespace)
     assert final["stable"]["version"] == "1"  # never promoted

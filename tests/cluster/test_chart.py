@@ -15,8 +15,8 @@ import yaml
 from chart_support import CHART, ROOT, render
 from localcluster import Cluster
 from localcluster.operator import OperatorProcess
-from rollout_support import md_status, start_canary
-from support import DELETE, condition, get, load_example, merged, wait_for
+from rollout_support import manual_canary, md_status, start_canary
+from support import condition, get, load_example, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -194,8 +194,27 @@ def test_install_run_the_operator_with_the_charts_account_and_uninstall(
     token = cluster.kubectl(
         "create", "token", "modeldeploy", "-n", installed, "--duration=1h"
     ).stdout.strip()
+    # Leader election: the operator's Lease in the release namespace, by name, and no other.
+    for verb, resource, where, allowed in (
+        ("create", "leases", installed, "yes"),
+        ("get", "leases/modeldeploy-operator", installed, "yes"),
+        ("update", "leases/modeldeploy-operator", installed, "yes"),
+        ("update", "leases/kube-scheduler", installed, "no"),
+        ("delete", "leases/modeldeploy-operator", installed, "no"),
+        ("create", "leases", "kube-system", "no"),
+    ):
+        answer = cluster.kubectl(
+            "auth", "can-i", verb, resource, f"--as={account}", "-n", where, check=False
+        )
+        assert answer.stdout.strip() == allowed, (verb, resource, where)
+
     kubeconfig = write_kubeconfig(cluster, token, tmp_path / "operator.kubeconfig")
-    operator = OperatorProcess(cluster, tmp_path / "operator.log", kubeconfig=kubeconfig)
+    operator = OperatorProcess(
+        cluster,
+        tmp_path / "operator.log",
+        kubeconfig=kubeconfig,
+        extra_args=(f"--leader-election-namespace={installed}",),  # as in the chart's pod
+    )
     operator.start()
     try:
         for example in ("minimal.yaml", "full.yaml"):
@@ -210,6 +229,7 @@ def test_install_run_the_operator_with_the_charts_account_and_uninstall(
         log = (tmp_path / "operator.log").read_text()
         assert "Forbidden" not in log, log[-2000:]
         assert " 403" not in log, log[-2000:]
+        assert f"Acquired Lease {installed}/modeldeploy-operator" in log
     finally:
         operator.stop()
 
@@ -237,8 +257,6 @@ def reconciled(cluster: Cluster, namespace: str, name: str) -> bool:
 def test_the_chart_renders_the_operator_securely(cluster: Cluster) -> None:
     docs = render("image.digest=sha256:" + "a" * 64)
     deployment = next(d for d in docs if d["kind"] == "Deployment")
-    assert deployment["spec"]["replicas"] == 1
-    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert container["image"].endswith("@sha256:" + "a" * 64)
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
@@ -254,12 +272,76 @@ def test_the_chart_renders_the_operator_securely(cluster: Cluster) -> None:
         ("ClusterRole", ""),
         ("Role", "a"),
         ("Role", "b"),
+        ("Role", "modeldeploy-system"),  # the leader-election Lease
     ]
     cluster_rules = next(d for d in namespaced if d["kind"] == "ClusterRole")["rules"]
     assert {r["resources"][0] for r in cluster_rules} == {"customresourcedefinitions", "nodes"}
     deployment = next(d for d in scoped if d["kind"] == "Deployment")
     args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[:2] == ["--namespace=a", "--namespace=b"]
+
+
+def test_the_chart_runs_two_replicas_with_leader_election_by_default(cluster: Cluster) -> None:
+    docs = render(namespace="ops")
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"
+    pod = deployment["spec"]["template"]["spec"]
+    args = pod["containers"][0]["args"]
+    for flag in (
+        "--leader-elect",
+        "--leader-election-namespace=ops",
+        "--leader-election-lease-duration=15",
+        "--leader-election-renew-deadline=10",
+        "--leader-election-retry-period=2",
+        "--reconcile-stall-seconds=300",
+        "--workers=4",
+        "--reconcile-budget-seconds=30",
+    ):
+        assert flag in args
+    spread = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert spread[0]["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    assert spread[0]["podAffinityTerm"]["labelSelector"]["matchLabels"] == selector
+    budget = next(d for d in docs if d["kind"] == "PodDisruptionBudget")
+    assert budget["spec"] == {"minAvailable": 1, "selector": {"matchLabels": selector}}
+    election = next(
+        d for d in docs if d["kind"] == "Role" and d["metadata"]["name"].endswith("-election")
+    )
+    assert election["metadata"]["namespace"] == "ops"
+    assert election["rules"] == [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "resourceNames": ["modeldeploy-operator"],
+            "verbs": ["get", "update"],
+        },
+    ]
+    # A user's own affinity wins over the default spread.
+    custom = render("operator.affinity.example=1")
+    pod = next(d for d in custom if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    assert pod["affinity"] == {"example": 1}
+
+    # One replica without election: Recreate, no budget, no Lease rights.
+    single = render("replicaCount=1", "leaderElection.enabled=false")
+    deployment = next(d for d in single if d["kind"] == "Deployment")
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert "--no-leader-elect" in deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "affinity" not in deployment["spec"]["template"]["spec"]
+    assert not [d for d in single if d["kind"] == "PodDisruptionBudget"]
+    assert not [d for d in single if "election" in d["metadata"]["name"]]
+    # Two writers without election, or a renew deadline past the lease, are refused.
+    for values in (
+        ("leaderElection.enabled=false",),
+        ("leaderElection.renewDeadlineSeconds=15",),
+        ("leaderElection.retryPeriodSeconds=10",),
+    ):
+        refused = cluster.helm(
+            "template", "m", str(CHART), *[f"--set={v}" for v in values], check=False
+        )
+        assert refused.returncode != 0, values
 
 
 def previous_chart(workdir: Path) -> tuple[str, Path]:
@@ -287,11 +369,15 @@ def git(*args: str) -> str:
     ).stdout
 
 
-def operator_as(cluster: Cluster, release_ns: str, log: Path, kubeconfig: Path) -> OperatorProcess:
+def operator_as(
+    cluster: Cluster, release_ns: str, log: Path, kubeconfig: Path, *args: str
+) -> OperatorProcess:
     token = cluster.kubectl(
         "create", "token", "modeldeploy", "-n", release_ns, "--duration=1h"
     ).stdout.strip()
-    process = OperatorProcess(cluster, log, kubeconfig=write_kubeconfig(cluster, token, kubeconfig))
+    process = OperatorProcess(
+        cluster, log, kubeconfig=write_kubeconfig(cluster, token, kubeconfig), extra_args=args
+    )
     process.start()
     return process
 
@@ -303,21 +389,12 @@ def test_helm_upgrade_from_the_previous_version_keeps_a_rollout_going(
     old_version, old_chart = previous_chart(tmp_path)
     cluster.kubectl("delete", "namespace", release_ns, "--wait=true", check=False, timeout=120)
     cluster.helm("install", "modeldeploy", str(old_chart), "-n", release_ns, "--create-namespace")
-    operator = operator_as(cluster, release_ns, tmp_path / "old.log", tmp_path / "old.kubeconfig")
+    # The previous chart grants no Lease: its operator ran without leader election.
+    operator = operator_as(
+        cluster, release_ns, tmp_path / "old.log", tmp_path / "old.kubeconfig", "--no-leader-elect"
+    )
     try:
-        manifest = merged(
-            load_example("minimal.yaml"),
-            {
-                "spec": {
-                    "replicas": 2,
-                    "resources": {"gpu": DELETE},
-                    "rollout": {
-                        "strategy": "Canary",
-                        "steps": [{"weight": 50, "pause": "manual"}, {"weight": 100}],
-                    },
-                }
-            },
-        )
+        manifest = manual_canary()
         start_canary(cluster, namespace, manifest)
         wait_for(
             "the canary waiting at 50 %",
@@ -326,13 +403,17 @@ def test_helm_upgrade_from_the_previous_version_keeps_a_rollout_going(
         )
         before = md_status(cluster, namespace)["canary"]
 
-        # The documented upgrade: CRDs by server-side apply, then helm upgrade; the chart's
-        # Recreate strategy stops the old operator before the new one starts.
+        # The documented upgrade: CRDs by server-side apply, then helm upgrade; the old
+        # chart's Recreate strategy stops its operator (no election) before the new one starts.
         cluster.kubectl("apply", "--server-side", "-f", str(CHART / "crds"))
         cluster.helm("upgrade", "modeldeploy", str(CHART), "-n", release_ns)
         operator.stop()
         operator = operator_as(
-            cluster, release_ns, tmp_path / "new.log", tmp_path / "new.kubeconfig"
+            cluster,
+            release_ns,
+            tmp_path / "new.log",
+            tmp_path / "new.kubeconfig",
+            f"--leader-election-namespace={release_ns}",
         )
         releases = json.loads(cluster.helm("list", "-n", release_ns, "-o", "json").stdout)
         assert releases[0]["chart"] != f"modeldeploy-{old_version}"

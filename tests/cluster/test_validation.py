@@ -33,6 +33,9 @@ def rollout(**fields: Any) -> dict[str, Any]:
     return {"spec": {"rollout": fields}}
 
 
+ONE_METRIC = {"metrics": [{"name": "errors", "builtin": "ErrorRatio", "max": 0.01}]}
+
+
 def analysis_metric(**fields: Any) -> dict[str, Any]:
     return rollout(analysis={"metrics": [{"name": "m", **fields}]})
 
@@ -284,6 +287,91 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
         "spec.monitoring.auth.rateLimitPerClient",
         "must look like 100/s",
     ),
+    # Durations that set how often a loop runs have a floor.
+    (
+        "analysis-without-metrics",
+        rollout(analysis={"interval": "30s"}),
+        "spec.rollout.analysis.metrics",
+        "must name at least one metric",
+    ),
+    (
+        "analysis-interval-zero",
+        rollout(analysis={"interval": "0s", **ONE_METRIC}),
+        "spec.rollout.analysis.interval",
+        "must be at least 1s",
+    ),
+    (
+        "analysis-interval-below-a-second",
+        rollout(analysis={"interval": "500ms", **ONE_METRIC}),
+        "spec.rollout.analysis.interval",
+        "must be at least 1s",
+    ),
+    (
+        "autoscaling-interval-zero",
+        scaling(interval="0s"),
+        "spec.autoscaling.interval",
+        "must be at least 1s",
+    ),
+    (
+        "idle-after-zero",
+        scaling(scaleToZero={"enabled": True, "idleAfter": "0s"}),
+        "spec.autoscaling.scaleToZero.idleAfter",
+        "must be at least 1s",
+    ),
+    # Fields that would be accepted and then ignored (bug 8).
+    (
+        "analysis-with-rolling",
+        rollout(strategy="Rolling", analysis={"interval": "30s", **ONE_METRIC}),
+        "spec.rollout.analysis",
+        "applies only to strategy Canary",
+    ),
+    (
+        "interval-with-hpa",
+        scaling(engine="hpa", interval="30s"),
+        "spec.autoscaling.interval",
+        "applies to engines builtin and keda",
+    ),
+    (
+        "tolerance-with-hpa",
+        scaling(engine="hpa", behavior={"tolerancePercent": 5}),
+        "spec.autoscaling.behavior.tolerancePercent",
+        "applies only to engine builtin",
+    ),
+    (
+        "tolerance-with-keda",
+        scaling(
+            engine="keda",
+            behavior={"tolerancePercent": 5},
+            prometheus={"url": "http://prometheus.monitoring:9090"},
+        ),
+        "spec.autoscaling.behavior.tolerancePercent",
+        "applies only to engine builtin",
+    ),
+    (
+        "auth-without-runtime",
+        {
+            "spec": {
+                "monitoring": {"runtime": {"enabled": False}, "auth": {"rateLimitPerClient": "1/s"}}
+            }
+        },
+        "spec.monitoring.auth",
+        "needs spec.monitoring.runtime.enabled",
+    ),
+    (
+        "reference-profile-without-runtime",
+        {
+            "spec": {
+                "monitoring": {
+                    "runtime": {
+                        "enabled": False,
+                        "referenceProfile": {"configMapRef": {"name": "profile"}},
+                    }
+                }
+            }
+        },
+        "spec.monitoring.runtime.referenceProfile",
+        "needs spec.monitoring.runtime.enabled",
+    ),
     ("name-too-long", {"metadata": {"name": "m" * 50}}, "metadata.name", "at most 45 characters"),
     ("unknown-field", {"spec": {"replica": 2}}, "spec.replica", "unknown field"),
 ]
@@ -333,6 +421,9 @@ def test_invalid_spec_is_rejected_naming_the_field(
 
 
 VALID = [
+    ("analysis-every-second", rollout(analysis={"interval": "1s", **ONE_METRIC})),
+    ("rolling-without-analysis", rollout(strategy="Rolling")),
+    ("runtime-off-without-auth", {"spec": {"monitoring": {"runtime": {"enabled": False}}}}),
     ("replicas-under-autoscaling", {"spec": {"replicas": 3, **scaling()["spec"]}}),
     (
         "every-metric",
@@ -358,12 +449,13 @@ VALID = [
                 "scaleDownStabilization": "2m",
                 "maxScaleUpStep": 4,
                 "maxScaleDownStep": 1,
-                "tolerancePercent": 5,
             },
             scaleToZero={"enabled": True, "idleAfter": "15m"},
             prometheus={"url": "http://prometheus.monitoring:9090"},
         ),
     ),
+    ("builtin-tolerance-and-one-second", scaling(interval="1s", behavior={"tolerancePercent": 5})),
+    ("hpa-with-steps", scaling(engine="hpa", behavior={"maxScaleUpStep": 2})),
     (
         "cpu-utilization-with-cpu",
         merged(
@@ -375,7 +467,7 @@ VALID = [
 
 
 @pytest.mark.parametrize("patch", [c[1] for c in VALID], ids=[c[0] for c in VALID])
-def test_valid_autoscaling_is_accepted(
+def test_valid_variants_are_accepted(
     cluster: Cluster, crd: None, namespace: str, minimal: dict[str, Any], patch: dict[str, Any]
 ) -> None:
     code, stderr = submit(cluster, namespace, merged(minimal, patch))

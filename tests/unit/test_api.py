@@ -77,3 +77,75 @@ def test_python_parsing_rejects_unknown_spec_fields() -> None:
     doc["spec"]["model"]["storageURI"] = "s3://typo"
     with pytest.raises(ValidationError, match="storageURI"):
         ModelDeployment.model_validate(doc)
+
+
+def schema_at(*path: str) -> dict[str, Any]:
+    node: dict[str, Any] = crd.build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    for key in ("spec", *path):
+        node = node["properties"][key]
+    return node
+
+
+def messages(node: dict[str, Any]) -> dict[str, str]:
+    return {v["message"]: v["rule"] for v in node.get("x-kubernetes-validations", [])}
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        ("rollout", "analysis", "interval"),
+        ("autoscaling", "interval"),
+        ("autoscaling", "scaleToZero", "idleAfter"),
+    ],
+    ids=".".join,
+)
+def test_loop_intervals_have_a_floor_of_one_second(path: tuple[str, ...]) -> None:
+    field = "spec." + ".".join(path)
+    floor = {m: r for m, r in messages(schema_at(*path)).items() if "at least" in m}
+    assert len(floor) == 1, messages(schema_at(*path))
+    message, rule = floor.popitem()
+    assert message.startswith(f"{field} must be at least 1s")
+    assert rule.endswith("duration(self) >= duration('1s')")
+    assert rule.startswith("!self.matches(")  # a malformed duration gets the format message only
+
+
+@pytest.mark.parametrize(
+    ("path", "field", "rule"),
+    [
+        (("rollout",), "spec.rollout.analysis", "self.strategy == 'Canary' || !has(self.analysis)"),
+        (
+            ("autoscaling",),
+            "spec.autoscaling.interval",
+            "self.engine != 'hpa' || !has(self.interval)",
+        ),
+        (
+            ("autoscaling",),
+            "spec.autoscaling.behavior.tolerancePercent",
+            "self.engine == 'builtin'",
+        ),
+        (("monitoring",), "spec.monitoring.auth", "self.runtime.enabled"),
+        (("monitoring", "runtime"), "spec.monitoring.runtime.referenceProfile", "self.enabled"),
+        (("rollout", "analysis"), "spec.rollout.analysis.metrics", "size(self.metrics) > 0"),
+    ],
+)
+def test_fields_that_would_be_ignored_are_rejected(
+    path: tuple[str, ...], field: str, rule: str
+) -> None:
+    found = {m: r for m, r in messages(schema_at(*path)).items() if m.startswith(field + " ")}
+    assert any(rule in r for r in found.values()), found
+
+
+def test_defaults_that_apply_to_one_engine_are_not_in_the_schema() -> None:
+    """A schema default would make every object set them, and the CEL rules above reject
+    them for engines that ignore them: the operator applies them instead."""
+    assert "default" not in schema_at("autoscaling", "interval")
+    assert "default" not in schema_at("autoscaling", "behavior", "tolerancePercent")
+    doc = yaml.safe_load((ROOT / "examples/minimal.yaml").read_text())
+    doc["spec"]["autoscaling"] = {
+        "maxReplicas": 2,
+        "metrics": [{"type": "RPSPerReplica", "target": 5}],
+    }
+    scaling = ModelDeployment.model_validate(doc).spec.autoscaling
+    assert scaling is not None
+    assert scaling.interval_seconds() == 15.0
+    assert scaling.behavior.tolerance() == 0.1

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytest
 
+from modeldeploy_operator import autoscaler
 from modeldeploy_operator.api.v1alpha1 import ModelDeployment
 from modeldeploy_operator.autoscaling.capacity import replicas_that_fit, tolerates
 from modeldeploy_operator.autoscaling.decide import (
@@ -17,7 +19,11 @@ from modeldeploy_operator.autoscaling.decide import (
     metric_replicas,
     stabilise,
 )
+from modeldeploy_operator.builders.deployment import BuildConfig
+from modeldeploy_operator.context import OperatorContext
+from modeldeploy_operator.metrics.prometheus import MetricsProvider
 from modeldeploy_operator.plugin import render_status
+from modeldeploy_operator.status import Observed, compute_status, transition_events
 from support import load_example, merged
 
 POLICY = Policy(min_replicas=1, max_replicas=10, down_window=300.0)
@@ -218,3 +224,64 @@ def test_the_plugin_shows_the_last_scaling_decision() -> None:
     text = render_status(md)
     assert "scaling  builtin  desired 4  GPUs hold 8" in text
     assert "ScaledUp 1 -> 4 at 2026-11-21T08:00:00Z: InFlightPerReplica 7.6" in text
+
+
+class FixedProvider:
+    def query(self, promql: str) -> float | None:
+        return 4.0  # one replica's worth of requests in flight: steady
+
+
+def scaling_context(prometheus_url: str | None) -> OperatorContext:
+    def provider(url: str) -> MetricsProvider:
+        return FixedProvider()
+
+    return OperatorContext(
+        api=None,  # type: ignore[arg-type]  # a steady count writes nothing
+        build=BuildConfig(runtime_image="x"),
+        telemetry=None,  # type: ignore[arg-type]
+        gpus=None,  # type: ignore[arg-type]
+        logger=logging.getLogger("test"),
+        metrics_provider=provider,
+        prometheus_url=prometheus_url,
+    )
+
+
+def autoscaled() -> ModelDeployment:
+    scaling = {"maxReplicas": 3, "metrics": [{"type": "InFlightPerReplica", "target": 4}]}
+    doc = merged(load_example("minimal.yaml"), {"spec": {"autoscaling": scaling}})
+    doc["metadata"]["namespace"] = "ns"
+    return ModelDeployment.model_validate(doc)
+
+
+def test_the_builtin_engine_without_a_prometheus_url_says_so() -> None:
+    """Bug 8: no URL in the spec nor on the operator's command line used to keep the count
+    without a word."""
+    md = autoscaled()
+    result = autoscaler.run(md, scaling_context(None), "r1", now=100.0)
+    assert result.view is not None
+    assert result.view.reason == "NoMetricsSource"
+    assert "spec.autoscaling.prometheus.url" in (result.view.message or "")
+    assert "--prometheus-url" in (result.view.message or "")
+    status = compute_status(md, Observed(autoscaling=result.view), "r1", "2026-01-01T00:00:00Z")
+    # As the HPA says it: ScalingActive False; the model serves on, so it is not Degraded.
+    active = next(c for c in status.conditions if c.type == "ScalingActive")
+    assert (active.status, active.reason) == ("False", "NoMetricsSource")
+    assert active.message.startswith("spec.autoscaling: no Prometheus to read metrics from")
+    degraded = next(c for c in status.conditions if c.type == "Degraded")
+    assert degraded.status == "False"
+    events = transition_events(md.status, status)
+    assert [(e.type, e.reason) for e in events if e.reason == "NoMetricsSource"] == [
+        ("Warning", "NoMetricsSource")
+    ]
+    assert status.autoscaling is not None
+    assert status.autoscaling.reason == "NoMetricsSource"
+
+
+def test_the_builtin_engine_with_the_operators_prometheus_url_has_no_such_problem() -> None:
+    md = autoscaled()
+    result = autoscaler.run(md, scaling_context("http://prometheus:9090"), "r1", now=100.0)
+    assert result.view is not None
+    assert (result.view.reason, result.view.message) == (None, None)
+    status = compute_status(md, Observed(autoscaling=result.view), "r1", "2026-01-01T00:00:00Z")
+    active = next(c for c in status.conditions if c.type == "ScalingActive")
+    assert (active.status, active.reason) == ("True", "ValidMetricsSource")

@@ -1,5 +1,5 @@
-"""The canary controller's own decisions: which mode a revision runs in, steps, analysis
-orchestration (with a fake metrics provider: the real one is tested against Prometheus)."""
+"""The rollout planner's inputs: which mode a revision runs in, steps, and the analysis
+measurement (with a fake metrics provider: the real one is tested against Prometheus)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import pytest
 
 from modeldeploy_operator.api.v1alpha1 import ModelDeployment, parse_duration
 from modeldeploy_operator.builders.deployment import BuildConfig
-from modeldeploy_operator.canary import analyse, mode, stalled, steps_of
 from modeldeploy_operator.context import OperatorContext
 from modeldeploy_operator.metrics.prometheus import ProviderError
+from modeldeploy_operator.observe import measure
 from modeldeploy_operator.rollout.decide import Step
+from modeldeploy_operator.rollout.plan import mode, stalled, steps_of
 from support import load_example, merged
 
 
@@ -39,10 +40,9 @@ def test_steps_of_the_full_example() -> None:
     [
         ({}, "rolling"),  # first deployment
         ({"stable": {"revision": "r1"}, "phase": "Available"}, "canary"),
-        (
-            {"stable": {"revision": "r1"}, "phase": "Degraded"},
-            "rolling",
-        ),  # broken stable: just roll
+        # Whatever the phase (after a rollback, mid scale-up, a pod Pending): still judged.
+        ({"stable": {"revision": "r1"}, "phase": "Degraded"}, "canary"),
+        ({"stable": {"revision": "r1"}, "phase": "Progressing"}, "canary"),
         (
             {"stable": {"revision": "r1"}, "phase": "Progressing", "canary": {"revision": "r2"}},
             "canary",
@@ -91,11 +91,13 @@ def context(provider: FakeProvider) -> OperatorContext:
 
 def test_analysis_passes_fails_and_is_inconclusive() -> None:
     healthy = FakeProvider({"histogram_quantile": 0.1, "requests_total": 0.0, "drift_score": 0.05})
-    result, message, when, results = analyse(
-        md(), context(healthy), now=100.0, last=None, not_before=0.0
+    check = measure(md(), context(healthy), now=100.0)
+    assert (check.result, check.message, check.time) == (
+        "Passed",
+        "all metrics within bounds",
+        100.0,
     )
-    assert (result, message, when) == ("Passed", "all metrics within bounds", 100.0)
-    assert [(r.name, r.result) for r in results] == [
+    assert [(r.name, r.result) for r in check.results] == [
         ("p99", "Passed"),
         ("errors", "Passed"),
         ("drift", "Passed"),
@@ -104,22 +106,12 @@ def test_analysis_passes_fails_and_is_inconclusive() -> None:
         'namespace="ns", modeldeployment="bert-large", track="canary"' in q for q in healthy.queries
     )
     slow = FakeProvider({"histogram_quantile": 0.6, "requests_total": 0.0, "drift_score": 0.05})
-    result, message, _, _ = analyse(md(), context(slow), now=100.0, last=None, not_before=0.0)
-    assert (result, message) == ("Failed", "p99 = 0.6 (max 0.25)")
+    check = measure(md(), context(slow), now=100.0)
+    assert (check.result, check.message) == ("Failed", "p99 = 0.6 (max 0.25)")
     down = FakeProvider({"histogram_quantile": ProviderError("Prometheus unreachable")})
-    result, message, _, _ = analyse(md(), context(down), now=100.0, last=None, not_before=0.0)
-    assert result == "Inconclusive"
-    assert "unreachable" in message
-
-
-def test_analysis_runs_once_per_interval() -> None:
-    provider = FakeProvider({})
-    skipped = (None, "", 100.0, ())
-    assert analyse(md(), context(provider), now=110.0, last=100.0, not_before=0.0) == skipped
-    # The first check waits one interval (30 s here) after the step started.
-    first = analyse(md(), context(provider), now=110.0, last=None, not_before=100.0)
-    assert first == (None, "", None, ())
-    assert provider.queries == []
+    check = measure(md(), context(down), now=100.0)
+    assert check.result == "Inconclusive"
+    assert "unreachable" in check.message
 
 
 def test_a_stalled_canary_is_a_failure() -> None:

@@ -6,15 +6,8 @@ import math
 
 import pytest
 
-from modeldeploy_operator.rollout.analysis import (
-    BUILTIN_QUERIES,
-    Measurement,
-    TemplateError,
-    assess,
-    describe,
-    render_query,
-    verdict,
-)
+from modeldeploy_operator.promql import BUILTIN_QUERIES, TemplateError, render_query
+from modeldeploy_operator.rollout.analysis import Measurement, assess, describe, verdict
 from modeldeploy_operator.rollout.decide import (
     Observation,
     Progress,
@@ -24,7 +17,7 @@ from modeldeploy_operator.rollout.decide import (
 )
 
 STEPS = (Step(10, pause_seconds=60), Step(50, manual=True), Step(100))
-START = Progress(revision="r2", step=0, step_started=1000.0)
+START = Progress(revision="r2", step=0, step_started=1000.0, ready_since=1000.0)
 
 
 def seen(**kwargs: object) -> Observation:
@@ -62,12 +55,52 @@ def seen(**kwargs: object) -> Observation:
             0,
             "RolledBack",
         ),
+        # Inconclusive (no data, Prometheus down) is neither: the step waits, and the latest
+        # check must pass again before the rollout moves on.
         (
-            Progress("r2", failed_checks=1),
+            Progress("r2", failed_checks=1, ready_since=0.0),
             seen(analysis="Inconclusive", failure_limit=2),
-            "Rollback",
-            0,
-            "RolledBack",
+            "Wait",
+            10,
+            "AnalysisInconclusive",
+        ),
+        (
+            Progress("r2", passed_in_step=3, ready_since=0.0),
+            seen(analysis="Inconclusive"),
+            "Wait",
+            10,
+            "AnalysisInconclusive",
+        ),
+        # Bug 5: a step whose checks passed and then failed is not left, nor promoted.
+        (
+            Progress("r2", step=2, passed_in_step=1, failed_checks=0, ready_since=0.0),
+            seen(analysis="Failed", failure_limit=3),
+            "Wait",
+            100,
+            "AnalysisFailed",
+        ),
+        # Bug 10: the pause counts from the canary pods being Ready, not from the step's start.
+        (
+            Progress("r2", step=0, step_started=0.0, ready_since=None),
+            seen(now=1000.0, analysis="Passed"),
+            "Wait",
+            10,
+            "Pausing",
+        ),
+        (
+            Progress("r2", step=0, step_started=0.0, ready_since=990.0),
+            seen(now=1000.0, canary_ready=False),
+            "Wait",
+            10,
+            "WaitingForCanary",
+        ),
+        # Bug 2: no stable Deployment, nothing to compare with: hold (a user may still decide).
+        (
+            START,
+            seen(now=1061.0, analysis="Passed", stable_missing=True),
+            "Wait",
+            10,
+            "StableMissing",
         ),
         (START, seen(analysis="Failed", failure_limit=0), "Rollback", 0, "RolledBack"),
         (START, seen(canary_failure="CrashLoopBackOff"), "Rollback", 0, "RolledBack"),
@@ -78,7 +111,7 @@ def seen(**kwargs: object) -> Observation:
         (START, seen(command="pause", now=2000.0, analysis="Passed"), "Wait", 10, "Paused"),
         (Progress("r2", paused=True), seen(now=2000.0, analysis="Passed"), "Wait", 10, "Paused"),
         (
-            Progress("r2", paused=True),
+            Progress("r2", paused=True, ready_since=0.0),
             seen(command="resume", now=2000.0, analysis="Passed"),
             "Advance",
             50,
@@ -96,7 +129,7 @@ def test_decide_step(
 def test_advancing_resets_the_step_and_keeps_the_revision() -> None:
     decision = decide_step(START, STEPS, seen(now=1061.0, analysis="Passed"))
     assert decision.progress == Progress(
-        "r2", step=1, step_started=1061.0, failed_checks=0, passed_in_step=0
+        "r2", step=1, step_started=1061.0, failed_checks=0, passed_in_step=0, ready_since=None
     )
 
 

@@ -66,6 +66,9 @@ def operator_values(
     """
     repository, tag = split_reference(operator_image)
     values: dict[str, Any] = {
+        # One real node: a second replica would only stand by beside the first (leader
+        # election stays on, as the chart installs it).
+        "replicaCount": 1,
         "image": {"repository": repository, "tag": tag, "pullPolicy": "Never"},
         "runtime": {"image": runtime_image},
         "operator": {

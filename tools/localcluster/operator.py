@@ -7,6 +7,7 @@ ports of 127.0.0.1 and its JSON logs in a file.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -143,6 +144,21 @@ class OperatorProcess:
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=5) as response:
             return parse_metrics(response.read().decode())
+
+    def leading(self) -> bool:
+        """Whether it holds the leader Lease now (its ``modeldeploy_operator_leader`` gauge)."""
+        try:
+            return self.metrics().get("modeldeploy_operator_leader") == 1.0
+        except OSError:
+            return False
+
+    def identity(self) -> str | None:
+        """Its leader-election identity, from its last "Starting" log line (JSON logs)."""
+        found = None
+        for line in self.log_path.read_text().splitlines():
+            if '"Starting modeldeploy operator"' in line:
+                found = json.loads(line).get("identity")
+        return found
 
     def _healthy(self) -> bool:
         try:

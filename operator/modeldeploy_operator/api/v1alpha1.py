@@ -38,6 +38,10 @@ StorageFormat = Literal[
 
 
 DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+# Durations that set how often a loop queries or acts are at least this long (CEL).
+MIN_LOOP_INTERVAL = "1s"
+DEFAULT_SCALING_INTERVAL = "15s"  # the HPA controller's default sync period
+DEFAULT_TOLERANCE_PERCENT = 10  # the HPA controller's default tolerance
 
 
 def parse_duration(text: str) -> float:
@@ -58,12 +62,28 @@ def rules(*entries: dict[str, str]) -> dict[str, Any]:
     return {"x-kubernetes-validations": list(entries)}
 
 
-def duration_rule(path: str, extra: str = "") -> dict[str, Any]:
+def duration_rule(
+    path: str, extra: str = "", minimum: str | None = None, why: str = ""
+) -> dict[str, Any]:
+    """A duration (or ``extra``); with ``minimum``, at least that long (a second rule, so each
+    message says the one thing that is wrong; ``why`` ends it)."""
     allowed = "a duration such as 500ms, 30s, 5m or 1h"
     check = f"self.matches('{DURATION_PATTERN}')"
-    if extra:
-        return rules(cel(f"self == '{extra}' || {check}", f"{path} must be '{extra}' or {allowed}"))
-    return rules(cel(check, f"{path} must be {allowed}"))
+    entries = [
+        cel(f"self == '{extra}' || {check}", f"{path} must be '{extra}' or {allowed}")
+        if extra
+        else cel(check, f"{path} must be {allowed}")
+    ]
+    if minimum is not None:
+        # Only a well-formed duration reaches duration(): the first rule reports the others.
+        skip = f"self == '{extra}' || !{check}" if extra else f"!{check}"
+        entries.append(
+            cel(
+                f"{skip} || duration(self) >= duration('{minimum}')",
+                f"{path} must be at least {minimum}{': ' + why if why else ''}",
+            )
+        )
+    return rules(*entries)
 
 
 def object_name_rule(path: str) -> dict[str, Any]:
@@ -382,12 +402,19 @@ class ScalingBehavior(ApiModel):
     max_scale_down_step: int | None = Field(
         default=None, ge=1, le=1000, description="At most this many replicas removed at once."
     )
-    tolerance_percent: int = Field(
-        default=10,
+    tolerance_percent: int | None = Field(
+        default=None,
         ge=0,
         le=100,
-        description="No change while every metric is within this percent of its target.",
+        description="No change while every metric is within this percent of its target"
+        f" (default {DEFAULT_TOLERANCE_PERCENT}). Engine builtin only: the HPA's tolerance is"
+        " the cluster's (--horizontal-pod-autoscaler-tolerance).",
     )
+
+    def tolerance(self) -> float:
+        """The tolerance as a fraction: 0.1 for 10 %."""
+        percent = self.tolerance_percent
+        return (DEFAULT_TOLERANCE_PERCENT if percent is None else percent) / 100
 
 
 class ScaleToZero(ApiModel):
@@ -396,7 +423,11 @@ class ScaleToZero(ApiModel):
         default="10m",
         max_length=32,
         description="Scale to 0 after this long without requests.",
-        json_schema_extra=duration_rule("spec.autoscaling.scaleToZero.idleAfter"),
+        json_schema_extra=duration_rule(
+            "spec.autoscaling.scaleToZero.idleAfter",
+            minimum=MIN_LOOP_INTERVAL,
+            why="it is the window of the query that finds no requests",
+        ),
     )
 
 
@@ -426,6 +457,21 @@ class AutoscalingSpec(ApiModel):
                 " to 0 without an alpha feature gate",
                 ".scaleToZero",
             ),
+            cel(
+                "self.engine != 'hpa' || !has(self.interval)",
+                "spec.autoscaling.interval applies to engines builtin and keda: an HPA is"
+                " evaluated at the cluster's sync period"
+                " (kube-controller-manager --horizontal-pod-autoscaler-sync-period)",
+                ".interval",
+            ),
+            cel(
+                "self.engine == 'builtin' || !has(self.behavior)"
+                " || !has(self.behavior.tolerancePercent)",
+                "spec.autoscaling.behavior.tolerancePercent applies only to engine builtin: an"
+                " HPA, and KEDA's, use the cluster's tolerance"
+                " (kube-controller-manager --horizontal-pod-autoscaler-tolerance, 10 %)",
+                ".behavior.tolerancePercent",
+            ),
         )
     )
 
@@ -433,11 +479,16 @@ class AutoscalingSpec(ApiModel):
     min_replicas: int = Field(default=1, ge=1, le=1000)
     max_replicas: int = Field(ge=1, le=1000)
     metrics: list[ScalingMetric] = Field(min_length=1, max_length=8)
-    interval: str = Field(
-        default="15s",
+    interval: str | None = Field(
+        default=None,
         max_length=32,
-        description="How often the builtin engine evaluates (the HPA's default sync period).",
-        json_schema_extra=duration_rule("spec.autoscaling.interval"),
+        description="How often the builtin engine evaluates, or KEDA polls (default"
+        f" {DEFAULT_SCALING_INTERVAL}, the HPA's sync period). Not for engine hpa.",
+        json_schema_extra=duration_rule(
+            "spec.autoscaling.interval",
+            minimum=MIN_LOOP_INTERVAL,
+            why="it sets how often metrics are queried",
+        ),
     )
     behavior: ScalingBehavior = Field(default_factory=ScalingBehavior)
     scale_to_zero: ScaleToZero | None = None
@@ -445,12 +496,15 @@ class AutoscalingSpec(ApiModel):
         default=None, description="Where metrics are queried; the operator's default if unset."
     )
 
+    def interval_seconds(self) -> float:
+        return parse_duration(self.interval or DEFAULT_SCALING_INTERVAL)
+
     def floor(self) -> int:
         """The lowest count the autoscaler may choose: 0 with scale to zero."""
         return 0 if self.scale_to_zero and self.scale_to_zero.enabled else self.min_replicas
 
 
-# -- spec.rollout (canary rollouts: canary.py, rollout/) ----------------------------------
+# -- spec.rollout (canary rollouts: rollout/plan.py, rollout/decide.py) -------------------
 
 
 class CanaryStep(ApiModel):
@@ -522,19 +576,36 @@ class AnalysisSpec(ApiModel):
     model_config = ConfigDict(
         json_schema_extra=rules(
             cel(
-                "self.metrics.all(m, self.metrics.exists_one(n, n.name == m.name))",
+                "has(self.metrics) && size(self.metrics) > 0",
+                "spec.rollout.analysis.metrics must name at least one metric: an analysis"
+                " without metrics checks nothing",
+                ".metrics",
+            ),
+            cel(
+                "!has(self.metrics)"
+                " || self.metrics.all(m, self.metrics.exists_one(n, n.name == m.name))",
                 "spec.rollout.analysis.metrics names must be unique",
                 ".metrics",
-            )
+            ),
         )
     )
 
     interval: str = Field(
         default="30s",
         max_length=32,
-        json_schema_extra=duration_rule("spec.rollout.analysis.interval"),
+        json_schema_extra=duration_rule(
+            "spec.rollout.analysis.interval",
+            minimum=MIN_LOOP_INTERVAL,
+            why="it sets how often the canary's metrics are queried",
+        ),
     )
-    failure_limit: int = Field(default=2, ge=0, le=100)
+    failure_limit: int = Field(
+        default=2,
+        ge=0,
+        le=100,
+        description="Failed checks over the whole rollout that roll the canary back."
+        " Inconclusive checks (no data) do not count: the step waits for a passed one.",
+    )
     prometheus: PrometheusRef | None = None
     metrics: list[AnalysisMetric] = Field(default_factory=list, max_length=16)
 
@@ -552,6 +623,12 @@ class RolloutSpec(ApiModel):
                 "self.strategy == 'Canary' || !has(self.steps) || size(self.steps) == 0",
                 "spec.rollout.steps apply only to strategy Canary",
                 ".steps",
+            ),
+            cel(
+                "self.strategy == 'Canary' || !has(self.analysis)",
+                "spec.rollout.analysis applies only to strategy Canary: a Rolling update is"
+                " not analysed",
+                ".analysis",
             ),
         )
     )
@@ -575,6 +652,17 @@ class ReferenceProfile(ApiModel):
 
 
 class RuntimeSpec(ApiModel):
+    model_config = ConfigDict(
+        json_schema_extra=rules(
+            cel(
+                "self.enabled || !has(self.referenceProfile)",
+                "spec.monitoring.runtime.referenceProfile needs spec.monitoring.runtime.enabled:"
+                " drift is measured by the runtime sidecar",
+                ".referenceProfile",
+            )
+        )
+    )
+
     enabled: bool = True
     sample_rate: float = Field(default=0.1, ge=0, le=1)
     reference_profile: ReferenceProfile | None = None
@@ -595,6 +683,18 @@ class AuthSpec(ApiModel):
 
 
 class MonitoringSpec(ApiModel):
+    model_config = ConfigDict(
+        json_schema_extra=rules(
+            cel(
+                "!has(self.auth) || !has(self.runtime) || !has(self.runtime.enabled)"
+                " || self.runtime.enabled",
+                "spec.monitoring.auth needs spec.monitoring.runtime.enabled: API keys and rate"
+                " limits are enforced by the runtime sidecar",
+                ".auth",
+            )
+        )
+    )
+
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
     auth: AuthSpec | None = None
 
@@ -647,6 +747,16 @@ class ModelDeploymentSpec(ApiModel):
             return self.replicas
         return min(max(self.replicas, scaling.floor()), scaling.max_replicas)
 
+    def surge(self) -> tuple[int, int]:
+        """(extra pods, missing pods) a rollout may run with, as a Deployment's maxSurge and
+        maxUnavailable: one extra pod by default; ``spec.rollout.maxSurgeGPUs`` caps the extra
+        GPUs, and with less than one replica's worth a pod goes before its successor comes."""
+        gpu, rollout = self.resources.gpu, self.rollout
+        extra = 1
+        if gpu is not None and rollout is not None and rollout.max_surge_gpus is not None:
+            extra = rollout.max_surge_gpus // gpu.count
+        return (extra, 0) if extra > 0 else (0, 1)
+
 
 # -- status ---------------------------------------------------------------------------------
 
@@ -655,7 +765,15 @@ Phase = Literal["Pending", "Progressing", "Available", "Degraded", "Failed"]
 ConditionStatus = Literal["True", "False", "Unknown"]
 
 
-class Condition(ApiModel):
+class StatusModel(ApiModel):
+    """Status parts ignore fields they do not know: a newer operator may have written them
+    (an operator rolled back, or two versions during an upgrade), and the object must still
+    be reconciled. The status patch only names fields this version knows, so theirs stay."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class Condition(StatusModel):
     type: str
     status: ConditionStatus
     reason: str
@@ -664,20 +782,27 @@ class Condition(ApiModel):
     last_transition_time: str | None = None
 
 
-class TrackStatus(ApiModel):
+class TrackStatus(StatusModel):
     version: str | None = None
     revision: str | None = None
     weight: int | None = Field(default=None, description="Traffic percent actually achieved.")
     step: int | None = None
     failed_checks: int | None = None
-    passed_checks: int | None = Field(default=None, description="Passed analyses in this step.")
+    passed_checks: int | None = Field(
+        default=None, description="Passed analyses in this step since its last failed one."
+    )
     started: float | None = Field(default=None, description="Epoch seconds.")
     step_started: float | None = Field(default=None, description="Epoch seconds.")
     last_analysis: float | None = Field(default=None, description="Epoch seconds.")
+    ready_since: float | None = Field(
+        default=None,
+        description="When this step's canary pods were all Ready (epoch seconds); the step's"
+        " pause and analyses count from here.",
+    )
     paused: bool | None = None
 
 
-class RollbackStatus(ApiModel):
+class RollbackStatus(StatusModel):
     """The revision that failed its rollout; not retried until the spec changes."""
 
     revision: str
@@ -685,7 +810,7 @@ class RollbackStatus(ApiModel):
     message: str = ""
 
 
-class AnalysisResult(ApiModel):
+class AnalysisResult(StatusModel):
     name: str
     value: float | None = None
     min: float | None = None
@@ -694,7 +819,7 @@ class AnalysisResult(ApiModel):
     time: str | None = None
 
 
-class HistoryEntry(ApiModel):
+class HistoryEntry(StatusModel):
     version: str
     revision: str
     result: str  # Promoted, RolledBack or Aborted
@@ -705,14 +830,14 @@ class HistoryEntry(ApiModel):
     reason: str | None = None
 
 
-class ScalingMetricStatus(ApiModel):
+class ScalingMetricStatus(StatusModel):
     name: str
     value: float | None = Field(default=None, description="None: no data.")
     target: float
     replicas: int | None = Field(default=None, description="What this metric alone asks for.")
 
 
-class ScalingDecision(ApiModel):
+class ScalingDecision(StatusModel):
     time: str
     from_replicas: int = Field(alias="from")
     to_replicas: int = Field(alias="to")
@@ -721,7 +846,7 @@ class ScalingDecision(ApiModel):
     metrics: list[ScalingMetricStatus] = Field(default_factory=list)
 
 
-class AutoscalingStatus(ApiModel):
+class AutoscalingStatus(StatusModel):
     engine: str
     desired_replicas: int | None = None
     capacity_replicas: int | None = Field(
@@ -732,9 +857,13 @@ class AutoscalingStatus(ApiModel):
         default=None, description="Last time requests were seen (scale to zero)."
     )
     last_decision: ScalingDecision | None = None
+    reason: str | None = Field(
+        default=None, description="Why the engine cannot decide, when it cannot: NoMetricsSource."
+    )
+    message: str | None = None
 
 
-class ModelDeploymentStatus(ApiModel):
+class ModelDeploymentStatus(StatusModel):
     observed_generation: int | None = None
     phase: Phase | None = None
     replicas: int | None = None

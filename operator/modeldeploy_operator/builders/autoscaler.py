@@ -25,8 +25,8 @@ from modeldeploy_operator.api.v1alpha1 import (
     ScalingMetric,
     parse_duration,
 )
-from modeldeploy_operator.autoscaling.queries import PER_REPLICA, metric_name, query_of, variables
 from modeldeploy_operator.builders.labels import child_metadata, common_labels
+from modeldeploy_operator.promql import PER_REPLICA, metric_name, query_of, variables
 
 HPA_API_VERSION = "autoscaling/v2"
 KEDA_API_VERSION = "keda.sh/v1alpha1"
@@ -110,7 +110,7 @@ def quantity(value: float) -> str:
 
 def _behavior(spec: AutoscalingSpec) -> dict[str, Any]:
     behavior = spec.behavior
-    period = max(1, math.ceil(parse_duration(spec.interval)))
+    period = max(1, math.ceil(spec.interval_seconds()))
     up: dict[str, Any] = {
         "stabilizationWindowSeconds": math.ceil(parse_duration(behavior.scale_up_stabilization))
     }
@@ -211,7 +211,7 @@ def build_scaled_object(md: ModelDeployment, prometheus_url: str) -> dict[str, A
     zero = spec.scale_to_zero
     body: dict[str, Any] = {
         "scaleTargetRef": _scale_target(md),
-        "pollingInterval": max(1, math.ceil(parse_duration(spec.interval))),
+        "pollingInterval": max(1, math.ceil(spec.interval_seconds())),
         "minReplicaCount": spec.floor(),
         "maxReplicaCount": spec.max_replicas,
         "advanced": {"horizontalPodAutoscalerConfig": {"behavior": _behavior(spec)}},

@@ -49,6 +49,10 @@ class BuildConfig:
     runtime_image: str
     progress_deadline_seconds: int = 600
     startup_timeout_seconds: int = 900
+    # A leaving pod keeps serving this long after it is marked for deletion, while the
+    # endpoints controller and kube-proxy take it out of the Service; Triton stays two
+    # seconds longer than the sidecar in front of it, so in-flight requests finish.
+    drain_seconds: int = 5
 
 
 def restricted_security_context(read_only_root: bool = True) -> dict[str, Any]:
@@ -173,6 +177,7 @@ def triton_container(md: ModelDeployment, config: BuildConfig) -> dict[str, Any]
             "periodSeconds": 10,
             "failureThreshold": 6,
         },
+        "lifecycle": {"preStop": {"sleep": {"seconds": config.drain_seconds + 2}}},
         "securityContext": restricted_security_context(),
         "volumeMounts": [
             {"name": "model-repository", "mountPath": MODEL_REPOSITORY, "readOnly": True},
@@ -229,6 +234,7 @@ def runtime_container(md: ModelDeployment, track: Track, config: BuildConfig) ->
             "httpGet": {"path": "/healthz", "port": "proxy-metrics"},
             "periodSeconds": 10,
         },
+        "lifecycle": {"preStop": {"sleep": {"seconds": config.drain_seconds}}},
         "securityContext": restricted_security_context(),
     }
     if mounts:
@@ -300,19 +306,13 @@ def pod_spec(md: ModelDeployment, track: Track, config: BuildConfig) -> dict[str
 
 
 def surge_strategy(md: ModelDeployment) -> dict[str, Any]:
-    """Roll without losing capacity, surging only as many pods as spare GPUs allow.
-
-    ``spec.rollout.maxSurgeGPUs`` caps the extra GPUs a rollout may take; when that is less
-    than one replica's worth, pods are replaced one at a time instead.
-    """
-    gpu = md.spec.resources.gpu
-    rollout = md.spec.rollout
-    surge = 1
-    if gpu is not None and rollout is not None and rollout.max_surge_gpus is not None:
-        surge = rollout.max_surge_gpus // gpu.count
-    if surge == 0:
-        return {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
-    return {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": surge, "maxUnavailable": 0}}
+    """Roll without losing capacity, surging only as many pods as spare GPUs allow
+    (``ModelDeploymentSpec.surge``)."""
+    extra, missing = md.spec.surge()
+    return {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": extra, "maxUnavailable": missing},
+    }
 
 
 def build_deployment(

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import quote
 
+import urllib3
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
@@ -23,9 +24,14 @@ from kubernetes.client.exceptions import ApiException
 from modeldeploy_operator.api.v1alpha1 import GROUP, PLURAL, VERSION
 
 FIELD_MANAGER = "modeldeploy"
+# (connect, read) seconds for every request; the operator's --api-timeout. urllib3 retries a
+# failed connect, and a read of an idempotent request (GET, DELETE), up to 3 times.
+DEFAULT_TIMEOUT = (10.0, 10.0)
+LEASE_API = "coordination.k8s.io/v1"
 EVENT_COMPONENT = "modeldeploy-operator"
 
 Json = dict[str, Any]
+ApiClient = k8s.ApiClient  # for type hints outside this package
 
 
 class ApiError(RuntimeError):
@@ -135,6 +141,7 @@ PLURALS = {
     ("gateway.networking.k8s.io/v1", "HTTPRoute"): "httproutes",
     ("autoscaling/v2", "HorizontalPodAutoscaler"): "horizontalpodautoscalers",
     ("keda.sh/v1alpha1", "ScaledObject"): "scaledobjects",
+    ("coordination.k8s.io/v1", "Lease"): "leases",
 }
 CLUSTER_SCOPED = {"Node"}
 
@@ -160,11 +167,21 @@ class KubernetesApi:
     """:class:`KubeApi` over ``kubernetes.client.ApiClient``.
 
     ``on_request(verb, kind, code)`` is called after every request; the operator counts them.
+    Every request has a ``timeout`` of (connect, read) seconds: an API server that accepts and
+    never answers is an :class:`ApiError` with status 0, not a reconcile that hangs.
     """
 
-    def __init__(self, api_client: k8s.ApiClient, on_request: RequestHook | None = None) -> None:
+    def __init__(
+        self,
+        api_client: k8s.ApiClient,
+        on_request: RequestHook | None = None,
+        timeout: tuple[float, float] = DEFAULT_TIMEOUT,
+    ) -> None:
+        if min(timeout) <= 0:
+            raise ValueError(f"timeouts must be positive, got {timeout}")
         self._client = api_client
         self._on_request = on_request
+        self.timeout = timeout
 
     def _call(
         self,
@@ -175,6 +192,7 @@ class KubernetesApi:
         body: Json | None = None,
         query: list[tuple[str, str]] | None = None,
         content_type: str = "application/json",
+        timeout: float | None = None,
     ) -> Json:
         verb = "APPLY" if content_type == "application/apply-patch+yaml" else method
         request = self._client.param_serialize(
@@ -186,16 +204,39 @@ class KubernetesApi:
             auth_settings=["BearerToken"],
         )
         try:
-            response = self._client.call_api(*request)
-        except ApiException as error:  # connection-level failures
+            response = self._client.call_api(
+                *request, _request_timeout=self.timeout if timeout is None else timeout
+            )
+            # The client does not preload bodies: reading can time out too.
+            data: bytes | None = response.read()  # type: ignore[no-untyped-call]
+        except ApiException as error:  # connection-level failures (TLS)
             self._count(verb, kind, error.status or 0)
             raise ApiError(error.status or 0, "ConnectionFailed", str(error.reason)) from error
-        data: bytes | None = response.read()  # type: ignore[no-untyped-call]
+        except urllib3.exceptions.HTTPError as error:  # refused, reset, timed out (retries spent)
+            self._count(verb, kind, 0)
+            raise self._connection_error(method, path, error) from error
         self._count(verb, kind, response.status)
         if response.status >= 400:
             raise _api_error(response.status, response.reason or "", data)
         payload: Json = json.loads(data or b"{}")
         return payload
+
+    def _connection_error(
+        self, method: str, path: str, error: urllib3.exceptions.HTTPError
+    ) -> ApiError:
+        cause = getattr(error, "reason", None) or error  # MaxRetryError wraps the last one
+        # urllib3's NewConnectionError (refused, unreachable) subclasses its ConnectTimeoutError.
+        timed_out = isinstance(cause, urllib3.exceptions.TimeoutError) and not isinstance(
+            cause, urllib3.exceptions.NewConnectionError
+        )
+        if timed_out:
+            connect, read = self.timeout
+            return ApiError(
+                0,
+                "Timeout",
+                f"{method} {path}: no answer within {connect:g} s (connect) / {read:g} s (read)",
+            )
+        return ApiError(0, "ConnectionFailed", f"{method} {path}: {error}")
 
     def _count(self, verb: str, kind: str, code: int) -> None:
         if self._on_request is not None:
@@ -315,6 +356,52 @@ class KubernetesApi:
         self._call(
             "POST", resource_path("v1", "Event", meta["namespace"]), kind="Event", body=event
         )
+
+
+class LeaseApi(Protocol):
+    """The Lease requests leader election needs: read, create, replace on a resourceVersion."""
+
+    def get_lease(self, namespace: str, name: str) -> Json | None: ...
+
+    def create_lease(self, lease: Mapping[str, Any]) -> Json: ...
+
+    def replace_lease(self, lease: Mapping[str, Any]) -> Json: ...
+
+
+class KubernetesLeases(KubernetesApi):
+    """:class:`LeaseApi` over ``kubernetes.client.ApiClient``; every request is bounded by
+    ``timeout`` seconds, so a hung connection cannot outlast the renew deadline."""
+
+    def __init__(
+        self, api_client: k8s.ApiClient, timeout: float, on_request: RequestHook | None = None
+    ) -> None:
+        super().__init__(api_client, on_request)
+        self._timeout = timeout
+
+    def get_lease(self, namespace: str, name: str) -> Json | None:
+        try:
+            return self._call(
+                "GET",
+                resource_path(LEASE_API, "Lease", namespace, name),
+                kind="Lease",
+                timeout=self._timeout,
+            )
+        except ApiError as error:
+            if error.status == 404:
+                return None
+            raise
+
+    def create_lease(self, lease: Mapping[str, Any]) -> Json:
+        """POST; 409 AlreadyExists when another candidate created it first."""
+        path = resource_path(LEASE_API, "Lease", lease["metadata"]["namespace"])
+        return self._call("POST", path, kind="Lease", body=dict(lease), timeout=self._timeout)
+
+    def replace_lease(self, lease: Mapping[str, Any]) -> Json:
+        """PUT with the ``metadata.resourceVersion`` read: 409 Conflict when anybody wrote the
+        Lease since, so two candidates can never both take it."""
+        meta = lease["metadata"]
+        path = resource_path(LEASE_API, "Lease", meta["namespace"], meta["name"])
+        return self._call("PUT", path, kind="Lease", body=dict(lease), timeout=self._timeout)
 
 
 def _api_error(status: int, reason: str, data: bytes | None) -> ApiError:

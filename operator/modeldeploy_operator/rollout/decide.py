@@ -8,11 +8,16 @@ is remembered, so an operator restarted at any point resumes exactly where it wa
 Rules, in order:
 
 1. manual ``abort`` or ``rollback``, or failing canary pods: back to 100 % stable at once;
-2. a failed or inconclusive analysis counts towards ``failureLimit``; reaching it rolls back;
+2. a failed analysis counts towards ``failureLimit``; reaching it rolls back. An
+   inconclusive one (no data, Prometheus down) is neither a pass nor a failure: the step
+   waits, as Argo Rollouts pauses on an inconclusive run;
 3. manual ``promote`` skips the remaining steps; ``pause`` and ``resume`` hold and release;
-4. a step waits for its canary pods, then for its pause (a duration, or ``manual`` until
-   ``resume``), then for at least one passed analysis in the step; then the next step;
-5. after the last step the canary is promoted. An unanalysed revision is never promoted.
+4. a step waits for its canary pods to be Ready, then for its pause (a duration counted from
+   that moment, or ``manual`` until ``resume``), then for its latest analysis to have passed;
+   then the next step. A step whose canary pods are not all Ready counts no time and no
+   checks: a model that loads for longer than the pause still gets its whole window;
+5. after the last step the canary is promoted. An unanalysed revision, or one whose latest
+   check did not pass, is never promoted except by a user.
 """
 
 from __future__ import annotations
@@ -39,10 +44,11 @@ class Progress:
 
     revision: str
     step: int = 0
-    step_started: float = 0.0  # epoch seconds
+    step_started: float = 0.0  # epoch seconds: when the step was entered
     failed_checks: int = 0
-    passed_in_step: int = 0
+    passed_in_step: int = 0  # passed checks in this step since its last failed or inconclusive
     paused: bool = False
+    ready_since: float | None = None  # when this step's canary pods were all Ready
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,10 @@ class Observation:
     analysis_configured: bool = True
     failure_limit: int = 2
     command: Command | None = None
+    stable_missing: bool = False  # the stable Deployment is gone: nothing to compare against
+    # The latest check's verdict when none completed this pass (for the status message only).
+    latest: Result | None = None
+    latest_message: str = ""
 
 
 @dataclass(frozen=True)
@@ -69,9 +79,16 @@ class Decision:
 def decide_step(progress: Progress, steps: tuple[Step, ...], seen: Observation) -> Decision:
     """The next action and progress; see the module's rules."""
     steps = steps or (Step(weight=100),)
-    failed = progress.failed_checks + (seen.analysis in ("Failed", "Inconclusive"))
-    passed = progress.passed_in_step + (seen.analysis == "Passed")
-    counted = replace(progress, failed_checks=failed, passed_in_step=passed)
+    failed = progress.failed_checks + (seen.analysis == "Failed")
+    passed = progress.passed_in_step + 1 if seen.analysis == "Passed" else progress.passed_in_step
+    if seen.analysis in ("Failed", "Inconclusive"):
+        passed = 0  # the latest check must pass before the rollout moves on
+    ready_since = None
+    if seen.canary_ready:
+        ready_since = seen.now if progress.ready_since is None else progress.ready_since
+    counted = replace(
+        progress, failed_checks=failed, passed_in_step=passed, ready_since=ready_since
+    )
     return _stop(counted, seen) or _hold(counted, steps, seen) or _advance(counted, steps, seen)
 
 
@@ -84,13 +101,8 @@ def _stop(progress: Progress, seen: Observation) -> Decision | None:
     if seen.canary_failure is not None:
         message = f"canary pods failed: {seen.canary_failure}"
         return Decision("Rollback", progress, 0, "RolledBack", message)
-    if seen.analysis in ("Failed", "Inconclusive") and progress.failed_checks >= max(
-        1, seen.failure_limit
-    ):
-        message = (
-            f"analysis {seen.analysis.lower()} {progress.failed_checks} times:"
-            f" {seen.analysis_message}"
-        )
+    if seen.analysis == "Failed" and progress.failed_checks >= max(1, seen.failure_limit):
+        message = f"analysis failed {progress.failed_checks} times: {seen.analysis_message}"
         return Decision("Rollback", progress, 0, "RolledBack", message)
     return None
 
@@ -103,20 +115,36 @@ def _hold(progress: Progress, steps: tuple[Step, ...], seen: Observation) -> Dec
     paused = (progress.paused or seen.command == "pause") and seen.command != "resume"
     waiting = replace(progress, paused=paused)
     step = progress.step + 1
+    since = progress.ready_since
     if paused:
         reason, message = "Paused", "paused by a user"
-    elif not seen.canary_ready:
-        reason, message = "WaitingForCanary", "waiting for canary pods"
+    elif seen.stable_missing:
+        reason, message = (
+            "StableMissing",
+            "the stable Deployment is gone; the rollout holds until it is back"
+            " (promote or abort to decide by hand)",
+        )
+    elif not seen.canary_ready or since is None:
+        reason, message = "WaitingForCanary", "waiting for canary pods to be Ready"
     elif current.manual and seen.command != "resume":
         reason, message = "WaitingForPromotion", f"step {step} waits for resume or promote"
-    elif (
-        current.pause_seconds is not None
-        and seen.now - progress.step_started < current.pause_seconds
-    ):
-        left = current.pause_seconds - (seen.now - progress.step_started)
+    elif current.pause_seconds is not None and seen.now - since < current.pause_seconds:
+        left = current.pause_seconds - (seen.now - since)
         reason, message = "Pausing", f"step {step}: {left:.0f}s to go"
     elif seen.analysis_configured and progress.passed_in_step == 0:
-        reason, message = "Analyzing", f"step {step} waits for a passed analysis"
+        latest = seen.analysis or seen.latest
+        why = seen.analysis_message if seen.analysis else seen.latest_message
+        if latest == "Inconclusive":
+            reason = "AnalysisInconclusive"
+            message = f"step {step}: analysis inconclusive ({why}); waiting"
+        elif latest == "Failed":
+            reason = "AnalysisFailed"
+            message = (
+                f"step {step}: analysis failed {progress.failed_checks}"
+                f" of {max(1, seen.failure_limit)} times ({why})"
+            )
+        else:
+            reason, message = "Analyzing", f"step {step} waits for a passed analysis"
     else:
         return None
     return Decision("Wait", waiting, current.weight, reason, message)
@@ -128,7 +156,12 @@ def _advance(progress: Progress, steps: tuple[Step, ...], seen: Observation) -> 
         return Decision("Promote", progress, 100, "Promoted", "every step passed")
     following = steps[progress.step + 1]
     advanced = replace(
-        progress, step=progress.step + 1, step_started=seen.now, passed_in_step=0, paused=False
+        progress,
+        step=progress.step + 1,
+        step_started=seen.now,
+        passed_in_step=0,
+        paused=False,
+        ready_since=None,
     )
     message = f"step {progress.step + 2} of {len(steps)}: {following.weight}% to the canary"
     return Decision("Advance", advanced, following.weight, "StepAdvanced", message)

@@ -1,4 +1,8 @@
-"""PromQL of the autoscaling metrics over the sidecars' series (and DCGM's and cAdvisor's).
+"""The one home of the PromQL over the sidecars' series (and DCGM's and cAdvisor's): the
+canary analysis's builtin metrics and the autoscaling metrics, and the template renderer
+that fails on a missing variable instead of sending bad PromQL.
+
+Autoscaling:
 
 ``$selector`` matches one ModelDeployment's pods as the chart's PodMonitor labels them,
 ``$pods`` its pod names (for exporters that label by pod), ``$window`` the rate window.
@@ -8,10 +12,53 @@ Per-replica metrics return the *total* over all replicas; the algorithm divides 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from string import Template
 
 from modeldeploy_operator.api.v1alpha1 import ModelDeployment, ScalingMetric
 from modeldeploy_operator.builders.labels import metric_selector
-from modeldeploy_operator.rollout.analysis import render_query
+
+# PromQL of the builtin metrics over the sidecars' series. $selector is the label matcher of
+# one ModelDeployment's pods (as the chart's PodMonitor labels them), $interval the window.
+BUILTIN_QUERIES: Mapping[str, str] = {
+    "P99Latency": (
+        "histogram_quantile(0.99, sum by (le) (rate("
+        "modeldeploy_runtime_request_duration_seconds_bucket"
+        '{$selector, track="canary"}[$interval])))'
+    ),
+    # Canary p99 over stable p99: 1.0 is "as fast as stable".
+    "RelativeP99Latency": (
+        "histogram_quantile(0.99, sum by (le) (rate("
+        "modeldeploy_runtime_request_duration_seconds_bucket"
+        '{$selector, track="canary"}[$interval])))'
+        " / histogram_quantile(0.99, sum by (le) (rate("
+        "modeldeploy_runtime_request_duration_seconds_bucket"
+        '{$selector, track="stable"}[$interval])))'
+    ),
+    # Errors over all requests; "or vector(0)": no errors is 0, no requests stays no data.
+    "ErrorRatio": (
+        "(sum(rate(modeldeploy_runtime_requests_total"
+        '{$selector, track="canary", code!~"2..|OK"}[$interval])) or vector(0))'
+        " / sum(rate(modeldeploy_runtime_requests_total"
+        '{$selector, track="canary"}[$interval]))'
+    ),
+    "DriftScore": 'max(modeldeploy_runtime_drift_score{$selector, track="canary"})',
+    "QueueTime": 'avg(modeldeploy_runtime_triton_queue_seconds{$selector, track="canary"})',
+}
+
+
+class TemplateError(ValueError):
+    """A query template names a variable nobody supplied."""
+
+
+def render_query(template: str, variables: Mapping[str, str]) -> str:
+    """``$name`` substitution that fails on a missing variable instead of sending bad PromQL."""
+    try:
+        return Template(template).substitute(variables)
+    except KeyError as error:
+        raise TemplateError(f"query template needs ${error.args[0]}") from error
+    except ValueError as error:
+        raise TemplateError(f"bad query template: {error}") from error
+
 
 RATE_WINDOW = "1m"  # four scrapes at the usual 15 s: enough samples for a stable rate
 

@@ -1,0 +1,205 @@
+"""Act: the one module that writes to the cluster.
+
+A pass's plan is carried out in this order: the status that records the decision first,
+written only onto the object it was decided from (a resourceVersion precondition), then the
+command annotation that the status consumed (same precondition), then the children, which
+are derived from that new status, then Events. An operator stopped or refused (409) at any
+point redoes the same decision from what it persisted, never an older one: a rolled-back
+canary cannot come back, a step cannot advance twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel
+
+from modeldeploy_operator.api.v1alpha1 import (
+    API_VERSION,
+    KIND,
+    ModelDeployment,
+    ModelDeploymentStatus,
+)
+from modeldeploy_operator.cache import version_of
+from modeldeploy_operator.context import OperatorContext
+from modeldeploy_operator.drift import needs_apply
+from modeldeploy_operator.k8s.client import ApiError
+from modeldeploy_operator.rollout.plan import COMMAND_ANNOTATION
+from modeldeploy_operator.status import EventSpec
+
+Json = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Set a Deployment's replicas through its scale subresource, keeping its template."""
+
+    name: str
+    replicas: int
+
+
+@dataclass(frozen=True)
+class Children:
+    """What the children should be after this pass."""
+
+    apply: tuple[Json, ...] = ()  # desired objects, applied when they drifted
+    scale: tuple[Scale, ...] = ()
+    delete: tuple[tuple[str, str, str], ...] = ()  # (api version, kind, name)
+
+
+def status_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """A JSON merge patch turning ``old`` into ``new`` (removed keys become null)."""
+    patch: dict[str, Any] = dict(new)
+    for key in old:
+        if key not in new:
+            patch[key] = None
+    return patch
+
+
+def dump(model: BaseModel) -> dict[str, Any]:
+    dumped: dict[str, Any] = model.model_dump(mode="json", by_alias=True, exclude_none=True)
+    return dumped
+
+
+def write_status(
+    md: ModelDeployment,
+    meta: Mapping[str, Any],
+    status: ModelDeploymentStatus,
+    ctx: OperatorContext,
+) -> bool:
+    """Write the status when it changed, onto the object it was decided from, then consume
+    the command it acted on; True when written. A 409 means: decide again."""
+    old, new = dump(md.status), dump(status)
+    version = meta.get("resourceVersion")
+    written = old != new
+    if written:
+        response = ctx.api.patch_status(
+            md.metadata.namespace, md.metadata.name, status_patch(old, new), version
+        )
+        version = (response.get("metadata") or {}).get("resourceVersion", version)
+    if COMMAND_ANNOTATION in (meta.get("annotations") or {}):
+        # Preconditioned too: a command set meanwhile (say, an abort) is never lost.
+        patch: Json = {"metadata": {"annotations": {COMMAND_ANNOTATION: None}}}
+        if version:
+            patch["metadata"]["resourceVersion"] = version
+        response = ctx.api.merge_patch(
+            API_VERSION, KIND, md.metadata.namespace, md.metadata.name, patch
+        )
+        version = (response.get("metadata") or {}).get("resourceVersion", version)
+    if version != meta.get("resourceVersion"):
+        # The cache shows the copy this pass decided from until the watch brings the new
+        # one: until then, passes read the object from the API server.
+        key = (md.metadata.namespace, md.metadata.name)
+        ctx.cache.supersede(key, f"{KIND}/{md.metadata.name}", version_of({"metadata": meta}))
+    return written
+
+
+def apply_objects(
+    md: ModelDeployment,
+    desired: Sequence[Json],
+    ctx: OperatorContext,
+    observed: Mapping[str, Json | None],
+) -> tuple[list[str], str | None]:
+    """Apply those of ``desired`` that drifted from what was observed (read here when the
+    snapshot does not hold it). Returns what was applied and the last refusal, which status
+    reports as ApplyFailed."""
+    applied: list[str] = []
+    error: str | None = None
+    ns = md.metadata.namespace
+    for obj in desired:
+        kind, name = obj["kind"], obj["metadata"]["name"]
+        key = f"{kind}/{name}"
+        current = (
+            observed[key] if key in observed else ctx.api.get(obj["apiVersion"], kind, ns, name)
+        )
+        if not needs_apply(current, obj):
+            continue
+        try:
+            written = ctx.api.apply(obj)
+        except ApiError as failure:
+            # Reported in status (ApplyFailed) and retried on the next trigger or resync.
+            error = f"{kind} {ns}/{name} was refused ({failure.status}): {failure.message}"
+            ctx.logger.warning(error, extra={"modeldeployment": f"{ns}/{md.metadata.name}"})
+            continue
+        if version_of(written) != version_of(current) and ctx.cache.holds(kind):
+            # The cache shows the old one for now: passes read from the API server meanwhile.
+            ctx.cache.supersede((ns, md.metadata.name), key, version_of(current))
+        verb = "Created" if current is None else "Updated"
+        ctx.logger.info(
+            f"{verb} {kind} {ns}/{name}", extra={"modeldeployment": f"{ns}/{md.metadata.name}"}
+        )
+        applied.append(key)
+    return applied, error
+
+
+def carry_out(
+    md: ModelDeployment,
+    children: Children,
+    ctx: OperatorContext,
+    observed: Mapping[str, Json | None],
+) -> tuple[list[str], str | None]:
+    """Bring the children in line: applies, scales, deletes. Returns what changed and the
+    last refusal."""
+    ns, key = md.metadata.namespace, f"{md.metadata.namespace}/{md.metadata.name}"
+    changed, error = apply_objects(md, children.apply, ctx, observed)
+    for scale in children.scale:
+        current = observed.get(f"Deployment/{scale.name}")
+        if current is None or (current.get("spec") or {}).get("replicas") == scale.replicas:
+            continue
+        try:
+            scaled = ctx.api.merge_patch(
+                "apps/v1",
+                "Deployment/scale",
+                ns,
+                scale.name,
+                {"spec": {"replicas": scale.replicas}},
+            )
+        except ApiError as failure:
+            error = (
+                f"Deployment {ns}/{scale.name} could not be scaled"
+                f" ({failure.status}): {failure.message}"
+            )
+            continue
+        if version_of(scaled) != version_of(current):
+            ctx.cache.supersede(
+                (ns, md.metadata.name), f"Deployment/{scale.name}", version_of(current)
+            )
+        ctx.logger.info(
+            f"Scaled Deployment {ns}/{scale.name} to {scale.replicas}",
+            extra={"modeldeployment": key},
+        )
+        changed.append(f"Deployment/{scale.name}")
+    for api_version, kind, name in children.delete:
+        if f"{kind}/{name}" in observed and observed[f"{kind}/{name}"] is None:
+            continue
+        ctx.cache.supersede(
+            (ns, md.metadata.name), f"{kind}/{name}", version_of(observed.get(f"{kind}/{name}"))
+        )
+        ctx.api.delete(api_version, kind, ns, name)
+        ctx.logger.info(f"Deleted {kind} {ns}/{name}", extra={"modeldeployment": key})
+        changed.append(f"-{kind}/{name}")
+    return changed, error
+
+
+def emit_events(
+    ctx: OperatorContext, involved: dict[str, Any], key: str, events: Sequence[EventSpec]
+) -> None:
+    """Post the Events; best effort, since status already tells the truth."""
+    for event in events:
+        try:
+            ctx.api.emit_event(involved, event.type, event.reason, event.message)
+        except ApiError as failure:
+            terminating = "being terminated" in failure.message  # the namespace is going away
+            ctx.logger.log(
+                logging.DEBUG if terminating else logging.WARNING,
+                f"Could not emit Event {event.reason}: {failure}",
+                extra={"modeldeployment": key},
+            )
+            continue
+        ctx.telemetry.events.labels(event.type, event.reason).inc()
+        ctx.logger.info(
+            f"{event.reason}: {event.message}", extra={"modeldeployment": key, "event": event.type}
+        )

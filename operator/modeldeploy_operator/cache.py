@@ -1,0 +1,170 @@
+"""The cluster as the operator's watches know it: reads without requests.
+
+kopf keeps one watch per resource kind and, before it runs any handler, fills in-memory
+indices from them (``@kopf.index``, declared in ``handlers.py``): the ModelDeployments, their
+Deployments and Services, and their pods. The child and pod watches are filtered on the
+server by the ``app.kubernetes.io/managed-by=modeldeploy`` label, and every object is
+projected to the fields the operator reads (:func:`project`), as controller-runtime's cache
+transforms do, so memory grows slowly with the cluster. A reconcile pass reads its snapshot
+from here; the API server sees writes, and the watches' re-lists, only.
+
+The indices are kopf's, mutated on its event loop; passes read them from worker threads, so
+each read copies what it needs and retries when a concurrent update interrupts the copy.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
+
+Json = dict[str, Any]
+Key = tuple[str, str]  # (namespace, ModelDeployment name)
+T = TypeVar("T")
+
+MODELDEPLOYMENTS = "modeldeployments"
+CHILDREN = ("deployments", "services")  # the plurals of the kinds held, per owner
+PODS = "pods"
+
+# metadata fields kept: what the planner, the drift check and the status writes read.
+KEPT_METADATA = (
+    "name",
+    "namespace",
+    "uid",
+    "generation",
+    "resourceVersion",
+    "labels",
+    "annotations",
+    "ownerReferences",
+    "deletionTimestamp",
+)
+POD_STATUS = ("phase", "conditions", "containerStatuses", "initContainerStatuses")
+
+
+def plain(value: Any) -> Any:
+    """A deep copy as plain dicts and lists (kopf hands out read-only mapping views)."""
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    return value
+
+
+def project(body: Mapping[str, Any], kind: str) -> Json:
+    """Only the fields the operator reads: no managedFields, no pod spec, no annotations on
+    children (ours carry none), just the status fields a pod's problems are read from."""
+    meta = body.get("metadata") or {}
+    kept = {k: plain(meta[k]) for k in KEPT_METADATA if k in meta}
+    if kind != "ModelDeployment":
+        kept.pop("annotations", None)
+    projected: Json = {"apiVersion": body.get("apiVersion"), "kind": kind, "metadata": kept}
+    if kind == "Pod":
+        status = body.get("status") or {}
+        projected["status"] = {k: plain(status[k]) for k in POD_STATUS if k in status}
+        return projected
+    for part in ("spec", "status"):
+        if part in body:
+            projected[part] = plain(body[part])
+    return projected
+
+
+def _copied(read: Callable[[], T]) -> T:
+    """Run a read that copies from kopf's indices; an update on kopf's loop during the copy
+    ("changed size during iteration") is retried."""
+    for _ in range(5):
+        try:
+            return read()
+        except RuntimeError:
+            continue
+    return read()
+
+
+def version_of(obj: Mapping[str, Any] | None) -> str:
+    """An object's resourceVersion; "" for an absent one."""
+    return str(((obj or {}).get("metadata") or {}).get("resourceVersion") or "")
+
+
+class ClusterCache:
+    """The indices kopf keeps, read as plain data. Empty and not ``ready`` until kopf has
+    listed every indexed kind once (its handlers run only from then on).
+
+    It also remembers, per ModelDeployment, the versions this operator has written over
+    (``supersede``): kopf updates an index between an object's events, so right after a
+    write the cache still shows the old version, and a pass must not decide twice from it.
+    A pass that finds such a version reads from the API server instead (:meth:`outdated`).
+    """
+
+    def __init__(self) -> None:
+        self._indices: Mapping[str, Mapping[Any, Iterable[Any]]] = {}
+        self._ready = threading.Event()
+        self._lock = threading.Lock()
+        self._superseded: dict[Key, set[tuple[str, str]]] = {}
+
+    @staticmethod
+    def holds(kind: str) -> bool:
+        """Whether this cache keeps objects of ``kind`` (others are read from the API)."""
+        return kind in ("ModelDeployment", "Deployment", "Service")
+
+    def supersede(self, key: Key, child: str, version: str) -> None:
+        """``child`` (``Kind/name``) at ``version`` ("" when it did not exist) is outdated."""
+        with self._lock:
+            self._superseded.setdefault(key, set()).add((child, version))
+
+    def outdated(self, key: Key, seen: Mapping[str, Mapping[str, Any] | None]) -> bool:
+        """Whether ``seen`` (objects by ``Kind/name``, as the cache shows them) still shows a
+        version written over. Marks ``seen`` has moved past are dropped."""
+        with self._lock:
+            marks = self._superseded.get(key, set())
+            stale = {(c, v) for c, v in marks if c in seen and version_of(seen[c]) == v}
+            left = {(c, v) for c, v in marks if c not in seen} | stale
+            if left:
+                self._superseded[key] = left
+            else:
+                self._superseded.pop(key, None)
+            return bool(stale)
+
+    def forget(self, key: Key) -> None:
+        with self._lock:
+            self._superseded.pop(key, None)
+
+    def attach(self, indices: Mapping[str, Mapping[Any, Iterable[Any]]]) -> None:
+        """kopf's live index objects, by id (handed to the startup handler)."""
+        self._indices = dict(indices)
+
+    def mark_ready(self) -> None:
+        self._ready.set()
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set() and bool(self._indices)
+
+    def wait_ready(self, timeout: float) -> bool:
+        return self._ready.wait(timeout) and bool(self._indices)
+
+    def _values(self, index: str, key: Key) -> list[Json]:
+        found = self._indices.get(index)
+        if found is None:
+            return []
+        return _copied(lambda: [plain(v) for v in found.get(key, ())])
+
+    def keys(self) -> list[Key]:
+        """Every ModelDeployment the watch knows."""
+        found = self._indices.get(MODELDEPLOYMENTS)
+        if found is None:
+            return []
+        return _copied(lambda: [k for k in list(found) if isinstance(k, tuple)])
+
+    def modeldeployment(self, namespace: str, name: str) -> Json | None:
+        values = self._values(MODELDEPLOYMENTS, (namespace, name))
+        return values[0] if values else None
+
+    def children(self, namespace: str, owner: str) -> dict[str, Json]:
+        """The ModelDeployment's Deployments and Services, by ``Kind/name``."""
+        held: dict[str, Json] = {}
+        for plural in CHILDREN:
+            for obj in self._values(plural, (namespace, owner)):
+                held[f"{obj['kind']}/{obj['metadata']['name']}"] = obj
+        return held
+
+    def pods(self, namespace: str, owner: str) -> tuple[Json, ...]:
+        return tuple(self._values(PODS, (namespace, owner)))

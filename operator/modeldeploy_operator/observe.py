@@ -1,0 +1,170 @@
+"""Observe: everything one reconcile pass knows, read once, as plain data.
+
+The snapshot holds the two track Deployments, the pods, the nodes' GPU products, missing
+references and, when one is due, the canary's analysis (the only read that goes to
+Prometheus). Deciding (``rollout.plan``, ``status``) works on it alone; ``act`` writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from modeldeploy_operator.api.v1alpha1 import (
+    API_VERSION,
+    KIND,
+    AnalysisResult,
+    ModelDeployment,
+    parse_duration,
+)
+from modeldeploy_operator.builders.labels import (
+    deployment_name,
+    metric_selector,
+    selector_string,
+    service_name,
+)
+from modeldeploy_operator.context import OperatorContext
+from modeldeploy_operator.metrics.prometheus import ProviderError
+from modeldeploy_operator.promql import BUILTIN_QUERIES, TemplateError, render_query
+from modeldeploy_operator.rollout.analysis import Measurement, assess, describe, verdict
+from modeldeploy_operator.rollout.plan import (
+    Check,
+    World,
+    analysis_due,
+    iso,
+    requested,
+    track_state,
+)
+from modeldeploy_operator.status import MissingReference
+
+Json = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One pass's view of a ModelDeployment's world."""
+
+    stable: Json | None
+    canary: Json | None
+    children: dict[str, Json | None]  # the children known, by ``Kind/name`` (None: absent)
+    pods: tuple[Json, ...]
+    world: World
+    gpu_products: frozenset[str] | None
+    missing: tuple[MissingReference, ...]
+
+
+def missing_references(md: ModelDeployment, ctx: OperatorContext) -> tuple[MissingReference, ...]:
+    """Secrets and ConfigMaps the spec names that do not exist."""
+    ns = md.metadata.namespace
+    wanted: list[tuple[str, str, str]] = []
+    if md.spec.model.credentials_secret:
+        wanted.append(("Secret", md.spec.model.credentials_secret, "spec.model.credentialsSecret"))
+    monitoring = md.spec.monitoring
+    if monitoring.runtime.enabled and monitoring.auth and monitoring.auth.api_key_secret:
+        wanted.append(
+            ("Secret", monitoring.auth.api_key_secret.name, "spec.monitoring.auth.apiKeySecret")
+        )
+    if monitoring.runtime.enabled and monitoring.runtime.reference_profile:
+        ref = monitoring.runtime.reference_profile.config_map_ref.name
+        wanted.append(("ConfigMap", ref, "spec.monitoring.runtime.referenceProfile"))
+    return tuple(
+        MissingReference(kind, name, path)
+        for kind, name, path in wanted
+        if ctx.api.get("v1", kind, ns, name) is None
+    )
+
+
+def measure(md: ModelDeployment, ctx: OperatorContext, now: float) -> Check:
+    """Run the canary's analysis queries once. Unreachable Prometheus, bad templates and
+    "no data" are inconclusive, never success."""
+    analysis = md.spec.rollout.analysis if md.spec.rollout else None
+    if analysis is None:
+        return Check("Inconclusive", "no analysis configured", (), now)
+    interval = parse_duration(analysis.interval)
+    url = analysis.prometheus.url if analysis.prometheus else ctx.prometheus_url
+    variables = {
+        "selector": metric_selector(md),
+        "interval": f"{max(int(interval), 1)}s",
+        "namespace": md.metadata.namespace,
+        "name": md.metadata.name,
+    }
+    measurements = []
+    for metric in analysis.metrics:
+        try:
+            if not url:
+                raise ProviderError("no Prometheus URL (spec.rollout.analysis.prometheus.url)")
+            query = render_query(metric.query or BUILTIN_QUERIES[metric.builtin or ""], variables)
+            value = ctx.metrics_provider(url).query(query)
+            measurements.append(Measurement(metric.name, value, metric.min, metric.max))
+        except (ProviderError, TemplateError, KeyError) as error:
+            measurements.append(
+                Measurement(metric.name, None, metric.min, metric.max, error=str(error))
+            )
+    result, decisive = verdict(measurements)
+    results = tuple(
+        AnalysisResult(
+            name=m.name, value=m.value, min=m.min, max=m.max, result=assess(m), time=iso(now)
+        )
+        for m in measurements
+    )
+    message = describe(decisive) if decisive else "all metrics within bounds"
+    return Check(result, message, results, now)
+
+
+def snapshot(
+    md: ModelDeployment,
+    annotations: Mapping[str, str] | None,
+    revision: str,
+    ctx: OperatorContext,
+    now: float,
+) -> Snapshot:
+    """Read what this pass needs, once: from the watches' cache, or before it is filled from
+    the API server."""
+    ns = md.metadata.namespace
+    names = [f"Deployment/{deployment_name(md, t)}" for t in ("stable", "canary")]
+    children: dict[str, Json | None]
+    cached: dict[str, Json | None] = {}
+    if ctx.cache.ready:
+        cached = dict.fromkeys((*names, f"Service/{service_name(md)}"))
+        cached.update(ctx.cache.children(ns, md.metadata.name))
+    if cached and not ctx.cache.outdated((ns, md.metadata.name), cached):
+        children = cached
+        pods = ctx.cache.pods(ns, md.metadata.name)
+    else:  # before the watches have listed everything, or right after our own writes
+        children = {
+            name: ctx.api.get("apps/v1", "Deployment", ns, name.split("/", 1)[1]) for name in names
+        }
+        pods = tuple(ctx.api.list("v1", "Pod", ns, selector_string(md)))
+    stable, canary = children[names[0]], children[names[1]]
+    world = World(
+        stable=track_state(stable, pods, "stable"),
+        canary=track_state(canary, pods, "canary"),
+        command=requested(annotations),
+    )
+    if analysis_due(md, revision, world, now):
+        world = World(world.stable, world.canary, world.command, measure(md, ctx, now))
+    return Snapshot(
+        stable=stable,
+        canary=canary,
+        children=children,
+        pods=pods,
+        world=world,
+        gpu_products=ctx.gpus.products() if md.spec.resources.gpu else None,
+        missing=missing_references(md, ctx),
+    )
+
+
+def modeldeployment(ctx: OperatorContext, namespace: str, name: str) -> Json | None:
+    """The ModelDeployment as the watch last saw it; from the API server before the cache is
+    filled, or while the cached copy is one this operator has written over (or got a 409
+    on). Otherwise a stale copy is safe: every status write is preconditioned on the
+    resourceVersion it was decided from."""
+    if not ctx.cache.ready:
+        return ctx.api.get(API_VERSION, KIND, namespace, name)
+    cached = ctx.cache.modeldeployment(namespace, name)
+    if cached is not None and ctx.cache.outdated(
+        (namespace, name), {f"ModelDeployment/{name}": cached}
+    ):
+        return ctx.api.get(API_VERSION, KIND, namespace, name)
+    return cached

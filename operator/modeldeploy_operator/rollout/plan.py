@@ -1,0 +1,452 @@
+"""Rollouts, planned: pure functions from one snapshot of a ModelDeployment's world to what
+its Deployments and its status should be.
+
+A new revision of a ModelDeployment whose promoted revision is another runs, with
+``spec.rollout.strategy: Canary``, as ``<name>-canary`` beside ``<name>-stable``. The Service
+selects both tracks, so traffic splits by the ratio of ready pods. :func:`plan_rollout` makes
+one decision per pass (:func:`~modeldeploy_operator.rollout.decide.decide_step`), shapes the
+status that records it, and derives the Deployments' targets from that *new* status
+(:func:`targets`), so the reconciler can write the status first and carry it out after: an
+operator stopped or refused in between redoes the same thing, never the old one.
+
+Capacity, like a Deployment's rolling update with ``ModelDeploymentSpec.surge`` (one extra
+pod, or what ``maxSurgeGPUs`` allows): stable shrinks only by as many pods as the canary has
+Ready at the new revision, and the canary grows only within the surge. So the pods that
+serve never number fewer than the spec asks for; with no surge budget
+(``maxSurgeGPUs`` below one replica's GPUs) one pod may be missing while pods swap, the
+documented trade. Promotion rolls stable to the new revision while the canary keeps serving,
+and removes canary pods only as new stable pods become Ready. A rollback or an abort removes
+the canary at once: stopping a bad version's answers comes before capacity.
+
+Manual control: the annotation ``serving.modeldeploy.io/command`` (promote, abort, pause,
+resume, rollback; retry for a held revision), consumed once acted on.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, cast
+
+from modeldeploy_operator.api.v1alpha1 import (
+    GROUP,
+    AnalysisResult,
+    HistoryEntry,
+    ModelDeployment,
+    RollbackStatus,
+    TrackStatus,
+    parse_duration,
+)
+from modeldeploy_operator.builders.labels import REVISION_LABEL, TRACK_LABEL, Track
+from modeldeploy_operator.builders.route import gateway_routing
+from modeldeploy_operator.rollout.analysis import Measurement, Result, describe, verdict
+from modeldeploy_operator.rollout.decide import (
+    Command,
+    Decision,
+    Observation,
+    Progress,
+    Step,
+    canary_replicas,
+    decide_step,
+)
+from modeldeploy_operator.status import RolloutView, is_terminating, pod_problems, pod_ready
+
+COMMAND_ANNOTATION = f"{GROUP}/command"
+COMMANDS = ("promote", "abort", "pause", "resume", "rollback", "retry")
+CANARY_FAILURES = {
+    "ImagePullBackOff",
+    "ModelFetchFailed",
+    "ModelLoadFailed",
+    "CrashLoopBackOff",
+    "ContainerConfigError",
+}
+HISTORY_LIMIT = 10
+
+Mode = Literal["rolling", "canary", "held"]
+
+
+@dataclass(frozen=True)
+class TrackState:
+    """One track's Deployment and pods, as observed."""
+
+    exists: bool = False
+    revision: str | None = None  # of its pod template
+    replicas: int = 0  # spec.replicas
+    ready: int = 0  # Ready pods of ``revision`` that are not going away
+    rolled: bool = False  # every replica at ``revision`` and available, no older pod left
+    failure: str | None = None  # why its pods cannot serve, when they cannot
+
+
+@dataclass(frozen=True)
+class Check:
+    """One analysis, measured this pass."""
+
+    result: Result
+    message: str
+    results: tuple[AnalysisResult, ...]
+    time: float
+
+
+@dataclass(frozen=True)
+class World:
+    """What one pass saw of a ModelDeployment's rollout."""
+
+    stable: TrackState
+    canary: TrackState
+    command: str | None = None  # the command annotation, when it names one we know
+    check: Check | None = None  # the analysis, when one was due
+
+
+@dataclass(frozen=True)
+class Targets:
+    """What the Deployments should be. ``apply`` builds one from the spec (at the revision
+    being rolled out), ``scale`` keeps its template and sets replicas, ``absent`` leaves a
+    missing stable missing (its promoted spec is not at hand), ``delete`` removes the canary."""
+
+    stable: Literal["apply", "scale", "absent"]
+    stable_replicas: int
+    canary: Literal["apply", "scale", "delete"]
+    canary_replicas: int = 0
+
+
+@dataclass(frozen=True)
+class RolloutPlan:
+    mode: Mode
+    view: RolloutView
+    targets: Targets
+    decision: Decision | None = None
+    requeue_after: float | None = None  # when the rollout next needs a look by itself
+
+
+def _get(obj: Mapping[str, Any] | None, *path: str) -> Any:
+    node: Any = obj
+    for key in path:
+        if not isinstance(node, Mapping):
+            return None
+        node = node.get(key)
+    return node
+
+
+def stalled(deployment: Mapping[str, Any] | None) -> str | None:
+    """A Deployment's ProgressDeadlineExceeded, as a failure message."""
+    for condition in _get(deployment, "status", "conditions") or []:
+        if (
+            condition.get("type") == "Progressing"
+            and condition.get("reason") == "ProgressDeadlineExceeded"
+        ):
+            return f"ProgressDeadlineExceeded: {condition.get('message', '')}"
+    return None
+
+
+def track_state(
+    deployment: Mapping[str, Any] | None, pods: Sequence[Mapping[str, Any]], track: Track
+) -> TrackState:
+    """A track's Deployment and its pods as plain facts."""
+    if deployment is None:
+        return TrackState()
+    revision = _get(deployment, "spec", "template", "metadata", "labels", REVISION_LABEL)
+    mine = [
+        p
+        for p in pods
+        if (_get(p, "metadata", "labels") or {}).get(TRACK_LABEL) == track
+        and (_get(p, "metadata", "labels") or {}).get(REVISION_LABEL) == revision
+        and not is_terminating(p)
+    ]
+    replicas = int(_get(deployment, "spec", "replicas") or 0)
+    status = _get(deployment, "status") or {}
+    rolled = (
+        status.get("observedGeneration") == _get(deployment, "metadata", "generation")
+        and int(status.get("updatedReplicas") or 0) == replicas
+        and int(status.get("availableReplicas") or 0) >= replicas
+        and int(status.get("replicas") or 0) == replicas
+    )
+    failure = next(
+        (p.message for pod in mine for p in pod_problems(pod) if p.reason in CANARY_FAILURES),
+        None,
+    ) or stalled(deployment)
+    # Ready pods of this revision, but no more than the Deployment reports available: the
+    # pods say it first, and status (what users see) must not dip while pods swap.
+    available = int(status.get("availableReplicas") or 0)
+    return TrackState(
+        exists=True,
+        revision=revision,
+        replicas=replicas,
+        ready=min(available, sum(1 for p in mine if pod_ready(p))),
+        rolled=rolled,
+        failure=failure,
+    )
+
+
+def steps_of(md: ModelDeployment) -> tuple[Step, ...]:
+    rollout = md.spec.rollout
+    steps = [
+        Step(
+            weight=s.weight,
+            pause_seconds=None if s.pause in (None, "manual") else parse_duration(s.pause),
+            manual=s.pause == "manual",
+        )
+        for s in (rollout.steps if rollout else [])
+    ]
+    return tuple(steps) or (Step(weight=100),)
+
+
+def requested(annotations: Mapping[str, str] | None) -> str | None:
+    """The command in the annotation, if it is one we know."""
+    value = (annotations or {}).get(COMMAND_ANNOTATION, "")
+    return value if value in COMMANDS else None
+
+
+def mode(md: ModelDeployment, revision: str, command: str | None = None) -> Mode:
+    """``rolling`` (apply the spec to stable), ``canary`` (a rollout runs) or ``held`` (this
+    revision failed its rollout: stable keeps the promoted one; ``retry`` starts it over).
+
+    A canary runs whenever another revision has been promoted, whatever the phase: after a
+    rollback, during a scale-up or with a pod Pending, a new revision is still judged. Before
+    anything was promoted (``status.stable`` is set once the first revision has fully rolled
+    out) there is nothing to compare with, and the spec rolls out directly.
+    """
+    status = md.status
+    if status.rollback is not None and status.rollback.revision == revision:
+        return "canary" if command == "retry" else "held"
+    rollout = md.spec.rollout
+    promoted = status.stable.revision if status.stable else None
+    if rollout is None or rollout.strategy != "Canary" or promoted in (None, revision):
+        return "rolling"
+    return "canary"
+
+
+def _interval(md: ModelDeployment) -> float | None:
+    analysis = md.spec.rollout.analysis if md.spec.rollout else None
+    if analysis is None or not analysis.metrics:
+        return None
+    return parse_duration(analysis.interval)
+
+
+def _progress(md: ModelDeployment, revision: str, now: float) -> Progress:
+    previous = md.status.canary
+    if previous is None or previous.revision != revision:
+        return Progress(revision=revision, step_started=now)
+    return Progress(
+        revision=revision,
+        step=previous.step or 0,
+        step_started=previous.step_started or now,
+        failed_checks=previous.failed_checks or 0,
+        passed_in_step=previous.passed_checks or 0,
+        paused=bool(previous.paused),
+        ready_since=previous.ready_since,
+    )
+
+
+def step_ready(md: ModelDeployment, revision: str, world: World) -> bool:
+    """The current step's canary pods are all Ready at ``revision``."""
+    steps = steps_of(md)
+    step = _progress(md, revision, 0.0).step
+    wanted = canary_replicas(md.spec.desired_replicas(), steps[min(step, len(steps) - 1)].weight)
+    return world.canary.revision == revision and world.canary.ready >= wanted
+
+
+def analysis_due(md: ModelDeployment, revision: str, world: World, now: float) -> bool:
+    """An analysis is due once per interval while the step's canary pods are Ready, the first
+    one interval after they became Ready: there is data about them by then."""
+    interval = _interval(md)
+    if interval is None or mode(md, revision, world.command) != "canary":
+        return False
+    progress = _progress(md, revision, now)
+    if progress.ready_since is None or not step_ready(md, revision, world):
+        return False
+    last = md.status.canary.last_analysis if md.status.canary else None
+    return now - max(progress.ready_since, last or 0.0) >= interval
+
+
+def targets(md: ModelDeployment, revision: str, how: Mode, weight: int, world: World) -> Targets:
+    """The Deployments' replicas for a mode and a canary weight; see the module's capacity
+    rule. Never fewer ready pods than the spec's count while pods swap (with a surge budget).
+
+    A canary of another revision than the one rolling out (promoted, or overtaken by a newer
+    spec) is retired first, pod by pod as stable pods become Ready; a rolled-back or aborted
+    one goes at once."""
+    total = md.spec.desired_replicas()
+    extra, missing = md.spec.surge()
+    stable_kind: Literal["apply", "scale", "absent"] = "scale" if world.stable.exists else "absent"
+    if how == "rolling":
+        stable_kind = "apply"
+    canary = world.canary
+    if how == "held" or (not canary.exists and how == "rolling"):
+        return Targets(stable_kind, total, "delete")
+    if how == "rolling" or (canary.revision != revision and canary.exists):
+        # Stable pods that serve what stable will be: the new revision once promoted.
+        current = how == "canary" or world.stable.revision == revision
+        stable_ready = world.stable.ready if current else 0
+        keep = min(canary.replicas, max(0, total - missing - stable_ready))
+        stable = max(0, min(total, total + extra - keep))
+        return Targets(stable_kind, stable, "scale" if keep else "delete", keep)
+    wanted = canary_replicas(total, weight)
+    stable = max(0, total - wanted, total - missing - canary.ready)
+    return Targets(stable_kind, stable, "apply", min(wanted, max(0, total + extra - stable)))
+
+
+def iso(epoch: float) -> str:
+    return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def next_look(
+    md: ModelDeployment, progress: Progress, steps: tuple[Step, ...], now: float, last: float | None
+) -> float:
+    """Seconds until something changes by itself: the next analysis or the end of a pause.
+    Watch events cover the rest (pods becoming ready); at most a few seconds, as a floor."""
+    waits = [5.0]
+    interval = _interval(md)
+    if progress.ready_since is not None:
+        if interval is not None:
+            waits.append(interval - (now - max(progress.ready_since, last or 0.0)))
+        step = steps[min(progress.step, len(steps) - 1)]
+        if step.pause_seconds is not None:
+            waits.append(step.pause_seconds - (now - progress.ready_since))
+    return max(0.2, min(waits))
+
+
+def plan_rollout(md: ModelDeployment, revision: str, world: World, now: float) -> RolloutPlan:
+    """This pass's rollout decision, the status that records it, and the Deployments' targets
+    derived from that status."""
+    how = mode(md, revision, world.command)
+    if how == "canary":
+        return _plan_canary(md, revision, world, now)
+    status = md.status
+    if how == "held":
+        view = RolloutView(
+            stable=status.stable, rollback=status.rollback, history=tuple(status.history)
+        )
+        return RolloutPlan(how, view, targets(md, revision, how, 0, world))
+    plan = targets(md, revision, how, 0, world)
+    rolled = world.stable.rolled and world.stable.revision == revision
+    stable = TrackStatus(version=md.spec.model.version, revision=revision)
+    view = RolloutView(
+        stable=stable if rolled else status.stable,
+        history=tuple(status.history),
+        analysis=tuple(status.analysis) if plan.canary == "scale" else (),
+    )
+    if plan.canary == "scale":
+        ready = world.stable.ready if world.stable.revision == revision else 0
+        total = md.spec.desired_replicas()
+        view = RolloutView(
+            stable=view.stable,
+            history=view.history,
+            analysis=view.analysis,
+            reason="Promoting",
+            message=f"promoting revision {revision}: {ready}/{total} new stable pods Ready;"
+            f" {plan.canary_replicas} canary pods serve until they are",
+        )
+    return RolloutPlan(how, view, plan)
+
+
+def _plan_canary(md: ModelDeployment, revision: str, world: World, now: float) -> RolloutPlan:
+    steps = steps_of(md)
+    status = md.status
+    progress = _progress(md, revision, now)
+    rollout = md.spec.rollout
+    analysis = rollout.analysis if rollout else None
+    ready = step_ready(md, revision, world)
+    check = world.check if ready else None
+    failure = world.canary.failure if world.canary.revision == revision else None
+    command = world.command if world.command not in (None, "retry") else None
+    decision = decide_step(
+        progress,
+        steps,
+        Observation(
+            now=now,
+            canary_ready=ready,
+            canary_failure=failure,
+            analysis=check.result if check else None,
+            analysis_message=check.message if check else "",
+            analysis_configured=_interval(md) is not None,
+            failure_limit=analysis.failure_limit if analysis else 2,
+            command=cast(Command | None, command),
+            stable_missing=not world.stable.exists,
+            **_latest(status.analysis if previous_step(md, revision) else ()),
+        ),
+    )
+    previous = status.canary if status.canary and status.canary.revision == revision else None
+    began = (previous.started if previous else None) or now
+    entry = HistoryEntry(
+        version=md.spec.model.version,
+        revision=revision,
+        result="",
+        storage_uri=md.spec.model.storage_uri,
+        image=md.spec.server.image,
+        started=iso(began),
+        finished=iso(now),
+        reason=decision.message,
+    )
+    history = list(status.history)
+    results = check.results if check else tuple(status.analysis)
+    if decision.action in ("Rollback", "Abort"):
+        result = "Aborted" if decision.action == "Abort" else "RolledBack"
+        view = RolloutView(
+            stable=status.stable,
+            rollback=RollbackStatus(revision=revision, reason=result, message=decision.message),
+            history=tuple([*history, entry.model_copy(update={"result": result})][-HISTORY_LIMIT:]),
+            analysis=results,
+        )
+        return RolloutPlan("held", view, targets(md, revision, "held", 0, world), decision)
+    if decision.action == "Promote":
+        view = RolloutView(
+            stable=TrackStatus(version=md.spec.model.version, revision=revision),
+            history=tuple(
+                [*history, entry.model_copy(update={"result": "Promoted"})][-HISTORY_LIMIT:]
+            ),
+            analysis=results,
+        )
+        promoted = targets(md, revision, "rolling", 0, world)
+        return RolloutPlan("rolling", view, promoted, decision, requeue_after=1.0)
+    after = decision.progress
+    plan = targets(md, revision, "canary", decision.weight, world)
+    # Through a Gateway the route sets the split; by replicas, the ready pods do.
+    achieved = decision.weight if gateway_routing(md) else _achieved(world, revision)
+    last = check.time if check else (previous.last_analysis if previous else None)
+    view = RolloutView(
+        stable=status.stable,
+        canary=TrackStatus(
+            version=md.spec.model.version,
+            revision=revision,
+            weight=achieved,
+            step=after.step,
+            started=began,
+            failed_checks=after.failed_checks,
+            passed_checks=after.passed_in_step,
+            step_started=after.step_started,
+            ready_since=after.ready_since,
+            last_analysis=last,
+            paused=after.paused,
+        ),
+        history=tuple(history),
+        analysis=results,
+        message=f"canary step {after.step + 1}/{len(steps)}: {decision.message}",
+        reason=decision.reason if decision.action == "Wait" else "Canary",
+    )
+    wake = next_look(md, after, steps, now, last)
+    return RolloutPlan("canary", view, plan, decision, requeue_after=wake)
+
+
+def previous_step(md: ModelDeployment, revision: str) -> bool:
+    """``status.analysis`` is about this rollout (not an earlier one)."""
+    canary = md.status.canary
+    return canary is not None and canary.revision == revision
+
+
+def _latest(results: Sequence[AnalysisResult]) -> dict[str, Any]:
+    """The verdict of the last check, as recorded in ``status.analysis``."""
+    if not results:
+        return {}
+    measured = [
+        Measurement(r.name, r.value if r.result != "Inconclusive" else None, r.min, r.max)
+        for r in results
+    ]
+    result, decisive = verdict(measured)
+    return {"latest": result, "latest_message": describe(decisive) if decisive else ""}
+
+
+def _achieved(world: World, revision: str) -> int:
+    canary = world.canary.ready if world.canary.revision == revision else 0
+    both = world.stable.ready + canary
+    return round(100 * canary / both) if both else 0

@@ -1,0 +1,118 @@
+"""Every call the operator makes to the Kubernetes API has a timeout, and the flags set them:
+an API server that accepts and never answers is an ApiError within the timeout, not a
+reconcile that hangs. (The Prometheus provider's own are in test_prometheus.py.)"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+from kubernetes import client as k8s
+
+from modeldeploy_operator.__main__ import build_context, parse_args
+from modeldeploy_operator.k8s.client import DEFAULT_TIMEOUT, ApiError, KubernetesApi
+from modeldeploy_operator.metrics.prometheus import PrometheusProvider
+from modeldeploy_operator.telemetry import Telemetry
+
+
+@pytest.fixture
+def silent_server() -> Iterator[str]:
+    """An HTTP "server" on 127.0.0.1 that accepts connections and never answers."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.1)
+    stop = threading.Event()
+    held: list[socket.socket] = []
+
+    def loop() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            held.append(conn)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    stop.set()
+    thread.join()
+    listener.close()
+    for conn in held:
+        conn.close()
+
+
+def api_for(url: str, timeout: tuple[float, float]) -> KubernetesApi:
+    return KubernetesApi(k8s.ApiClient(k8s.Configuration(host=url)), timeout=timeout)
+
+
+def within(limit: float, call: Callable[[], Any]) -> tuple[BaseException | None, float]:
+    """Run ``call`` in a thread; fail (instead of hanging the test run) past ``limit``."""
+    started = time.monotonic()
+    with ThreadPoolExecutor(1) as pool:
+        error = pool.submit(call).exception(timeout=limit)
+    return error, time.monotonic() - started
+
+
+def test_the_default_is_ten_seconds_to_connect_and_to_read() -> None:
+    assert DEFAULT_TIMEOUT == (10.0, 10.0)
+    assert KubernetesApi(k8s.ApiClient()).timeout == (10.0, 10.0)
+
+
+def test_a_write_to_a_silent_api_server_times_out(silent_server: str) -> None:
+    api = api_for(silent_server, (0.5, 0.5))
+    error, took = within(10, lambda: api.patch_status("ns", "m", {"phase": "Pending"}))
+    assert isinstance(error, ApiError), error
+    assert (error.status, error.reason) == (0, "Timeout")
+    assert "no answer within 0.5 s" in error.message
+    assert took < 2  # PATCH is not retried
+
+
+def test_a_read_from_a_silent_api_server_times_out(silent_server: str) -> None:
+    api = api_for(silent_server, (0.5, 0.5))
+    error, took = within(20, lambda: api.get("apps/v1", "Deployment", "ns", "m"))
+    assert isinstance(error, ApiError), error
+    assert (error.status, error.reason) == (0, "Timeout")
+    assert took < 5  # urllib3 retries an idempotent read up to 3 times
+
+
+def test_a_refused_connection_is_an_api_error() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port = probe.getsockname()[1]  # closed again: nothing listens there
+    api = api_for(f"http://127.0.0.1:{port}", (0.5, 0.5))
+    with pytest.raises(ApiError) as caught:
+        api.list("v1", "Pod", "ns")
+    assert (caught.value.status, caught.value.reason) == (0, "ConnectionFailed")
+
+
+def test_the_flags_set_the_timeouts() -> None:
+    args = parse_args(["--api-timeout", "3", "--prometheus-timeout", "2.5"])
+    ctx = build_context(args, k8s.ApiClient(), Telemetry(), logging.getLogger("test"))
+    assert isinstance(ctx.api, KubernetesApi)
+    assert ctx.api.timeout == (3.0, 3.0)
+    assert ctx.api_timeout == 3.0
+    provider = ctx.metrics_provider("http://prometheus:9090")
+    assert isinstance(provider, PrometheusProvider)
+    assert provider.timeout == 2.5
+
+
+def test_the_default_flags() -> None:
+    ctx = build_context(parse_args([]), k8s.ApiClient(), Telemetry(), logging.getLogger("test"))
+    assert isinstance(ctx.api, KubernetesApi)
+    assert ctx.api.timeout == (10.0, 10.0)
+    provider = ctx.metrics_provider("http://prometheus:9090")
+    assert isinstance(provider, PrometheusProvider)
+    assert provider.timeout == 5.0
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "soon"])
+def test_timeouts_must_be_positive(value: str) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--api-timeout", value])
