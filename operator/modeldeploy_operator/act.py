@@ -2,10 +2,11 @@
 
 A pass's plan is carried out in this order: the status that records the decision first,
 written only onto the object it was decided from (a resourceVersion precondition), then the
-command annotation that the status consumed (same precondition), then the children, which
-are derived from that new status, then Events. An operator stopped or refused (409) at any
-point redoes the same decision from what it persisted, never an older one: a rolled-back
-canary cannot come back, a step cannot advance twice.
+command annotation that the status consumed (same precondition), then the autoscaler's
+``spec.replicas`` through the scale subresource (preconditioned on the version those writes
+left), then the children, which are derived from that new status, then Events. An operator
+stopped or refused (409) at any point redoes the same decision from what it persisted, never
+an older one: a rolled-back canary cannot come back, a step cannot advance twice.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from modeldeploy_operator.api.v1alpha1 import (
     ModelDeployment,
     ModelDeploymentStatus,
 )
+from modeldeploy_operator.autoscaling import AUTOSCALER_MANAGER
 from modeldeploy_operator.cache import version_of
 from modeldeploy_operator.context import OperatorContext
 from modeldeploy_operator.drift import needs_apply
@@ -64,14 +66,20 @@ def dump(model: BaseModel) -> dict[str, Any]:
     return dumped
 
 
+@dataclass(frozen=True)
+class StatusWrite:
+    written: bool  # the status changed and was written
+    version: str | None  # the object's resourceVersion after this pass's writes to it
+
+
 def write_status(
     md: ModelDeployment,
     meta: Mapping[str, Any],
     status: ModelDeploymentStatus,
     ctx: OperatorContext,
-) -> bool:
+) -> StatusWrite:
     """Write the status when it changed, onto the object it was decided from, then consume
-    the command it acted on; True when written. A 409 means: decide again."""
+    the command it acted on. A 409 means: decide again."""
     old, new = dump(md.status), dump(status)
     version = meta.get("resourceVersion")
     written = old != new
@@ -94,7 +102,28 @@ def write_status(
         # one: until then, passes read the object from the API server.
         key = (md.metadata.namespace, md.metadata.name)
         ctx.cache.supersede(key, f"{KIND}/{md.metadata.name}", version_of({"metadata": meta}))
-    return written
+    return StatusWrite(written, version)
+
+
+def scale_modeldeployment(
+    md: ModelDeployment, replicas: int, version: str | None, ctx: OperatorContext
+) -> None:
+    """The autoscaler's count, through the scale subresource as an HPA writes it, and only
+    onto the version this pass decided from and wrote: a count set meanwhile (``kubectl
+    scale``) is a 409, and the round is decided again from it."""
+    patch: Json = {"spec": {"replicas": replicas}}
+    if version:
+        patch["metadata"] = {"resourceVersion": version}
+    ctx.api.merge_patch(
+        API_VERSION,
+        f"{KIND}/scale",
+        md.metadata.namespace,
+        md.metadata.name,
+        patch,
+        field_manager=AUTOSCALER_MANAGER,
+    )
+    key = (md.metadata.namespace, md.metadata.name)
+    ctx.cache.supersede(key, f"{KIND}/{md.metadata.name}", version or "")
 
 
 def apply_objects(
@@ -175,9 +204,12 @@ def carry_out(
     for api_version, kind, name in children.delete:
         if f"{kind}/{name}" in observed and observed[f"{kind}/{name}"] is None:
             continue
-        ctx.cache.supersede(
-            (ns, md.metadata.name), f"{kind}/{name}", version_of(observed.get(f"{kind}/{name}"))
-        )
+        if ctx.cache.holds(kind):
+            ctx.cache.supersede(
+                (ns, md.metadata.name),
+                f"{kind}/{name}",
+                version_of(observed.get(f"{kind}/{name}")),
+            )
         ctx.api.delete(api_version, kind, ns, name)
         ctx.logger.info(f"Deleted {kind} {ns}/{name}", extra={"modeldeployment": key})
         changed.append(f"-{kind}/{name}")

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from modeldeploy_operator.autoscaling.decide import Recommendation
+from modeldeploy_operator.autoscaling.plan import ScalingState
 from modeldeploy_operator.builders.deployment import BuildConfig
 from modeldeploy_operator.cache import ClusterCache
 from modeldeploy_operator.k8s.client import ApiError, KubeApi
@@ -58,17 +58,6 @@ class GpuInventory:
         with self._lock:
             self._cached = (self._clock(), found)
         return found
-
-
-@dataclass
-class ScalingState:
-    """What the builtin autoscaler remembers about one ModelDeployment between evaluations."""
-
-    since: float  # when the operator started watching it: the history is complete from here
-    last_evaluation: float | None = None
-    history: list[Recommendation] = field(default_factory=list)  # raw, oldest first
-    awake_since: float | None = None  # when it last came up from zero replicas
-    last_replicas: int | None = None
 
 
 class ScalingMemory:

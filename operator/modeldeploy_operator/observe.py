@@ -1,8 +1,11 @@
 """Observe: everything one reconcile pass knows, read once, as plain data.
 
 The snapshot holds the two track Deployments, the pods, the nodes' GPU products, missing
-references and, when one is due, the canary's analysis (the only read that goes to
-Prometheus). Deciding (``rollout.plan``, ``status``) works on it alone; ``act`` writes.
+references and, when one is due, the canary's analysis. The autoscaler's round reads its
+metrics here too (``scaling_readings``, ``idle``) and, only when it wants more GPU pods, the
+capacity of the reachable GPUs (``gpu_capacity``). These are the reconcile path's only
+Prometheus queries. Deciding (``rollout.plan``, ``autoscaling``, ``status``) works on what
+they return; ``act`` writes.
 """
 
 from __future__ import annotations
@@ -15,18 +18,34 @@ from modeldeploy_operator.api.v1alpha1 import (
     API_VERSION,
     KIND,
     AnalysisResult,
+    AutoscalingSpec,
     ModelDeployment,
     parse_duration,
 )
+from modeldeploy_operator.autoscaling.capacity import replicas_that_fit
+from modeldeploy_operator.autoscaling.decide import Reading
+from modeldeploy_operator.builders.autoscaler import cpu_cores, target_value
+from modeldeploy_operator.builders.deployment import build_deployment
 from modeldeploy_operator.builders.labels import (
+    MD_LABEL,
     deployment_name,
     metric_selector,
     selector_string,
     service_name,
 )
 from modeldeploy_operator.context import OperatorContext
+from modeldeploy_operator.k8s.client import ApiError
 from modeldeploy_operator.metrics.prometheus import ProviderError
-from modeldeploy_operator.promql import BUILTIN_QUERIES, TemplateError, render_query
+from modeldeploy_operator.promql import (
+    BUILTIN_QUERIES,
+    IDLE_QUERY,
+    PER_REPLICA,
+    TemplateError,
+    metric_name,
+    query_of,
+    render_query,
+    variables,
+)
 from modeldeploy_operator.rollout.analysis import Measurement, assess, describe, verdict
 from modeldeploy_operator.rollout.plan import (
     Check,
@@ -110,6 +129,67 @@ def measure(md: ModelDeployment, ctx: OperatorContext, now: float) -> Check:
     )
     message = describe(decisive) if decisive else "all metrics within bounds"
     return Check(result, message, results, now)
+
+
+def scaling_readings(
+    md: ModelDeployment, spec: AutoscalingSpec, ctx: OperatorContext, url: str | None
+) -> tuple[Reading, ...]:
+    """Each autoscaling metric's value now; no data (None) when Prometheus cannot say."""
+    cpu = md.spec.resources.cpu
+    values = variables(md, None if cpu is None else cpu_cores(cpu))
+    readings = []
+    for metric in spec.metrics:
+        value: float | None
+        try:
+            if not url:
+                raise ProviderError("no Prometheus URL (spec.autoscaling.prometheus.url)")
+            value = ctx.metrics_provider(url).query(query_of(metric, values))
+        except (ProviderError, TemplateError) as error:
+            ctx.logger.debug(
+                f"Autoscaling metric {metric_name(metric)}: {error}",
+                extra={"modeldeployment": f"{md.metadata.namespace}/{md.metadata.name}"},
+            )
+            value = None
+        readings.append(
+            Reading(metric_name(metric), value, target_value(metric), metric.type in PER_REPLICA)
+        )
+    return tuple(readings)
+
+
+def idle(md: ModelDeployment, idle_for: float, ctx: OperatorContext, url: str | None) -> bool:
+    """No requests reached any sidecar for ``idle_for`` seconds (no data is not idle)."""
+    if not url:
+        return False
+    query = render_query(IDLE_QUERY, {**variables(md), "idle": f"{int(idle_for)}s"})
+    try:
+        value = ctx.metrics_provider(url).query(query)
+    except ProviderError:
+        return False
+    return value is not None and value == 0
+
+
+def gpu_capacity(md: ModelDeployment, ctx: OperatorContext, revision: str) -> int | None:
+    """Replicas the reachable GPUs hold; None without GPUs or without the right to list.
+    Read only when the autoscaler wants more GPU pods: it lists every node and pod."""
+    if md.spec.resources.gpu is None:
+        return None
+    try:
+        nodes = ctx.api.list("v1", "Node", None)
+        pods = ctx.api.list("v1", "Pod", None)
+    except ApiError as error:
+        if error.status in (401, 403):
+            return None
+        raise
+    pod_spec = build_deployment(md, "stable", revision, ctx.build)["spec"]["template"]["spec"]
+
+    def ours(pod: Mapping[str, Any]) -> bool:
+        meta = pod.get("metadata") or {}
+        return bool(
+            meta.get("namespace") == md.metadata.namespace
+            and (meta.get("labels") or {}).get(MD_LABEL) == md.metadata.name
+        )
+
+    return replicas_that_fit(nodes, pods, pod_spec, ours)
 
 
 def snapshot(

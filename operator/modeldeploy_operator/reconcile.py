@@ -12,13 +12,15 @@ worker threads run the same code on it.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from pydantic import ValidationError
 
-from modeldeploy_operator import act, autoscaler
+from modeldeploy_operator import act, observe
 from modeldeploy_operator.api.v1alpha1 import API_VERSION, KIND, ModelDeployment
+from modeldeploy_operator.autoscaling import plan as scaling
+from modeldeploy_operator.autoscaling.decide import desired_replicas
 from modeldeploy_operator.builders.deployment import BuildConfig, build_deployment
 from modeldeploy_operator.builders.labels import deployment_name, revision_of
 from modeldeploy_operator.builders.route import build_route, build_track_service, gateway_routing
@@ -83,6 +85,51 @@ def parse(body: Mapping[str, Any], key: str, ctx: OperatorContext) -> ModelDeplo
         return None
 
 
+def autoscale(
+    md: ModelDeployment, ctx: OperatorContext, revision: str, now: float
+) -> scaling.ScalingPlan:
+    """One autoscaling round: observe (Prometheus; the GPUs only for a scale-up), decide
+    (pure, ``autoscaling``); nothing is written here."""
+    spec = md.spec.autoscaling
+    key = (md.metadata.namespace, md.metadata.name)
+    remove = scaling.retired_engines(md)
+    if spec is None:
+        ctx.scaling.forget(key)
+        return scaling.ScalingPlan(None, remove=remove)
+    url = spec.prometheus.url if spec.prometheus else ctx.prometheus_url
+    if spec.engine != "builtin":
+        return replace(scaling.external(md, spec, url), remove=remove)
+    state = ctx.scaling.state(key, now)
+    current = md.spec.desired_replicas()
+    state.saw(current, now)
+    if not scaling.due(spec, state, now):
+        return replace(scaling.waiting(md, spec, state, now), remove=remove)
+    idle_for = scaling.idle_window(spec, state, current, now)
+    inputs = scaling.inputs(
+        md,
+        state,
+        observe.scaling_readings(md, spec, ctx, url),
+        idle_for is not None and observe.idle(md, idle_for, ctx, url),
+        now,
+    )
+    policy = scaling.policy_of(spec)
+    decision = desired_replicas(inputs, policy)
+    capacity = md.status.autoscaling.capacity_replicas if md.status.autoscaling else None
+    if scaling.wants_capacity(md, decision):
+        capacity = observe.gpu_capacity(md, ctx, revision)
+        if capacity is not None:
+            decision = desired_replicas(replace(inputs, capacity=capacity), policy)
+    plan = scaling.builtin(md, spec, decision, capacity, url, now, ctx.clock())
+    return replace(plan, remove=remove)
+
+
+def scaled(md: ModelDeployment, replicas: int | None) -> ModelDeployment:
+    """The ModelDeployment as it is once the autoscaler's count is written."""
+    if replicas is None:
+        return md
+    return md.model_copy(update={"spec": md.spec.model_copy(update={"replicas": replicas})})
+
+
 def reconcile(body: Mapping[str, Any], ctx: OperatorContext) -> Outcome:
     """Bring one ModelDeployment's children and status in line with its spec."""
     meta = body["metadata"]
@@ -93,19 +140,16 @@ def reconcile(body: Mapping[str, Any], ctx: OperatorContext) -> Outcome:
     if md is None:
         return Outcome(phase=None)
     revision = revision_of(md, ctx.build.runtime_image)
-    scaling = autoscaler.run(md, ctx, revision, ctx.epoch())
-    if scaling.scaled:  # spec.replicas changed: go on from the object as it is now
-        fresh = ctx.api.get(API_VERSION, KIND, md.metadata.namespace, md.metadata.name)
-        md = parse(fresh, key, ctx) if fresh is not None else None
-        if fresh is None or md is None:
-            return Outcome(phase=None)
-        body, meta = fresh, fresh["metadata"]
-    # Observe.
+    # Observe, and plan the autoscaler's round; the pass goes on at the count it decided.
     now = ctx.epoch()
+    autoscaling = autoscale(md, ctx, revision, now)
+    md = scaled(md, autoscaling.replicas)
     seen = snapshot(md, meta.get("annotations"), revision, ctx, now)
     # Plan.
     plan = plan_rollout(md, revision, seen.world, now)
     wanted = children(md, revision, plan, ctx.build)
+    retired = tuple((v, k, md.metadata.name) for v, k in autoscaling.remove)
+    wanted = replace(wanted, delete=wanted.delete + retired)
     remembered = ctx.apply_errors.get((md.metadata.namespace, md.metadata.name))
     observed = Observed(
         deployment=seen.stable,
@@ -114,14 +158,14 @@ def reconcile(body: Mapping[str, Any], ctx: OperatorContext) -> Outcome:
         pods=seen.pods,
         gpu_products=seen.gpu_products,
         missing=seen.missing,
-        apply_error=remembered or scaling.error,
-        autoscaling=scaling.view,
-        at_gpu_capacity=scaling.at_capacity,
+        apply_error=remembered or autoscaling.error,
+        autoscaling=autoscaling.view,
+        at_gpu_capacity=autoscaling.at_capacity,
     )
     status = compute_status(md, observed, revision, ctx.clock())
     events = transition_events(md.status, status) if status != md.status else []
-    if scaling.event is not None:
-        events.append(scaling.event)
+    if autoscaling.event is not None:
+        events.append(autoscaling.event)
     decision = plan.decision
     if decision is not None and decision.action != "Wait":
         failed = decision.action in ("Rollback", "Abort")
@@ -129,12 +173,18 @@ def reconcile(body: Mapping[str, Any], ctx: OperatorContext) -> Outcome:
             EventSpec("Warning" if failed else "Normal", decision.reason, decision.message)
         )
     # Act: the decision persisted first, then carried out.
-    written = act.write_status(md, meta, status, ctx)
+    wrote = act.write_status(md, meta, status, ctx)
+    if autoscaling.replicas is not None:
+        act.scale_modeldeployment(md, autoscaling.replicas, wrote.version, ctx)
     applied, error = act.carry_out(md, wanted, ctx, seen.children)
-    engine_applied, engine_error = act.apply_objects(md, scaling.objects, ctx, seen.children)
+    engine_applied, engine_error = act.apply_objects(md, autoscaling.objects, ctx, seen.children)
     applied += engine_applied
     error = error or engine_error
-    requeue = [plan.requeue_after, scaling.requeue_after]
+    if autoscaling.evaluation is not None:  # carried out: the round counts
+        ctx.scaling.state((md.metadata.namespace, md.metadata.name), now).record(
+            autoscaling.evaluation
+        )
+    requeue = [plan.requeue_after, autoscaling.requeue_after]
     if error != remembered:  # reported by the next pass, at once
         if error is None:
             ctx.apply_errors.pop((md.metadata.namespace, md.metadata.name), None)
@@ -147,7 +197,7 @@ def reconcile(body: Mapping[str, Any], ctx: OperatorContext) -> Outcome:
     return Outcome(
         phase=status.phase,
         applied=tuple(applied),
-        status_written=written,
+        status_written=wrote.written,
         events=tuple(e.reason for e in events),
         requeue_after=min((t for t in requeue if t is not None), default=None),
     )

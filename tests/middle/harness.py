@@ -113,6 +113,7 @@ class Harness:
                         "nvidia.com/gpu.product": "NVIDIA-L4",
                     },
                 },
+                "status": {"allocatable": {"nvidia.com/gpu": "8"}},
             }
         )
         api.create(doc)

@@ -7,7 +7,6 @@ from typing import Any
 
 import pytest
 
-from modeldeploy_operator import autoscaler
 from modeldeploy_operator.api.v1alpha1 import ModelDeployment
 from modeldeploy_operator.autoscaling.capacity import replicas_that_fit, tolerates
 from modeldeploy_operator.autoscaling.decide import (
@@ -23,6 +22,7 @@ from modeldeploy_operator.builders.deployment import BuildConfig
 from modeldeploy_operator.context import OperatorContext
 from modeldeploy_operator.metrics.prometheus import MetricsProvider
 from modeldeploy_operator.plugin import render_status
+from modeldeploy_operator.reconcile import autoscale
 from modeldeploy_operator.status import Observed, compute_status, transition_events
 from support import load_example, merged
 
@@ -257,7 +257,7 @@ def test_the_builtin_engine_without_a_prometheus_url_says_so() -> None:
     """Bug 8: no URL in the spec nor on the operator's command line used to keep the count
     without a word."""
     md = autoscaled()
-    result = autoscaler.run(md, scaling_context(None), "r1", now=100.0)
+    result = autoscale(md, scaling_context(None), "r1", now=100.0)
     assert result.view is not None
     assert result.view.reason == "NoMetricsSource"
     assert "spec.autoscaling.prometheus.url" in (result.view.message or "")
@@ -279,7 +279,7 @@ def test_the_builtin_engine_without_a_prometheus_url_says_so() -> None:
 
 def test_the_builtin_engine_with_the_operators_prometheus_url_has_no_such_problem() -> None:
     md = autoscaled()
-    result = autoscaler.run(md, scaling_context("http://prometheus:9090"), "r1", now=100.0)
+    result = autoscale(md, scaling_context("http://prometheus:9090"), "r1", now=100.0)
     assert result.view is not None
     assert (result.view.reason, result.view.message) == (None, None)
     status = compute_status(md, Observed(autoscaling=result.view), "r1", "2026-01-01T00:00:00Z")

@@ -311,7 +311,7 @@ class PrometheusRef(ApiModel):
     )
 
 
-# -- spec.autoscaling (autoscaling/, autoscaler.py) ----------------------------------------
+# -- spec.autoscaling (autoscaling/) -------------------------------------------------------
 
 LATENCY_METRICS = ("P99Latency", "QueueTime")
 PERCENT_METRICS = ("GPUUtilization", "CPUUtilization")
