@@ -14,6 +14,7 @@ from modeldeploy_operator.builders.deployment import BuildConfig
 from modeldeploy_operator.cache import ClusterCache
 from modeldeploy_operator.k8s.client import ApiError, KubeApi
 from modeldeploy_operator.metrics.prometheus import MetricsProvider, PrometheusProvider
+from modeldeploy_operator.status import MissingReference
 from modeldeploy_operator.telemetry import Telemetry
 
 GPU_PRESENT_SELECTOR = "nvidia.com/gpu.present=true"
@@ -78,6 +79,15 @@ class ScalingMemory:
             self._states.pop(key, None)
 
 
+@dataclass(frozen=True)
+class ReferencesChecked:
+    """The last look at the Secrets and ConfigMaps a ModelDeployment names."""
+
+    generation: int | None  # of the spec they were read for
+    missing: tuple[MissingReference, ...]
+    at: float  # epoch seconds
+
+
 @dataclass
 class OperatorContext:
     api: KubeApi
@@ -96,6 +106,8 @@ class OperatorContext:
     # The last refused apply per object: act runs after the status write, so the next pass
     # reports it (ApplyFailed) and clears it once an apply succeeds.
     apply_errors: dict[tuple[str, str], str] = field(default_factory=dict)
+    # What the last look at each object's referenced Secrets and ConfigMaps found.
+    references: dict[tuple[str, str], ReferencesChecked] = field(default_factory=dict)
     # What the watches know (kopf's indices); passes read their snapshot from it once ready,
     # and from the API server before (and in tools that run no watches).
     cache: ClusterCache = field(default_factory=ClusterCache)

@@ -33,7 +33,7 @@ from modeldeploy_operator.builders.labels import (
     selector_string,
     service_name,
 )
-from modeldeploy_operator.context import OperatorContext
+from modeldeploy_operator.context import OperatorContext, ReferencesChecked
 from modeldeploy_operator.k8s.client import ApiError
 from modeldeploy_operator.metrics.prometheus import ProviderError
 from modeldeploy_operator.promql import (
@@ -55,7 +55,7 @@ from modeldeploy_operator.rollout.plan import (
     requested,
     track_state,
 )
-from modeldeploy_operator.status import MissingReference
+from modeldeploy_operator.status import MissingReference, pod_ready
 
 Json = dict[str, Any]
 
@@ -73,9 +73,11 @@ class Snapshot:
     missing: tuple[MissingReference, ...]
 
 
-def missing_references(md: ModelDeployment, ctx: OperatorContext) -> tuple[MissingReference, ...]:
-    """Secrets and ConfigMaps the spec names that do not exist."""
-    ns = md.metadata.namespace
+REFERENCE_RECHECK_SECONDS = 10.0  # how soon a missing Secret or ConfigMap is looked for again
+
+
+def references(md: ModelDeployment) -> tuple[tuple[str, str, str], ...]:
+    """(kind, name, spec path) of each Secret and ConfigMap the spec names."""
     wanted: list[tuple[str, str, str]] = []
     if md.spec.model.credentials_secret:
         wanted.append(("Secret", md.spec.model.credentials_secret, "spec.model.credentialsSecret"))
@@ -87,11 +89,34 @@ def missing_references(md: ModelDeployment, ctx: OperatorContext) -> tuple[Missi
     if monitoring.runtime.enabled and monitoring.runtime.reference_profile:
         ref = monitoring.runtime.reference_profile.config_map_ref.name
         wanted.append(("ConfigMap", ref, "spec.monitoring.runtime.referenceProfile"))
-    return tuple(
+    return tuple(wanted)
+
+
+def missing_references(
+    md: ModelDeployment, pods: tuple[Json, ...], ctx: OperatorContext, now: float
+) -> tuple[MissingReference, ...]:
+    """Secrets and ConfigMaps the spec names that do not exist, read as metadata only (never
+    their data), and only when the answer can have changed: a new spec, one missing at the
+    last look (again after ``REFERENCE_RECHECK_SECONDS``), or a pod not Ready (a deleted
+    Secret shows there first). At rest this costs no request."""
+    wanted = references(md)
+    key = (md.metadata.namespace, md.metadata.name)
+    last = ctx.references.get(key)
+    if not wanted:
+        ctx.references.pop(key, None)
+        return ()
+    if last is not None and last.generation == md.metadata.generation:
+        if last.missing and now - last.at < REFERENCE_RECHECK_SECONDS:
+            return last.missing
+        if not last.missing and pods and all(pod_ready(p) for p in pods):
+            return ()
+    missing = tuple(
         MissingReference(kind, name, path)
         for kind, name, path in wanted
-        if ctx.api.get("v1", kind, ns, name) is None
+        if not ctx.api.exists("v1", kind, md.metadata.namespace, name)
     )
+    ctx.references[key] = ReferencesChecked(md.metadata.generation, missing, now)
+    return missing
 
 
 def measure(md: ModelDeployment, ctx: OperatorContext, now: float) -> Check:
@@ -231,7 +256,7 @@ def snapshot(
         pods=pods,
         world=world,
         gpu_products=ctx.gpus.products() if md.spec.resources.gpu else None,
-        missing=missing_references(md, ctx),
+        missing=missing_references(md, pods, ctx, now),
     )
 
 

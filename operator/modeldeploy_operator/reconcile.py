@@ -28,7 +28,7 @@ from modeldeploy_operator.builders.service import build_service
 from modeldeploy_operator.cache import version_of
 from modeldeploy_operator.context import OperatorContext
 from modeldeploy_operator.k8s.client import ApiError
-from modeldeploy_operator.observe import modeldeployment, snapshot
+from modeldeploy_operator.observe import REFERENCE_RECHECK_SECONDS, modeldeployment, snapshot
 from modeldeploy_operator.rollout.plan import RolloutPlan, plan_rollout
 from modeldeploy_operator.status import EventSpec, Observed, compute_status, transition_events
 from modeldeploy_operator.workqueue import Clock, RealClock, Workers, WorkQueue
@@ -185,6 +185,8 @@ def reconcile(body: Mapping[str, Any], ctx: OperatorContext) -> Outcome:
             autoscaling.evaluation
         )
     requeue = [plan.requeue_after, autoscaling.requeue_after]
+    if seen.missing:  # look for them again soon: nothing else would trigger a pass
+        requeue.append(REFERENCE_RECHECK_SECONDS)
     if error != remembered:  # reported by the next pass, at once
         if error is None:
             ctx.apply_errors.pop((md.metadata.namespace, md.metadata.name), None)
@@ -331,4 +333,5 @@ class Reconciler:
         self.ctx.telemetry.phases.forget(key)
         self.ctx.scaling.forget(key)
         self.ctx.apply_errors.pop(key, None)
+        self.ctx.references.pop(key, None)
         self.ctx.cache.forget(key)

@@ -263,6 +263,10 @@ class FakeKubeApi:
         self._enter(Call("get", kind, namespace, name))
         return self.peek(api_version, kind, namespace, name)
 
+    def exists(self, api_version: str, kind: str, namespace: str, name: str) -> bool:
+        self._enter(Call("exists", kind, namespace, name))
+        return self.key(api_version, kind, namespace, name) in self.objects
+
     def list(
         self, api_version: str, kind: str, namespace: str | None, selector: str = ""
     ) -> list[Json]:

@@ -94,8 +94,13 @@ def connection_of(api_client: k8s.ApiClient) -> Connection:
     )
 
 
+METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
+
+
 class KubeApi(Protocol):
     def get(self, api_version: str, kind: str, namespace: str, name: str) -> Json | None: ...
+
+    def exists(self, api_version: str, kind: str, namespace: str, name: str) -> bool: ...
 
     def list(
         self, api_version: str, kind: str, namespace: str | None, selector: str = ""
@@ -191,15 +196,18 @@ class KubernetesApi:
         kind: str,
         body: Json | None = None,
         query: list[tuple[str, str]] | None = None,
-        content_type: str = "application/json",
+        headers: Mapping[str, str] | None = None,
         timeout: float | None = None,
     ) -> Json:
-        verb = "APPLY" if content_type == "application/apply-patch+yaml" else method
+        header_params = {"Accept": "application/json", "Content-Type": "application/json"}
+        header_params.update(headers or {})
+        applying = header_params["Content-Type"] == "application/apply-patch+yaml"
+        verb = "APPLY" if applying else method
         request = self._client.param_serialize(
             method,
             path,
             query_params=query or [],
-            header_params={"Accept": "application/json", "Content-Type": content_type},
+            header_params=header_params,
             body=body,
             auth_settings=["BearerToken"],
         )
@@ -250,6 +258,18 @@ class KubernetesApi:
                 return None
             raise
 
+    def exists(self, api_version: str, kind: str, namespace: str, name: str) -> bool:
+        """Whether the object exists, read as its metadata only (PartialObjectMetadata): a
+        Secret's data never reaches the operator."""
+        try:
+            path = resource_path(api_version, kind, namespace, name)
+            self._call("GET", path, kind=kind, headers={"Accept": METADATA_ONLY})
+        except ApiError as error:
+            if error.status == 404:
+                return False
+            raise
+        return True
+
     def list(
         self, api_version: str, kind: str, namespace: str | None, selector: str = ""
     ) -> list[Json]:
@@ -270,7 +290,7 @@ class KubernetesApi:
             kind=obj["kind"],
             body=dict(obj),
             query=[("fieldManager", field_manager), ("force", "true")],
-            content_type="application/apply-patch+yaml",
+            headers={"Content-Type": "application/apply-patch+yaml"},
         )
 
     def patch_status(
@@ -291,7 +311,7 @@ class KubernetesApi:
             path,
             kind="ModelDeployment",
             body=body,
-            content_type="application/merge-patch+json",
+            headers={"Content-Type": "application/merge-patch+json"},
         )
 
     def merge_patch(
@@ -312,7 +332,7 @@ class KubernetesApi:
             kind=base,
             body=dict(patch),
             query=[("fieldManager", field_manager)],
-            content_type="application/merge-patch+json",
+            headers={"Content-Type": "application/merge-patch+json"},
         )
 
     def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:

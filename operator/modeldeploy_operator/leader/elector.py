@@ -220,6 +220,9 @@ class LeaderOnlyApi:
     def get(self, api_version: str, kind: str, namespace: str, name: str) -> Json | None:
         return self._api.get(api_version, kind, namespace, name)
 
+    def exists(self, api_version: str, kind: str, namespace: str, name: str) -> bool:
+        return self._api.exists(api_version, kind, namespace, name)
+
     def list(
         self, api_version: str, kind: str, namespace: str | None, selector: str = ""
     ) -> list[Json]:
