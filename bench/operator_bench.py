@@ -7,7 +7,9 @@
    namespace): the operator starts against N ModelDeployments nobody has reconciled yet;
    time until every one has its status written (observedGeneration caught up), until every
    one is Available (up to 1,000: beyond, kube-controller-manager's pod creation dominates),
-   and the operator's peak RSS.
+   and the operator's peak RSS. Beside it, in the same run, its floor: a client doing only
+   a first pass's writes for each object with as many workers. Each phase's namespace is
+   deleted, and gone, before the next phase starts.
 3. Idle cost, at the first count: with nothing changing, the operator's own API reads and
    writes per ModelDeployment per hour (its request counter; kopf's watch streams are not
    requests it makes per object) and resourceVersion changes.
@@ -27,6 +29,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +49,8 @@ from localcluster.operator import OperatorProcess, metric_sum  # noqa: E402
 from modeldeploy_operator.api.v1alpha1 import ModelDeployment  # noqa: E402
 from modeldeploy_operator.builders.deployment import BuildConfig, build_deployment  # noqa: E402
 from modeldeploy_operator.builders.labels import revision_of  # noqa: E402
+from modeldeploy_operator.builders.service import build_service  # noqa: E402
+from modeldeploy_operator.k8s.client import KubernetesApi, load_api_client  # noqa: E402
 
 BEGIN, END = markers("operator-bench")
 WRITE_VERBS = "APPLY|PATCH|POST|PUT|DELETE"
@@ -195,16 +200,7 @@ def cold_start(
     cluster: Cluster, operator: OperatorProcess, namespace: str, count: int
 ) -> dict[str, float]:
     operator.stop()
-    docs = [example(f"cold-{i:05d}", namespace, gpu=False) for i in range(count)]
-    for start in range(0, count, 200):
-        cluster.kubectl(
-            "apply",
-            "--server-side",
-            "-f",
-            "-",
-            stdin=yaml.safe_dump_all(docs[start : start + 200]),
-            timeout=600,
-        )
+    create_unreconciled(cluster, namespace, count)
     progress = Progress(cluster, namespace, count)
     progress.start()
     operator.start()
@@ -215,6 +211,59 @@ def cold_start(
     finally:
         progress.stop()
     return {"reconciled_s": reconciled, "available_s": available, "peak_rss_mib": rss}
+
+
+def create_unreconciled(cluster: Cluster, namespace: str, count: int) -> list[dict[str, Any]]:
+    docs = [example(f"cold-{i:05d}", namespace, gpu=False) for i in range(count)]
+    for start in range(0, count, 200):
+        cluster.kubectl(
+            "apply",
+            "--server-side",
+            "-f",
+            "-",
+            stdin=yaml.safe_dump_all(docs[start : start + 200]),
+            timeout=600,
+        )
+    return docs
+
+
+def floor_start(cluster: Cluster, namespace: str, count: int, workers: int) -> float:
+    """The floor of a cold start: a client that already knows what to write does exactly a
+    first pass's requests for each of ``count`` ModelDeployments (the status, the
+    Deployment and the Service, server-side applied, through the operator's own HTTP client)
+    with the operator's number of workers, and no watch, cache or decision. Seconds until
+    every status is written."""
+    docs = create_unreconciled(cluster, namespace, count)
+    api = KubernetesApi(load_api_client(str(cluster.state.kubeconfig)))
+    build = BuildConfig(runtime_image="runtime:bench")
+
+    def first_pass(doc: dict[str, Any]) -> None:
+        written = api.patch_status(namespace, doc["metadata"]["name"], {"observedGeneration": 1})
+        md = ModelDeployment.model_validate(written)  # with its uid, for the owner references
+        api.apply(build_deployment(md, "stable", revision_of(md, "runtime:bench"), build))
+        api.apply(build_service(md))
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(first_pass, docs))
+    return time.monotonic() - started
+
+
+def settle(cluster: Cluster, namespace: str) -> None:
+    """Delete a namespace and wait until it and its pods are gone, so the next phase does
+    not share the machine with their garbage collection."""
+    cluster.kubectl("delete", "namespace", namespace, "--wait=true", timeout=900, check=False)
+
+
+def cold_and_floor(
+    cluster: Cluster, operator: OperatorProcess, count: int, workers: int
+) -> dict[str, float]:
+    print(f"[bench] floor with {count} ModelDeployments", flush=True)
+    floor_ns = f"{NAMESPACE}-floor-{count}"
+    floor = floor_start(cluster, floor_ns, count, workers)
+    settle(cluster, floor_ns)
+    print(f"[bench] cold start with {count} ModelDeployments", flush=True)
+    return {"floor_s": floor, **cold_start(cluster, operator, f"{NAMESPACE}-{count}", count)}
 
 
 def peak_rss_mib(pid: int | None) -> float:
@@ -279,13 +328,16 @@ def render(results: dict[str, Any]) -> str:
         f" | {percentile(md, 0.95) / percentile(dep, 0.95):.2f}x |",
         "",
         "**Cold start**: unreconciled ModelDeployments (CPU-only, 1 replica), the operator"
-        " started against them:",
+        " started against them. The floor, measured in the same run in its own namespace, is"
+        f" a client doing just a first pass's writes for each (status, Deployment, Service) with"
+        f" the operator's {results['workers']} workers: no watch, no cache, no decision.",
         "",
-        "| ModelDeployments | start to every status written | start to every one Available"
-        " | operator peak RSS |",
-        "| --- | --- | --- | --- |",
+        "| ModelDeployments | floor: every status written | operator: every status written"
+        " | ratio | operator: every one Available | operator peak RSS |",
+        "| --- | --- | --- | --- | --- | --- |",
         *(
-            f"| {count:,} | {cold['reconciled_s']:.1f} s | "
+            f"| {count:,} | {cold['floor_s']:.1f} s | {cold['reconciled_s']:.1f} s"
+            f" | {cold['reconciled_s'] / cold['floor_s']:.2f}x | "
             + (
                 f"{cold['available_s']:.1f} s"
                 if cold["available_s"] == cold["available_s"]
@@ -318,11 +370,13 @@ def main() -> int:
     )
     parser.add_argument("--idle-seconds", type=float, default=120.0)
     parser.add_argument("--resync-seconds", type=float, default=30.0)
+    parser.add_argument("--workers", type=int, default=4, help="the operator's --workers")
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = parser.parse_args()
 
     counts = [int(c) for c in args.counts.split(",")]
-    cluster = Cluster(Toolchain.locate(), ClusterState.default())
+    # Simulated nodes only: a real node's kubelet and containerd would only add noise here.
+    cluster = Cluster(Toolchain.locate(), ClusterState.default(), real_node=None)
     started_here = cluster.up()
     # Room for a pod per ModelDeployment on simulated nodes.
     extra_nodes = [
@@ -330,13 +384,14 @@ def main() -> int:
         for i in range(max(3, -(-max(counts) // 1000)))
     ]
     namespaces = [NAMESPACE, *(f"{NAMESPACE}-{count}" for count in counts)]
+    namespaces += [f"{NAMESPACE}-floor-{count}" for count in counts]
 
     def operator_for(namespace: str) -> OperatorProcess:
         return OperatorProcess(
             cluster,
             cluster.state.root / f"{namespace}-operator.log",
             resync_seconds=args.resync_seconds,
-            extra_args=(f"--namespace={namespace}",),
+            extra_args=(f"--namespace={namespace}", f"--workers={args.workers}"),
         )
 
     operator = operator_for(NAMESPACE)
@@ -357,13 +412,13 @@ def main() -> int:
         for count in counts:
             namespace = f"{NAMESPACE}-{count}"
             operator = operator_for(namespace)
-            print(f"[bench] cold start with {count} ModelDeployments", flush=True)
-            colds.append((count, cold_start(cluster, operator, namespace, count)))
+            colds.append((count, cold_and_floor(cluster, operator, count, args.workers)))
             print(f"[bench] {colds[-1]}", flush=True)
             if not quiet:
                 print(f"[bench] idle for {args.idle_seconds:.0f}s", flush=True)
                 quiet = idle(cluster, operator, namespace, count, args.idle_seconds)
             operator.stop()
+            settle(cluster, namespace)
     finally:
         operator.stop()
         for namespace in namespaces:
@@ -381,6 +436,7 @@ def main() -> int:
         "idle": quiet,
         "idle_count": counts[0],
         "resync_s": args.resync_seconds,
+        "workers": args.workers,
     }
     section = render(results)
     print(section)

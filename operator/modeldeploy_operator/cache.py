@@ -54,12 +54,16 @@ def _raw(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON")
 
 
-def project(body: Mapping[str, Any], kind: str) -> str:
+Projection = tuple[str, str]  # (resourceVersion, the projected object without it, as JSON)
+
+
+def project(body: Mapping[str, Any], kind: str) -> Projection:
     """Only the fields the operator reads, as compact JSON: no managedFields, no pod spec, no
     annotations on children (ours carry none), just the status fields a pod's problems are
-    read from."""
+    read from. The resourceVersion is kept beside it, so two projections compare equal when
+    nothing the operator reads changed."""
     meta = body.get("metadata") or {}
-    kept = {k: meta[k] for k in KEPT_METADATA if k in meta}
+    kept = {k: meta[k] for k in KEPT_METADATA if k in meta and k != "resourceVersion"}
     if kind != "ModelDeployment":
         kept.pop("annotations", None)
     projected: dict[str, Any] = {
@@ -74,7 +78,25 @@ def project(body: Mapping[str, Any], kind: str) -> str:
         for part in ("spec", "status"):
             if part in body:
                 projected[part] = body[part]
-    return json.dumps(projected, separators=(",", ":"), default=_raw)
+    content = json.dumps(projected, separators=(",", ":"), default=_raw)
+    return str(meta.get("resourceVersion") or ""), content
+
+
+def expand(projection: Projection) -> Json:
+    version, content = projection
+    obj: Json = json.loads(content)
+    if version:
+        obj["metadata"]["resourceVersion"] = version
+    return obj
+
+
+def trigger_of(body: Mapping[str, Any]) -> str:
+    """What a ModelDeployment's event must change to need a pass: the spec (generation),
+    labels, annotations (the manual commands), deletion. Status alone is the operator's own
+    write coming back, as controller-runtime's GenerationChangedPredicate reasons."""
+    meta = body.get("metadata") or {}
+    fields = [meta.get(k) for k in ("generation", "labels", "annotations", "deletionTimestamp")]
+    return json.dumps(fields, separators=(",", ":"), default=_raw, sort_keys=True)
 
 
 def _copied(read: Callable[[], T]) -> T:
@@ -108,6 +130,25 @@ class ClusterCache:
         self._ready = threading.Event()
         self._lock = threading.Lock()
         self._superseded: dict[Key, set[tuple[str, str]]] = {}
+        self._last: dict[str, str] = {}  # object uid -> what its last event showed
+        self._relevant: dict[str, bool] = {}  # object uid -> whether that event needs a pass
+
+    def note(self, uid: str, shown: str) -> None:
+        """Remember what an object's event shows (the index function calls this, just before
+        kopf runs the event's handler, which then asks :meth:`relevant`)."""
+        with self._lock:
+            before = self._last.get(uid)
+            self._last[uid] = shown
+            self._relevant[uid] = before != shown
+
+    def relevant(self, uid: str, event: str | None) -> bool:
+        """Whether the event just noted changed anything the operator reads. A listing
+        (no event type), ADDED and DELETED always do."""
+        with self._lock:
+            changed = self._relevant.pop(uid, True)
+            if event == "DELETED":
+                self._last.pop(uid, None)
+            return event in (None, "ADDED", "DELETED") or changed
 
     @staticmethod
     def holds(kind: str) -> bool:
@@ -154,7 +195,7 @@ class ClusterCache:
         found = self._indices.get(index)
         if found is None:
             return []
-        return [json.loads(v) for v in _copied(lambda: list(found.get(key, ())))]
+        return [expand(v) for v in _copied(lambda: list(found.get(key, ())))]
 
     def keys(self) -> list[Key]:
         """Every ModelDeployment the watch knows."""

@@ -241,9 +241,9 @@ class Reconciler:
 
     # -- what triggers call --------------------------------------------------------------------
 
-    def add(self, namespace: str, name: str) -> None:
-        """Ask for a pass over this object (non-blocking)."""
-        self.queue.add((namespace, name))
+    def add(self, namespace: str, name: str, *, urgent: bool = False) -> None:
+        """Ask for a pass over this object (non-blocking); ``urgent`` ahead of the others."""
+        self.queue.add((namespace, name), urgent=urgent)
 
     def forget(self, namespace: str, name: str) -> None:
         """The object was deleted: drop its backoff and what the operator remembers of it."""

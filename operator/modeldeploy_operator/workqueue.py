@@ -7,6 +7,11 @@ After client-go's ``util/workqueue`` and controller-runtime's reconciler loop:
   nothing (duplicate adds coalesce); ``add`` of a key being processed marks it dirty only, and
   ``done`` puts it back in line once: a key is never processed by two workers at once, and a
   change that arrives during a pass gets exactly one more pass after it.
+- **Two lanes.** ``add(key, urgent=True)`` puts a key ahead of the others: a spec nobody has
+  reconciled yet, or a manual command, is not stuck behind a storm of pod and status events
+  (a cold start of 1,000 objects writes every first status before any follow-up pass).
+  controller-runtime's priority queue orders the same way the other way round: it demotes
+  the initial listing below live changes.
 - **Delays** (client-go's delaying queue): ``add_after`` keeps the earliest wake-up per key and
   adds the key when it comes. A key waiting for its time is not dirty yet, so an event can
   still run it earlier.
@@ -106,7 +111,9 @@ class WorkQueue(Generic[K]):
         self._on_wait = on_wait  # seconds from the add to the get, per pass
         self._on_retry = on_retry  # one per add_rate_limited
         self._cond = threading.Condition()
-        self._line: deque[K] = deque()  # dirty and not processing, in order
+        self._line: deque[K] = deque()  # dirty and not processing, in order (may hold stale keys)
+        self._urgent: deque[K] = deque()  # the same, ahead of the line
+        self._urgent_keys: set[K] = set()  # keys whose next pass is urgent
         self._dirty: set[K] = set()
         self._processing: set[K] = set()
         self._added_at: dict[K, float] = {}
@@ -117,10 +124,11 @@ class WorkQueue(Generic[K]):
 
     # -- adding ------------------------------------------------------------------------------
 
-    def add(self, key: K) -> None:
-        """Mark ``key`` as needing a pass. Cheap and non-blocking (one short lock)."""
+    def add(self, key: K, *, urgent: bool = False) -> None:
+        """Mark ``key`` as needing a pass; ``urgent`` ahead of the others. Cheap and
+        non-blocking (one short lock)."""
         with self._cond:
-            self._add(key, self._clock.monotonic())
+            self._add(key, self._clock.monotonic(), urgent=urgent)
 
     def add_after(self, key: K, seconds: float) -> None:
         """Add ``key`` once ``seconds`` have passed; an earlier wake-up already asked for
@@ -158,9 +166,10 @@ class WorkQueue(Generic[K]):
                     return None
                 now = self._clock.monotonic()
                 self._promote(now)
-                if self._line:
-                    key = self._line.popleft()
+                key = self._next()
+                if key is not None:
                     self._dirty.discard(key)
+                    self._urgent_keys.discard(key)
                     self._processing.add(key)
                     waited = max(now - self._added_at.pop(key, now), 0.0)
                     break
@@ -175,7 +184,7 @@ class WorkQueue(Generic[K]):
         with self._cond:
             self._processing.discard(key)
             if key in self._dirty:
-                self._line.append(key)
+                (self._urgent if key in self._urgent_keys else self._line).append(key)
                 self._cond.notify()
 
     def shut_down(self) -> None:
@@ -195,7 +204,7 @@ class WorkQueue(Generic[K]):
         with self._cond:
             if not self._shutting_down:
                 self._promote(self._clock.monotonic())
-            return len(self._line)
+            return len(self._dirty - self._processing)
 
     def delayed(self) -> int:
         """Keys waiting for their time (a requeue-after or a retry)."""
@@ -204,14 +213,32 @@ class WorkQueue(Generic[K]):
 
     # -- under the lock ----------------------------------------------------------------------
 
-    def _add(self, key: K, now: float) -> None:
-        if self._shutting_down or key in self._dirty:
+    def _next(self) -> K | None:
+        """The next key in line, urgent ones first; entries already handed out are skipped."""
+        for lane in (self._urgent, self._line):
+            while lane:
+                key = lane.popleft()
+                if key in self._dirty and key not in self._processing:
+                    return key
+        return None
+
+    def _add(self, key: K, now: float, *, urgent: bool = False) -> None:
+        if self._shutting_down:
+            return
+        if key in self._dirty:
+            if urgent and key not in self._urgent_keys:  # already in line: move it ahead
+                self._urgent_keys.add(key)
+                if key not in self._processing:
+                    self._urgent.append(key)
+                    self._cond.notify()
             return
         self._dirty.add(key)
         self._added_at[key] = now
+        if urgent:
+            self._urgent_keys.add(key)
         if key in self._processing:
             return  # done() puts it in line
-        self._line.append(key)
+        (self._urgent if urgent else self._line).append(key)
         self._cond.notify()
 
     def _add_after(self, key: K, seconds: float) -> None:

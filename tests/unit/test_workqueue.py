@@ -119,6 +119,31 @@ def test_duplicate_adds_coalesce_and_keep_their_first_place(clock: FakeClock) ->
     assert [take(queue) for _ in range(3)] == ["a", "b", "c"]
 
 
+def test_urgent_keys_go_ahead_and_an_urgent_add_moves_a_waiting_key(clock: FakeClock) -> None:
+    queue: WorkQueue[str] = WorkQueue(clock)
+    for key in ("pod-event-1", "pod-event-2", "status-event"):
+        queue.add(key)
+    queue.add("new-spec", urgent=True)
+    queue.add("status-event", urgent=True)  # waiting already: it moves ahead, once
+    order = [take(queue) for _ in range(4)]
+    assert order == ["new-spec", "status-event", "pod-event-1", "pod-event-2"]
+    assert queue.depth() == 0
+    for key in order:
+        queue.done(key)
+    queue.add("pod-event-1")
+    assert queue.depth() == 1  # the stale entries left in line are not counted
+
+
+def test_an_urgent_add_during_a_pass_runs_it_first_after_done(clock: FakeClock) -> None:
+    queue: WorkQueue[str] = WorkQueue(clock)
+    queue.add("a")
+    assert take(queue) == "a"
+    queue.add("b")
+    queue.add("a", urgent=True)  # a new spec arrived while "a" was being reconciled
+    queue.done("a")
+    assert [take(queue), take(queue)] == ["a", "b"]
+
+
 def test_a_key_added_while_processed_runs_once_more_after_done(clock: FakeClock) -> None:
     queue: WorkQueue[str] = WorkQueue(clock)
     queue.add("a")
