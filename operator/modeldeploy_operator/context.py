@@ -85,7 +85,6 @@ class ReferencesChecked:
 
     generation: int | None  # of the spec they were read for
     missing: tuple[MissingReference, ...]
-    at: float  # epoch seconds
 
 
 @dataclass

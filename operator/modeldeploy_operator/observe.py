@@ -73,7 +73,7 @@ class Snapshot:
     missing: tuple[MissingReference, ...]
 
 
-REFERENCE_RECHECK_SECONDS = 10.0  # how soon a missing Secret or ConfigMap is looked for again
+REFERENCE_RECHECK_SECONDS = 10.0  # a pass this soon when a Secret or ConfigMap is missing
 
 
 def references(md: ModelDeployment) -> tuple[tuple[str, str, str], ...]:
@@ -93,29 +93,32 @@ def references(md: ModelDeployment) -> tuple[tuple[str, str, str], ...]:
 
 
 def missing_references(
-    md: ModelDeployment, pods: tuple[Json, ...], ctx: OperatorContext, now: float
+    md: ModelDeployment, pods: tuple[Json, ...], ctx: OperatorContext
 ) -> tuple[MissingReference, ...]:
     """Secrets and ConfigMaps the spec names that do not exist, read as metadata only (never
     their data), and only when the answer can have changed: a new spec, one missing at the
-    last look (again after ``REFERENCE_RECHECK_SECONDS``), or a pod not Ready (a deleted
-    Secret shows there first). At rest this costs no request."""
+    last look (reconcile then asks for a pass within ``REFERENCE_RECHECK_SECONDS``), or a pod
+    not Ready (a deleted Secret shows there first). At rest this costs no request."""
     wanted = references(md)
     key = (md.metadata.namespace, md.metadata.name)
     last = ctx.references.get(key)
     if not wanted:
         ctx.references.pop(key, None)
         return ()
-    if last is not None and last.generation == md.metadata.generation:
-        if last.missing and now - last.at < REFERENCE_RECHECK_SECONDS:
-            return last.missing
-        if not last.missing and pods and all(pod_ready(p) for p in pods):
-            return ()
+    if (
+        last is not None
+        and last.generation == md.metadata.generation
+        and not last.missing
+        and pods
+        and all(pod_ready(p) for p in pods)
+    ):
+        return ()
     missing = tuple(
         MissingReference(kind, name, path)
         for kind, name, path in wanted
         if not ctx.api.exists("v1", kind, md.metadata.namespace, name)
     )
-    ctx.references[key] = ReferencesChecked(md.metadata.generation, missing, now)
+    ctx.references[key] = ReferencesChecked(md.metadata.generation, missing)
     return missing
 
 
@@ -256,7 +259,7 @@ def snapshot(
         pods=pods,
         world=world,
         gpu_products=ctx.gpus.products() if md.spec.resources.gpu else None,
-        missing=missing_references(md, pods, ctx, now),
+        missing=missing_references(md, pods, ctx),
     )
 
 
