@@ -69,6 +69,10 @@ def test_a_healthy_canary_under_steady_load_is_promoted_without_a_failed_request
     """Stable shrinks only as canary pods become Ready, promotion hands over pod by pod, and
     leaving pods drain: with one extra pod of surge, nothing a client sends fails."""
     address = serve_version_1(cluster, namespace, replicas=replicas)
+    # The EndpointSlice controller follows pod readiness a moment later: measure from when
+    # every stable pod is behind the Service, as a client sees it.
+    behind = CapacityWatch(cluster, namespace)
+    wait_for("every stable pod behind the Service", lambda: behind.ready_endpoints() == replicas)
     with CapacityWatch(cluster, namespace) as capacity, SteadyLoad(address) as load:
         wait_for("a few answers before the change", lambda: len(load.outcomes) >= 20)
         roll_to(cluster, namespace, "2")
