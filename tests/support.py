@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import copy
 import json
+import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -89,3 +92,32 @@ def condition(obj: dict[str, Any] | None, type_: str) -> dict[str, Any] | None:
         if found["type"] == type_:
             return dict(found)
     return None
+
+
+@contextmanager
+def local_server(handle: Callable[[socket.socket], None]) -> Iterator[str]:
+    """A TCP server on 127.0.0.1 that hands each connection to ``handle`` in a thread of its
+    own; yields its ``http://`` URL. Connections ``handle`` keeps open are its to close; the
+    listener stops when the block ends."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.1)
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join()
+        listener.close()

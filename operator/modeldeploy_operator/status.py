@@ -119,7 +119,8 @@ class Counts:
     fetching_pods: int = 0
 
 
-def _get(obj: Mapping[str, Any] | None, *path: str) -> Any:
+def dig(obj: Mapping[str, Any] | None, *path: str) -> Any:
+    """The value at ``path`` in nested mappings; None where the path breaks off."""
     node: Any = obj
     for key in path:
         if not isinstance(node, Mapping):
@@ -129,16 +130,16 @@ def _get(obj: Mapping[str, Any] | None, *path: str) -> Any:
 
 
 def is_terminating(pod: Mapping[str, Any]) -> bool:
-    return _get(pod, "metadata", "deletionTimestamp") is not None
+    return dig(pod, "metadata", "deletionTimestamp") is not None
 
 
 def _field(deployments: Sequence[Mapping[str, Any] | None], name: str) -> int:
-    return sum(int((_get(d, "status") or {}).get(name) or 0) for d in deployments)
+    return sum(int((dig(d, "status") or {}).get(name) or 0) for d in deployments)
 
 
 def _current(deployment: Mapping[str, Any] | None) -> bool:
-    status = _get(deployment, "status") or {}
-    return bool(status.get("observedGeneration") == _get(deployment, "metadata", "generation"))
+    status = dig(deployment, "status") or {}
+    return bool(status.get("observedGeneration") == dig(deployment, "metadata", "generation"))
 
 
 def count(md: ModelDeployment, observed: Observed) -> Counts:
@@ -155,7 +156,7 @@ def count(md: ModelDeployment, observed: Observed) -> Counts:
         current=dep is not None
         and _current(dep)
         and (observed.canary_deployment is None or _current(observed.canary_deployment)),
-        running_pods=sum(1 for p in pods if _get(p, "status", "phase") == "Running"),
+        running_pods=sum(1 for p in pods if dig(p, "status", "phase") == "Running"),
         fetching_pods=sum(1 for p in pods if _init_state(p, "running") is not None),
     )
 
@@ -163,21 +164,21 @@ def count(md: ModelDeployment, observed: Observed) -> Counts:
 def pod_ready(pod: Mapping[str, Any]) -> bool:
     return any(
         c.get("type") == "Ready" and c.get("status") == "True"
-        for c in _get(pod, "status", "conditions") or []
+        for c in dig(pod, "status", "conditions") or []
     )
 
 
 def _init_state(pod: Mapping[str, Any], state: str) -> Any:
-    for status in _get(pod, "status", "initContainerStatuses") or []:
+    for status in dig(pod, "status", "initContainerStatuses") or []:
         if status.get("name") == FETCH_CONTAINER:
-            return _get(status, "state", state)
+            return dig(status, "state", state)
     return None
 
 
 def pod_problems(pod: Mapping[str, Any]) -> list[Problem]:
     found: list[Problem] = []
-    name = _get(pod, "metadata", "name")
-    for condition in _get(pod, "status", "conditions") or []:
+    name = dig(pod, "metadata", "name")
+    for condition in dig(pod, "status", "conditions") or []:
         if (
             condition.get("type") == "PodScheduled"
             and condition.get("status") == "False"
@@ -188,12 +189,12 @@ def pod_problems(pod: Mapping[str, Any]) -> list[Problem]:
                 "InsufficientGPU" if "Insufficient nvidia.com/gpu" in message else "Unschedulable"
             )
             found.append(Problem(reason, f"pod {name} cannot be scheduled: {message}"))
-    for status in _get(pod, "status", "initContainerStatuses") or []:
+    for status in dig(pod, "status", "initContainerStatuses") or []:
         if status.get("name") != FETCH_CONTAINER:
             continue
-        waiting = _get(status, "state", "waiting") or {}
-        terminated = _get(status, "state", "terminated") or {}
-        last = _get(status, "lastState", "terminated") or {}
+        waiting = dig(status, "state", "waiting") or {}
+        terminated = dig(status, "state", "terminated") or {}
+        last = dig(status, "lastState", "terminated") or {}
         if waiting.get("reason") in IMAGE_PULL_REASONS:
             found.append(Problem("ImagePullBackOff", f"pod {name}: {waiting.get('message', '')}"))
         elif terminated.get("exitCode", 0) != 0 or waiting.get("reason") == "CrashLoopBackOff":
@@ -205,8 +206,8 @@ def pod_problems(pod: Mapping[str, Any]) -> list[Problem]:
                     f"pod {name}: fetching the model failed (exit code {code}): {detail}".rstrip(),
                 )
             )
-    for status in _get(pod, "status", "containerStatuses") or []:
-        waiting = _get(status, "state", "waiting") or {}
+    for status in dig(pod, "status", "containerStatuses") or []:
+        waiting = dig(status, "state", "waiting") or {}
         waiting_reason = waiting.get("reason")
         container = status.get("name")
         load_failure = model_load_failure(status, name) if container == TRITON_CONTAINER else None
@@ -242,8 +243,8 @@ def model_load_failure(container_status: Mapping[str, Any], pod: str) -> str | N
     line is often cut off: then the message says where the whole log is.
     """
     terminated = (
-        _get(container_status, "state", "terminated")
-        or _get(container_status, "lastState", "terminated")
+        dig(container_status, "state", "terminated")
+        or dig(container_status, "lastState", "terminated")
         or {}
     )
     if not terminated or terminated.get("exitCode", 0) == 0:
@@ -302,7 +303,7 @@ def find_problems(md: ModelDeployment, observed: Observed) -> list[Problem]:
                 " stable keeps serving; change the spec to try again",
             )
         )
-    for condition in _get(observed.deployment, "status", "conditions") or []:
+    for condition in dig(observed.deployment, "status", "conditions") or []:
         if condition.get("type") == "ReplicaFailure" and condition.get("status") == "True":
             found.append(Problem("ReplicaFailure", condition.get("message", "")))
         if (

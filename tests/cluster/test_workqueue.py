@@ -19,7 +19,7 @@ from localcluster.operator import OperatorProcess, metric_sum
 from modeldeploy_operator.api.v1alpha1 import API_VERSION, KIND
 from modeldeploy_operator.k8s.client import KubernetesApi, load_api_client
 from rollout_support import manual_canary, start_canary
-from support import DELETE, load_example, merged, wait_for
+from support import DELETE, load_example, local_server, merged, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -32,27 +32,17 @@ OTHER = "vit"  # listed after resnet50 (the stuck one): a serial resync would re
 def blackhole() -> Iterator[tuple[str, threading.Event]]:
     """An HTTP "Prometheus" on 127.0.0.1 that accepts connections and never answers; the
     event is set at the first connection."""
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
     accepted = threading.Event()
     held: list[socket.socket] = []
 
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            held.append(conn)  # never read, never answered
-            accepted.set()
+    def hold(conn: socket.socket) -> None:  # never read, never answered
+        held.append(conn)
+        accepted.set()
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
     try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}", accepted
+        with local_server(hold) as url:
+            yield url, accepted
     finally:
-        listener.close()
         for conn in held:
             conn.close()
 

@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from typing import Any
 
 import pytest
@@ -20,6 +21,7 @@ from modeldeploy_operator.metrics.prometheus import (
     ProviderError,
     parse_result,
 )
+from support import local_server
 
 
 def success(kind: str, result: Any) -> bytes:
@@ -94,31 +96,8 @@ Handler = Callable[[socket.socket], None]
 @pytest.fixture
 def serve() -> Iterator[Callable[[Handler], str]]:
     """Start a TCP server on 127.0.0.1 whose connections ``handler`` serves; its URL."""
-    listeners: list[socket.socket] = []
-    stop = threading.Event()
-
-    def start(handler: Handler) -> str:
-        listener = socket.create_server(("127.0.0.1", 0))
-        listener.settimeout(0.1)
-        listeners.append(listener)
-
-        def loop() -> None:
-            while not stop.is_set():
-                try:
-                    conn, _ = listener.accept()
-                except TimeoutError:
-                    continue
-                except OSError:
-                    return
-                threading.Thread(target=handler, args=(conn,), daemon=True).start()
-
-        threading.Thread(target=loop, daemon=True).start()
-        return f"http://127.0.0.1:{listener.getsockname()[1]}"
-
-    yield start
-    stop.set()
-    for listener in listeners:
-        listener.close()
+    with ExitStack() as servers:
+        yield lambda handler: servers.enter_context(local_server(handler))
 
 
 def blackhole(stop: threading.Event) -> Handler:

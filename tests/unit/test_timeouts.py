@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,32 +18,15 @@ from modeldeploy_operator.__main__ import build_context, parse_args
 from modeldeploy_operator.k8s.client import DEFAULT_TIMEOUT, ApiError, KubernetesApi
 from modeldeploy_operator.metrics.prometheus import PrometheusProvider
 from modeldeploy_operator.telemetry import Telemetry
+from support import local_server
 
 
 @pytest.fixture
 def silent_server() -> Iterator[str]:
     """An HTTP "server" on 127.0.0.1 that accepts connections and never answers."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(0.1)
-    stop = threading.Event()
     held: list[socket.socket] = []
-
-    def loop() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            held.append(conn)
-
-    thread = threading.Thread(target=loop, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
-    stop.set()
-    thread.join()
-    listener.close()
+    with local_server(held.append) as url:
+        yield url
     for conn in held:
         conn.close()
 

@@ -50,7 +50,13 @@ from modeldeploy_operator.rollout.decide import (
     canary_replicas,
     decide_step,
 )
-from modeldeploy_operator.status import RolloutView, is_terminating, pod_problems, pod_ready
+from modeldeploy_operator.status import (
+    RolloutView,
+    dig,
+    is_terminating,
+    pod_problems,
+    pod_ready,
+)
 
 COMMAND_ANNOTATION = f"{GROUP}/command"
 COMMANDS = ("promote", "abort", "pause", "resume", "rollback", "retry")
@@ -119,18 +125,9 @@ class RolloutPlan:
     requeue_after: float | None = None  # when the rollout next needs a look by itself
 
 
-def _get(obj: Mapping[str, Any] | None, *path: str) -> Any:
-    node: Any = obj
-    for key in path:
-        if not isinstance(node, Mapping):
-            return None
-        node = node.get(key)
-    return node
-
-
 def stalled(deployment: Mapping[str, Any] | None) -> str | None:
     """A Deployment's ProgressDeadlineExceeded, as a failure message."""
-    for condition in _get(deployment, "status", "conditions") or []:
+    for condition in dig(deployment, "status", "conditions") or []:
         if (
             condition.get("type") == "Progressing"
             and condition.get("reason") == "ProgressDeadlineExceeded"
@@ -145,18 +142,18 @@ def track_state(
     """A track's Deployment and its pods as plain facts."""
     if deployment is None:
         return TrackState()
-    revision = _get(deployment, "spec", "template", "metadata", "labels", REVISION_LABEL)
+    revision = dig(deployment, "spec", "template", "metadata", "labels", REVISION_LABEL)
     mine = [
         p
         for p in pods
-        if (_get(p, "metadata", "labels") or {}).get(TRACK_LABEL) == track
-        and (_get(p, "metadata", "labels") or {}).get(REVISION_LABEL) == revision
+        if (dig(p, "metadata", "labels") or {}).get(TRACK_LABEL) == track
+        and (dig(p, "metadata", "labels") or {}).get(REVISION_LABEL) == revision
         and not is_terminating(p)
     ]
-    replicas = int(_get(deployment, "spec", "replicas") or 0)
-    status = _get(deployment, "status") or {}
+    replicas = int(dig(deployment, "spec", "replicas") or 0)
+    status = dig(deployment, "status") or {}
     rolled = (
-        status.get("observedGeneration") == _get(deployment, "metadata", "generation")
+        status.get("observedGeneration") == dig(deployment, "metadata", "generation")
         and int(status.get("updatedReplicas") or 0) == replicas
         and int(status.get("availableReplicas") or 0) >= replicas
         and int(status.get("replicas") or 0) == replicas
