@@ -57,6 +57,11 @@ def canary_replicas(cluster: Cluster, namespace: str) -> int | None:
     return None if deployment is None else int(deployment["spec"]["replicas"])
 
 
+def stable_replicas(cluster: Cluster, namespace: str) -> int | None:
+    deployment = get(cluster, namespace, "deployment", "resnet50-stable")
+    return None if deployment is None else int(deployment["spec"]["replicas"])
+
+
 def stable_version(cluster: Cluster, namespace: str) -> str:
     deployment = get(cluster, namespace, "deployment", "resnet50-stable") or {}
     return str(deployment["spec"]["template"]["metadata"]["labels"][VERSION_LABEL])
@@ -67,9 +72,9 @@ def test_a_healthy_canary_goes_through_every_step_and_is_promoted(
 ) -> None:
     start(cluster, namespace, [{"weight": 50, "pause": "2s"}, {"weight": 100}])
     wait_for("the canary at 50 %", lambda: canary_replicas(cluster, namespace) == 1, timeout=20)
-    stable = get(cluster, namespace, "deployment", "resnet50-stable")
-    assert stable is not None
-    assert stable["spec"]["replicas"] == 1  # scaled down to match: no extra pods
+    # The canary is created first and the stable scaled down after it in the same pass (no
+    # capacity dip), so the stable follows a moment later: then no extra pods.
+    wait_for("the stable scaled to match", lambda: stable_replicas(cluster, namespace) == 1, 10)
     assert stable_version(cluster, namespace) == "1"
     during = status(cluster, namespace)
     assert during["phase"] == "Progressing"
