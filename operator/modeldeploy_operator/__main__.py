@@ -44,6 +44,7 @@ from modeldeploy_operator.reconcile import Reconciler
 from modeldeploy_operator.telemetry import Telemetry
 
 DEFAULT_RUNTIME_IMAGE = f"ghcr.io/modeldeploy/runtime:{__version__.split('+')[0]}"
+CACHE_SYNC_SECONDS = 120.0  # reconciling waits this long at most for the first lists
 WORKER_STOP_SECONDS = 5.0  # how long SIGTERM waits for the reconciles that run
 
 
@@ -196,6 +197,39 @@ async def resync(reconciler: Reconciler, ctx: OperatorContext, stop: asyncio.Eve
             reconciler.add(namespace, name)
 
 
+async def watch_children(
+    reconciler: Reconciler,
+    ctx: OperatorContext,
+    api_client: ApiClient,
+    args: argparse.Namespace,
+    stop: asyncio.Event,
+) -> threading.Event:
+    """Start the child reflectors and wait for their first lists (a pass before them would
+    read from the API server, or decide from a partial cache), for up to
+    ``CACHE_SYNC_SECONDS`` or a stop. Returns the event that stops them."""
+    reflectors = threading.Event()
+    handlers.start_reflectors(
+        reconciler,
+        KubernetesApi(
+            api_client,
+            on_request=ctx.telemetry.count_request,
+            timeout=(args.api_timeout, args.api_timeout),
+        ),
+        tuple(args.namespace),
+        reflectors,
+    )
+    deadline = time.monotonic() + CACHE_SYNC_SECONDS
+    while not stop.is_set() and time.monotonic() < deadline:
+        if await asyncio.to_thread(ctx.cache.wait_ready, 0.5):
+            return reflectors
+    if not stop.is_set():
+        ctx.logger.warning(
+            "The child watches have not listed everything yet; passes read from the API"
+            " server until they have"
+        )
+    return reflectors
+
+
 def health_check(
     reconciler: Reconciler,
     elector: LeaderElector | None,
@@ -304,9 +338,11 @@ async def run(args: argparse.Namespace, logger: logging.Logger) -> int:
         },
     )
     lost = False
+    stops: list[threading.Event] = []
     try:
         if elector is not None and not await elector.acquire(stop):
             return 0  # stopped while standing by: nothing was written, nothing to release
+        stops.append(await watch_children(reconciler, ctx, api_client, args, stop))
         reconciler.start()
         loops.append(asyncio.create_task(resync(reconciler, ctx, stop), name="resync"))
         watches = asyncio.create_task(
@@ -331,6 +367,8 @@ async def run(args: argparse.Namespace, logger: logging.Logger) -> int:
                 await task
     finally:
         stop.set()
+        for event in stops:
+            event.set()
         # Each worker finishes the object it holds; one blocked in a request is left behind
         # (a daemon thread), and once the Lease is released its writes are refused anyway.
         if not await asyncio.to_thread(reconciler.stop, WORKER_STOP_SECONDS):

@@ -1,34 +1,34 @@
 """The cluster as the operator's watches know it: reads without requests.
 
-kopf keeps one watch per resource kind and, before it runs any handler, fills in-memory
-indices from them (``@kopf.index``, declared in ``handlers.py``): the ModelDeployments, their
-Deployments and Services, and their pods. The child and pod watches are filtered on the
-server by the ``app.kubernetes.io/managed-by=modeldeploy`` label, and every object is
-projected to the fields the operator reads (:func:`project`), as controller-runtime's cache
-transforms do, and kept as compact JSON text: a few kilobytes per object instead of a tree of
-Python dicts three times that size, immutable (so shared between threads without locks), and
-decoded by C code when a pass reads it, faster than deep-copying the tree would be. A
-reconcile pass reads its snapshot from here; the API server sees writes, and the watches'
-re-lists, only.
+The ModelDeployments come from kopf's watch (its event handler hands each one over); their
+Deployments, Services and pods from one reflector per kind (``k8s/reflector.py``: list, then
+watch), filtered on the server by the ``app.kubernetes.io/managed-by=modeldeploy`` label.
+Every object is projected to the fields the operator reads (:func:`project`), as
+controller-runtime's cache transforms do, and kept as compact JSON text: a few kilobytes per
+object instead of a tree of Python dicts three times that size, immutable (so shared between
+threads), and decoded by C code when a pass reads it, faster than deep-copying the tree
+would be. A reconcile pass reads its snapshot from here; the API server sees writes, and the
+watches' re-lists, only.
 
-The indices are kopf's, mutated on its event loop; passes read them from worker threads, and
-retry a read that a concurrent update interrupts.
+Why not kopf's own indices (``@kopf.index``), which did this until they were measured: kopf
+holds every handler until each indexed object has been indexed, and each object's worker
+waits on one condition that every other object's arrival wakes, re-checking every object's
+toggle. That is quadratic in the objects of a kind: at 10,000 ModelDeployments 59 % of the
+operator's CPU went there and the cold start never finished (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any, TypeVar
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
 
 Json = dict[str, Any]
 Key = tuple[str, str]  # (namespace, ModelDeployment name)
-T = TypeVar("T")
 
-MODELDEPLOYMENTS = "modeldeployments"
-CHILDREN = ("deployments", "services")  # the plurals of the kinds held, per owner
-PODS = "pods"
+CHILD_KINDS = ("Deployment", "Service")  # held per owner, read as a pass's children
 
 # metadata fields kept: what the planner, the drift check and the status writes read.
 KEPT_METADATA = (
@@ -99,43 +99,127 @@ def trigger_of(body: Mapping[str, Any]) -> str:
     return json.dumps(fields, separators=(",", ":"), default=_raw, sort_keys=True)
 
 
-def _copied(read: Callable[[], T]) -> T:
-    """Run a read that copies from kopf's indices; an update on kopf's loop during the copy
-    ("changed size during iteration") is retried."""
-    for _ in range(5):
-        try:
-            return read()
-        except RuntimeError:
-            continue
-    return read()
-
-
 def version_of(obj: Mapping[str, Any] | None) -> str:
     """An object's resourceVersion; "" for an absent one."""
     return str(((obj or {}).get("metadata") or {}).get("resourceVersion") or "")
 
 
+class KindStore:
+    """One child kind's objects by their ModelDeployment (the ``MD_LABEL`` label), as
+    projections; a reflector's :class:`~modeldeploy_operator.k8s.reflector.Sink`. A change to
+    what the operator reads of an object (its projection) calls ``on_change`` with the owner,
+    which then needs a pass."""
+
+    def __init__(self, kind: str, owner_label: str, on_change: Callable[[Key], None]) -> None:
+        self.kind = kind
+        self._owner_label = owner_label
+        self._on_change = on_change
+        self._lock = threading.Lock()
+        self._objects: dict[Key, tuple[Key, Projection]] = {}  # (ns, name) -> owner, object
+        self._owned: dict[Key, dict[str, Projection]] = {}  # owner -> name -> object
+        self.listed = threading.Event()
+
+    def _entry(self, obj: Mapping[str, Any]) -> tuple[Key, Key, Projection] | None:
+        meta = obj.get("metadata") or {}
+        namespace, name = meta.get("namespace"), meta.get("name")
+        owner = (meta.get("labels") or {}).get(self._owner_label)
+        if not (namespace and name and owner):
+            return None
+        return (namespace, name), (namespace, owner), project(obj, self.kind)
+
+    def replace(self, items: list[Json]) -> None:
+        entries = [e for e in map(self._entry, items) if e is not None]
+        objects = {key: (owner, projection) for key, owner, projection in entries}
+        owned: dict[Key, dict[str, Projection]] = {}
+        for (_, name), (owner, projection) in objects.items():
+            owned.setdefault(owner, {})[name] = projection
+        with self._lock:
+            before = self._objects
+            self._objects, self._owned = objects, owned
+        changed = {
+            owner
+            for key, (owner, projection) in objects.items()
+            if key not in before or before[key][1][1] != projection[1]
+        } | {owner for key, (owner, _) in before.items() if key not in objects}
+        self.listed.set()
+        for owner in changed:
+            self._on_change(owner)
+
+    def event(self, type_: str, obj: Json) -> None:
+        meta = obj.get("metadata") or {}
+        key = (str(meta.get("namespace") or ""), str(meta.get("name") or ""))
+        entry = None if type_ == "DELETED" else self._entry(obj)
+        with self._lock:
+            before = self._objects.pop(key, None)
+            if before is not None:
+                self._owned.get(before[0], {}).pop(key[1], None)
+                if not self._owned.get(before[0]):
+                    self._owned.pop(before[0], None)
+            if entry is not None:
+                _, owner, projection = entry
+                self._objects[key] = (owner, projection)
+                self._owned.setdefault(owner, {})[key[1]] = projection
+        # Only the resourceVersion moved: nothing the operator reads changed.
+        if before and entry and before[0] == entry[1] and before[1][1] == entry[2][1]:
+            return
+        owners: set[Key] = set()
+        if before is not None:
+            owners.add(before[0])
+        if entry is not None:
+            owners.add(entry[1])
+        for owner in owners:
+            self._on_change(owner)
+
+    def owned(self, owner: Key) -> list[Json]:
+        with self._lock:
+            projections = list(self._owned.get(owner, {}).values())
+        return [expand(p) for p in projections]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._objects)
+
+
 class ClusterCache:
-    """The indices kopf keeps, read as plain data. Empty and not ``ready`` until kopf has
-    listed every indexed kind once (its handlers run only from then on).
+    """What the watches keep, read as plain data: the ModelDeployments (kopf's watch hands
+    them over, :meth:`put`), and per ModelDeployment its Deployments, Services and pods (one
+    reflector each, :meth:`store`). Not ``ready`` until every child kind has been listed once;
+    passes read from the API server until then.
 
     It also remembers, per ModelDeployment, the versions this operator has written over
-    (``supersede``): kopf updates an index between an object's events, so right after a
-    write the cache still shows the old version, and a pass must not decide twice from it.
-    A pass that finds such a version reads from the API server instead (:meth:`outdated`).
+    (``supersede``): a watch delivers an object's new version a moment after the write, so
+    right after a write the cache still shows the old version, and a pass must not decide
+    twice from it. A pass that finds such a version reads from the API server instead
+    (:meth:`outdated`).
     """
 
     def __init__(self) -> None:
-        self._indices: Mapping[str, Mapping[Any, Iterable[Any]]] = {}
-        self._ready = threading.Event()
         self._lock = threading.Lock()
+        self._modeldeployments: dict[Key, Projection] = {}
+        self._stores: dict[str, KindStore] = {}
         self._superseded: dict[Key, set[tuple[str, str]]] = {}
         self._last: dict[str, str] = {}  # object uid -> what its last event showed
         self._relevant: dict[str, bool] = {}  # object uid -> whether that event needs a pass
 
+    def store(self, kind: str, owner_label: str, on_change: Callable[[Key], None]) -> KindStore:
+        """The store of a child kind, for its reflector to fill."""
+        with self._lock:
+            return self._stores.setdefault(kind, KindStore(kind, owner_label, on_change))
+
+    def put(self, body: Mapping[str, Any]) -> None:
+        """A ModelDeployment as its watch event shows it."""
+        meta = body.get("metadata") or {}
+        projection = project(body, "ModelDeployment")
+        with self._lock:
+            self._modeldeployments[(meta["namespace"], meta["name"])] = projection
+
+    def drop(self, namespace: str, name: str) -> None:
+        with self._lock:
+            self._modeldeployments.pop((namespace, name), None)
+
     def note(self, uid: str, shown: str) -> None:
-        """Remember what an object's event shows (the index function calls this, just before
-        kopf runs the event's handler, which then asks :meth:`relevant`)."""
+        """Remember what a ModelDeployment's event shows (the handler calls this, then asks
+        :meth:`relevant`)."""
         with self._lock:
             before = self._last.get(uid)
             self._last[uid] = shown
@@ -177,44 +261,47 @@ class ClusterCache:
         with self._lock:
             self._superseded.pop(key, None)
 
-    def attach(self, indices: Mapping[str, Mapping[Any, Iterable[Any]]]) -> None:
-        """kopf's live index objects, by id (handed to the startup handler)."""
-        self._indices = dict(indices)
-
-    def mark_ready(self) -> None:
-        self._ready.set()
-
     @property
     def ready(self) -> bool:
-        return self._ready.is_set() and bool(self._indices)
+        with self._lock:
+            stores = list(self._stores.values())
+        return bool(stores) and all(s.listed.is_set() for s in stores)
 
     def wait_ready(self, timeout: float) -> bool:
-        return self._ready.wait(timeout) and bool(self._indices)
-
-    def _values(self, index: str, key: Key) -> list[Json]:
-        found = self._indices.get(index)
-        if found is None:
-            return []
-        return [expand(v) for v in _copied(lambda: list(found.get(key, ())))]
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            stores = list(self._stores.values())
+        for store in stores:
+            if not store.listed.wait(max(0.0, deadline - time.monotonic())):
+                return False
+        return bool(stores)
 
     def keys(self) -> list[Key]:
         """Every ModelDeployment the watch knows."""
-        found = self._indices.get(MODELDEPLOYMENTS)
-        if found is None:
-            return []
-        return _copied(lambda: [k for k in list(found) if isinstance(k, tuple)])
+        with self._lock:
+            return list(self._modeldeployments)
 
     def modeldeployment(self, namespace: str, name: str) -> Json | None:
-        values = self._values(MODELDEPLOYMENTS, (namespace, name))
-        return values[0] if values else None
+        with self._lock:
+            projection = self._modeldeployments.get((namespace, name))
+        return None if projection is None else expand(projection)
 
     def children(self, namespace: str, owner: str) -> dict[str, Json]:
         """The ModelDeployment's Deployments and Services, by ``Kind/name``."""
         held: dict[str, Json] = {}
-        for plural in CHILDREN:
-            for obj in self._values(plural, (namespace, owner)):
+        for kind in CHILD_KINDS:
+            store = self._stores.get(kind)
+            for obj in store.owned((namespace, owner)) if store else []:
                 held[f"{obj['kind']}/{obj['metadata']['name']}"] = obj
         return held
 
     def pods(self, namespace: str, owner: str) -> tuple[Json, ...]:
-        return tuple(self._values(PODS, (namespace, owner)))
+        store = self._stores.get("Pod")
+        return tuple(store.owned((namespace, owner))) if store else ()
+
+    def sizes(self) -> dict[str, int]:
+        """How many objects each kind holds (for the operator's metrics)."""
+        with self._lock:
+            sizes = {k: len(s) for k, s in self._stores.items()}
+            sizes["ModelDeployment"] = len(self._modeldeployments)
+        return sizes

@@ -1,16 +1,17 @@
-"""kopf wiring: the only module that imports kopf. Handlers are thin: they add the
-ModelDeployment's key to the work queue and return (``Reconciler.add``, a short lock), so
-they are coroutines on kopf's event loop and kopf's own thread pool stays small; the queue's
-workers reconcile.
+"""The watches: kopf's, of the ModelDeployments, and one reflector per child kind. This is
+the only module that imports kopf. Handlers are thin: they add the ModelDeployment's key to
+the work queue and return (``Reconciler.add``, a short lock), so they are coroutines on
+kopf's event loop and kopf's own thread pool stays small; the queue's workers reconcile.
 
-kopf's watches also keep the operator's cache (``cache.py``): in-memory indices of the
-ModelDeployments and, filtered by label on the server, of their Deployments, Services and
-pods, projected to the fields the operator reads. kopf fills them before it calls any
-handler, so the first handler call also says the cache is complete.
+The watches keep the operator's cache (``cache.py``): kopf's event handler hands over each
+ModelDeployment; the reflectors (``k8s/reflector.py``, list then watch, filtered by label on
+the server) keep their Deployments, Services and pods, projected to the fields the operator
+reads. The operator starts reconciling once every reflector has listed once.
 
 An event enqueues only when it changed something the operator reads: for a child or a pod,
-its projection; for a ModelDeployment, its spec, labels, annotations or deletion, not its
-status, which is the operator's own write coming back (``ClusterCache.note``/``relevant``).
+its projection (``KindStore``); for a ModelDeployment, its spec, labels, annotations or
+deletion, not its status, which is the operator's own write coming back
+(``ClusterCache.note``/``relevant``).
 
 Only watch-event handlers are used, no change handlers, timers or daemons: kopf then keeps no
 state on our objects (no annotations, no finalizers, no status fields), so deleting a
@@ -21,6 +22,7 @@ listing of every watch is the "resume"; the periodic resync in ``__main__`` is t
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterable, Mapping
 from typing import Any, cast
 
@@ -28,15 +30,14 @@ import kopf
 
 from modeldeploy_operator.api.v1alpha1 import GROUP, PLURAL, VERSION
 from modeldeploy_operator.builders.labels import MANAGED_BY_LABEL, MANAGER, MD_LABEL
-from modeldeploy_operator.cache import MODELDEPLOYMENTS, ClusterCache, project, trigger_of
+from modeldeploy_operator.cache import ClusterCache, trigger_of
 from modeldeploy_operator.context import OperatorContext
 from modeldeploy_operator.k8s.client import Connection
+from modeldeploy_operator.k8s.reflector import Reflector, WatchApi
 from modeldeploy_operator.reconcile import Reconciler
 from modeldeploy_operator.rollout.plan import COMMAND_ANNOTATION
 
-CHILDREN = (("apps", "v1", "deployments"), ("v1", "services"), ("v1", "pods"))
-KINDS = {"deployments": "Deployment", "services": "Service", "pods": "Pod"}
-CHILDREN_IDS = tuple(plural for *_, plural in CHILDREN)
+CHILDREN = (("apps/v1", "Deployment"), ("v1", "Service"), ("v1", "Pod"))  # reflected kinds
 OWNED = f"{MANAGED_BY_LABEL}={MANAGER}"  # the server-side label selector of child watches
 
 
@@ -76,41 +77,6 @@ def build_registry(
     registry = kopf.OperatorRegistry()
     cache: ClusterCache = reconciler.ctx.cache
 
-    @kopf.index(GROUP, VERSION, PLURAL, id=MODELDEPLOYMENTS, registry=registry)
-    async def modeldeployments(
-        body: kopf.Body, name: str, namespace: str | None, uid: str | None, **_: Any
-    ) -> dict[Any, Any]:
-        if not namespace:
-            return {}
-        cache.note(uid or f"{namespace}/{name}", trigger_of(body))
-        return {(namespace, name): project(body, "ModelDeployment")}
-
-    for resource in CHILDREN:
-        plural = resource[-1]
-
-        @kopf.index(
-            *resource,
-            id=plural,
-            labels={MANAGED_BY_LABEL: MANAGER},
-            registry=registry,
-        )
-        async def owned(
-            body: kopf.Body,
-            labels: Mapping[str, str],
-            namespace: str | None,
-            uid: str | None,
-            resource: kopf.Resource,
-            **_: Any,
-        ) -> dict[Any, Any]:
-            owner = labels.get(MD_LABEL)
-            if not (owner and namespace):
-                return {}
-            projection = project(body, KINDS[resource.plural])
-            cache.note(
-                uid or f"{resource.plural}/{namespace}/{body['metadata']['name']}", projection[1]
-            )
-            return {(namespace, owner): projection}
-
     @kopf.on.cleanup(registry=registry)
     def stopping(**_: Any) -> None:
         # kopf handles SIGINT/SIGTERM itself and then waits up to 5 s for every other task of
@@ -119,10 +85,6 @@ def build_registry(
 
     @kopf.on.startup(registry=registry)
     def configure(settings: kopf.OperatorSettings, **kwargs: Any) -> None:
-        # kopf hands the live index objects to activity handlers as kwargs, by id.
-        cache.attach({index: kwargs[index] for index in (MODELDEPLOYMENTS, *CHILDREN_IDS)})
-        for plural in CHILDREN_IDS:  # filtered on the server: only what we manage
-            settings.watching.label_selectors[plural] = OWNED
         settings.posting.enabled = False  # we post our own Events, on transitions only
         settings.persistence.diffbase_storage = NoDiffBase()
         settings.peering.standalone = True
@@ -158,38 +120,59 @@ def build_registry(
         uid: str | None,
         **_: Any,
     ) -> None:
-        cache.mark_ready()  # kopf calls handlers once every index is filled
-        if namespace is None or not cache.relevant(uid or f"{namespace}/{name}", type):
+        if namespace is None:
+            return
+        seen = uid or f"{namespace}/{name}"
+        if type == "DELETED":
+            cache.drop(namespace, name)
+        else:
+            cache.put(body)
+            cache.note(seen, trigger_of(body))
+        if not cache.relevant(seen, type):
             return
         if type == "DELETED":
             reconciler.forget(namespace, name)  # children go with it: owner references
             return
         reconciler.add(namespace, name, urgent=urgent(body))
 
-    for resource in CHILDREN:
-
-        @kopf.on.event(
-            *resource,
-            id=f"child-{resource[-1]}",
-            labels={MANAGED_BY_LABEL: MANAGER},
-            registry=registry,
-        )
-        async def child_changed(
-            type: str | None,
-            labels: Mapping[str, str],
-            name: str,
-            namespace: str | None,
-            uid: str | None,
-            resource: kopf.Resource,
-            **_: Any,
-        ) -> None:
-            cache.mark_ready()
-            owner = labels.get(MD_LABEL)
-            seen = uid or f"{resource.plural}/{namespace}/{name}"
-            if owner and namespace and cache.relevant(seen, type):
-                reconciler.add(namespace, owner)
-
     return registry
+
+
+def start_reflectors(
+    reconciler: Reconciler,
+    api: WatchApi,
+    namespaces: tuple[str, ...],
+    stop: threading.Event,
+) -> list[Reflector]:
+    """One reflector per child kind (per namespace when the operator watches some), filling
+    the cache's stores, each in a daemon thread; a change to what a pass reads enqueues the
+    object's ModelDeployment."""
+    ctx = reconciler.ctx
+
+    def changed(owner: tuple[str, str]) -> None:
+        reconciler.add(*owner)
+
+    def failed(message: str) -> None:
+        ctx.logger.warning(message)
+
+    reflectors = []
+    for api_version, kind in CHILDREN:
+        store = ctx.cache.store(kind, MD_LABEL, changed)
+        for namespace in namespaces or (None,):
+            reflector = Reflector(
+                api,
+                (api_version, kind, namespace),
+                store,
+                selector=OWNED,
+                stop=stop,
+                on_error=failed,
+            )
+            thread = threading.Thread(
+                target=reflector.run, name=f"watch-{kind.lower()}", daemon=True
+            )
+            thread.start()
+            reflectors.append(reflector)
+    return reflectors
 
 
 async def serve(

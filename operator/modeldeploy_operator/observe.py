@@ -271,8 +271,7 @@ def modeldeployment(ctx: OperatorContext, namespace: str, name: str) -> Json | N
     if not ctx.cache.ready:
         return ctx.api.get(API_VERSION, KIND, namespace, name)
     cached = ctx.cache.modeldeployment(namespace, name)
-    if cached is not None and ctx.cache.outdated(
-        (namespace, name), {f"ModelDeployment/{name}": cached}
-    ):
+    if cached is None or ctx.cache.outdated((namespace, name), {f"ModelDeployment/{name}": cached}):
+        # Not yet seen by kopf's watch (a child's event came first), or written over.
         return ctx.api.get(API_VERSION, KIND, namespace, name)
     return cached

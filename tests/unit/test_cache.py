@@ -65,15 +65,101 @@ def test_a_modeldeployment_keeps_its_annotations() -> None:
     assert expand(project(body(md), "ModelDeployment"))["metadata"]["annotations"] == {"a": "b"}
 
 
+OWNED = {"serving.modeldeploy.io/modeldeployment": "iris"}
+LABEL = "serving.modeldeploy.io/modeldeployment"
+
+
+def pod(name: str, version: str, ready: str = "True", owner: str = "iris") -> dict[str, Any]:
+    return {
+        **POD,
+        "metadata": {
+            "name": name,
+            "namespace": "ns",
+            "resourceVersion": version,
+            "labels": {LABEL: owner},
+        },
+        "status": {**POD["status"], "conditions": [{"type": "Ready", "status": ready}]},
+    }
+
+
 def test_reads_are_copies_a_pass_may_change() -> None:
     cache = ClusterCache()
-    stored = project(body(DEPLOYMENT), "Deployment")
-    cache.attach({"deployments": {("ns", "iris"): [stored]}, "services": {}, "pods": {}})
-    cache.mark_ready()
+    for kind in ("Deployment", "Service", "Pod"):
+        cache.store(kind, LABEL, lambda _: None).replace([])
+    assert cache.ready
+    deployment = {**DEPLOYMENT, "metadata": {**DEPLOYMENT["metadata"], "labels": OWNED}}
+    cache.store("Deployment", LABEL, lambda _: None).event("ADDED", deployment)
     first = cache.children("ns", "iris")["Deployment/iris-stable"]
     first["spec"]["replicas"] = 99
     again = cache.children("ns", "iris")["Deployment/iris-stable"]
     assert again["spec"]["replicas"] == 2
+
+
+def test_not_ready_until_every_child_kind_has_listed_once() -> None:
+    cache = ClusterCache()
+    assert not cache.ready  # no store yet: nothing known
+    stores = [cache.store(kind, LABEL, lambda _: None) for kind in ("Deployment", "Pod")]
+    stores[0].replace([])
+    assert not cache.ready
+    assert not cache.wait_ready(0.01)
+    stores[1].replace([])
+    assert cache.wait_ready(0.01)
+
+
+def test_a_store_calls_the_owner_only_when_what_is_read_changed() -> None:
+    changed: list[tuple[str, str]] = []
+    store = ClusterCache().store("Pod", LABEL, changed.append)
+    store.replace([pod("a", "1"), pod("b", "1", owner="other")])
+    assert sorted(changed) == [("ns", "iris"), ("ns", "other")]  # first sight: every owner
+    changed.clear()
+    store.event("MODIFIED", pod("a", "2"))  # only the resourceVersion moved
+    assert changed == []
+    store.event("MODIFIED", pod("a", "3", ready="False"))
+    assert changed == [("ns", "iris")]
+    assert [p["metadata"]["resourceVersion"] for p in store.owned(("ns", "iris"))] == ["3"]
+    changed.clear()
+    store.event("DELETED", pod("a", "4", ready="False"))
+    assert changed == [("ns", "iris")]
+    assert store.owned(("ns", "iris")) == []
+    changed.clear()
+    store.event("DELETED", pod("gone", "5"))  # never seen: nobody to tell
+    assert changed == []
+
+
+def test_a_relist_tells_the_owners_of_what_changed_or_went_while_unwatched() -> None:
+    changed: list[tuple[str, str]] = []
+    store = ClusterCache().store("Pod", LABEL, changed.append)
+    store.replace([pod("a", "1"), pod("b", "1", owner="b"), pod("c", "1", owner="c")])
+    changed.clear()
+    # After a 410: "a" unchanged but for its version, "b" deleted, "c" became unready.
+    store.replace([pod("a", "7"), pod("c", "8", ready="False", owner="c")])
+    assert sorted(changed) == [("ns", "b"), ("ns", "c")]
+    assert store.owned(("ns", "b")) == []
+    assert len(store) == 2
+
+
+def test_a_relabelled_object_moves_to_its_new_owner() -> None:
+    changed: list[tuple[str, str]] = []
+    store = ClusterCache().store("Pod", LABEL, changed.append)
+    store.event("ADDED", pod("a", "1"))
+    store.event("MODIFIED", pod("a", "2", owner="other"))
+    assert set(changed) == {("ns", "iris"), ("ns", "other")}
+    assert store.owned(("ns", "iris")) == []
+    assert len(store.owned(("ns", "other"))) == 1
+    unlabelled = {**pod("a", "3"), "metadata": {"name": "a", "namespace": "ns"}}
+    store.event("MODIFIED", unlabelled)  # no owner: no longer held
+    assert len(store) == 0
+
+
+def test_modeldeployments_are_put_and_dropped() -> None:
+    cache = ClusterCache()
+    md = {"apiVersion": "v", "metadata": {"name": "iris", "namespace": "ns", "uid": "u"}}
+    cache.put(md)
+    assert cache.keys() == [("ns", "iris")]
+    assert (cache.modeldeployment("ns", "iris") or {})["metadata"]["uid"] == "u"
+    cache.drop("ns", "iris")
+    assert cache.modeldeployment("ns", "iris") is None
+    assert cache.sizes() == {"ModelDeployment": 0}
 
 
 def test_two_events_that_differ_only_in_resource_version_project_alike() -> None:

@@ -7,11 +7,12 @@ with server-side apply under one field manager, status through the status subres
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import datetime as dt
 import json
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import quote
@@ -20,6 +21,7 @@ import urllib3
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
+from kubernetes.watch.watch import iter_resp_lines
 
 from modeldeploy_operator.api.v1alpha1 import GROUP, PLURAL, VERSION
 
@@ -27,6 +29,7 @@ FIELD_MANAGER = "modeldeploy"
 # (connect, read) seconds for every request; the operator's --api-timeout. urllib3 retries a
 # failed connect, and a read of an idempotent request (GET, DELETE), up to 3 times.
 DEFAULT_TIMEOUT = (10.0, 10.0)
+LIST_PAGE = 500  # objects per page of a reflector's list (client-go's pager uses 500 too)
 LEASE_API = "coordination.k8s.io/v1"
 EVENT_COMPONENT = "modeldeploy-operator"
 
@@ -279,6 +282,81 @@ class KubernetesApi:
         )
         items: list[Json] = result.get("items", [])
         return items
+
+    def list_all(
+        self, api_version: str, kind: str, namespace: str | None, selector: str = ""
+    ) -> tuple[builtins.list[Json], str]:
+        """Every object, in pages of :data:`LIST_PAGE`, and the list's resourceVersion (where
+        a watch picks up). A 410 means a page's continue token expired: the caller lists
+        again."""
+        path = resource_path(api_version, kind, namespace)
+        items: builtins.list[Json] = []
+        token = ""
+        while True:
+            query = [("limit", str(LIST_PAGE))]
+            query += [("labelSelector", selector)] if selector else []
+            query += [("continue", token)] if token else []
+            page = self._call("GET", path, kind=kind, query=query)
+            items += page.get("items") or []
+            meta = page.get("metadata") or {}
+            token = meta.get("continue") or ""
+            if not token:
+                return items, str(meta.get("resourceVersion") or "")
+
+    def watch(
+        self,
+        api_version: str,
+        kind: str,
+        namespace: str | None,
+        *,
+        selector: str,
+        resource_version: str,
+        timeout_seconds: int,
+    ) -> Iterator[Json]:
+        """The watch events after ``resource_version`` (bookmarks included), until the server
+        ends the stream after ``timeout_seconds``. The read timeout is longer than that: a
+        connection that goes quiet past it (bookmarks arrive about every minute) is dead, and
+        raises ApiError(0). An expired resourceVersion is ApiError(410), or an ERROR event."""
+        query = [
+            ("watch", "true"),
+            ("allowWatchBookmarks", "true"),
+            ("resourceVersion", resource_version),
+            ("timeoutSeconds", str(timeout_seconds)),
+        ]
+        query += [("labelSelector", selector)] if selector else []
+        path = resource_path(api_version, kind, namespace)
+        request = self._client.param_serialize(
+            "GET",
+            path,
+            query_params=query,
+            header_params={"Accept": "application/json"},
+            auth_settings=["BearerToken"],
+        )
+        connect = self.timeout[0]
+        try:
+            response = self._client.call_api(
+                *request, _request_timeout=(connect, float(timeout_seconds + 60))
+            )
+        except ApiException as error:
+            self._count("WATCH", kind, error.status or 0)
+            raise ApiError(error.status or 0, "ConnectionFailed", str(error.reason)) from error
+        except urllib3.exceptions.HTTPError as error:
+            self._count("WATCH", kind, 0)
+            raise self._connection_error("WATCH", path, error) from error
+        self._count("WATCH", kind, response.status)
+        if response.status >= 400:
+            raise _api_error(response.status, response.reason or "", response.read())  # type: ignore[no-untyped-call]
+        stream = response.response
+        try:
+            for line in iter_resp_lines(stream):  # type: ignore[no-untyped-call]
+                if line:
+                    event: Json = json.loads(line)
+                    yield event
+        except urllib3.exceptions.HTTPError as error:  # reset, or quiet past the read timeout
+            raise self._connection_error("WATCH", path, error) from error
+        finally:
+            stream.close()  # a stream left part-read must not go back to the pool
+            stream.release_conn()
 
     def apply(self, obj: Mapping[str, Any], field_manager: str = FIELD_MANAGER) -> Json:
         """Server-side apply; forces conflicts, so hand edits of our fields are taken back."""
