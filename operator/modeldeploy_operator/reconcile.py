@@ -235,6 +235,7 @@ class Reconciler:
             on_retry=telemetry.workqueue_retries.inc,
         )
         telemetry.workqueue_depth.set_function(self.queue.depth)
+        telemetry.cache_objects.source = ctx.cache.sizes
         self.workers = Workers(
             self.queue, self.handle, workers, ctx.logger, self.clock, name="reconcile"
         )

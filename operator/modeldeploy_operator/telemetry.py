@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter as Tally
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -38,6 +38,24 @@ class PhaseCollector(Collector):
         )
         for phase in PHASES:
             family.add_metric([phase], tally.get(phase, 0))
+        yield family
+
+
+class CacheCollector:
+    """``modeldeploy_operator_cache_objects{kind}``: what the watch cache holds, read from
+    ``source`` at each scrape."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], Mapping[str, int]] = dict
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "modeldeploy_operator_cache_objects",
+            "Objects the operator's watch cache holds, by kind.",
+            labels=["kind"],
+        )
+        for kind, count in sorted(self.source().items()):
+            family.add_metric([kind], count)
         yield family
 
 
@@ -100,6 +118,8 @@ class Telemetry:
         )
         self.phases = PhaseCollector()
         self.registry.register(self.phases)
+        self.cache_objects = CacheCollector()
+        self.registry.register(self.cache_objects)
 
     def count_request(self, verb: str, kind: str, code: int) -> None:
         self.api_requests.labels(verb, kind, str(code)).inc()

@@ -144,3 +144,13 @@ def test_not_synced_until_a_list_succeeds_and_a_stop_ends_the_backoff() -> None:
     reflector.run()
     assert not reflector.synced.is_set()
     assert errors[0].startswith("Pod watch failed (403 Forbidden)")
+
+
+def test_a_malformed_event_lists_again_instead_of_ending_the_thread() -> None:
+    reflector, _, sink, waits = run(
+        [([], "1"), ([obj("a", "2")], "2")],
+        [[{"type": "ADDED", "object": "not an object"}]],
+    )
+    assert sink.calls == [("replace", []), ("replace", ["a"])]
+    assert waits == [BACKOFF_START]
+    assert reflector.lists == 2

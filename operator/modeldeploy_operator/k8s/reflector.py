@@ -88,9 +88,16 @@ class Reflector:
                     f"{self.kind} watch failed ({failure.status} {failure.reason}):"
                     f" {failure.message}; listing again in {backoff:.1f} s"
                 )
-                if self._wait(backoff):
-                    return
-                backoff = min(backoff * 2, BACKOFF_MAX)
+            except Exception as failure:  # a bad line must not end the thread
+                self._on_error(
+                    f"{self.kind} watch failed ({type(failure).__name__}: {failure});"
+                    f" listing again in {backoff:.1f} s"
+                )
+            else:
+                continue  # stopped
+            if self._wait(backoff):
+                return
+            backoff = min(backoff * 2, BACKOFF_MAX)
 
     def _list(self) -> str:
         items, version = self._api.list_all(
