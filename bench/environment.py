@@ -32,7 +32,7 @@ def cluster_and_triton(prefix: str) -> Iterator[Environment]:
     started_here = cluster.up()
     try:
         cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
-        cluster.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=30s")
+        cluster.wait_established(30)
         triton_proc, triton = start_triton(
             work / "triton.log", (free_port(), free_port(), free_port())
         )

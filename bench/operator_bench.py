@@ -398,7 +398,7 @@ def main() -> int:
     colds: list[tuple[int, dict[str, float]]] = []
     try:
         cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
-        cluster.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=30s")
+        cluster.wait_established(30)
         for namespace in namespaces:
             cluster.kubectl("create", "namespace", namespace)
         cluster.kubectl(

@@ -40,7 +40,7 @@ def crd(cluster: Cluster) -> None:
     """The ModelDeployment CRD from crds/, installed and established."""
     for path in sorted(CRDS.glob("*.yaml")):
         cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(path))
-    cluster.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=30s")
+    cluster.wait_established(30)
 
 
 @pytest.fixture(scope="session")
@@ -48,7 +48,7 @@ def gateway_api(cluster: Cluster) -> None:
     """The Gateway API CRDs (standard channel), from the published Go module."""
     for path in cluster.toolchain.gateway_api_crds():
         cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(path))
-    cluster.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
+    cluster.wait_established(60)
 
 
 @pytest.fixture(scope="session")
@@ -56,7 +56,7 @@ def keda_crds(cluster: Cluster) -> None:
     """KEDA's CRDs (no KEDA controller: the API server validates ScaledObjects)."""
     for path in cluster.toolchain.keda_crds():
         cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(path))
-    cluster.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
+    cluster.wait_established(60)
 
 
 @pytest.fixture

@@ -69,7 +69,7 @@ BUILTIN = {
 def prometheus_operator_crds(cluster: Cluster) -> None:
     for path in cluster.toolchain.prometheus_operator_crds():
         cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(path))
-    cluster.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
+    cluster.wait_established(60)
 
 
 def test_the_charts_crds_are_byte_identical_to_crds() -> None:

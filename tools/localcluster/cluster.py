@@ -230,6 +230,28 @@ class Cluster:
         command = [str(self.toolchain.path("kubectl")), "--kubeconfig", str(self.state.kubeconfig)]
         return self._run([*command, *args], stdin=stdin, check=check, timeout=timeout)
 
+    def wait_established(self, timeout: float = 60.0) -> None:
+        """Wait for every CRD to be Established. ``kubectl wait`` fails at once on a CRD the
+        API server has not yet given any condition ("status.conditions accessor error"), as
+        right after it was applied: that one is asked again."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = max(1, int(deadline - time.monotonic()))
+            result = self.kubectl(
+                "wait",
+                "--for=condition=Established",
+                "crd",
+                "--all",
+                f"--timeout={left}s",
+                check=False,
+                timeout=left + 30,
+            )
+            if result.returncode == 0:
+                return
+            if "accessor error" not in result.stderr or time.monotonic() > deadline:
+                raise ClusterError(f"CRDs not Established: {result.stderr.strip()}")
+            time.sleep(0.5)
+
     def kubectl_json(self, *args: str) -> Any:
         return json.loads(self.kubectl(*args, "-o", "json").stdout)
 

@@ -144,7 +144,7 @@ def run(cluster: Cluster, out: TextIO = sys.stdout) -> None:
     show(
         cluster, out, "apply", "--server-side", "--force-conflicts", "-f", str(repo_root() / "crds")
     )
-    cluster.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=30s")
+    cluster.wait_established(30)
     install_operator(cluster, prometheus_url=prometheus)
     show(cluster, out, "get", "pods", "-n", "modeldeploy-system", "-o", "wide")
 
