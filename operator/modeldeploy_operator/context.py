@@ -107,6 +107,6 @@ class OperatorContext:
     apply_errors: dict[tuple[str, str], str] = field(default_factory=dict)
     # What the last look at each object's referenced Secrets and ConfigMaps found.
     references: dict[tuple[str, str], ReferencesChecked] = field(default_factory=dict)
-    # What the watches know (kopf's indices); passes read their snapshot from it once ready,
-    # and from the API server before (and in tools that run no watches).
+    # What the watches know (kopf's and the reflectors'); passes read their snapshot from it
+    # once ready, and from the API server before (and in tools that run no watches).
     cache: ClusterCache = field(default_factory=ClusterCache)

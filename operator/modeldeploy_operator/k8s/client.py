@@ -202,10 +202,30 @@ class KubernetesApi:
         headers: Mapping[str, str] | None = None,
         timeout: float | None = None,
     ) -> Json:
+        _, data = self._send(
+            method, path, kind=kind, body=body, query=query, headers=headers, timeout=timeout
+        )
+        payload: Json = json.loads(data or b"{}")
+        return payload
+
+    def _send(  # noqa: PLR0913 (the request's parts)
+        self,
+        method: str,
+        path: str,
+        *,
+        kind: str,
+        body: Json | None = None,
+        query: list[tuple[str, str]] | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: float | tuple[float, float] | None = None,
+        stream: bool = False,
+    ) -> tuple[Any, bytes | None]:
+        """One request, counted, its failures as ApiError. Returns the response and its body,
+        read unless ``stream`` (then the caller reads the response as it comes)."""
         header_params = {"Accept": "application/json", "Content-Type": "application/json"}
         header_params.update(headers or {})
         applying = header_params["Content-Type"] == "application/apply-patch+yaml"
-        verb = "APPLY" if applying else method
+        verb = "WATCH" if stream else "APPLY" if applying else method
         request = self._client.param_serialize(
             method,
             path,
@@ -219,18 +239,19 @@ class KubernetesApi:
                 *request, _request_timeout=self.timeout if timeout is None else timeout
             )
             # The client does not preload bodies: reading can time out too.
-            data: bytes | None = response.read()  # type: ignore[no-untyped-call]
+            data: bytes | None = None
+            if not stream or response.status >= 400:
+                data = response.read()  # type: ignore[no-untyped-call]
         except ApiException as error:  # connection-level failures (TLS)
             self._count(verb, kind, error.status or 0)
             raise ApiError(error.status or 0, "ConnectionFailed", str(error.reason)) from error
         except urllib3.exceptions.HTTPError as error:  # refused, reset, timed out (retries spent)
             self._count(verb, kind, 0)
-            raise self._connection_error(method, path, error) from error
+            raise self._connection_error("WATCH" if stream else method, path, error) from error
         self._count(verb, kind, response.status)
         if response.status >= 400:
             raise _api_error(response.status, response.reason or "", data)
-        payload: Json = json.loads(data or b"{}")
-        return payload
+        return response, data
 
     def _connection_error(
         self, method: str, path: str, error: urllib3.exceptions.HTTPError
@@ -325,27 +346,14 @@ class KubernetesApi:
         ]
         query += [("labelSelector", selector)] if selector else []
         path = resource_path(api_version, kind, namespace)
-        request = self._client.param_serialize(
+        response, _ = self._send(
             "GET",
             path,
-            query_params=query,
-            header_params={"Accept": "application/json"},
-            auth_settings=["BearerToken"],
+            kind=kind,
+            query=query,
+            timeout=(self.timeout[0], float(timeout_seconds + 60)),
+            stream=True,
         )
-        connect = self.timeout[0]
-        try:
-            response = self._client.call_api(
-                *request, _request_timeout=(connect, float(timeout_seconds + 60))
-            )
-        except ApiException as error:
-            self._count("WATCH", kind, error.status or 0)
-            raise ApiError(error.status or 0, "ConnectionFailed", str(error.reason)) from error
-        except urllib3.exceptions.HTTPError as error:
-            self._count("WATCH", kind, 0)
-            raise self._connection_error("WATCH", path, error) from error
-        self._count("WATCH", kind, response.status)
-        if response.status >= 400:
-            raise _api_error(response.status, response.reason or "", response.read())  # type: ignore[no-untyped-call]
         stream = response.response
         try:
             for line in iter_resp_lines(stream):  # type: ignore[no-untyped-call]
