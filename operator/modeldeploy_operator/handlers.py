@@ -143,7 +143,7 @@ def start_reflectors(
     api: WatchApi,
     namespaces: tuple[str, ...],
     stop: threading.Event,
-) -> list[Reflector]:
+) -> None:
     """One reflector per child kind (per namespace when the operator watches some), filling
     the cache's stores, each in a daemon thread; a change to what a pass reads enqueues the
     object's ModelDeployment."""
@@ -155,7 +155,6 @@ def start_reflectors(
     def failed(message: str) -> None:
         ctx.logger.warning(message)
 
-    reflectors = []
     for api_version, kind in CHILDREN:
         store = ctx.cache.store(kind, MD_LABEL, changed)
         for namespace in namespaces or (None,):
@@ -171,8 +170,6 @@ def start_reflectors(
                 target=reflector.run, name=f"watch-{kind.lower()}", daemon=True
             )
             thread.start()
-            reflectors.append(reflector)
-    return reflectors
 
 
 async def serve(

@@ -65,9 +65,7 @@ class Recorder:
         self.calls.append((type_, obj["metadata"]["name"]))
 
 
-def run(
-    lists: list[Any], watches: list[Any]
-) -> tuple[Reflector, ScriptedApi, Recorder, list[float]]:
+def run(lists: list[Any], watches: list[Any]) -> tuple[ScriptedApi, Recorder, list[float]]:
     stop = threading.Event()
     api = ScriptedApi(lists, watches, stop)
     sink = Recorder()
@@ -77,13 +75,12 @@ def run(
         waits.append(seconds)
         return stop.is_set()
 
-    reflector = Reflector(api, ("v1", "Pod", None), sink, stop=stop, wait=wait)
-    reflector.run()
-    return reflector, api, sink, waits
+    Reflector(api, ("v1", "Pod", None), sink, stop=stop, wait=wait).run()
+    return api, sink, waits
 
 
 def test_lists_then_hands_over_events_and_resumes_from_the_last_version() -> None:
-    reflector, api, sink, waits = run(
+    api, sink, waits = run(
         [([obj("a", "5")], "10")],
         [
             [
@@ -95,37 +92,33 @@ def test_lists_then_hands_over_events_and_resumes_from_the_last_version() -> Non
     )
     assert sink.calls == [("replace", ["a"]), ("ADDED", "b"), ("DELETED", "a")]
     assert api.watched_from == ["10", "15", "16"]  # the bookmark moved it on
-    assert reflector.synced.is_set()
-    assert reflector.lists == 1
     assert waits == []
 
 
 def test_an_expired_version_lists_again_at_once() -> None:
     gone = {"type": "ERROR", "object": {"code": 410, "reason": "Expired", "message": "too old"}}
-    reflector, api, sink, waits = run(
+    api, sink, waits = run(
         [([], "10"), ([obj("a", "30")], "30"), ([obj("a", "30")], "31")],
         [[gone], ApiError(410, "Gone", "")],  # as an ERROR event, then as the HTTP status
     )
     assert sink.calls == [("replace", []), ("replace", ["a"]), ("replace", ["a"])]
     assert api.watched_from == ["10", "30", "31"]
-    assert reflector.lists == 3
     assert waits == []  # no backoff for an expiry
 
 
 def test_failures_back_off_exponentially_and_a_good_list_resets_it() -> None:
     down = ApiError(0, "ConnectionFailed", "refused")
-    reflector, _, sink, waits = run(
+    _, sink, waits = run(
         [down, down, down, ([], "1"), ([], "2")],
         [down],
     )
     assert waits == [BACKOFF_START, BACKOFF_START * 2, BACKOFF_START * 4, BACKOFF_START]
-    assert reflector.lists == 2
-    assert not [c for c in sink.calls if c[0] != "replace"]
+    assert sink.calls == [("replace", []), ("replace", [])]  # each good list, once
 
 
 def test_the_backoff_stops_growing_at_its_cap() -> None:
     down = ApiError(503, "ServiceUnavailable", "")
-    _, _, _, waits = run([down] * 10 + [([], "1")], [])
+    _, _, waits = run([down] * 10 + [([], "1")], [])
     assert max(waits) == BACKOFF_MAX
     assert waits[-1] == BACKOFF_MAX
 
@@ -138,19 +131,17 @@ def test_not_synced_until_a_list_succeeds_and_a_stop_ends_the_backoff() -> None:
         stop.set()
         return True
 
-    reflector = Reflector(api, ("v1", "Pod", "ns"), Recorder(), stop=stop, wait=wait)
+    sink = Recorder()
     errors: list[str] = []
-    reflector._on_error = errors.append
-    reflector.run()
-    assert not reflector.synced.is_set()
+    Reflector(api, ("v1", "Pod", "ns"), sink, stop=stop, on_error=errors.append, wait=wait).run()
+    assert sink.calls == []  # never listed: the cache stays not ready
     assert errors[0].startswith("Pod watch failed (403 Forbidden)")
 
 
 def test_a_malformed_event_lists_again_instead_of_ending_the_thread() -> None:
-    reflector, _, sink, waits = run(
+    _, sink, waits = run(
         [([], "1"), ([obj("a", "2")], "2")],
         [[{"type": "ADDED", "object": "not an object"}]],
     )
     assert sink.calls == [("replace", []), ("replace", ["a"])]
     assert waits == [BACKOFF_START]
-    assert reflector.lists == 2

@@ -50,8 +50,8 @@ class Sink(Protocol):
 
 
 class Reflector:
-    """``run`` lists and watches until ``stop``; ``synced`` once the first list is handed over
-    (client-go's HasSynced: it stays set across re-lists)."""
+    """``run`` lists and watches until ``stop``. The sink knows when the first list arrived
+    (its first ``replace``: client-go's HasSynced)."""
 
     def __init__(
         self,
@@ -71,8 +71,6 @@ class Reflector:
         self._stop = stop
         self._on_error = on_error
         self._wait = wait or stop.wait  # returns True when stopped
-        self.synced = threading.Event()
-        self.lists = 0  # how many times it listed (the first, then after 410 or failures)
 
     def run(self) -> None:
         backoff = BACKOFF_START
@@ -103,9 +101,7 @@ class Reflector:
         items, version = self._api.list_all(
             self.api_version, self.kind, self.namespace, self._selector
         )
-        self.lists += 1
         self._sink.replace(items)
-        self.synced.set()
         return version
 
     def _watch(self, version: str) -> None:
