@@ -39,6 +39,7 @@ class Sidecar:
     grpc: str
     metrics: str
     log: Path
+    pid: int
 
 
 SidecarFactory = Callable[..., Sidecar]
@@ -133,7 +134,9 @@ def start_sidecar(
             stderr=subprocess.STDOUT,
         )
     wait_http(f"http://127.0.0.1:{metrics}/healthz", 20, proc, log)
-    return proc, Sidecar(f"127.0.0.1:{http}", f"127.0.0.1:{grpc}", f"127.0.0.1:{metrics}", log)
+    return proc, Sidecar(
+        f"127.0.0.1:{http}", f"127.0.0.1:{grpc}", f"127.0.0.1:{metrics}", log, proc.pid
+    )
 
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]

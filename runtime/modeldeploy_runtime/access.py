@@ -3,7 +3,11 @@
 All optional and off by default. Keys come from a mounted Secret (``--api-keys-dir``): every
 non-empty line of every file is an accepted key, re-read when the files change, so rotating
 the Secret needs no restart. Clients send ``Authorization: Bearer <key>`` or
-``X-API-Key: <key>``. A client is its key (as a short hash) when keys are on, else its address.
+``X-API-Key: <key>``. A client is its key (as a salted hash) when keys are on, else its address.
+
+Label values stay bounded without letting strangers crowd out real clients: with keys on,
+only a valid key earns a ``client`` label of its own (a wrong key counts as ``unknown``);
+the first ``limit`` clients keep theirs, later ones share ``other``.
 """
 
 from __future__ import annotations
@@ -17,14 +21,29 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
+
+from modeldeploy_runtime.http1 import ProtocolError
 
 Clock = Callable[[], float]
+
+
+class ClientCounter(Protocol):
+    """What access control counts into: RuntimeMetrics.client_requests."""
+
+    client_requests: Any
+
+
 UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+CREDENTIAL_HEADERS = (b"authorization", b"x-api-key")
+UNKNOWN = "unknown"
 
 
-def client_id(key: str) -> str:
-    """A stable, non-reversible name for a key, safe as a metric label."""
-    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:8]
+def client_id(key: str, salt: bytes = b"") -> str:
+    """A stable, non-reversible name for a key, safe as a metric label: an HMAC keyed by the
+    installation's salt, so the same key has unrelated names in different installations and
+    a table of hashed guesses is useless without the salt."""
+    return "key-" + hmac.new(salt, key.encode(), hashlib.sha256).hexdigest()[:16]
 
 
 def presented_key(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
@@ -154,3 +173,64 @@ class ClientLabels:
                 self._known.add(client)
                 return client
         return "other"
+
+
+class AccessControl:
+    """Optional API keys and per-client rate limit, for HTTP and gRPC alike."""
+
+    def __init__(
+        self,
+        keys: ApiKeys | None = None,
+        limiter: RateLimiter | None = None,
+        salt: bytes = b"",
+        clients: ClientLabels | None = None,
+    ) -> None:
+        self.keys = keys
+        self.limiter = limiter
+        self.salt = salt
+        self.clients = clients or ClientLabels()
+
+    def check(
+        self,
+        headers: Iterable[tuple[bytes, bytes]],
+        peer: str,
+        metrics: ClientCounter,
+        *,
+        limited: bool,
+    ) -> str:
+        """The client's id, or a ProtocolError (401, 429); counted either way."""
+        client = self.identify(headers, peer, metrics)
+        self.take(client, metrics, limited=limited)
+        return client
+
+    def identify(
+        self, headers: Iterable[tuple[bytes, bytes]], peer: str, metrics: ClientCounter
+    ) -> str:
+        """The client: its key's salted hash when keys are on, else its address; 401 for a
+        missing or wrong key."""
+        if self.keys is None:
+            return peer
+        key = presented_key(headers)
+        if key is None or not self.keys.check(key):
+            metrics.client_requests.labels(UNKNOWN, "unauthorized").inc()
+            message = "missing or wrong API key: send Authorization: Bearer <key> or X-API-Key"
+            raise ProtocolError(
+                401, "unauthorized", message, ('www-authenticate: Bearer realm="inference"',)
+            )
+        return client_id(key, self.salt)
+
+    def take(self, client: str, metrics: ClientCounter, *, limited: bool) -> None:
+        """Admit one call of ``client`` (a token from its bucket when ``limited``), or 429."""
+        label = self.clients.label(client)
+        if self.limiter is not None and limited:
+            wait = self.limiter.wait_time(client)
+            if wait > 0:
+                metrics.client_requests.labels(label, "rate_limited").inc()
+                retry = max(1, math.ceil(wait))
+                raise ProtocolError(
+                    429,
+                    "rate_limited",
+                    f"rate limit exceeded; retry in {retry}s",
+                    (f"retry-after: {retry}",),
+                )
+        metrics.client_requests.labels(label, "admitted").inc()

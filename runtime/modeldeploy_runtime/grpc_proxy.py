@@ -1,12 +1,21 @@
 """The gRPC side of the sidecar: ``inference.GRPCInferenceService`` forwarded to Triton.
 
-Every method is forwarded as raw bytes (no protobuf parsing on the request path); only
-``ModelInfer`` is measured, its model name and version read straight from the first fields
-of the message. Upstream errors keep Triton's status code and message.
+Every method is forwarded as raw bytes (no protobuf parsing on the request path). What a
+method is comes from the same allowlist as HTTP (routes.py): unknown methods are
+UNIMPLEMENTED, administrative ones PERMISSION_DENIED unless allowed. A wrong key is refused
+before the message is read (the handler never pulls it); a message longer than
+``--max-body-bytes`` is refused by gRPC from its length prefix.
+
+``ModelInfer`` and every message of ``ModelStreamInfer`` are limited and measured, their
+model name and version read straight from the first fields of the message. A stream message
+over the rate limit gets an in-stream error answer and the stream goes on, as Triton does for
+a failed request. Upstream errors keep Triton's status code and message.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import random
 import time
 from collections.abc import AsyncIterator, Callable
@@ -15,15 +24,19 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from modeldeploy_runtime.access import CREDENTIAL_HEADERS, AccessControl
 from modeldeploy_runtime.http1 import ProtocolError
 from modeldeploy_runtime.metrics import RuntimeMetrics
-from modeldeploy_runtime.proxy import CREDENTIAL_HEADERS, AccessControl, InferExchange, Sampler
+from modeldeploy_runtime.proxy import InferExchange, Sampler
+from modeldeploy_runtime.routes import Kind, Route, grpc_route
 from modeldeploy_runtime.settings import RuntimeSettings
 
-SERVICE = "/inference.GRPCInferenceService/"
-MODEL_INFER = SERVICE + "ModelInfer"
-STREAM_INFER = SERVICE + "ModelStreamInfer"
-STATUS_FOR = {401: grpc.StatusCode.UNAUTHENTICATED, 429: grpc.StatusCode.RESOURCE_EXHAUSTED}
+STATUS_FOR = {
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+Metadata = tuple[tuple[str, Any], ...]
 
 
 def _varint(data: bytes, offset: int) -> tuple[int, int]:
@@ -35,6 +48,15 @@ def _varint(data: bytes, offset: int) -> tuple[int, int]:
         if not byte & 0x80:
             return value, offset
         shift += 7
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 def model_and_version(message: bytes) -> tuple[str, str]:
@@ -59,6 +81,20 @@ def model_and_version(message: bytes) -> tuple[str, str]:
     return found[1], found[2]
 
 
+def stream_error(message: str) -> bytes:
+    """A ModelStreamInferResponse carrying only ``error_message`` (field 1)."""
+    text = message.encode()
+    return b"\x0a" + _encode_varint(len(text)) + text
+
+
+def stream_has_error(response: bytes) -> bool:
+    return response[:1] == b"\x0a" and len(response) > 1 and response[1] != 0
+
+
+def _headers(metadata: Metadata | None) -> list[tuple[bytes, bytes]]:
+    return [(k.encode(), v if isinstance(v, bytes) else str(v).encode()) for k, v in metadata or ()]
+
+
 class GrpcProxy(grpc.GenericRpcHandler):  # type: ignore[misc] # grpc has no stubs
     def __init__(
         self,
@@ -80,11 +116,43 @@ class GrpcProxy(grpc.GenericRpcHandler):  # type: ignore[misc] # grpc has no stu
         self, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler | None:
         method = handler_call_details.method
-        if not method.startswith(SERVICE):
+        route = grpc_route(method)
+        if route is None:
             return None
-        if method == STREAM_INFER:
-            return grpc.stream_stream_rpc_method_handler(self._stream(method))
-        return grpc.unary_unary_rpc_method_handler(self._unary(method))
+        client = ""
+        try:
+            if route.kind is Kind.ADMIN and not self.settings.allow_admin_apis:
+                raise ProtocolError(
+                    403,
+                    "admin_api",
+                    f"{route.action} is an administrative API; this model does not allow it"
+                    " (spec.monitoring.runtime.allowAdminApis)",
+                )
+            if self.access is not None and route.kind is not Kind.HEALTH:
+                # Decided from the metadata alone: a refused call's message is never read.
+                client = self.access.identify(
+                    _headers(handler_call_details.invocation_metadata), "", self.metrics
+                )
+        except ProtocolError as refused:
+            self.metrics.rejected.labels(refused.reason).inc()
+            return grpc.stream_unary_rpc_method_handler(self._refuse(refused))
+        if route.action == "ModelStreamInfer":
+            return grpc.stream_stream_rpc_method_handler(self._stream(method, route, client))
+        return grpc.unary_unary_rpc_method_handler(self._unary(method, route, client))
+
+    def _refuse(self, refused: ProtocolError) -> Callable[..., Any]:
+        status = STATUS_FOR.get(refused.status, grpc.StatusCode.INTERNAL)
+
+        async def handle(_: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
+            context.set_trailing_metadata(tuple(tuple(h.split(": ", 1)) for h in refused.headers))
+            await context.abort(status, refused.message)
+            raise AssertionError("abort raises")
+
+        return handle
+
+    def _client(self, client: str, context: grpc.aio.ServicerContext) -> str:
+        """The key's id, decided in ``service``; the peer's address when keys are off."""
+        return client or (context.peer() or "unknown").rsplit(":", 1)[0]
 
     def _metadata(self, context: grpc.aio.ServicerContext) -> list[tuple[str, Any]]:
         return [
@@ -93,32 +161,25 @@ class GrpcProxy(grpc.GenericRpcHandler):  # type: ignore[misc] # grpc has no stu
             if k.encode() not in CREDENTIAL_HEADERS
         ]
 
-    async def _admit(self, context: grpc.aio.ServicerContext, method: str) -> None:
-        """The same keys and limits as HTTP; health calls stay open."""
-        if self.access is None or method.endswith(("/ServerLive", "/ServerReady")):
-            return
-        headers = [
-            (k.encode(), v if isinstance(v, bytes) else str(v).encode())
-            for k, v in (context.invocation_metadata() or ())
-        ]
-        peer = (context.peer() or "unknown").rsplit(":", 1)[0]
-        try:
-            self.access.check(headers, peer, self.metrics, limited=method == MODEL_INFER)
-        except ProtocolError as refused:
-            self.metrics.rejected.labels(refused.reason).inc()
-            trailers = tuple(tuple(h.split(": ", 1)) for h in refused.headers)
-            context.set_trailing_metadata(trailers)
-            await context.abort(STATUS_FOR[refused.status], refused.message)
-
-    def _unary(self, method: str) -> Callable[[bytes, grpc.aio.ServicerContext], Any]:
+    def _unary(
+        self, method: str, route: Route, client: str
+    ) -> Callable[[bytes, grpc.aio.ServicerContext], Any]:
         forward = self.channel.unary_unary(
             method, request_serializer=None, response_deserializer=None
         )
+        measured = route.kind is Kind.INFER
 
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-            await self._admit(context, method)
+            if self.access is not None and route.kind is not Kind.HEALTH:
+                try:
+                    self.access.take(self._client(client, context), self.metrics, limited=measured)
+                except ProtocolError as refused:
+                    self.metrics.rejected.labels(refused.reason).inc()
+                    context.set_trailing_metadata(
+                        tuple(tuple(h.split(": ", 1)) for h in refused.headers)
+                    )
+                    await context.abort(STATUS_FOR[refused.status], refused.message)
             started = time.perf_counter()
-            measured = method == MODEL_INFER
             if measured:
                 self.metrics.in_flight_track.inc()
             code = "OK"
@@ -139,11 +200,12 @@ class GrpcProxy(grpc.GenericRpcHandler):  # type: ignore[misc] # grpc has no stu
                 if measured:
                     self.metrics.in_flight_track.dec()
                     self._observe(request, response, code, time.perf_counter() - started)
+                    self._sample(request, response, code)
 
         return handle
 
     def _stream(
-        self, method: str
+        self, method: str, route: Route, client: str
     ) -> Callable[[AsyncIterator[bytes], grpc.aio.ServicerContext], AsyncIterator[bytes]]:
         forward = self.channel.stream_stream(
             method, request_serializer=None, response_deserializer=None
@@ -152,14 +214,53 @@ class GrpcProxy(grpc.GenericRpcHandler):  # type: ignore[misc] # grpc has no stu
         async def handle(
             requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
         ) -> AsyncIterator[bytes]:
-            await self._admit(context, method)
-            call = forward(requests, metadata=self._metadata(context))
+            who = self._client(client, context)
+            pending: collections.deque[tuple[float, bytes]] = collections.deque()
+            # What the client gets, in order: Triton's answers and the sidecar's refusals.
+            out: asyncio.Queue[bytes | grpc.aio.AioRpcError | None] = asyncio.Queue(64)
+
+            async def admitted() -> AsyncIterator[bytes]:
+                """The client's messages that pass the limit; the others answered in-stream."""
+                async for message in requests:
+                    if self.access is not None:
+                        try:
+                            self.access.take(who, self.metrics, limited=True)
+                        except ProtocolError as refused:
+                            self.metrics.rejected.labels(refused.reason).inc()
+                            await out.put(stream_error(refused.message))
+                            continue
+                    pending.append((time.perf_counter(), message))
+                    self.metrics.in_flight_track.inc()
+                    yield message
+
+            async def pump() -> None:
+                call = forward(admitted(), metadata=self._metadata(context))
+                try:
+                    async for response in call:
+                        if pending:
+                            started, message = pending.popleft()
+                            self.metrics.in_flight_track.dec()
+                            code = "INTERNAL" if stream_has_error(response) else "OK"
+                            self._observe(message, response, code, time.perf_counter() - started)
+                        await out.put(bytes(response))
+                except grpc.aio.AioRpcError as error:
+                    await out.put(error)
+                finally:
+                    await out.put(None)
+
+            task = asyncio.create_task(pump())
             try:
-                async for response in call:
-                    yield bytes(response)
-            except grpc.aio.AioRpcError as error:
-                self._count_upstream(error)
-                await context.abort(error.code(), error.details() or "")
+                while (item := await out.get()) is not None:
+                    if isinstance(item, grpc.aio.AioRpcError):
+                        self._count_upstream(item)
+                        await context.abort(item.code(), item.details() or "")
+                    else:
+                        yield item
+            finally:
+                task.cancel()
+                for started, message in pending:
+                    self.metrics.in_flight_track.dec()
+                    self._observe(message, b"", "CANCELLED", time.perf_counter() - started)
 
         return handle
 
@@ -176,5 +277,8 @@ class GrpcProxy(grpc.GenericRpcHandler):  # type: ignore[misc] # grpc has no stu
         self.metrics.requests.labels(*labels, code).inc()
         self.metrics.request_bytes.labels(*labels).observe(len(request))
         self.metrics.response_bytes.labels(*labels).observe(len(response))
+
+    def _sample(self, request: bytes, response: bytes, code: str) -> None:
         if self.sampler is not None and code == "OK" and self.rng() < self.settings.sample_rate:
+            model, _ = model_and_version(request)
             self.sampler(InferExchange(model, "grpc", [], request, [], response))

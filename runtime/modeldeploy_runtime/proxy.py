@@ -1,35 +1,43 @@
-"""The HTTP side of the sidecar: a transparent KServe v2 proxy in front of the local Triton.
+"""The HTTP side of the sidecar: the only door to the local Triton's KServe v2 API.
 
 Each client connection gets its own keep-alive connection to Triton, so requests on it are
-forwarded in order with no pooling or locking. Bodies are forwarded byte for byte (JSON or
-Triton's binary tensor extension alike); only inference calls are measured. Anything the
-proxy refuses or Triton cannot answer gets a Triton-style ``{"error": ...}`` and a counter.
+forwarded in order with no pooling or locking. Requests are parsed strictly and forwarded
+re-serialised (http1.py); what they are comes from an allowlist (routes.py). Answers are
+relayed as they arrive, re-framed for the client, so ``generate_stream`` streams and a large
+answer never sits whole in memory. Every inference call (infer, generate, generate_stream,
+absolute-form targets included) is keyed, limited and measured; anything the door refuses
+or Triton cannot answer gets a Triton-style ``{"error": ...}`` and a counter.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
+import contextlib
 import random
-import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Protocol, cast
 
-from modeldeploy_runtime.access import ApiKeys, ClientLabels, RateLimiter, client_id, presented_key
+import httptools
+
+from modeldeploy_runtime.access import CREDENTIAL_HEADERS, AccessControl
 from modeldeploy_runtime.http1 import (
-    Message,
+    HOP_BY_HOP,
+    READ_SIZE,
+    REASONS,
+    ByteBudget,
     ProtocolError,
+    Request,
+    RequestParser,
     error_response,
-    has_no_body,
-    read_body,
-    read_head,
+    release,
 )
 from modeldeploy_runtime.metrics import RuntimeMetrics
+from modeldeploy_runtime.routes import Kind, Route, http_route
 from modeldeploy_runtime.settings import RuntimeSettings
 
-CREDENTIAL_HEADERS = (b"authorization", b"x-api-key")
-INFER_PATH = re.compile(rb"^/v2/models/([^/?]+)(?:/versions/([^/?]+))?/infer(?:\?.*)?$")
+LINGER_SECONDS = 2.0
 # JSON, Triton's binary extension, and curl's default for -d (Triton reads it as JSON).
 ACCEPTED_TYPES = (
     b"application/json",
@@ -61,6 +69,112 @@ class UpstreamError(Exception):
         self.message = message
 
 
+class Sink(Protocol):
+    """Where a relayed answer goes: the client's StreamWriter, or nowhere."""
+
+    def write(self, data: bytes) -> None: ...
+
+    async def drain(self) -> None: ...
+
+
+class Relay:
+    """Triton's answer, parsed by llhttp and written to the client as it arrives.
+
+    The head is re-serialised (hop-by-hop headers dropped); the body keeps Triton's
+    Content-Length when there is one and is chunked for the client otherwise (or delimited
+    by closing the connection for an HTTP/1.0 client). Interim 1xx answers are not relayed.
+    ``keep`` keeps a copy of the body for the drift sampler.
+    """
+
+    def __init__(self, client: Sink, *, http10: bool, keep: bool) -> None:
+        self.client = client
+        self._http10 = http10
+        self._keep = keep
+        self._parser = httptools.HttpResponseParser(self)
+        self._reason = b""
+        self._chunked = False
+        self._interim = False
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.status = 0
+        self.size = 0
+        self.pieces: list[bytes] = []
+        self.started = False  # something was written to the client
+        self.done = False
+        self.close_client = False  # the client connection must end after this answer
+        self.close_upstream = False
+        self._close_delimited = False
+
+    def feed(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as error:
+            message = f"unreadable answer from Triton: {error}"
+            raise UpstreamError(502, "protocol", message) from None
+
+    def eof(self) -> None:
+        """Triton closed the connection: the end of a close-delimited body, or a failure."""
+        if self._close_delimited and not self.done:
+            self.on_message_complete()
+        if not self.done:
+            raise ConnectionResetError("Triton closed the connection mid-answer")
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(self.pieces)
+
+    # -- llhttp's callbacks -----------------------------------------------------------------
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason = reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if 100 <= status < 200:
+            self._interim = True
+            self.headers = []
+            return
+        self.status = status
+        has_length = any(k == b"content-length" for k, _ in self.headers)
+        chunked = any(k == b"transfer-encoding" for k, _ in self.headers)
+        bodyless = status in (204, 304)
+        self._close_delimited = not has_length and not chunked and not bodyless
+        self.close_upstream = not self._parser.should_keep_alive()
+        reason = REASONS.get(status, self._reason.decode("latin-1")) or "Unknown"
+        lines = [b"HTTP/1.1 %d %s" % (status, reason.encode("latin-1"))]
+        lines.extend(k + b": " + v for k, v in self.headers if k not in HOP_BY_HOP)
+        if has_length:
+            lines.extend(k + b": " + v for k, v in self.headers if k == b"content-length")
+        elif not bodyless and self._http10:
+            self.close_client = True  # the body ends where the connection does
+        elif not bodyless:
+            self._chunked = True
+            lines.append(b"transfer-encoding: chunked")
+        if self.close_client:
+            lines.append(b"connection: close")
+        self.client.write(b"\r\n".join(lines) + b"\r\n\r\n")
+        self.started = True
+
+    def on_body(self, body: bytes) -> None:
+        self.size += len(body)
+        if self._keep:
+            self.pieces.append(body)
+        if self._chunked:
+            self.client.write(b"%x\r\n" % len(body) + body + b"\r\n")
+        else:
+            self.client.write(body)
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
+        if self._chunked:
+            self.client.write(b"0\r\n\r\n")
+        self.done = True
+
+
 class Upstream:
     """One keep-alive connection to Triton, opened lazily and reopened when it breaks."""
 
@@ -69,22 +183,49 @@ class Upstream:
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
 
-    async def exchange(self, request: Message) -> Message:
-        data = request.encode()
+    async def exchange(self, request: Request, relay: Relay) -> None:
+        """Send ``request`` and relay the answer to the client; UpstreamError when Triton
+        cannot be reached or does not answer in time."""
         for attempt in (1, 2):
             fresh = self._writer is None
             try:
                 reader, writer = await self._connect()
-                writer.write(data)
+                writer.write(request.head())
+                if request.body:
+                    writer.write(request.body)
                 await writer.drain()
-                return await self._read_response(reader, request)
+                await self._relay(reader, relay)
+                return
             except (ConnectionError, asyncio.IncompleteReadError) as error:
                 self.close()
-                # A kept-alive connection Triton closed meanwhile: retry once on a new one.
-                if fresh or attempt == 2:
+                # A kept-alive connection Triton closed meanwhile: retry once on a new one,
+                # unless part of an answer already reached the client.
+                if fresh or attempt == 2 or relay.started:
                     message = f"Triton closed the connection: {error}"
                     raise UpstreamError(502, "connection", message) from error
         raise AssertionError("unreachable")
+
+    async def _relay(self, reader: asyncio.StreamReader, relay: Relay) -> None:
+        try:
+            async with asyncio.timeout(self._settings.upstream_timeout_seconds):
+                while not relay.done:
+                    data = await reader.read(READ_SIZE)
+                    if not data:
+                        relay.eof()
+                        break
+                    relay.feed(data)
+                    await relay.client.drain()  # back-pressure from the client
+        except TimeoutError as error:
+            self.close()
+            limit = self._settings.upstream_timeout_seconds
+            raise UpstreamError(
+                504, "timeout", f"Triton did not answer within {limit:g}s"
+            ) from error
+        except UpstreamError:
+            self.close()
+            raise
+        if relay.close_upstream:
+            self.close()
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         if self._reader is not None and self._writer is not None:
@@ -98,28 +239,19 @@ class Upstream:
             raise UpstreamError(502, "connect", message) from error
         return self._reader, self._writer
 
-    async def _read_response(self, reader: asyncio.StreamReader, request: Message) -> Message:
+    async def get(self, path: bytes) -> tuple[int, bytes]:
+        """The sidecar's own GET on Triton (readiness, statistics): status and body;
+        UpstreamError when Triton is down."""
+        reader, writer = await self._connect()
+        writer.write(b"GET " + path + b" HTTP/1.1\r\nhost: triton\r\ncontent-length: 0\r\n\r\n")
+        relay = Relay(_Discard(), http10=False, keep=True)
         try:
-            async with asyncio.timeout(self._settings.upstream_timeout_seconds):
-                head = await read_head(reader)
-                if head is None:
-                    raise asyncio.IncompleteReadError(b"", None)
-                response = Message(head[0], head[1])
-                if not has_no_body(request.start, response.start):
-                    await read_body(reader, response, 1 << 40, is_request=False)
-        except TimeoutError as error:
+            await self._relay(reader, relay)
+        except (ConnectionError, asyncio.IncompleteReadError) as error:
             self.close()
-            limit = self._settings.upstream_timeout_seconds
-            raise UpstreamError(
-                504, "timeout", f"Triton did not answer within {limit:g}s"
-            ) from error
-        except ProtocolError as error:
-            self.close()
-            message = f"unreadable answer from Triton: {error.message}"
-            raise UpstreamError(502, "protocol", message) from error
-        if not response.keep_alive:
-            self.close()
-        return response
+            message = f"Triton closed the connection: {error}"
+            raise UpstreamError(502, "connection", message) from error
+        return relay.status, relay.body
 
     def close(self) -> None:
         if self._writer is not None:
@@ -127,52 +259,22 @@ class Upstream:
         self._reader = self._writer = None
 
 
-@dataclass
-class AccessControl:
-    """Optional API keys and per-client rate limit (see access.py)."""
+class _Discard:
+    """A client writer that drops what it is given."""
 
-    keys: ApiKeys | None = None
-    limiter: RateLimiter | None = None
-    clients: ClientLabels = field(default_factory=ClientLabels)
+    def write(self, data: bytes) -> None:
+        pass
 
-    def admit(self, request: Message, peer: str, metrics: RuntimeMetrics) -> None:
-        """Raise a 401 or 429 ProtocolError, or strip the credentials and let it through."""
-        path = request.start.split(b" ")[1]
-        if path.startswith(b"/v2/health/"):
-            return
-        self.check(request.headers, peer, metrics, limited=INFER_PATH.match(path) is not None)
-        request.headers = [(k, v) for k, v in request.headers if k not in CREDENTIAL_HEADERS]
+    async def drain(self) -> None:
+        pass
 
-    def check(
-        self,
-        headers: list[tuple[bytes, bytes]],
-        peer: str,
-        metrics: RuntimeMetrics,
-        *,
-        limited: bool,
-    ) -> None:
-        """The decision for HTTP and gRPC alike: a ProtocolError (401, 429) or nothing."""
-        key = presented_key(headers)
-        client = client_id(key) if key and self.keys is not None else peer
-        label = self.clients.label(client)
-        if self.keys is not None and not self.keys.check(key):
-            metrics.client_requests.labels(label, "unauthorized").inc()
-            message = "missing or wrong API key: send Authorization: Bearer <key> or X-API-Key"
-            raise ProtocolError(
-                401, "unauthorized", message, ('www-authenticate: Bearer realm="inference"',)
-            )
-        if self.limiter is not None and limited:
-            wait = self.limiter.wait_time(client)
-            if wait > 0:
-                metrics.client_requests.labels(label, "rate_limited").inc()
-                retry = max(1, math.ceil(wait))
-                raise ProtocolError(
-                    429,
-                    "rate_limited",
-                    f"rate limit exceeded; retry in {retry}s",
-                    (f"retry-after: {retry}",),
-                )
-        metrics.client_requests.labels(label, "admitted").inc()
+
+class Connections:
+    """Open client connections across the listener, capped."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open = 0
 
 
 class HttpProxy:
@@ -183,56 +285,71 @@ class HttpProxy:
         sampler: Sampler | None = None,
         rng: Callable[[], float] = random.random,
         access: AccessControl | None = None,
+        budget: ByteBudget | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
         self.sampler = sampler
         self.rng = rng
         self.access = access
+        self.budget = budget or ByteBudget(settings.max_buffered_bytes)
+        self.connections = Connections(settings.max_connections)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        upstream = Upstream(self.settings)
+        if self.connections.open >= self.connections.limit:
+            self.metrics.rejected.labels("connections").inc()
+            writer.write(
+                error_response(503, "too many connections", close=True, extra=("retry-after: 1",))
+            )
+            writer.close()
+            return
+        self.connections.open += 1
         peername = writer.get_extra_info("peername")
         peer = str(peername[0]) if peername else "unknown"
+        settings = self.settings
+        parser = RequestParser(
+            lambda request: self._admit(request, peer),
+            max_body=settings.max_body_bytes,
+            budget=self.budget,
+            header_timeout=settings.header_timeout_seconds,
+            body_timeout=settings.client_timeout_seconds,
+            idle_timeout=settings.idle_timeout_seconds,
+        )
+        upstream = Upstream(settings)
         try:
-            while await self._one(reader, writer, upstream, peer):
-                pass
+            while (request := await parser.next(reader, writer)) is not None:
+                try:
+                    if not await self._serve(writer, request, upstream):
+                        break
+                finally:
+                    release(request, self.budget)
+        except ProtocolError as error:
+            await self._reject(reader, writer, error)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass  # the client went away
         finally:
+            parser.release_current()
             upstream.close()
             writer.close()
+            self.connections.open -= 1
 
-    async def _one(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        upstream: Upstream,
-        peer: str,
-    ) -> bool:
-        """Serve one request; False when the connection should close."""
-        try:
-            request = await self._read_request(reader, peer)
-        except ProtocolError as error:
-            return await self._reject(writer, error)
-        if request is None:
-            return False
-        infer = INFER_PATH.match(request.start.split(b" ")[1])
-        if infer is None or not request.start.startswith(b"POST "):
-            return await self._pass_through(writer, request, upstream)
-        await self._infer(writer, request, upstream, infer)
-        return request.keep_alive
-
-    async def _read_request(self, reader: asyncio.StreamReader, peer: str) -> Message | None:
-        head = await read_head(reader)
-        if head is None:
-            return None
-        request = Message(head[0], head[1], received=time.perf_counter())
-        if request.start.count(b" ") != 2:
-            raise ProtocolError(400, "bad_request_line", "malformed request line")
+    def _admit(self, request: Request, peer: str) -> None:
+        """At the end of the head, before any of the body: route, keys, limits, type."""
+        route = http_route(request.method, request.path)
+        request.route = route
+        if route.kind is Kind.HEALTH:
+            return
+        if route.kind is Kind.ADMIN and not self.settings.allow_admin_apis:
+            raise ProtocolError(
+                403,
+                "admin_api",
+                f"{request.path[:200]} is an administrative API; this model does not allow it"
+                " (spec.monitoring.runtime.allowAdminApis)",
+            )
         if self.access is not None:
-            self.access.admit(request, peer, self.metrics)
-        if request.start.startswith(b"POST ") and INFER_PATH.match(request.start.split(b" ")[1]):
+            self.access.check(request.headers, peer, self.metrics, limited=route.kind is Kind.INFER)
+            request.headers = [(k, v) for k, v in request.headers if k not in CREDENTIAL_HEADERS]
+        if route.kind is Kind.INFER:
             content_type = (request.header(b"content-type") or b"").split(b";")[0].strip().lower()
             if content_type and content_type not in ACCEPTED_TYPES:
                 raise ProtocolError(
@@ -241,66 +358,71 @@ class HttpProxy:
                     f"unsupported content type {content_type.decode(errors='replace')!r}:"
                     " use application/json or application/octet-stream",
                 )
-        try:
-            async with asyncio.timeout(self.settings.client_timeout_seconds):
-                await read_body(reader, request, self.settings.max_body_bytes, is_request=True)
-        except TimeoutError as error:
-            limit = self.settings.client_timeout_seconds
-            message = f"request not received within {limit:g}s"
-            raise ProtocolError(408, "client_timeout", message) from error
-        return request
 
-    async def _infer(
-        self,
-        writer: asyncio.StreamWriter,
-        request: Message,
-        upstream: Upstream,
-        infer: re.Match[bytes],
-    ) -> None:
-        model = infer.group(1).decode(errors="replace")
-        version = (infer.group(2) or b"").decode(errors="replace")
-        labels = (*self.metrics.bounded(model, version), self.metrics.track)
-        response = Message(b"")
-        self.metrics.in_flight_track.inc()
+    async def _serve(
+        self, writer: asyncio.StreamWriter, request: Request, upstream: Upstream
+    ) -> bool:
+        """Forward one admitted request; False when the connection should close."""
+        route = cast(Route, request.route)  # set by _admit for every request it let in
+        measured = route.kind is Kind.INFER
+        sampled = (
+            measured
+            and route.action == "infer"
+            and self.sampler is not None
+            and self.rng() < self.settings.sample_rate
+        )
+        relay = Relay(writer, http10=request.http10, keep=sampled)
+        if measured:
+            self.metrics.in_flight_track.inc()
         try:
             try:
-                response = await upstream.exchange(request)
-                writer.write(response.encode())
-                code = response.start.split(b" ", 2)[1].decode()
+                await upstream.exchange(request, relay)
+                code = str(relay.status)
             except UpstreamError as error:
                 self.metrics.upstream_errors.labels(error.reason).inc()
+                if relay.started:  # the answer is cut short: only closing can say so
+                    return False
                 writer.write(error_response(error.status, error.message))
                 code = str(error.status)
             await writer.drain()
         finally:
-            self.metrics.in_flight_track.dec()
+            if measured:
+                self.metrics.in_flight_track.dec()
+        if measured:
+            self._observe(request, route, relay, code)
+        return request.keep_alive and not relay.close_client
+
+    def _observe(self, request: Request, route: Route, relay: Relay, code: str) -> None:
+        labels = (*self.metrics.bounded(route.model, route.version), self.metrics.track)
         self.metrics.duration.labels(*labels).observe(time.perf_counter() - request.received)
         self.metrics.requests.labels(*labels, code).inc()
         self.metrics.request_bytes.labels(*labels).observe(len(request.body))
-        self.metrics.response_bytes.labels(*labels).observe(len(response.body))
-        if self.sampler is not None and code == "200" and self.rng() < self.settings.sample_rate:
+        self.metrics.response_bytes.labels(*labels).observe(relay.size)
+        if relay.pieces and code == "200" and self.sampler is not None:
             exchange = InferExchange(
-                model, "http", request.headers, request.body, response.headers, response.body
+                route.model,
+                "http",
+                request.headers,
+                bytes(request.body),
+                relay.headers,
+                relay.body,
             )
             self.sampler(exchange)
 
-    async def _pass_through(
-        self, writer: asyncio.StreamWriter, request: Message, upstream: Upstream
-    ) -> bool:
-        """Health, metadata and everything else: forwarded, not measured."""
-        try:
-            response = await upstream.exchange(request)
-        except UpstreamError as error:
-            self.metrics.upstream_errors.labels(error.reason).inc()
-            writer.write(error_response(error.status, error.message))
-        else:
-            writer.write(response.encode())
-        await writer.drain()
-        return request.keep_alive
+    async def _reject(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, error: ProtocolError
+    ) -> None:
+        """Answer without Triton, count it, and close: the stream may be out of step.
 
-    async def _reject(self, writer: asyncio.StreamWriter, error: ProtocolError) -> bool:
-        """Answer without Triton, count it, and close: the stream may be out of step."""
+        A client still sending a refused body would get a reset that can destroy the answer
+        before it reads it; so, as nginx's lingering close, what it sends for a little while
+        longer is read and dropped (never kept) before the connection closes."""
         self.metrics.rejected.labels(error.reason).inc()
         writer.write(error_response(error.status, error.message, close=True, extra=error.headers))
         await writer.drain()
-        return False
+        if writer.can_write_eof():
+            writer.write_eof()
+        with contextlib.suppress(TimeoutError, ConnectionError):
+            async with asyncio.timeout(LINGER_SECONDS):
+                while await reader.read(READ_SIZE):
+                    pass

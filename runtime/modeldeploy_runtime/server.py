@@ -5,19 +5,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import signal
 
 import grpc
 import grpc.aio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from modeldeploy_runtime.access import ApiKeys, RateLimiter, parse_rate
+from modeldeploy_runtime.access import AccessControl, ApiKeys, RateLimiter, parse_rate
 from modeldeploy_runtime.drift import DriftWindow, Profile
 from modeldeploy_runtime.drift_monitor import DriftMonitor
 from modeldeploy_runtime.grpc_proxy import GrpcProxy
-from modeldeploy_runtime.http1 import Message, ProtocolError, read_head
+from modeldeploy_runtime.http1 import ByteBudget, ProtocolError, RequestParser
 from modeldeploy_runtime.metrics import RuntimeMetrics
-from modeldeploy_runtime.proxy import AccessControl, HttpProxy, Upstream, UpstreamError
+from modeldeploy_runtime.proxy import HttpProxy, Upstream, UpstreamError
 from modeldeploy_runtime.settings import RuntimeSettings
 from modeldeploy_runtime.triton_stats import StatsPoller
 
@@ -33,59 +34,84 @@ def plain(status: int, body: bytes, content_type: str = "text/plain; charset=utf
 
 
 class AdminServer:
-    """``/metrics``, ``/healthz`` (the sidecar is alive) and ``/readyz`` (Triton is ready and
-    the model is loaded)."""
+    """``/metrics``, ``/healthz`` (the sidecar is alive), ``/readyz`` (Triton is ready and
+    the model is loaded), and ``/triton/live`` and ``/triton/ready``: Triton's own health for
+    its container's probes, since Triton listens on 127.0.0.1 only."""
 
     def __init__(self, settings: RuntimeSettings, metrics: RuntimeMetrics) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.budget = ByteBudget(1 << 20)
 
-    async def ready(self) -> tuple[bool, str]:
-        paths = [b"/v2/health/ready"]
-        if self.settings.model:
-            version = (
-                f"/versions/{self.settings.model_version}" if self.settings.model_version else ""
-            )
-            paths.append(f"/v2/models/{self.settings.model}{version}/ready".encode())
+    async def ready(self, paths: list[bytes]) -> tuple[bool, str]:
         upstream = Upstream(self.settings)
         try:
             for path in paths:
-                response = await upstream.exchange(
-                    Message(b"GET " + path + b" HTTP/1.1", [(b"host", b"triton")])
-                )
-                status = response.start.split(b" ", 2)[1]
-                if status != b"200":
-                    return False, f"{path.decode()} answered {status.decode()}"
+                status, _ = await upstream.get(path)
+                if status != 200:
+                    return False, f"{path.decode()} answered {status}"
         except UpstreamError as error:
             return False, error.message
         finally:
             upstream.close()
         return True, "ok"
 
+    def model_paths(self) -> list[bytes]:
+        paths = [b"/v2/health/ready"]
+        if self.settings.model:
+            version = (
+                f"/versions/{self.settings.model_version}" if self.settings.model_version else ""
+            )
+            paths.append(f"/v2/models/{self.settings.model}{version}/ready".encode())
+        return paths
+
+    async def answer(self, path: str) -> bytes:
+        if path == "/metrics":
+            return plain(200, generate_latest(self.metrics.registry), CONTENT_TYPE_LATEST)
+        if path == "/healthz":
+            return plain(200, b"ok")
+        checks: dict[str, list[bytes]] = {
+            "/readyz": self.model_paths(),
+            "/triton/ready": [b"/v2/health/ready"],
+            "/triton/live": [b"/v2/health/live"],
+        }
+        if path in checks:
+            ok, why = await self.ready(checks[path])
+            return plain(200 if ok else 503, why.encode())
+        return plain(404, b"not found")
+
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        parser = RequestParser(
+            lambda request: None,
+            max_body=0,
+            budget=self.budget,
+            header_timeout=self.settings.header_timeout_seconds,
+            body_timeout=self.settings.client_timeout_seconds,
+            idle_timeout=self.settings.idle_timeout_seconds,
+        )
         try:
-            while (head := await read_head(reader)) is not None:
-                path = head[0].split(b" ")[1] if head[0].count(b" ") == 2 else b""
-                if path == b"/metrics":
-                    writer.write(
-                        plain(200, generate_latest(self.metrics.registry), CONTENT_TYPE_LATEST)
-                    )
-                elif path == b"/healthz":
-                    writer.write(plain(200, b"ok"))
-                elif path == b"/readyz":
-                    ok, why = await self.ready()
-                    writer.write(plain(200 if ok else 503, why.encode()))
-                else:
-                    writer.write(plain(404, b"not found"))
+            while (request := await parser.next(reader, writer)) is not None:
+                writer.write(await self.answer(request.path))
                 await writer.drain()
+                if not request.keep_alive:
+                    break
         except (ProtocolError, ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
             writer.close()
 
 
+def raise_open_files_limit() -> None:
+    """Idle clients hold descriptors: use the hard limit, as Go programs do by default."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 async def serve(settings: RuntimeSettings, stop: asyncio.Event | None = None) -> None:
     """Run until SIGTERM/SIGINT (or ``stop``)."""
+    raise_open_files_limit()
     metrics = RuntimeMetrics(settings.track, settings.model, settings.model_version)
     monitor = None
     if settings.reference_profile is not None:
@@ -104,6 +130,7 @@ async def serve(settings: RuntimeSettings, stop: asyncio.Event | None = None) ->
             limiter=RateLimiter(parse_rate(settings.rate_limit_per_client))
             if settings.rate_limit_per_client
             else None,
+            salt=settings.client_salt.encode(),
         )
     proxy = HttpProxy(settings, metrics, sampler=monitor.submit if monitor else None, access=access)
     admin = AdminServer(settings, metrics)
@@ -116,9 +143,18 @@ async def serve(settings: RuntimeSettings, stop: asyncio.Event | None = None) ->
         await asyncio.start_server(proxy.handle, settings.bind_address, settings.http_port),
         await asyncio.start_server(admin.handle, settings.bind_address, settings.metrics_port),
     ]
-    unlimited = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
-    channel = grpc.aio.insecure_channel(settings.upstream_grpc, options=unlimited)
-    grpc_server = grpc.aio.server(options=unlimited)
+    # Triton's answers may be large; what clients send is bounded like an HTTP body, and
+    # gRPC refuses a longer message from its length prefix, before reading it.
+    channel = grpc.aio.insecure_channel(
+        settings.upstream_grpc,
+        options=[("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)],
+    )
+    grpc_server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", settings.max_body_bytes),
+            ("grpc.max_send_message_length", -1),
+        ]
+    )
     grpc_server.add_generic_rpc_handlers(
         [GrpcProxy(settings, metrics, channel, sampler=proxy.sampler, access=access)]
     )

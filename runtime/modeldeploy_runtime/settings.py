@@ -25,7 +25,25 @@ class RuntimeSettings(BaseSettings):
         0.1, ge=0, le=1, description="fraction of requests decoded for drift"
     )
     max_body_bytes: int = Field(64 * 1024 * 1024, gt=0, description="larger requests get 413")
-    client_timeout_seconds: float = Field(30.0, gt=0, description="to receive a whole request")
+    client_timeout_seconds: float = Field(30.0, gt=0, description="to receive a request's body")
+    header_timeout_seconds: float = Field(
+        10.0, gt=0, description="to receive a request's head, from its first byte"
+    )
+    idle_timeout_seconds: float = Field(
+        60.0, gt=0, description="a kept-alive connection with no request is closed after it"
+    )
+    max_connections: int = Field(
+        4096, gt=0, description="open HTTP client connections; more get 503 and are closed"
+    )
+    max_buffered_bytes: int = Field(
+        128 * 1024 * 1024,
+        gt=0,
+        description="request bodies held by all connections together; more are shed with 503",
+    )
+    allow_admin_apis: bool = Field(
+        False, description="let keyed clients call Triton's repository, trace and log APIs"
+    )
+    client_salt: str = Field("", description="keys' hashes in metrics are keyed by it")
     upstream_timeout_seconds: float = Field(60.0, gt=0, description="for Triton to answer")
     connect_timeout_seconds: float = Field(2.0, gt=0, description="to connect to Triton")
     reference_profile: Path | None = Field(None, description="drift profile: a JSON file or folder")

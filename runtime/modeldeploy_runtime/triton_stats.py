@@ -17,7 +17,6 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge
 
-from modeldeploy_runtime.http1 import Message
 from modeldeploy_runtime.proxy import Upstream, UpstreamError
 from modeldeploy_runtime.settings import RuntimeSettings
 
@@ -96,11 +95,9 @@ class StatsPoller:
         try:
             while not stop.is_set():
                 try:
-                    response = await upstream.exchange(
-                        Message(b"GET " + path + b" HTTP/1.1", [(b"host", b"triton")])
-                    )
+                    _, body = await upstream.get(path)
                     current = parse_stats(
-                        json.loads(response.body or b"{}"),
+                        json.loads(body or b"{}"),
                         self.settings.model,
                         self.settings.model_version,
                     )

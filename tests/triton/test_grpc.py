@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import queue
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -79,3 +81,99 @@ def test_model_and_version_are_read_from_the_wire() -> None:
     assert model_and_version(message.SerializeToString()) == ("bert", "12")
     assert model_and_version(b"\x0a\x05ab") == ("ab", "")  # truncated: what could be read
     assert model_and_version(b"") == ("", "")
+
+
+def keys_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "keys"
+    folder.mkdir()
+    (folder / "clients").write_text("k\n")
+    return folder
+
+
+def double_with(url: str, headers: dict[str, str] | None) -> str:
+    """The gRPC status of one ``double`` inference ("OK" when it answered)."""
+    client = grpcclient.InferenceServerClient(url)
+    x = grpcclient.InferInput("x", [1, 2], "FP32")
+    x.set_data_from_numpy(np.ones((1, 2), np.float32))
+    try:
+        client.infer("double", [x], headers=headers)
+    except InferenceServerException as error:
+        return str(error.status())
+    return "OK"
+
+
+def test_grpc_keys_and_rate_limits(sidecar: SidecarFactory, tmp_path: Path) -> None:
+    proxy = sidecar(model="double", api_keys_dir=keys_dir(tmp_path), rate_limit_per_client="1/m")
+    assert double_with(proxy.grpc, None) == "StatusCode.UNAUTHENTICATED"
+    assert double_with(proxy.grpc, {"x-api-key": "wrong"}) == "StatusCode.UNAUTHENTICATED"
+    # Metadata calls need the key too; health calls do not.
+    client = grpcclient.InferenceServerClient(proxy.grpc)
+    assert client.is_server_live()
+    with pytest.raises(InferenceServerException, match="API key"):
+        client.get_model_metadata("double")
+    statuses = [double_with(proxy.grpc, {"authorization": "Bearer k"}) for _ in range(2)]
+    assert statuses == ["OK", "StatusCode.RESOURCE_EXHAUSTED"]  # a burst of one
+    samples = scrape(proxy.metrics)
+    assert value(samples, "modeldeploy_runtime_rejected_requests_total", reason="unauthorized") == 3
+    assert value(samples, "modeldeploy_runtime_rejected_requests_total", reason="rate_limited") == 1
+    assert value(samples, "modeldeploy_runtime_requests_total", code="OK") == 1
+
+
+def test_grpc_stream_messages_are_limited_and_measured_one_by_one(
+    triton: Endpoint, sidecar: SidecarFactory, tmp_path: Path
+) -> None:
+    proxy = sidecar(model="double", api_keys_dir=keys_dir(tmp_path), rate_limit_per_client="1/m")
+    answers: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    client = grpcclient.InferenceServerClient(proxy.grpc)
+    client.start_stream(
+        callback=lambda result, error: answers.put((result, error)), headers={"x-api-key": "k"}
+    )
+    for _ in range(5):
+        x = grpcclient.InferInput("x", [1, 2], "FP32")
+        x.set_data_from_numpy(np.ones((1, 2), np.float32))
+        client.async_stream_infer("double", [x])
+    got = [answers.get(timeout=20) for _ in range(5)]
+    client.stop_stream()
+    ok = [result for result, error in got if error is None]
+    refused = [error for result, error in got if error is not None]
+    assert len(ok) == 1  # a burst of one
+    assert (ok[0].as_numpy("y") == 2).all()
+    assert len(refused) == 4
+    assert all("rate limit" in str(error) for error in refused)
+    samples = scrape(proxy.metrics)
+    assert value(samples, "modeldeploy_runtime_requests_total", code="OK") == 1
+    assert value(samples, "modeldeploy_runtime_request_duration_seconds_count", model="double") == 1
+    assert value(samples, "modeldeploy_runtime_rejected_requests_total", reason="rate_limited") == 4
+    assert value(samples, "modeldeploy_runtime_requests_in_flight", track="stable") == 0
+
+
+def test_grpc_stream_without_a_key_is_refused(sidecar: SidecarFactory, tmp_path: Path) -> None:
+    proxy = sidecar(model="double", api_keys_dir=keys_dir(tmp_path))
+    answers: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    client = grpcclient.InferenceServerClient(proxy.grpc)
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    x = grpcclient.InferInput("x", [1, 2], "FP32")
+    x.set_data_from_numpy(np.ones((1, 2), np.float32))
+    client.async_stream_infer("double", [x])
+    _, error = answers.get(timeout=20)
+    client.stop_stream()
+    assert error is not None
+    assert "API key" in str(error)
+
+
+def test_grpc_admin_calls_and_oversized_messages_are_refused(sidecar: SidecarFactory) -> None:
+    proxy = sidecar(model="double", max_body_bytes=1024 * 1024)
+    client = grpcclient.InferenceServerClient(proxy.grpc)
+    with pytest.raises(InferenceServerException) as caught:
+        client.get_model_repository_index()
+    assert caught.value.status() == "StatusCode.PERMISSION_DENIED"
+    assert "allowAdminApis" in caught.value.message()
+    with pytest.raises(InferenceServerException) as caught:
+        client.unregister_system_shared_memory()
+    assert caught.value.status() == "StatusCode.PERMISSION_DENIED"
+    x = grpcclient.InferInput("x", [1, 512 * 1024], "FP32")  # 2 MiB
+    x.set_data_from_numpy(np.ones((1, 512 * 1024), np.float32))
+    with pytest.raises(InferenceServerException) as caught:
+        client.infer("double", [x])
+    assert caught.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+    assert (double(proxy.grpc, np.ones((1, 2), np.float32)) == 2).all()

@@ -195,7 +195,7 @@ def test_bad_payloads_get_tritons_own_error_and_are_counted(
             "content_type",
         ),
         (post(INFER, b"{}", length=100), 408, "not received within", "client_timeout"),
-        (b"GARBAGE\r\n\r\n", 400, "malformed request line", "bad_request_line"),
+        (b"GARBAGE\r\n\r\n", 400, "malformed HTTP/1.1", "bad_http"),
     ],
     ids=["over-size-limit", "unknown-content-type", "body-shorter-than-announced", "not-http"],
 )

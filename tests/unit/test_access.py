@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from modeldeploy_runtime.access import (
+    AccessControl,
     ApiKeys,
     ClientLabels,
     RateLimiter,
@@ -15,6 +16,7 @@ from modeldeploy_runtime.access import (
     parse_rate,
     presented_key,
 )
+from modeldeploy_runtime.http1 import ProtocolError
 from modeldeploy_runtime.metrics import MAX_UNCONFIGURED_LABELS, RuntimeMetrics
 
 
@@ -50,6 +52,27 @@ def test_presented_key_and_client_id() -> None:
     assert presented_key([(b"authorization", b"Basic abc")]) is None
     assert client_id("s3cret") == client_id("s3cret") != client_id("other")
     assert "s3cret" not in client_id("s3cret")
+    # Keyed by the installation's salt: the same key is unrelated elsewhere.
+    assert client_id("s3cret", b"site-a") != client_id("s3cret", b"site-b")
+    assert len(client_id("s3cret", b"site-a")) == len("key-") + 16
+
+
+def test_junk_keys_do_not_take_the_labels_of_real_clients(tmp_path: Path) -> None:
+    (tmp_path / "clients").write_text("real\n")
+    access = AccessControl(ApiKeys(tmp_path), clients=ClientLabels(limit=2), salt=b"s")
+    metrics = RuntimeMetrics("stable")
+    for i in range(100):
+        with pytest.raises(ProtocolError):
+            access.check([(b"x-api-key", f"junk-{i}".encode())], "10.0.0.1", metrics, limited=True)
+    client = access.check([(b"x-api-key", b"real")], "10.0.0.1", metrics, limited=True)
+    assert client == client_id("real", b"s")
+    clients = {
+        sample.labels["client"]
+        for family in metrics.registry.collect()
+        if family.name == "modeldeploy_runtime_client_requests"
+        for sample in family.samples
+    }
+    assert clients == {"unknown", client}
 
 
 @pytest.mark.parametrize(("text", "rate"), [("100/s", 100.0), ("600/m", 10.0), ("36/h", 0.01)])
