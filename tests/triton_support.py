@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -208,3 +209,35 @@ class Traffic:
     def stop(self) -> None:
         self.signal()
         self._thread.join(timeout=15)
+
+
+def exchange(address: str, data: bytes, timeout: float = 5.0) -> bytes:
+    """Send ``data`` and read until the sidecar closes the connection (or ``timeout``)."""
+    host, port = address.split(":")
+    received = b""
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        try:
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # refused early: the answer may be waiting
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                chunk = sock.recv(65536)
+            except (TimeoutError, ConnectionResetError):
+                break
+            if not chunk:
+                break
+            received += chunk
+    return received
+
+
+def statuses(received: bytes) -> list[int]:
+    """The status of every response in a stream of responses."""
+    found = []
+    for part in received.split(b"HTTP/1.1 ")[1:]:
+        code = part[:3]
+        if code.isdigit():
+            found.append(int(code))
+    return found

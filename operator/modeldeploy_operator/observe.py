@@ -41,6 +41,7 @@ from modeldeploy_operator.promql import (
     IDLE_QUERY,
     PER_REPLICA,
     TemplateError,
+    budget_usage_query,
     metric_name,
     query_of,
     render_query,
@@ -71,9 +72,11 @@ class Snapshot:
     world: World
     gpu_products: frozenset[str] | None
     missing: tuple[MissingReference, ...]
+    budget_usage: dict[str, float] | None = None  # calls per key over the budget's window
 
 
 REFERENCE_RECHECK_SECONDS = 10.0  # a pass this soon when a Secret or ConfigMap is missing
+BUDGET_SECONDS = 30.0  # query budgets are summed this often
 
 
 def references(md: ModelDeployment) -> tuple[tuple[str, str, str], ...]:
@@ -260,7 +263,29 @@ def snapshot(
         world=world,
         gpu_products=ctx.gpus.products() if md.spec.resources.gpu else None,
         missing=missing_references(md, pods, ctx),
+        budget_usage=budget_usage(md, ctx),
     )
+
+
+def budget_usage(md: ModelDeployment, ctx: OperatorContext) -> dict[str, float] | None:
+    """Each API key's inference calls over the query budget's window, summed over every
+    replica by Prometheus; None when there is no budget or it cannot be read (the sidecars
+    then go on with the last list, and their own exact count of what each pod admitted)."""
+    auth = md.spec.monitoring.auth
+    if auth is None or auth.query_budget is None or not md.spec.monitoring.runtime.enabled:
+        return None
+    if ctx.prometheus_url is None:
+        return None
+    try:
+        return ctx.metrics_provider(ctx.prometheus_url).query_by(
+            budget_usage_query(md, auth.query_budget.window), "client"
+        )
+    except ProviderError as error:
+        ctx.logger.warning(
+            f"Query budgets could not be summed: {error}",
+            extra={"modeldeployment": f"{md.metadata.namespace}/{md.metadata.name}"},
+        )
+        return None
 
 
 def modeldeployment(ctx: OperatorContext, namespace: str, name: str) -> Json | None:

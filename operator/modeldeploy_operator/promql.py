@@ -106,3 +106,12 @@ def query_of(metric: ScalingMetric, values: Mapping[str, str]) -> str:
 
 def metric_name(metric: ScalingMetric) -> str:
     return metric.name or metric.type if metric.type == "Custom" else metric.type
+
+
+def budget_usage_query(md: ModelDeployment, window: str) -> str:
+    """Inference calls each API key made over ``window``, summed over every replica and
+    track (the sidecars count them as ``outcome="admitted"``)."""
+    return (
+        "sum by (client) (increase(modeldeploy_runtime_client_requests_total"
+        f'{{{metric_selector(md)}, outcome="admitted"}}[{window}]))'
+    )

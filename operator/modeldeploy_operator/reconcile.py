@@ -21,6 +21,7 @@ from modeldeploy_operator import act, observe
 from modeldeploy_operator.api.v1alpha1 import API_VERSION, KIND, ModelDeployment
 from modeldeploy_operator.autoscaling import plan as scaling
 from modeldeploy_operator.autoscaling.decide import desired_replicas
+from modeldeploy_operator.builders.budget import build_budget_configmap, exhausted_clients
 from modeldeploy_operator.builders.deployment import BuildConfig, build_deployment
 from modeldeploy_operator.builders.labels import deployment_name, revision_of
 from modeldeploy_operator.builders.route import build_route, build_track_service, gateway_routing
@@ -28,7 +29,12 @@ from modeldeploy_operator.builders.service import build_service
 from modeldeploy_operator.cache import version_of
 from modeldeploy_operator.context import OperatorContext
 from modeldeploy_operator.k8s.client import ApiError
-from modeldeploy_operator.observe import REFERENCE_RECHECK_SECONDS, modeldeployment, snapshot
+from modeldeploy_operator.observe import (
+    BUDGET_SECONDS,
+    REFERENCE_RECHECK_SECONDS,
+    modeldeployment,
+    snapshot,
+)
 from modeldeploy_operator.rollout.plan import RolloutPlan, plan_rollout
 from modeldeploy_operator.status import EventSpec, Observed, compute_status, transition_events
 from modeldeploy_operator.workqueue import Clock, RealClock, Workers, WorkQueue
@@ -44,10 +50,15 @@ class Outcome:
 
 
 def children(
-    md: ModelDeployment, revision: str, plan: RolloutPlan, build: BuildConfig
+    md: ModelDeployment,
+    revision: str,
+    plan: RolloutPlan,
+    build: BuildConfig,
+    budget_usage: Mapping[str, float] | None = None,
 ) -> act.Children:
-    """The children a plan asks for (pure): the Service, the track Deployments, and with
-    Gateway API routing the per-track Services and the HTTPRoute at the canary's weight."""
+    """The children a plan asks for (pure): the Service, the track Deployments, with Gateway
+    API routing the per-track Services and the HTTPRoute at the canary's weight, and with a
+    query budget the list of keys over it (when their calls could be summed)."""
     targets = plan.targets
     desired: list[dict[str, Any]] = []
     scale: list[act.Scale] = []
@@ -63,6 +74,8 @@ def children(
     else:
         desired.append(build_deployment(md, "canary", revision, build, targets.canary_replicas))
     desired.append(build_service(md))
+    if budget_usage is not None:
+        desired.append(build_budget_configmap(md, exhausted_clients(md, budget_usage)))
     routing = gateway_routing(md)
     if routing is not None:
         canary = plan.view.canary
@@ -147,7 +160,7 @@ def reconcile(body: Mapping[str, Any], ctx: OperatorContext) -> Outcome:
     seen = snapshot(md, meta.get("annotations"), revision, ctx, now)
     # Plan.
     plan = plan_rollout(md, revision, seen.world, now)
-    wanted = children(md, revision, plan, ctx.build)
+    wanted = children(md, revision, plan, ctx.build, seen.budget_usage)
     retired = tuple((v, k, md.metadata.name) for v, k in autoscaling.remove)
     wanted = replace(wanted, delete=wanted.delete + retired)
     remembered = ctx.apply_errors.get((md.metadata.namespace, md.metadata.name))
@@ -187,6 +200,8 @@ def reconcile(body: Mapping[str, Any], ctx: OperatorContext) -> Outcome:
     requeue = [plan.requeue_after, autoscaling.requeue_after]
     if seen.missing:  # look for them again soon: nothing else would trigger a pass
         requeue.append(REFERENCE_RECHECK_SECONDS)
+    if md.spec.monitoring.auth and md.spec.monitoring.auth.query_budget:
+        requeue.append(BUDGET_SECONDS)
     if error != remembered:  # reported by the next pass, at once
         if error is None:
             ctx.apply_errors.pop((md.metadata.namespace, md.metadata.name), None)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import math
 import threading
 import time
@@ -184,9 +185,11 @@ class AccessControl:
         limiter: RateLimiter | None = None,
         salt: bytes = b"",
         clients: ClientLabels | None = None,
+        budget: QueryBudget | None = None,
     ) -> None:
         self.keys = keys
         self.limiter = limiter
+        self.budget = budget
         self.salt = salt
         self.clients = clients or ClientLabels()
 
@@ -233,4 +236,102 @@ class AccessControl:
                     f"rate limit exceeded; retry in {retry}s",
                     (f"retry-after: {retry}",),
                 )
-        metrics.client_requests.labels(label, "admitted").inc()
+        if self.budget is not None and limited:
+            wait = self.budget.take(client)
+            if wait > 0:
+                metrics.client_requests.labels(label, "budget_exhausted").inc()
+                retry = max(1, math.ceil(wait))
+                raise ProtocolError(
+                    429,
+                    "budget_exhausted",
+                    f"query budget exhausted: {self.budget.describe()} per client"
+                    f" (spec.monitoring.auth.queryBudget); retry in {retry}s",
+                    (f"retry-after: {retry}",),
+                )
+        # "admitted" counts inference calls only: the operator sums it for query budgets.
+        metrics.client_requests.labels(label, "admitted" if limited else "metadata").inc()
+
+
+def parse_window(text: str) -> float:
+    """``24h`` -> 86400.0 seconds (``s``, ``m``, ``h`` or ``d``)."""
+    units = {**UNITS, "d": 86400.0}
+    number, unit = text[:-1], text[-1:]
+    if not number.isdigit() or unit not in units or int(number) <= 0:
+        raise ValueError(f"a budget window looks like 24h, 7d or 30m, not {text!r}")
+    return int(number) * units[unit]
+
+
+class QueryBudget:
+    """At most ``limit`` inference calls per client in any ``window`` seconds.
+
+    Counted here exactly, in ``BUCKETS`` buckets per window, for the calls this pod admitted;
+    and across replicas through ``exhausted_file``: the operator sums every pod's counts in
+    Prometheus and writes the clients over budget into a mounted ConfigMap (JSON
+    ``{"exhausted": {"<client>": <used>}}``), re-read when it changes.
+    """
+
+    BUCKETS = 24
+
+    def __init__(
+        self,
+        limit: int,
+        window: float,
+        *,
+        exhausted_file: Path | None = None,
+        clock: Clock = time.monotonic,
+        refresh: float = 5.0,
+        max_clients: int = 10_000,
+    ) -> None:
+        self.limit = limit
+        self.window = window
+        self._width = window / self.BUCKETS
+        self._file = exhausted_file
+        self._clock = clock
+        self._refresh = refresh
+        self._max = max_clients
+        self._counts: OrderedDict[str, dict[int, int]] = OrderedDict()
+        self._exhausted: dict[str, float] = {}
+        self._stamp: float | None = None
+        self._checked = -math.inf
+        self._lock = threading.Lock()
+
+    def describe(self) -> str:
+        hours = self.window / 3600
+        span = f"{hours:g}h" if hours >= 1 else f"{self.window / 60:g}m"
+        return f"{self.limit} queries per {span}"
+
+    def take(self, client: str) -> float:
+        """0.0 to admit (and count) one call, else the seconds until the client may retry."""
+        now = self._clock()
+        bucket = int(now // self._width)
+        with self._lock:
+            if client in self._global_exhausted(now):
+                return self._width  # the operator lists it again while it is over
+            counts = self._counts.pop(client, None) or {}
+            self._counts[client] = counts
+            while len(self._counts) > self._max:
+                self._counts.popitem(last=False)
+            for old in [b for b in counts if b <= bucket - self.BUCKETS]:
+                del counts[old]
+            if sum(counts.values()) >= self.limit:
+                oldest = min(counts)
+                return (oldest + self.BUCKETS) * self._width - now
+            counts[bucket] = counts.get(bucket, 0) + 1
+            return 0.0
+
+    def _global_exhausted(self, now: float) -> dict[str, float]:
+        if self._file is None or now - self._checked < self._refresh:
+            return self._exhausted
+        self._checked = now
+        try:
+            stamp = self._file.stat().st_mtime
+            if stamp != self._stamp:
+                document = json.loads(self._file.read_text() or "{}")
+                self._exhausted = {
+                    str(k): float(v) for k, v in document.get("exhausted", {}).items()
+                }
+                self._stamp = stamp
+        except (OSError, ValueError, AttributeError):
+            self._exhausted = {}  # no file yet (the ConfigMap is optional), or unreadable
+            self._stamp = None
+        return self._exhausted

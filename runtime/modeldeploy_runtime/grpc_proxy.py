@@ -25,6 +25,7 @@ import grpc
 import grpc.aio
 
 from modeldeploy_runtime.access import CREDENTIAL_HEADERS, AccessControl
+from modeldeploy_runtime.coarsen import Coarsener
 from modeldeploy_runtime.http1 import ProtocolError
 from modeldeploy_runtime.metrics import RuntimeMetrics
 from modeldeploy_runtime.proxy import InferExchange, Sampler
@@ -104,8 +105,10 @@ class GrpcProxy(grpc.GenericRpcHandler):  # type: ignore[misc] # grpc has no stu
         sampler: Sampler | None = None,
         access: AccessControl | None = None,
         rng: Callable[[], float] = random.random,
+        coarsener: Coarsener | None = None,
     ) -> None:
         self.settings = settings
+        self.coarsener = coarsener
         self.metrics = metrics
         self.channel = channel
         self.sampler = sampler
@@ -170,9 +173,10 @@ class GrpcProxy(grpc.GenericRpcHandler):  # type: ignore[misc] # grpc has no stu
         measured = route.kind is Kind.INFER
 
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            who = self._client(client, context)
             if self.access is not None and route.kind is not Kind.HEALTH:
                 try:
-                    self.access.take(self._client(client, context), self.metrics, limited=measured)
+                    self.access.take(who, self.metrics, limited=measured)
                 except ProtocolError as refused:
                     self.metrics.rejected.labels(refused.reason).inc()
                     context.set_trailing_metadata(
@@ -190,6 +194,8 @@ class GrpcProxy(grpc.GenericRpcHandler):  # type: ignore[misc] # grpc has no stu
                     metadata=self._metadata(context),
                     timeout=self.settings.upstream_timeout_seconds,
                 )
+                if measured and self.coarsener:
+                    return self.coarsener.grpc(bytes(response))
                 return bytes(response)
             except grpc.aio.AioRpcError as error:
                 code = error.code().name
@@ -200,7 +206,7 @@ class GrpcProxy(grpc.GenericRpcHandler):  # type: ignore[misc] # grpc has no stu
                 if measured:
                     self.metrics.in_flight_track.dec()
                     self._observe(request, response, code, time.perf_counter() - started)
-                    self._sample(request, response, code)
+                    self._sample(who, request, response, code)
 
         return handle
 
@@ -242,7 +248,10 @@ class GrpcProxy(grpc.GenericRpcHandler):  # type: ignore[misc] # grpc has no stu
                             self.metrics.in_flight_track.dec()
                             code = "INTERNAL" if stream_has_error(response) else "OK"
                             self._observe(message, response, code, time.perf_counter() - started)
-                        await out.put(bytes(response))
+                        answer = bytes(response)
+                        if self.coarsener and not stream_has_error(answer):
+                            answer = self.coarsener.grpc(answer, stream=True)
+                        await out.put(answer)
                 except grpc.aio.AioRpcError as error:
                     await out.put(error)
                 finally:
@@ -278,7 +287,7 @@ class GrpcProxy(grpc.GenericRpcHandler):  # type: ignore[misc] # grpc has no stu
         self.metrics.request_bytes.labels(*labels).observe(len(request))
         self.metrics.response_bytes.labels(*labels).observe(len(response))
 
-    def _sample(self, request: bytes, response: bytes, code: str) -> None:
+    def _sample(self, client: str, request: bytes, response: bytes, code: str) -> None:
         if self.sampler is not None and code == "OK" and self.rng() < self.settings.sample_rate:
             model, _ = model_and_version(request)
-            self.sampler(InferExchange(model, "grpc", [], request, [], response))
+            self.sampler(InferExchange(model, "grpc", client, [], request, [], response))

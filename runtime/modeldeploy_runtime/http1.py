@@ -105,6 +105,7 @@ class Request:
     expect_continue: bool = False
     reserved: int = 0  # bytes taken from the ByteBudget, given back by ``release``
     route: object = None  # what ``admit`` decided, for the proxy
+    client: str = ""  # who sent it: a key's salted hash, or the peer's address
 
     def header(self, name: bytes) -> bytes | None:
         for key, value in self.headers:

@@ -22,6 +22,7 @@ from typing import Protocol, cast
 import httptools
 
 from modeldeploy_runtime.access import CREDENTIAL_HEADERS, AccessControl
+from modeldeploy_runtime.coarsen import Coarsener
 from modeldeploy_runtime.http1 import (
     HOP_BY_HOP,
     READ_SIZE,
@@ -52,6 +53,7 @@ class InferExchange:
 
     model: str
     protocol: str  # "http" or "grpc"
+    client: str  # a key's salted hash, or the peer's address
     request_headers: list[tuple[bytes, bytes]]
     request_body: bytes
     response_headers: list[tuple[bytes, bytes]]
@@ -86,10 +88,11 @@ class Relay:
     ``keep`` keeps a copy of the body for the drift sampler.
     """
 
-    def __init__(self, client: Sink, *, http10: bool, keep: bool) -> None:
+    def __init__(self, client: Sink, *, http10: bool, keep: bool, hold: bool = False) -> None:
         self.client = client
         self._http10 = http10
-        self._keep = keep
+        self._keep = keep or hold
+        self._hold = hold  # nothing is written: the caller rewrites the whole answer
         self._parser = httptools.HttpResponseParser(self)
         self._reason = b""
         self._chunked = False
@@ -122,6 +125,14 @@ class Relay:
     def body(self) -> bytes:
         return b"".join(self.pieces)
 
+    def whole(self, headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
+        """A held answer, written at once with its own Content-Length."""
+        reason = REASONS.get(self.status, self._reason.decode("latin-1")) or "Unknown"
+        lines = [b"HTTP/1.1 %d %s" % (self.status, reason.encode("latin-1"))]
+        lines.extend(k + b": " + v for k, v in headers if k not in HOP_BY_HOP)
+        lines.append(b"content-length: %d" % len(body))
+        return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
     # -- llhttp's callbacks -----------------------------------------------------------------
 
     def on_status(self, reason: bytes) -> None:
@@ -137,11 +148,13 @@ class Relay:
             self.headers = []
             return
         self.status = status
+        self.close_upstream = not self._parser.should_keep_alive()
+        if self._hold:
+            return
         has_length = any(k == b"content-length" for k, _ in self.headers)
         chunked = any(k == b"transfer-encoding" for k, _ in self.headers)
         bodyless = status in (204, 304)
         self._close_delimited = not has_length and not chunked and not bodyless
-        self.close_upstream = not self._parser.should_keep_alive()
         reason = REASONS.get(status, self._reason.decode("latin-1")) or "Unknown"
         lines = [b"HTTP/1.1 %d %s" % (status, reason.encode("latin-1"))]
         lines.extend(k + b": " + v for k, v in self.headers if k not in HOP_BY_HOP)
@@ -161,6 +174,8 @@ class Relay:
         self.size += len(body)
         if self._keep:
             self.pieces.append(body)
+        if self._hold:
+            return
         if self._chunked:
             self.client.write(b"%x\r\n" % len(body) + body + b"\r\n")
         else:
@@ -173,6 +188,14 @@ class Relay:
         if self._chunked:
             self.client.write(b"0\r\n\r\n")
         self.done = True
+
+
+def coarsened(coarsener: Coarsener, relay: Relay, route: Route) -> bytes:
+    """A held answer with its outputs coarsened (errors pass unchanged)."""
+    headers, body = relay.headers, relay.body
+    if relay.status == 200:
+        headers, body = coarsener.http(headers, body, route.action)
+    return relay.whole(headers, body)
 
 
 class Upstream:
@@ -286,8 +309,10 @@ class HttpProxy:
         rng: Callable[[], float] = random.random,
         access: AccessControl | None = None,
         budget: ByteBudget | None = None,
+        coarsener: Coarsener | None = None,
     ) -> None:
         self.settings = settings
+        self.coarsener = coarsener
         self.metrics = metrics
         self.sampler = sampler
         self.rng = rng
@@ -346,8 +371,18 @@ class HttpProxy:
                 f"{request.path[:200]} is an administrative API; this model does not allow it"
                 " (spec.monitoring.runtime.allowAdminApis)",
             )
+        if route.action == "generate_stream" and self.coarsener:
+            raise ProtocolError(
+                403,
+                "coarsened_stream",
+                "this model coarsens its outputs (spec.monitoring.auth.outputs), which a"
+                " stream cannot carry: use generate or infer",
+            )
+        request.client = peer
         if self.access is not None:
-            self.access.check(request.headers, peer, self.metrics, limited=route.kind is Kind.INFER)
+            request.client = self.access.check(
+                request.headers, peer, self.metrics, limited=route.kind is Kind.INFER
+            )
             request.headers = [(k, v) for k, v in request.headers if k not in CREDENTIAL_HEADERS]
         if route.kind is Kind.INFER:
             content_type = (request.header(b"content-type") or b"").split(b";")[0].strip().lower()
@@ -371,13 +406,16 @@ class HttpProxy:
             and self.sampler is not None
             and self.rng() < self.settings.sample_rate
         )
-        relay = Relay(writer, http10=request.http10, keep=sampled)
+        coarsener = self.coarsener if route.action in ("infer", "generate") else None
+        relay = Relay(writer, http10=request.http10, keep=sampled, hold=bool(coarsener))
         if measured:
             self.metrics.in_flight_track.inc()
         try:
             try:
                 await upstream.exchange(request, relay)
                 code = str(relay.status)
+                if coarsener:
+                    writer.write(coarsened(coarsener, relay, route))
             except UpstreamError as error:
                 self.metrics.upstream_errors.labels(error.reason).inc()
                 if relay.started:  # the answer is cut short: only closing can say so
@@ -389,19 +427,22 @@ class HttpProxy:
             if measured:
                 self.metrics.in_flight_track.dec()
         if measured:
-            self._observe(request, route, relay, code)
+            self._observe(request, route, relay, code, sampled)
         return request.keep_alive and not relay.close_client
 
-    def _observe(self, request: Request, route: Route, relay: Relay, code: str) -> None:
+    def _observe(
+        self, request: Request, route: Route, relay: Relay, code: str, sampled: bool
+    ) -> None:
         labels = (*self.metrics.bounded(route.model, route.version), self.metrics.track)
         self.metrics.duration.labels(*labels).observe(time.perf_counter() - request.received)
         self.metrics.requests.labels(*labels, code).inc()
         self.metrics.request_bytes.labels(*labels).observe(len(request.body))
         self.metrics.response_bytes.labels(*labels).observe(relay.size)
-        if relay.pieces and code == "200" and self.sampler is not None:
+        if sampled and code == "200" and self.sampler is not None:
             exchange = InferExchange(
                 route.model,
                 "http",
+                request.client,
                 request.headers,
                 bytes(request.body),
                 relay.headers,

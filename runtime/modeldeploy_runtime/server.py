@@ -12,7 +12,16 @@ import grpc
 import grpc.aio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from modeldeploy_runtime.access import AccessControl, ApiKeys, RateLimiter, parse_rate
+from modeldeploy_runtime.access import (
+    AccessControl,
+    ApiKeys,
+    ClientLabels,
+    QueryBudget,
+    RateLimiter,
+    parse_rate,
+    parse_window,
+)
+from modeldeploy_runtime.coarsen import Coarsener, parse_rules
 from modeldeploy_runtime.drift import DriftWindow, Profile
 from modeldeploy_runtime.drift_monitor import DriftMonitor
 from modeldeploy_runtime.grpc_proxy import GrpcProxy
@@ -109,6 +118,27 @@ def raise_open_files_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def access_control(settings: RuntimeSettings) -> AccessControl | None:
+    """Keys, rate limit and query budget, or None when none is configured."""
+    if not (settings.api_keys_dir or settings.rate_limit_per_client or settings.query_budget):
+        return None
+    keys = ApiKeys(settings.api_keys_dir) if settings.api_keys_dir is not None else None
+    budget = None
+    if settings.query_budget:
+        count, _, window = settings.query_budget.partition("/")
+        budget = QueryBudget(int(count), parse_window(window), exhausted_file=settings.budget_file)
+    return AccessControl(
+        keys=keys,
+        limiter=RateLimiter(parse_rate(settings.rate_limit_per_client))
+        if settings.rate_limit_per_client
+        else None,
+        salt=settings.client_salt.encode(),
+        # Only valid keys earn labels, so their number is the Secret's; addresses are not.
+        clients=ClientLabels(limit=1000 if keys is not None else 100),
+        budget=budget,
+    )
+
+
 async def serve(settings: RuntimeSettings, stop: asyncio.Event | None = None) -> None:
     """Run until SIGTERM/SIGINT (or ``stop``)."""
     raise_open_files_limit()
@@ -123,16 +153,15 @@ async def serve(settings: RuntimeSettings, stop: asyncio.Event | None = None) ->
             settings.drift_top_k,
             settings.track,
         )
-    access = None
-    if settings.api_keys_dir is not None or settings.rate_limit_per_client:
-        access = AccessControl(
-            keys=ApiKeys(settings.api_keys_dir) if settings.api_keys_dir is not None else None,
-            limiter=RateLimiter(parse_rate(settings.rate_limit_per_client))
-            if settings.rate_limit_per_client
-            else None,
-            salt=settings.client_salt.encode(),
-        )
-    proxy = HttpProxy(settings, metrics, sampler=monitor.submit if monitor else None, access=access)
+    access = access_control(settings)
+    coarsener = Coarsener(parse_rules(settings.coarsen_outputs))
+    proxy = HttpProxy(
+        settings,
+        metrics,
+        sampler=monitor.submit if monitor else None,
+        access=access,
+        coarsener=coarsener,
+    )
     admin = AdminServer(settings, metrics)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -156,7 +185,16 @@ async def serve(settings: RuntimeSettings, stop: asyncio.Event | None = None) ->
         ]
     )
     grpc_server.add_generic_rpc_handlers(
-        [GrpcProxy(settings, metrics, channel, sampler=proxy.sampler, access=access)]
+        [
+            GrpcProxy(
+                settings,
+                metrics,
+                channel,
+                sampler=proxy.sampler,
+                access=access,
+                coarsener=coarsener,
+            )
+        ]
     )
     grpc_server.add_insecure_port(f"{settings.bind_address}:{settings.grpc_port}")
     await grpc_server.start()

@@ -44,6 +44,9 @@ class RuntimeSettings(BaseSettings):
         False, description="let keyed clients call Triton's repository, trace and log APIs"
     )
     client_salt: str = Field("", description="keys' hashes in metrics are keyed by it")
+    coarsen_outputs: str = Field(
+        "", description='JSON rules, e.g. [{"name": "probs", "decimals": 2, "topK": 3}]'
+    )
     upstream_timeout_seconds: float = Field(60.0, gt=0, description="for Triton to answer")
     connect_timeout_seconds: float = Field(2.0, gt=0, description="to connect to Triton")
     reference_profile: Path | None = Field(None, description="drift profile: a JSON file or folder")
@@ -57,6 +60,12 @@ class RuntimeSettings(BaseSettings):
         None, description="mounted Secret: every line of every file is an accepted key"
     )
     rate_limit_per_client: str | None = Field(None, description="e.g. 100/s, 600/m")
+    query_budget: str | None = Field(
+        None, pattern=r"^[1-9][0-9]*/[1-9][0-9]*[smhd]$", description="per client, e.g. 10000/24h"
+    )
+    budget_file: Path | None = Field(
+        None, description="clients over budget across replicas (JSON, written by the operator)"
+    )
 
     def upstream_host_port(self) -> tuple[str, int]:
         host, _, port = self.upstream_http.rpartition(":")

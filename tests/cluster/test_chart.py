@@ -40,7 +40,7 @@ ALLOWED = {
     "services": {"get", "list", "watch", "create", "patch", "update", "delete"},
     "pods": {"get", "list", "watch"},
     "secrets": {"get"},
-    "configmaps": {"get"},
+    "configmaps": {"get", "create", "patch"},
     "events": {"create", "patch"},
     "events.events.k8s.io": {"create", "patch"},
     "httproutes.gateway.networking.k8s.io": {

@@ -440,6 +440,8 @@ class ScriptedMetrics:
     def __call__(self, url: str) -> ScriptedProvider:
         return ScriptedProvider(self)
 
+    vectors: dict[str, dict[str, float]] = field(default_factory=dict)  # by label
+
     def respond(self, promql: str) -> float | None:
         self.queries.append((self.clock.now, promql))
         answer = self.script(promql) if self.script is not None else self.answer
@@ -458,6 +460,9 @@ class ScriptedProvider:
 
     def query(self, promql: str) -> float | None:
         return self.metrics.respond(promql)
+
+    def query_by(self, promql: str, label: str) -> dict[str, float]:
+        return self.metrics.vectors.get(label, {})
 
 
 # -- the Deployment controller, the garbage collector and the kubelet ----------------------

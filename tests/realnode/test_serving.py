@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,19 @@ def test_a_model_answers_from_a_real_pod_and_logs_and_exec_work(
     assert max(range(3), key=lambda i: setosa[i]) == 0
     assert max(range(3), key=lambda i: virginica[i]) == 2
     assert sum(setosa) == pytest.approx(1.0, abs=1e-5)
+
+    # The sidecar is the only door: Triton's own ports are closed on the pod's address.
+    for port in (8000, 8001, 8002):
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((status["podIP"], port), timeout=5).close()
+    socket.create_connection((status["podIP"], 8080), timeout=5).close()
+    triton = next(c for c in spec["containers"] if c["name"] == "triton")
+    assert "--http-address=127.0.0.1" in triton["args"]
+    assert triton["readinessProbe"]["httpGet"] == {
+        "path": "/triton/ready",
+        "port": 9090,
+        "scheme": "HTTP",
+    }
 
     name = pod["metadata"]["name"]
     triton_log = cluster.kubectl("logs", "-n", namespace, name, "-c", "triton").stdout

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 
-from triton_support import Endpoint, Sidecar, SidecarFactory, scrape, value
+from triton_support import Endpoint, Sidecar, SidecarFactory, exchange, scrape, statuses, value
 
 pytestmark = pytest.mark.triton
 
@@ -35,38 +35,6 @@ def inferences(triton: Endpoint) -> int:
     with urllib.request.urlopen(url, timeout=5) as response:
         stats = json.load(response)["model_stats"][0]["inference_stats"]
     return int(stats["success"]["count"]) + int(stats["fail"]["count"])
-
-
-def exchange(address: str, data: bytes, timeout: float = 5.0) -> bytes:
-    """Send ``data`` and read until the sidecar closes the connection (or ``timeout``)."""
-    host, port = address.split(":")
-    received = b""
-    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
-        try:
-            sock.sendall(data)
-            sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass  # refused early: the answer may be waiting
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                chunk = sock.recv(65536)
-            except (TimeoutError, ConnectionResetError):
-                break
-            if not chunk:
-                break
-            received += chunk
-    return received
-
-
-def statuses(received: bytes) -> list[int]:
-    """The status of every response in a stream of responses."""
-    found = []
-    for part in received.split(b"HTTP/1.1 ")[1:]:
-        code = part[:3]
-        if code.isdigit():
-            found.append(int(code))
-    return found
 
 
 # Each sends one ambiguously framed request whose body holds a whole second inference. A

@@ -11,9 +11,11 @@ from modeldeploy_runtime.access import (
     AccessControl,
     ApiKeys,
     ClientLabels,
+    QueryBudget,
     RateLimiter,
     client_id,
     parse_rate,
+    parse_window,
     presented_key,
 )
 from modeldeploy_runtime.http1 import ProtocolError
@@ -111,3 +113,53 @@ def test_metric_labels_stay_bounded_without_a_configured_model() -> None:
     assert configured.bounded("bert", "") == ("bert", "3")
     assert configured.bounded("bert", "9") == ("bert", "other")
     assert configured.bounded("gpt", "1") == ("other", "other")
+
+
+def test_query_budget_counts_per_client_over_a_sliding_window() -> None:
+    clock = Clock()
+    budget = QueryBudget(3, parse_window("24h"), clock=clock)
+    assert [budget.take("a") for _ in range(3)] == [0.0, 0.0, 0.0]
+    # Until the hour-wide bucket of the oldest query leaves the window (the clock is at 1000).
+    assert budget.take("a") == pytest.approx(86400 - 1000)
+    assert budget.take("b") == 0.0  # clients do not share budgets
+    clock.now += 23 * 3600
+    assert budget.take("a") > 0  # still inside the window
+    clock.now += 3600
+    assert budget.take("a") == 0.0
+    assert budget.describe() == "3 queries per 24h"
+
+
+def test_query_budget_honours_the_operators_list_across_replicas(tmp_path: Path) -> None:
+    clock = Clock()
+    listed = tmp_path / "exhausted.json"
+    budget = QueryBudget(100, 3600, exhausted_file=listed, clock=clock, refresh=5)
+    assert budget.take("a") == 0.0  # no list yet: the ConfigMap is optional
+    listed.write_text('{"exhausted": {"a": 120}}')
+    clock.now += 6
+    assert budget.take("a") > 0
+    assert budget.take("b") == 0.0
+    listed.write_text('{"exhausted": {}}')
+    os.utime(listed, (1, 1))
+    clock.now += 6
+    assert budget.take("a") == 0.0
+
+
+def test_an_exhausted_budget_is_a_429_that_names_it(tmp_path: Path) -> None:
+    (tmp_path / "clients").write_text("k\n")
+    access = AccessControl(ApiKeys(tmp_path), budget=QueryBudget(1, 86400, clock=Clock()))
+    metrics = RuntimeMetrics("stable")
+    headers = [(b"x-api-key", b"k")]
+    access.check(headers, "10.0.0.1", metrics, limited=False)  # metadata: not counted
+    access.check(headers, "10.0.0.1", metrics, limited=True)
+    with pytest.raises(ProtocolError) as caught:
+        access.check(headers, "10.0.0.1", metrics, limited=True)
+    assert caught.value.status == 429
+    assert "1 queries per 24h" in caught.value.message
+    assert "spec.monitoring.auth.queryBudget" in caught.value.message
+    assert caught.value.headers[0].startswith("retry-after: ")
+
+
+@pytest.mark.parametrize("bad", ["24", "0h", "1y", "h"])
+def test_parse_window_rejects_nonsense(bad: str) -> None:
+    with pytest.raises(ValueError, match="24h"):
+        parse_window(bad)

@@ -230,6 +230,9 @@ class FixedProvider:
     def query(self, promql: str) -> float | None:
         return 4.0  # one replica's worth of requests in flight: steady
 
+    def query_by(self, promql: str, label: str) -> dict[str, float]:
+        return {}
+
 
 def scaling_context(prometheus_url: str | None) -> OperatorContext:
     def provider(url: str) -> MetricsProvider:

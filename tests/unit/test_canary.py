@@ -68,6 +68,9 @@ class FakeProvider:
         self.values = values
         self.queries: list[str] = []
 
+    def query_by(self, promql: str, label: str) -> dict[str, float]:
+        return {}
+
     def query(self, promql: str) -> float | None:
         self.queries.append(promql)
         for needle, value in self.values.items():

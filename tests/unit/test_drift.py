@@ -172,7 +172,7 @@ def test_a_full_queue_drops_samples_and_counts_them_without_blocking() -> None:
     body = json.dumps(
         {"inputs": [{"name": "x", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}]}
     )
-    exchange = InferExchange("m", "http", [], body.encode(), [], b'{"outputs": []}')
+    exchange = InferExchange("m", "http", "10.0.0.1", [], body.encode(), [], b'{"outputs": []}')
     started = time.perf_counter()
     for _ in range(10):
         monitor.submit(exchange)

@@ -216,7 +216,14 @@ class EnvVar(ApiModel):
     )
 
 
-OPERATOR_OWNED_ARGS = ("--model-repository", "--model-store", "--model-control-mode")
+OPERATOR_OWNED_ARGS = (
+    "--model-repository",
+    "--model-store",
+    "--model-control-mode",
+    "--http-address",
+    "--grpc-address",
+    "--metrics-address",
+)
 
 
 class ServerSpec(ApiModel):
@@ -659,16 +666,70 @@ class RuntimeSpec(ApiModel):
                 "spec.monitoring.runtime.referenceProfile needs spec.monitoring.runtime.enabled:"
                 " drift is measured by the runtime sidecar",
                 ".referenceProfile",
-            )
+            ),
+            cel(
+                "self.enabled || !has(self.allowAdminApis) || !self.allowAdminApis",
+                "spec.monitoring.runtime.allowAdminApis needs spec.monitoring.runtime.enabled:"
+                " without the sidecar nothing stands in front of Triton's APIs",
+                ".allowAdminApis",
+            ),
         )
     )
 
     enabled: bool = True
     sample_rate: float = Field(default=0.1, ge=0, le=1)
     reference_profile: ReferenceProfile | None = None
+    allow_admin_apis: bool = Field(
+        default=False,
+        description="Let keyed clients call Triton's repository, trace, logging and"
+        " shared-memory APIs through the sidecar; refused (403, PERMISSION_DENIED) otherwise.",
+    )
+
+
+class OutputCoarsening(ApiModel):
+    model_config = ConfigDict(
+        json_schema_extra=rules(
+            cel(
+                "has(self.decimals) || has(self.topK)",
+                "spec.monitoring.auth.outputs[*] needs decimals, topK or both",
+            )
+        )
+    )
+
+    name: str = Field(min_length=1, max_length=128, description="A model output's name.")
+    decimals: int | None = Field(
+        default=None, ge=0, le=8, description="Round every value to this many decimals."
+    )
+    top_k: int | None = Field(
+        default=None,
+        ge=1,
+        le=100000,
+        description="Keep the k largest values of each row; the others become 0.",
+    )
+
+
+class QueryBudgetSpec(ApiModel):
+    queries: int = Field(ge=1, le=10**12, description="Inference calls per API key per window.")
+    window: str = Field(
+        default="24h",
+        max_length=16,
+        pattern=r"^[1-9][0-9]*[smhd]$",
+        description="A sliding window: 24h, 7d, 30m.",
+    )
 
 
 class AuthSpec(ApiModel):
+    model_config = ConfigDict(
+        json_schema_extra=rules(
+            cel(
+                "!has(self.queryBudget) || has(self.apiKeySecret)",
+                "spec.monitoring.auth.queryBudget needs spec.monitoring.auth.apiKeySecret:"
+                " budgets are counted per API key",
+                ".queryBudget",
+            )
+        )
+    )
+
     api_key_secret: LocalObjectRef | None = None
     rate_limit_per_client: str | None = Field(
         default=None,
@@ -679,6 +740,16 @@ class AuthSpec(ApiModel):
                 "spec.monitoring.auth.rateLimitPerClient must look like 100/s, 600/m or 1000/h",
             )
         ),
+    )
+    query_budget: QueryBudgetSpec | None = Field(
+        default=None,
+        description="Inference calls per key over a sliding window, summed over every replica"
+        " (through Prometheus, so it needs a Prometheus URL); past it, 429.",
+    )
+    outputs: list[OutputCoarsening] = Field(
+        default_factory=list,
+        max_length=32,
+        description="Coarsened outputs: rounded or cut to the top k, against model extraction.",
     )
 
 

@@ -7,7 +7,8 @@ A pod has three parts:
   the credentials Secret is mounted here and nowhere else.
 - ``triton``: serves the repository read-only with ``--model-control-mode=none``.
 - ``runtime`` (when ``spec.monitoring.runtime.enabled``): the sidecar proxy in front of
-  Triton that exports latency and drift metrics; the Service targets it.
+  Triton that exports latency and drift metrics; the Service targets it. It is then the only
+  door: Triton listens on 127.0.0.1 only, and its probes ask the sidecar about it.
 
 Every container meets the restricted Pod Security Standard.
 """
@@ -21,6 +22,7 @@ from typing import Any
 from modeldeploy_operator.api.v1alpha1 import ModelDeployment
 from modeldeploy_operator.builders.labels import (
     Track,
+    budget_configmap_name,
     child_metadata,
     deployment_name,
     selector_labels,
@@ -35,6 +37,8 @@ CREDENTIALS_DIR = "/var/run/secrets/modeldeploy/model-credentials"
 PVC_ROOT = "/mnt/model-source"
 PROFILE_DIR = "/etc/modeldeploy/reference-profile"
 API_KEYS_DIR = "/var/run/secrets/modeldeploy/api-keys"
+BUDGETS_DIR = "/etc/modeldeploy/query-budgets"
+BUDGETS_KEY = "exhausted.json"
 RUN_AS = 1000
 
 # Triton's ports, and the runtime sidecar's when it fronts Triton.
@@ -140,43 +144,41 @@ def fetch_container(md: ModelDeployment, config: BuildConfig) -> dict[str, Any]:
 
 def triton_container(md: ModelDeployment, config: BuildConfig) -> dict[str, Any]:
     server = md.spec.server
-    probe_port = "http"
+    fronted = md.spec.monitoring.runtime.enabled
     period = 10
+    args = [
+        f"--model-repository={MODEL_REPOSITORY}",
+        "--model-control-mode=none",
+        f"--http-port={TRITON_PORTS['http']}",
+        f"--grpc-port={TRITON_PORTS['grpc']}",
+        f"--metrics-port={TRITON_PORTS['metrics']}",
+    ]
+    if fronted:
+        # The sidecar is the only door: nothing outside the pod reaches Triton's ports.
+        args += [f"--{api}-address=127.0.0.1" for api in ("http", "grpc", "metrics")]
+        # kubelet probes the pod's address, so it asks the sidecar, which asks Triton. By
+        # number: kubelet looks a port name up in the probed container's own ports only.
+        ready = {"path": "/triton/ready", "port": RUNTIME_PORTS["proxy-metrics"]}
+        live = {"path": "/triton/live", "port": RUNTIME_PORTS["proxy-metrics"]}
+    else:
+        ready = {"path": "/v2/health/ready", "port": "http"}
+        live = {"path": "/v2/health/live", "port": "http"}
     container: dict[str, Any] = {
         "name": "triton",
         "image": server.image,
         "command": ["tritonserver"],
-        "args": [
-            f"--model-repository={MODEL_REPOSITORY}",
-            "--model-control-mode=none",
-            f"--http-port={TRITON_PORTS['http']}",
-            f"--grpc-port={TRITON_PORTS['grpc']}",
-            f"--metrics-port={TRITON_PORTS['metrics']}",
-            *server.args,
-        ],
-        "ports": [
-            {"name": name, "containerPort": port, "protocol": "TCP"}
-            for name, port in TRITON_PORTS.items()
-        ],
+        "args": [*args, *server.args],
         "resources": triton_resources(md),
         # When Triton exits on an error (a model that does not load), the end of its log
         # becomes the termination message: status reports it as ModelLoadFailed.
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "startupProbe": {
-            "httpGet": {"path": "/v2/health/ready", "port": probe_port},
+            "httpGet": dict(ready),
             "periodSeconds": period,
             "failureThreshold": max(1, config.startup_timeout_seconds // period),
         },
-        "readinessProbe": {
-            "httpGet": {"path": "/v2/health/ready", "port": probe_port},
-            "periodSeconds": 5,
-            "failureThreshold": 3,
-        },
-        "livenessProbe": {
-            "httpGet": {"path": "/v2/health/live", "port": probe_port},
-            "periodSeconds": 10,
-            "failureThreshold": 6,
-        },
+        "readinessProbe": {"httpGet": dict(ready), "periodSeconds": 5, "failureThreshold": 3},
+        "livenessProbe": {"httpGet": live, "periodSeconds": 10, "failureThreshold": 6},
         "lifecycle": {"preStop": {"sleep": {"seconds": config.drain_seconds + 2}}},
         "securityContext": restricted_security_context(),
         "volumeMounts": [
@@ -185,6 +187,11 @@ def triton_container(md: ModelDeployment, config: BuildConfig) -> dict[str, Any]
             {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108 - an emptyDir
         ],
     }
+    if not fronted:
+        container["ports"] = [
+            {"name": name, "containerPort": port, "protocol": "TCP"}
+            for name, port in TRITON_PORTS.items()
+        ]
     if server.env:  # the API server drops empty lists; so do we, or every check sees drift
         container["env"] = [e.model_dump(by_alias=True, exclude_none=True) for e in server.env]
     return container
@@ -212,8 +219,21 @@ def runtime_container(md: ModelDeployment, track: Track, config: BuildConfig) ->
     if auth is not None and auth.api_key_secret is not None:
         args.append(f"--api-keys-dir={API_KEYS_DIR}")
         mounts.append({"name": "api-keys", "mountPath": API_KEYS_DIR, "readOnly": True})
+        # Keys' hashes in metrics are keyed by this object's uid: stable across its pods and
+        # tracks, unrelated between ModelDeployments and installations.
+        args.append(f"--client-salt={md.metadata.uid}")
     if auth is not None and auth.rate_limit_per_client:
         args.append(f"--rate-limit-per-client={auth.rate_limit_per_client}")
+    if auth is not None and auth.query_budget is not None:
+        budget = auth.query_budget
+        args.append(f"--query-budget={budget.queries}/{budget.window}")
+        args.append(f"--budget-file={BUDGETS_DIR}/{BUDGETS_KEY}")
+        mounts.append({"name": "query-budgets", "mountPath": BUDGETS_DIR, "readOnly": True})
+    if auth is not None and auth.outputs:
+        rules = [o.model_dump(by_alias=True, exclude_none=True) for o in auth.outputs]
+        args.append(f"--coarsen-outputs={json.dumps(rules, sort_keys=True)}")
+    if monitoring.runtime.allow_admin_apis:
+        args.append("--allow-admin-apis=true")
     container: dict[str, Any] = {
         "name": "runtime",
         "image": config.runtime_image,
@@ -269,6 +289,10 @@ def volumes(md: ModelDeployment) -> list[dict[str, Any]]:
     if monitoring.runtime.enabled and monitoring.auth and monitoring.auth.api_key_secret:
         secret = monitoring.auth.api_key_secret.name
         out.append({"name": "api-keys", "secret": {"secretName": secret, "defaultMode": 0o440}})
+    if monitoring.runtime.enabled and monitoring.auth and monitoring.auth.query_budget:
+        # Optional: pods start before the operator first sums the budgets.
+        name = budget_configmap_name(md)
+        out.append({"name": "query-budgets", "configMap": {"name": name, "optional": True}})
     return out
 
 

@@ -25,6 +25,10 @@ def service_name(md: ModelDeployment) -> str:
     return md.metadata.name
 
 
+def budget_configmap_name(md: ModelDeployment) -> str:
+    return f"{md.metadata.name}-query-budgets"
+
+
 def selector_labels(md: ModelDeployment, track: Track | None = None) -> dict[str, str]:
     """Labels that select this ModelDeployment's pods; all tracks when ``track`` is None."""
     labels = {MD_LABEL: md.metadata.name}

@@ -32,6 +32,8 @@ class ProviderError(RuntimeError):
 class MetricsProvider(Protocol):
     def query(self, promql: str) -> float | None: ...
 
+    def query_by(self, promql: str, label: str) -> dict[str, float]: ...
+
 
 def http_fetch(url: str, timeout: float) -> bytes:
     """GET ``url``. ``timeout`` bounds every wait on the network (connect, each read) and the
@@ -110,6 +112,21 @@ def parse_result(body: bytes) -> float | None:
     return _sample(series["value"])
 
 
+def parse_vector(body: bytes, label: str) -> dict[str, float]:
+    """Every series of an instant-query vector, by the value of ``label`` (NaN left out)."""
+    try:
+        document = json.loads(body)
+        if document.get("status") != "success":
+            raise ProviderError(
+                f"{document.get('errorType', 'error')}: {document.get('error', 'unknown')}"[:512]
+            )
+        result = document["data"]["result"]
+        pairs = [(series["metric"].get(label, ""), _sample(series["value"])) for series in result]
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ProviderError(f"Prometheus answered no vector: {_excerpt(body)}") from error
+    return {str(key): value for key, value in pairs if value is not None}
+
+
 def _sample(sample: object) -> float | None:
     """``[<time>, "<value>"]`` -> the value; Prometheus writes numbers as strings."""
     if not (isinstance(sample, list) and len(sample) == 2 and isinstance(sample[1], str)):
@@ -147,3 +164,9 @@ class PrometheusProvider:
         params = {"query": promql, "timeout": f"{self.timeout:g}"}
         url = f"{self.url}/api/v1/query?{urllib.parse.urlencode(params)}"
         return parse_result(self._fetch(url, self.timeout))
+
+    def query_by(self, promql: str, label: str) -> dict[str, float]:
+        """One value per series of a vector query, by ``label``."""
+        params = {"query": promql, "timeout": f"{self.timeout:g}"}
+        url = f"{self.url}/api/v1/query?{urllib.parse.urlencode(params)}"
+        return parse_vector(self._fetch(url, self.timeout), label)
