@@ -107,6 +107,10 @@ typecheck: ## mypy --strict
 test-unit: ## Unit and middle-tier tests (fake API, fake clock): no cluster, no binaries
 	$(PYTHON) -m pytest -m 'not cluster and not triton and not prometheus' $(PYTEST_ARGS)
 
+.PHONY: fuzz
+fuzz: ## The sidecar's HTTP parser, fuzzed longer than in make test (FUZZ_EXAMPLES=20000)
+	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-20000} $(PYTHON) -m pytest -q tests/unit/test_http1.py -k fuzz $(PYTEST_ARGS)
+
 .PHONY: test-cluster
 test-cluster: toolchain ## Tests against the real local control plane (real-pod tier included)
 	$(PYTHON) -m pytest -m cluster $(PYTEST_ARGS)

@@ -31,10 +31,9 @@ def contains(observed: object, desired: object) -> bool:
 
 
 def needs_apply(observed: Mapping[str, Any] | None, desired: Mapping[str, Any]) -> bool:
-    """Apply when the object is missing or differs in a field we set (status aside)."""
+    """Apply when the object is missing or differs in a field we set (status aside): the
+    metadata, and the spec, or a ConfigMap's data."""
     if observed is None:
         return True
-    return not (
-        contains(observed.get("metadata"), desired["metadata"])
-        and contains(observed.get("spec"), desired.get("spec", {}))
-    )
+    fields = [key for key in desired if key not in ("apiVersion", "kind", "status")]
+    return not all(contains(observed.get(key), desired[key]) for key in fields)

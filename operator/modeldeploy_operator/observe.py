@@ -277,9 +277,7 @@ def budget_usage(md: ModelDeployment, ctx: OperatorContext) -> dict[str, float] 
     if ctx.prometheus_url is None:
         return None
     try:
-        return ctx.metrics_provider(ctx.prometheus_url).query_by(
-            budget_usage_query(md, auth.query_budget.window), "client"
-        )
+        return ctx.metrics_provider(ctx.prometheus_url).query_by(budget_usage_query(md), "client")
     except ProviderError as error:
         ctx.logger.warning(
             f"Query budgets could not be summed: {error}",

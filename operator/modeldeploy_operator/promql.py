@@ -108,10 +108,10 @@ def metric_name(metric: ScalingMetric) -> str:
     return metric.name or metric.type if metric.type == "Custom" else metric.type
 
 
-def budget_usage_query(md: ModelDeployment, window: str) -> str:
-    """Inference calls each API key made over ``window``, summed over every replica and
-    track (the sidecars count them as ``outcome="admitted"``)."""
-    return (
-        "sum by (client) (increase(modeldeploy_runtime_client_requests_total"
-        f'{{{metric_selector(md)}, outcome="admitted"}}[{window}]))'
-    )
+BUDGET_USAGE_QUERY = "sum by (client) (modeldeploy_runtime_client_budget_used{$selector})"
+
+
+def budget_usage_query(md: ModelDeployment) -> str:
+    """Inference calls each API key made within its budget's window, summed over every
+    replica and track (each sidecar exports its own exact count of the window)."""
+    return render_query(BUDGET_USAGE_QUERY, {"selector": metric_selector(md)})

@@ -264,10 +264,12 @@ def parse_window(text: str) -> float:
 class QueryBudget:
     """At most ``limit`` inference calls per client in any ``window`` seconds.
 
-    Counted here exactly, in ``BUCKETS`` buckets per window, for the calls this pod admitted;
-    and across replicas through ``exhausted_file``: the operator sums every pod's counts in
-    Prometheus and writes the clients over budget into a mounted ConfigMap (JSON
-    ``{"exhausted": {"<client>": <used>}}``), re-read when it changes.
+    Counted here exactly, in ``BUCKETS`` buckets per window, for the calls this pod admitted,
+    and exported as a gauge (``used``); across replicas through ``exhausted_file``: the
+    operator sums every pod's gauge in Prometheus and writes the clients over budget into a
+    mounted ConfigMap (JSON ``{"exhausted": {"<client>": <used>}}``), re-read when it changes.
+    (A gauge of the window's count, not a counter: ``increase()`` misses a new series' first
+    value, which for a budget of a few calls is all of it.)
     """
 
     BUCKETS = 24
@@ -318,6 +320,16 @@ class QueryBudget:
                 return (oldest + self.BUCKETS) * self._width - now
             counts[bucket] = counts.get(bucket, 0) + 1
             return 0.0
+
+    def used(self) -> dict[str, int]:
+        """Each client's calls admitted here within the window, now."""
+        bucket = int(self._clock() // self._width)
+        with self._lock:
+            return {
+                client: total
+                for client, counts in self._counts.items()
+                if (total := sum(n for b, n in counts.items() if b > bucket - self.BUCKETS))
+            }
 
     def _global_exhausted(self, now: float) -> dict[str, float]:
         if self._file is None or now - self._checked < self._refresh:

@@ -6,7 +6,11 @@ configured model's values or ``other``; no request ids, no client ids, no featur
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from modeldeploy_runtime.access import ClientLabels
 
@@ -104,3 +108,22 @@ class RuntimeMetrics:
         if self.version and version not in ("", self.version):
             return model, OTHER
         return model, version or self.version
+
+
+class BudgetCollector(Collector):
+    """``client_budget_used{client}``: calls each key made here within the budget's window;
+    the operator sums it over the replicas."""
+
+    def __init__(self, used: Callable[[], Mapping[str, int]], track: str) -> None:
+        self._used = used
+        self._track = track
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        gauge = GaugeMetricFamily(
+            "modeldeploy_runtime_client_budget_used",
+            "Inference calls each API key made through this pod within its query budget's window.",
+            labels=["track", "client"],
+        )
+        for client, count in sorted(self._used().items()):
+            gauge.add_metric([self._track, client], count)
+        yield gauge

@@ -26,7 +26,7 @@ from modeldeploy_runtime.drift import DriftWindow, Profile
 from modeldeploy_runtime.drift_monitor import DriftMonitor
 from modeldeploy_runtime.grpc_proxy import GrpcProxy
 from modeldeploy_runtime.http1 import ByteBudget, ProtocolError, RequestParser
-from modeldeploy_runtime.metrics import RuntimeMetrics
+from modeldeploy_runtime.metrics import BudgetCollector, RuntimeMetrics
 from modeldeploy_runtime.proxy import HttpProxy, Upstream, UpstreamError
 from modeldeploy_runtime.settings import RuntimeSettings
 from modeldeploy_runtime.triton_stats import StatsPoller
@@ -154,6 +154,8 @@ async def serve(settings: RuntimeSettings, stop: asyncio.Event | None = None) ->
             settings.track,
         )
     access = access_control(settings)
+    if access is not None and access.budget is not None:
+        metrics.registry.register(BudgetCollector(access.budget.used, settings.track))
     coarsener = Coarsener(parse_rules(settings.coarsen_outputs))
     proxy = HttpProxy(
         settings,

@@ -462,6 +462,9 @@ class ScriptedProvider:
         return self.metrics.respond(promql)
 
     def query_by(self, promql: str, label: str) -> dict[str, float]:
+        self.metrics.queries.append((self.metrics.clock.now, promql))
+        if isinstance(self.metrics.answer, Exception):
+            raise self.metrics.answer
         return self.metrics.vectors.get(label, {})
 
 

@@ -69,3 +69,12 @@ def test_ambiguous_and_bad_queries_are_errors(prometheus: PrometheusProvider) ->
 def test_prometheus_down_is_an_error() -> None:
     with pytest.raises(ProviderError, match="unreachable"):
         PrometheusProvider(f"http://127.0.0.1:{free_port()}", timeout=2).query("up")
+
+
+def test_a_vector_by_label(prometheus: PrometheusProvider) -> None:
+    """What query budgets read: one value per series, by a label."""
+    by_track = prometheus.query_by("sum by (track) (probe_per_track)", "track")
+    assert by_track == {"stable": 1.0, "canary": 2.0}
+    assert prometheus.query_by('probe_per_track{track="absent"}', "track") == {}
+    with pytest.raises(ProviderError):
+        prometheus.query_by("sum(rate(probe_requests_total[1m])", "track")

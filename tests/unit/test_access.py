@@ -19,7 +19,7 @@ from modeldeploy_runtime.access import (
     presented_key,
 )
 from modeldeploy_runtime.http1 import ProtocolError
-from modeldeploy_runtime.metrics import MAX_UNCONFIGURED_LABELS, RuntimeMetrics
+from modeldeploy_runtime.metrics import MAX_UNCONFIGURED_LABELS, BudgetCollector, RuntimeMetrics
 
 
 class Clock:
@@ -163,3 +163,21 @@ def test_an_exhausted_budget_is_a_429_that_names_it(tmp_path: Path) -> None:
 def test_parse_window_rejects_nonsense(bad: str) -> None:
     with pytest.raises(ValueError, match="24h"):
         parse_window(bad)
+
+
+def test_query_budget_exports_what_it_counted_in_the_window() -> None:
+    clock = Clock()
+    budget = QueryBudget(10, 3600, clock=clock)
+    for _ in range(3):
+        budget.take("a")
+    budget.take("b")
+    metrics = RuntimeMetrics("canary")
+    metrics.registry.register(BudgetCollector(budget.used, "canary"))
+    assert (
+        metrics.registry.get_sample_value(
+            "modeldeploy_runtime_client_budget_used", {"track": "canary", "client": "a"}
+        )
+        == 3
+    )
+    clock.now += 3600
+    assert budget.used() == {}  # the window moved past them
