@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -144,6 +145,72 @@ def drift_cost(features: int = 64, rows: int = 32, rounds: int = 300) -> float:
     return (time.perf_counter() - started) / (rounds * rows * features) * 1e9
 
 
+# The last sidecar before the strict front (a hand-written parser forwarding raw bytes).
+BASELINE = "e332d70"
+
+
+def checkout(revision: str, into: Path) -> Path:
+    """``runtime/`` of ``revision``, extracted into ``into``; the folder to put on the path."""
+    into.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", revision, "runtime/modeldeploy_runtime"],
+        check=True,
+        capture_output=True,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into / "runtime"
+
+
+def parser_cost(rounds: int = 20000) -> dict[str, float]:
+    """Microseconds to parse one keep-alive inference request (head and a 200-byte JSON body):
+    the sidecar's front (llhttp through httptools, plus its own checks and the re-serialised
+    head) against h11, the pure-Python parser the issue named as the other candidate."""
+    import h11  # noqa: PLC0415 - a dev dependency, for this comparison only
+
+    from modeldeploy_runtime.http1 import ByteBudget, RequestParser  # noqa: PLC0415
+
+    body = json.dumps(
+        {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [0.1] * 4}]}
+    ).encode()
+    body += b" " * max(0, 200 - len(body))
+    request = (
+        b"POST /v2/models/features/infer HTTP/1.1\r\nHost: sidecar\r\n"
+        b"Content-Type: application/json\r\nUser-Agent: bench\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body)
+    ) + body
+    out: dict[str, float] = {}
+
+    async def ours() -> float:
+        parser = RequestParser(
+            lambda r: None,
+            max_body=1 << 20,
+            budget=ByteBudget(1 << 30),
+            header_timeout=10,
+            body_timeout=10,
+            idle_timeout=10,
+        )
+        started = time.perf_counter()
+        for _ in range(rounds):
+            parser.feed(request)
+            parsed = parser.take()
+            assert parsed is not None
+            parsed.head()
+        return (time.perf_counter() - started) / rounds * 1e6
+
+    out["httptools"] = asyncio.run(ours())
+    connection = h11.Connection(h11.SERVER)
+    started = time.perf_counter()
+    for _ in range(rounds):
+        connection.receive_data(request)
+        while not isinstance(connection.next_event(), h11.EndOfMessage):
+            pass
+        connection.send(h11.Response(status_code=200, headers=[("content-length", "0")]))
+        connection.send(h11.EndOfMessage())
+        connection.start_next_cycle()
+    out["h11"] = (time.perf_counter() - started) / rounds * 1e6
+    return out
+
+
 def render(results: dict[str, Any]) -> str:
     lines = [
         BEGIN,
@@ -152,20 +219,31 @@ def render(results: dict[str, Any]) -> str:
         " `make bench-runtime` regenerates this section.",
         "",
         "| model | concurrency | direct req/s | sidecar req/s | ratio | added p50 | added p99"
-        " | sidecar CPU s / 1000 req |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        " | sidecar CPU s / 1000 req | baseline ratio | baseline CPU s / 1000 req |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in results["rows"]:
+        old = row.get("baseline")
         lines.append(
             f"| {row['model']} | {row['concurrency']} | {row['direct_rps']:.0f}"
             f" | {row['sidecar_rps']:.0f}"
             f" | {row['ratio']:.2f} | {row['added_p50_ms']:+.2f} ms | {row['added_p99_ms']:+.2f} ms"
-            f" | {row['cpu_per_1000']:.3f} |"
+            f" | {row['cpu_per_1000']:.3f}"
+            + (f" | {old['ratio']:.2f} | {old['cpu_per_1000']:.3f} |" if old else " | - | - |")
         )
     lines += [
         "",
         f"Sidecar peak RSS: {results['rss_mib']:.0f} MiB. Drift (decode JSON and bin into the"
         f" window, 64 features x 32 rows): {results['drift_ns']:.0f} ns per feature value.",
+        "",
+        "The strict front's parser, per keep-alive inference request (head and a 200-byte"
+        f" body, in process): llhttp through httptools with the sidecar's checks and the"
+        f" re-serialised head {results['parser_us']['httptools']:.1f} us; h11"
+        f" {results['parser_us']['h11']:.1f} us"
+        f" ({results['parser_us']['h11'] / results['parser_us']['httptools']:.1f}x)."
+        f" Baseline: the sidecar of {results['baseline'] or '-'} (before the strict front: a"
+        " hand-written lenient parser forwarding raw bytes), run in the same run against the"
+        " same direct numbers.",
         "",
         "Goals (not asserted in tests): added p50 <= 0.3 ms and p99 <= 1 ms; throughput ratio"
         " >= 0.95 for the 2 ms model and >= 0.6 for the trivial one; drift <= 1 us per feature"
@@ -180,6 +258,11 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    parser.add_argument(
+        "--baseline",
+        default=BASELINE,
+        help="a git revision whose sidecar runs too, as the baseline of this one ('' for none)",
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="runtime-bench-"))
@@ -198,6 +281,16 @@ def main() -> int:
         reference_profile=work / "profile.json",
         sample_rate=0.1,
     )
+    baseline_proc = baseline = None
+    if args.baseline:
+        baseline_proc, baseline = start_sidecar(
+            triton,
+            work / "baseline.log",
+            (free_port(), free_port(), free_port()),
+            code=checkout(args.baseline, work / "baseline"),
+            reference_profile=work / "profile.json",
+            sample_rate=0.1,
+        )
     rows = []
     try:
         for model in ("features", "features_2ms"):
@@ -207,6 +300,17 @@ def main() -> int:
                 cpu_before = cpu_seconds(sidecar_proc.pid)
                 proxied = asyncio.run(load(sidecar.http, model, concurrency, args.seconds))
                 cpu = cpu_seconds(sidecar_proc.pid) - cpu_before
+                before = None
+                if baseline is not None and baseline_proc is not None:
+                    cpu_old = cpu_seconds(baseline_proc.pid)
+                    old = asyncio.run(load(baseline.http, model, concurrency, args.seconds))
+                    before = {
+                        "rps": old.throughput,
+                        "ratio": old.throughput / direct.throughput,
+                        "cpu_per_1000": (cpu_seconds(baseline_proc.pid) - cpu_old)
+                        / old.requests
+                        * 1000,
+                    }
                 rows.append(
                     {
                         "model": "trivial" if model == "features" else "2 ms",
@@ -218,19 +322,24 @@ def main() -> int:
                         "added_p99_ms": (proxied.percentile(0.99) - direct.percentile(0.99)) * 1000,
                         "direct_p50_ms": statistics.median(direct.latencies) * 1000,
                         "cpu_per_1000": cpu / proxied.requests * 1000,
+                        "baseline": before,
                     }
                 )
         rss = rss_mib(sidecar_proc.pid)
     finally:
         stop(sidecar_proc)
+        if baseline_proc is not None:
+            stop(baseline_proc)
         stop(triton_proc, group=True)
     results = {
         "date": dt.date.today().isoformat(),
         "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores",
         "seconds": args.seconds,
+        "baseline": args.baseline,
         "rows": rows,
         "rss_mib": rss,
         "drift_ns": drift_cost(),
+        "parser_us": parser_cost(),
     }
     section = render(results)
     print(section)

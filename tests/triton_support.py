@@ -114,9 +114,11 @@ def start_sidecar(
     log: Path,
     ports: tuple[int, int, int],
     upstream: str | None = None,
+    code: Path | None = None,
     **flags: object,
 ) -> tuple[subprocess.Popen[bytes], Sidecar]:
-    """`modeldeploy-runtime serve` in front of ``triton``; waits until /healthz answers."""
+    """`modeldeploy-runtime serve` in front of ``triton``; waits until /healthz answers.
+    ``code``: a folder holding another ``modeldeploy_runtime`` to run (a benchmark's baseline)."""
     http, grpc, metrics = ports
     args = [
         "serve",
@@ -129,10 +131,12 @@ def start_sidecar(
         *(f"--{k.replace('_', '-')}={v}" for k, v in flags.items()),
     ]
     with log.open("wb") as out:
+        env = None if code is None else {**os.environ, "PYTHONPATH": str(code)}
         proc = subprocess.Popen(
             [sys.executable, "-m", "modeldeploy_runtime", *args],
             stdout=out,
             stderr=subprocess.STDOUT,
+            env=env,
         )
     wait_http(f"http://127.0.0.1:{metrics}/healthz", 20, proc, log)
     return proc, Sidecar(

@@ -121,6 +121,8 @@ class Request:
     def head(self) -> bytes:
         """The head Triton gets: re-serialised, framed by a Content-Length of its own."""
         lines = [self.method + b" " + self.target + b" HTTP/1.1"]
+        if self.header(b"host") is None:  # an HTTP/1.0 client's request; 1.1 needs one
+            lines.append(b"host: localhost")
         lines.extend(key + b": " + value for key, value in self.headers)
         if self.method == b"POST" or self.body:
             lines.append(b"content-length: %d" % len(self.body))
@@ -194,8 +196,8 @@ class RequestParser:
         A request queued before a protocol error is served before the error is raised."""
         loop = asyncio.get_running_loop()
         while True:
-            if self._ready:
-                return self._ready.popleft()
+            if (request := self.take()) is not None:
+                return request
             if self._error is not None:
                 raise self._error
             if self._send_continue:
@@ -226,6 +228,10 @@ class RequestParser:
                 reason = "truncated_head" if self._current is None else "truncated_body"
                 raise ProtocolError(400, reason, "the request ended early")
             self.feed(data)
+
+    def take(self) -> Request | None:
+        """The oldest complete request fed so far, if any."""
+        return self._ready.popleft() if self._ready else None
 
     def feed(self, data: bytes) -> None:
         if self._error is not None:

@@ -39,6 +39,7 @@ from modeldeploy_runtime.routes import Kind, Route, http_route
 from modeldeploy_runtime.settings import RuntimeSettings
 
 LINGER_SECONDS = 2.0
+COALESCE_BYTES = 64 * 1024  # a request body up to this is sent with its head in one write
 # JSON, Triton's binary extension, and curl's default for -d (Triton reads it as JSON).
 ACCEPTED_TYPES = (
     b"application/json",
@@ -104,20 +105,35 @@ class Relay:
         self.started = False  # something was written to the client
         self.done = False
         self.close_client = False  # the client connection must end after this answer
+        self._out: list[bytes] = []  # for the client, written once per feed
+        self._body_seen = False
         self.close_upstream = False
         self._close_delimited = False
 
     def feed(self, data: bytes) -> None:
+        """Parse what Triton sent; what it makes for the client goes out in one write (one
+        send call, not one per head and body piece)."""
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as error:
             message = f"unreadable answer from Triton: {error}"
             raise UpstreamError(502, "protocol", message) from None
+        finally:
+            self._flush()
+
+    def _flush(self) -> None:
+        # A head alone waits for the first body bytes (Triton often sends them in a second
+        # segment a moment later): one send call for both.
+        if self._out and (self._body_seen or self.done):
+            self.client.write(self._out[0] if len(self._out) == 1 else b"".join(self._out))
+            self._out.clear()
+            self.started = True
 
     def eof(self) -> None:
         """Triton closed the connection: the end of a close-delimited body, or a failure."""
         if self._close_delimited and not self.done:
             self.on_message_complete()
+            self._flush()
         if not self.done:
             raise ConnectionResetError("Triton closed the connection mid-answer")
 
@@ -167,26 +183,26 @@ class Relay:
             lines.append(b"transfer-encoding: chunked")
         if self.close_client:
             lines.append(b"connection: close")
-        self.client.write(b"\r\n".join(lines) + b"\r\n\r\n")
-        self.started = True
+        self._out.append(b"\r\n".join(lines) + b"\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
+        self._body_seen = True
         self.size += len(body)
         if self._keep:
             self.pieces.append(body)
         if self._hold:
             return
         if self._chunked:
-            self.client.write(b"%x\r\n" % len(body) + body + b"\r\n")
+            self._out += (b"%x\r\n" % len(body), body, b"\r\n")
         else:
-            self.client.write(body)
+            self._out.append(body)
 
     def on_message_complete(self) -> None:
         if self._interim:
             self._interim = False
             return
         if self._chunked:
-            self.client.write(b"0\r\n\r\n")
+            self._out.append(b"0\r\n\r\n")
         self.done = True
 
 
@@ -213,8 +229,11 @@ class Upstream:
             fresh = self._writer is None
             try:
                 reader, writer = await self._connect()
-                writer.write(request.head())
-                if request.body:
+                head = request.head()
+                if len(request.body) <= COALESCE_BYTES:  # one send call for a small request
+                    writer.write(head + request.body)
+                else:  # no copy of a large body
+                    writer.write(head)
                     writer.write(request.body)
                 await writer.drain()
                 await self._relay(reader, relay)

@@ -372,6 +372,45 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
         "spec.monitoring.runtime.referenceProfile",
         "needs spec.monitoring.runtime.enabled",
     ),
+    (
+        "admin-apis-without-runtime",
+        {"spec": {"monitoring": {"runtime": {"enabled": False, "allowAdminApis": True}}}},
+        "spec.monitoring.runtime.allowAdminApis",
+        "needs spec.monitoring.runtime.enabled",
+    ),
+    (
+        "budget-without-keys",
+        {"spec": {"monitoring": {"auth": {"queryBudget": {"queries": 100}}}}},
+        "spec.monitoring.auth.queryBudget",
+        "needs spec.monitoring.auth.apiKeySecret",
+    ),
+    (
+        "budget-window-nonsense",
+        {
+            "spec": {
+                "monitoring": {
+                    "auth": {
+                        "apiKeySecret": {"name": "keys"},
+                        "queryBudget": {"queries": 100, "window": "1 day"},
+                    }
+                }
+            }
+        },
+        "spec.monitoring.auth.queryBudget.window",
+        "should match",
+    ),
+    (
+        "coarsening-that-does-nothing",
+        {"spec": {"monitoring": {"auth": {"outputs": [{"name": "probs"}]}}}},
+        "spec.monitoring.auth.outputs[0]",
+        "needs decimals, topK or both",
+    ),
+    (
+        "triton-address-flag",
+        {"spec": {"server": {"args": ["--http-address=0.0.0.0"]}}},
+        "spec.server.args",
+        "the operator owns them",
+    ),
     ("name-too-long", {"metadata": {"name": "m" * 50}}, "metadata.name", "at most 45 characters"),
     ("unknown-field", {"spec": {"replica": 2}}, "spec.replica", "unknown field"),
 ]
