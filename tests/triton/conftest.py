@@ -36,7 +36,7 @@ def sidecar(triton: Endpoint, tmp_path: Path) -> Iterator[SidecarFactory]:
     def start(upstream: str | None = None, **flags: object) -> Sidecar:
         log = tmp_path / f"sidecar-{len(procs)}.log"
         proc, sidecar = start_sidecar(
-            triton, log, (free_port(), free_port(), free_port()), upstream, **flags
+            triton, log, (free_port(), free_port(), free_port()), upstream, None, **flags
         )
         procs.append(proc)
         return sidecar
