@@ -6,41 +6,38 @@ Sources, by ``spec.model.storageUri`` scheme:
   unpacked; a ``token`` credential becomes a Bearer header.
 - ``pvc://<claim>/<path>``: the operator mounts the claim read-only at ``--pvc-root``; a file
   or a folder is copied.
-- ``s3://<bucket>/<prefix>``: S3 (or any S3-compatible store) with Signature V4, from the
-  credentials ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``,
-  ``AWS_ENDPOINT_URL``; anonymous without keys.
+- ``s3://<bucket>/<prefix>``: S3 (or any S3-compatible store) through obstore (the Rust
+  ``object_store`` crate, which signs, lists, retries and streams), from the credentials
+  ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``, ``AWS_ENDPOINT_URL``;
+  anonymous without keys. The object named so, or every object under the folder ``prefix/``
+  (``models/resnet`` never pulls ``models/resnet-old/``), streamed to disk a chunk at a time.
 - ``gs://<bucket>/<prefix>``: Google Cloud Storage through its S3-compatible XML API
   (HMAC keys in the same credential names).
 - ``hf://<org>/<repo>[@revision][/<path>]``: the Hugging Face Hub (``HF_TOKEN`` optional).
 - ``oci://``: not supported yet; the fetch fails with a message that says so.
 
 Credentials are files in ``--credentials-dir`` (a mounted Secret), never environment
-variables, and are never logged. The stdlib only: the fetcher runs in every pod.
+variables, and are never logged.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import hashlib
-import hmac
 import json
+import re
 import shutil
 import tarfile
 import tempfile
 import urllib.parse
 import urllib.request
-import xml.etree.ElementTree as ET
 import zipfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from modeldeploy_runtime.model_repository import default_file_name, render_config, version_dir
 
-EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 ARCHIVES = (".tar.gz", ".tgz", ".tar", ".zip")
-S3_NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
+CHUNK_BYTES = 8 * 1024 * 1024  # what a streamed download holds in memory at once
 
 Fetcher = Callable[[urllib.request.Request], bytes]
 
@@ -76,115 +73,81 @@ def read_credentials(directory: Path | None) -> dict[str, str]:
 # -- AWS Signature Version 4 ------------------------------------------------------------------
 
 
-def _hmac(key: bytes, message: str) -> bytes:
-    return hmac.new(key, message.encode(), hashlib.sha256).digest()
+def object_store(scheme: str, bucket: str, credentials: Mapping[str, str]) -> Any:
+    """An obstore S3 client for ``s3://`` (or any S3-compatible endpoint) and ``gs://``
+    (Cloud Storage's S3-compatible XML API, with HMAC keys): anonymous without keys."""
+    from obstore.store import S3Store  # noqa: PLC0415 - only the fetcher needs it
+
+    region = credentials.get("AWS_REGION", "auto" if scheme == "gs" else "us-east-1")
+    default = "https://storage.googleapis.com" if scheme == "gs" else None
+    endpoint = credentials.get("AWS_ENDPOINT_URL") or default
+    options: dict[str, Any] = {"region": region}
+    if endpoint:
+        options["endpoint"] = endpoint.rstrip("/")
+        options["virtual_hosted_style_request"] = False
+        options["client_options"] = {"allow_http": endpoint.startswith("http://")}
+    if credentials.get("AWS_ACCESS_KEY_ID") and credentials.get("AWS_SECRET_ACCESS_KEY"):
+        options["access_key_id"] = credentials["AWS_ACCESS_KEY_ID"]
+        options["secret_access_key"] = credentials["AWS_SECRET_ACCESS_KEY"]
+    else:
+        options["skip_signature"] = True
+    return S3Store(bucket, **options)
 
 
-@dataclass(frozen=True)
-class SigningKey:
-    access_key: str
-    secret_key: str
-    region: str
-    service: str = "s3"
+def stream_to(store: Any, key: str, target: Path) -> int:
+    """One object streamed to ``target`` through a temporary file beside it (renamed when
+    whole): memory stays at one chunk whatever the object's size. Returns its size."""
+    import obstore  # noqa: PLC0415
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.partial")
+    size = 0
+    with partial.open("wb") as out:
+        for chunk in obstore.get(store, key).stream(min_chunk_size=CHUNK_BYTES):
+            out.write(chunk)
+            size += len(chunk)
+    partial.rename(target)
+    return size
 
 
-def sign_v4(
-    method: str,
-    url: str,
-    headers: Mapping[str, str],
-    key: SigningKey,
-    now: dt.datetime,
-    payload_sha256: str = EMPTY_SHA256,
-) -> dict[str, str]:
-    """Headers that sign a request with AWS Signature Version 4."""
-    access_key, secret_key, region, service = (
-        key.access_key,
-        key.secret_key,
-        key.region,
-        key.service,
-    )
-    parts = urllib.parse.urlsplit(url)
-    stamp = now.strftime("%Y%m%dT%H%M%SZ")
-    day = stamp[:8]
-    signed = {k.lower(): v.strip() for k, v in headers.items()}
-    signed |= {"host": parts.netloc, "x-amz-date": stamp, "x-amz-content-sha256": payload_sha256}
-    names = sorted(signed)
-    query = sorted(urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
-    canonical = "\n".join(
-        [
-            method,
-            urllib.parse.quote(parts.path or "/", safe="/-_.~"),
-            "&".join(
-                f"{urllib.parse.quote(k, safe='-_.~')}={urllib.parse.quote(v, safe='-_.~')}"
-                for k, v in query
-            ),
-            "".join(f"{name}:{signed[name]}\n" for name in names),
-            ";".join(names),
-            payload_sha256,
+def fetch_object_store(
+    scheme: str, rest: str, staging: Path, credentials: Mapping[str, str], single_name: str
+) -> None:
+    """``<bucket>/<prefix>``: the object named so (as ``single_name``), else every object
+    under the folder ``prefix/`` (never ``prefix-old/``), each streamed to disk."""
+    import obstore  # noqa: PLC0415
+    from obstore.exceptions import BaseError  # noqa: PLC0415
+
+    bucket, _, prefix = rest.partition("/")
+    prefix = prefix.strip("/")
+    store = object_store(scheme, bucket, credentials)
+    try:
+        if prefix:
+            try:
+                obstore.head(store, prefix)
+            except FileNotFoundError:  # obstore's not-found is this one
+                pass
+            else:
+                stream_to(store, prefix, staging / single_name)
+                return
+        keys = [
+            item["path"]
+            for batch in obstore.list(store, prefix=prefix or None)
+            for item in batch
+            if not item["path"].endswith("/")
         ]
-    )
-    scope = f"{day}/{region}/{service}/aws4_request"
-    to_sign = "\n".join(
-        ["AWS4-HMAC-SHA256", stamp, scope, hashlib.sha256(canonical.encode()).hexdigest()]
-    )
-    signing = _hmac(
-        _hmac(_hmac(_hmac(f"AWS4{secret_key}".encode(), day), region), service), "aws4_request"
-    )
-    signature = hmac.new(signing, to_sign.encode(), hashlib.sha256).hexdigest()
-    authorization = (
-        f"AWS4-HMAC-SHA256 Credential={access_key}/{scope},"
-        f"SignedHeaders={';'.join(names)},Signature={signature}"
-    )
-    return {
-        "x-amz-date": stamp,
-        "x-amz-content-sha256": payload_sha256,
-        "Authorization": authorization,
-    }
-
-
-@dataclass(frozen=True)
-class ObjectStore:
-    """An S3-compatible endpoint, path-style: ``<endpoint>/<bucket>/<key>``."""
-
-    endpoint: str
-    region: str
-    access_key: str | None
-    secret_key: str | None
-    get: Fetcher
-    clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)
-
-    def request(self, url: str) -> bytes:
-        headers: dict[str, str] = {}
-        if self.access_key and self.secret_key:
-            key = SigningKey(self.access_key, self.secret_key, self.region)
-            headers = sign_v4("GET", url, {}, key, self.clock())
-        return self.get(make_request(url, headers=headers))
-
-    def list_keys(self, bucket: str, prefix: str) -> list[str]:
-        keys: list[str] = []
-        token: str | None = None
-        while True:
-            query = {"list-type": "2", "prefix": prefix}
-            if token:
-                query["continuation-token"] = token
-            url = f"{self.endpoint}/{bucket}?{urllib.parse.urlencode(sorted(query.items()))}"
-            root = ET.fromstring(self.request(url))  # noqa: S314 - the store we were told to trust
-            keys += [el.text or "" for el in root.iter(f"{S3_NS}Key")]
-            truncated = root.findtext(f"{S3_NS}IsTruncated") == "true"
-            token = root.findtext(f"{S3_NS}NextContinuationToken")
-            if not truncated or not token:
-                return keys
-
-    def download(self, bucket: str, prefix: str, staging: Path, single_name: str) -> None:
-        prefix = prefix.strip("/")
-        keys = [k for k in self.list_keys(bucket, prefix) if not k.endswith("/")]
         if not keys:
-            raise FetchError(f"no objects under {bucket}/{prefix}")
+            raise FetchError(f"{scheme}://{rest}: no objects under {prefix or 'the bucket'}/")
         for key in keys:
-            relative = single_name if key == prefix else key[len(prefix) :].lstrip("/")
-            target = safe_join(staging, relative)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(self.request(f"{self.endpoint}/{bucket}/{urllib.parse.quote(key)}"))
+            stream_to(store, key, safe_join(staging, key[len(prefix) :].lstrip("/")))
+    except (BaseError, OSError) as error:
+        raise FetchError(f"{scheme}://{rest}: {first_line(error)}") from error
+
+
+def first_line(error: BaseException) -> str:
+    """An error's first line, with any URL's query string (a presigned signature) removed."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return re.sub(r"(https?://[^\s?]+)\?\S*", r"\1?...", text)[:500]
 
 
 # -- sources ----------------------------------------------------------------------------------
@@ -281,20 +244,7 @@ def fetch_to(
     elif scheme == "pvc":
         fetch_pvc(rest, staging, pvc_root, single)
     elif scheme in ("s3", "gs"):
-        bucket, _, prefix = rest.partition("/")
-        default = "https://storage.googleapis.com" if scheme == "gs" else None
-        region = credentials.get("AWS_REGION", "auto" if scheme == "gs" else "us-east-1")
-        endpoint = (
-            credentials.get("AWS_ENDPOINT_URL") or default or f"https://s3.{region}.amazonaws.com"
-        )
-        store = ObjectStore(
-            endpoint=endpoint.rstrip("/"),
-            region=region,
-            access_key=credentials.get("AWS_ACCESS_KEY_ID"),
-            secret_key=credentials.get("AWS_SECRET_ACCESS_KEY"),
-            get=get,
-        )
-        store.download(bucket, prefix, staging, single)
+        fetch_object_store(scheme, rest, staging, credentials, single)
     elif scheme == "hf":
         fetch_hf(rest, staging, credentials, get, hf_endpoint)
     else:

@@ -1,9 +1,8 @@
-"""The model fetcher against a local HTTP server: files, archives, an S3-style store and a
-Hub-style API, laid out as a Triton model repository."""
+"""The model fetcher against a local HTTP server: files, archives and a Hub-style API, laid
+out as a Triton model repository. Object stores: tests/stores (a real S3 server)."""
 
 from __future__ import annotations
 
-import datetime as dt
 import io
 import json
 import tarfile
@@ -19,11 +18,9 @@ import pytest
 from modeldeploy_runtime.__main__ import main as runtime_main
 from modeldeploy_runtime.fetch import (
     FetchError,
-    SigningKey,
     fetch_to,
     install,
     make_request,
-    sign_v4,
 )
 from modeldeploy_runtime.model_repository import render_config
 
@@ -38,7 +35,6 @@ def tar_gz(files: dict[str, bytes]) -> bytes:
     return buffer.getvalue()
 
 
-OBJECTS = {"models/bert/3/model.onnx": b"onnx-bytes", "models/bert/3/vocab.txt": b"a b c"}
 FILES = {
     "/model.onnx": b"single-onnx",
     "/bundle.tar.gz": tar_gz({"model.onnx": b"from-archive", "extra/labels.txt": b"cat"}),
@@ -56,31 +52,14 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         url = urllib.parse.urlsplit(self.path)
         Handler.requests.append((self.path, dict(self.headers)))
-        query = dict(urllib.parse.parse_qsl(url.query))
         if url.path in FILES:
             self.reply(FILES[url.path])
-        elif url.path == "/bucket" and query.get("list-type") == "2":
-            self.reply(self.listing(query["prefix"], query.get("continuation-token")))
-        elif url.path.startswith("/bucket/"):
-            key = urllib.parse.unquote(url.path.removeprefix("/bucket/"))
-            self.reply(OBJECTS[key]) if key in OBJECTS else self.reply(b"", 404)
         elif url.path.startswith("/api/models/org/repo/tree/main"):
             self.reply(json.dumps(HF_TREE).encode())
         elif url.path == "/org/repo/resolve/main/onnx/model.onnx":
             self.reply(b"hub-onnx")
         else:
             self.reply(b"", 404)
-
-    def listing(self, prefix: str, token: str | None) -> bytes:
-        keys = sorted(k for k in OBJECTS if k.startswith(prefix))
-        page, rest = (keys[1:], False) if token else (keys[:1], len(keys) > 1)  # pages of one
-        contents = "".join(f"<Contents><Key>{k}</Key></Contents>" for k in page)
-        more = "<NextContinuationToken>t1</NextContinuationToken>" if rest else ""
-        return (
-            '<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
-            f"{contents}<IsTruncated>{'true' if rest else 'false'}</IsTruncated>{more}"
-            "</ListBucketResult>"
-        ).encode()
 
     def reply(self, body: bytes, code: int = 200) -> None:
         self.send_response(code)
@@ -97,21 +76,6 @@ def server() -> Iterator[str]:
     thread.start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}"
     httpd.shutdown()
-
-
-def test_signature_v4_matches_the_aws_documentation_example() -> None:
-    headers = sign_v4(
-        "GET",
-        "https://examplebucket.s3.amazonaws.com/test.txt",
-        {"Range": "bytes=0-9"},
-        SigningKey("AKIAIOSFODNN7EXAMPLE", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", "us-east-1"),
-        dt.datetime(2013, 5, 24, tzinfo=dt.UTC),
-    )
-    assert headers["Authorization"] == (
-        "AWS4-HMAC-SHA256 Credential=AKIAIOSFODNN7EXAMPLE/20130524/us-east-1/s3/aws4_request,"
-        "SignedHeaders=host;range;x-amz-content-sha256;x-amz-date,"
-        "Signature=f0e8bdb87c964420e857bd35b5d6ed310bd44f0170aba48dd91039c6036bdb41"
-    )
 
 
 def test_single_file_over_http(server: str, tmp_path: Path) -> None:
@@ -140,29 +104,6 @@ def test_archive_is_unpacked_and_cannot_escape(server: str, tmp_path: Path) -> N
             credentials={},
             pvc_root=tmp_path,
         )
-
-
-def test_s3_lists_every_page_signs_and_downloads(server: str, tmp_path: Path) -> None:
-    credentials = {
-        "AWS_ACCESS_KEY_ID": "AK",
-        "AWS_SECRET_ACCESS_KEY": "SK",
-        "AWS_ENDPOINT_URL": server,
-    }
-    fetch_to(
-        "s3://bucket/models/bert/3",
-        tmp_path,
-        model_format="onnx",
-        credentials=credentials,
-        pvc_root=tmp_path,
-    )
-    assert (tmp_path / "model.onnx").read_bytes() == b"onnx-bytes"
-    assert (tmp_path / "vocab.txt").read_bytes() == b"a b c"
-    listings = [r for r in Handler.requests if "list-type=2" in r[0]]
-    assert len(listings) == 2  # followed the continuation token
-    assert all(
-        r[1]["Authorization"].startswith("AWS4-HMAC-SHA256 Credential=AK/")
-        for r in Handler.requests
-    )
 
 
 def test_hub_repository(server: str, tmp_path: Path) -> None:

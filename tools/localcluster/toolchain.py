@@ -32,6 +32,11 @@ ETCD_MODULE = "go.etcd.io/etcd/server/v3"
 # without Kubernetes service discovery. Only that discovery is compiled in.
 PROMETHEUS_MODULE = "github.com/prometheus/prometheus"
 PROMETHEUS_TAGS = ("remove_all_sd", "enable_kubernetes_sd")
+# Real stores for the fetcher's tests, in a Go module of their own (tools/objectstores): an
+# S3-compatible server (gofakes3, on a folder) and go-containerregistry's OCI registry and
+# crane, its client.
+GOFAKES3_MODULE = "github.com/johannesboyne/gofakes3"
+REGISTRY_MODULE = "github.com/google/go-containerregistry"
 
 BINARIES = (
     "etcd",
@@ -45,6 +50,9 @@ BINARIES = (
     "kwokctl",
     "helm",
     "prometheus",
+    "gofakes3",
+    "registry",
+    "crane",
 )
 STAMP_FILE = ".toolchain-fingerprint"
 # The Gateway API CRDs the tests install come from this module's config/crd/standard.
@@ -195,6 +203,16 @@ def build_steps(versions: Versions, prometheus: str = "") -> tuple[BuildStep, ..
             module="prometheus",
             tags=PROMETHEUS_TAGS,
         ),
+        BuildStep(
+            ("gofakes3", "registry", "crane"),
+            (
+                f"{GOFAKES3_MODULE}/cmd/gofakes3",
+                f"{REGISTRY_MODULE}/cmd/registry",
+                f"{REGISTRY_MODULE}/cmd/crane",
+            ),
+            f"{GOFAKES3_MODULE}, {REGISTRY_MODULE}",
+            module="objectstores",
+        ),
     )
 
 
@@ -249,7 +267,11 @@ class Toolchain:
     @property
     def modules(self) -> dict[str, Path]:
         """The Go modules under tools/ that binaries are built in."""
-        return {"toolchain": self.module_dir, "prometheus": self.module_dir.parent / "prometheus"}
+        return {
+            "toolchain": self.module_dir,
+            "prometheus": self.module_dir.parent / "prometheus",
+            "objectstores": self.module_dir.parent / "objectstores",
+        }
 
     def prometheus_version(self) -> str:
         requires = parse_go_mod_requires((self.modules["prometheus"] / "go.mod").read_text())
@@ -264,6 +286,8 @@ class Toolchain:
             (prometheus / "go.mod").read_bytes(),
             (prometheus / "go.sum").read_bytes(),
             ",".join(PROMETHEUS_TAGS).encode(),
+            (self.modules["objectstores"] / "go.mod").read_bytes(),
+            (self.modules["objectstores"] / "go.sum").read_bytes(),
         )
 
     def is_built(self) -> bool:
