@@ -30,7 +30,7 @@ import tempfile
 import urllib.parse
 import urllib.request
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -39,29 +39,97 @@ from modeldeploy_runtime.model_repository import default_file_name, render_confi
 ARCHIVES = (".tar.gz", ".tgz", ".tar", ".zip")
 CHUNK_BYTES = 8 * 1024 * 1024  # what a streamed download holds in memory at once
 
-Fetcher = Callable[[urllib.request.Request], bytes]
+REDIRECTS = (301, 302, 303, 307, 308)
 
 
 class FetchError(RuntimeError):
     """The model could not be fetched; the message is what the pod's status will show."""
 
 
-def make_request(url: str, headers: Mapping[str, str] | None = None) -> urllib.request.Request:
-    """An HTTP(S) request; any other scheme (file:, ftp:) is refused."""
-    if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
-        raise FetchError(f"refusing to fetch {url}: only http(s) URLs are fetched")
-    return urllib.request.Request(url, headers=dict(headers or {}))  # noqa: S310 - checked above
+def shown(url: str) -> str:
+    """A URL as messages show it: no query string (a presigned signature), no user info."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
-def http_get(request: urllib.request.Request) -> bytes:
-    try:
-        with urllib.request.urlopen(request, timeout=300) as response:  # noqa: S310 - schemes checked
+class Http:
+    """HTTP(S) downloads through urllib3, streamed. Redirects are followed here, not by the
+    library, so that credentials never reach another origin (scheme, host and port) and an
+    https URL is never followed to http."""
+
+    def __init__(self, timeout: float = 300.0, max_redirects: int = 5) -> None:
+        import urllib3  # noqa: PLC0415 - only the fetcher needs it
+
+        self._pool = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=30.0, read=timeout),
+            retries=urllib3.Retry(total=3, redirect=False, backoff_factor=0.5),
+        )
+        self._max_redirects = max_redirects
+
+    def open(self, url: str, headers: Mapping[str, str] | None = None) -> Any:
+        """The response to a GET, after redirects, with its body not yet read."""
+        import urllib3  # noqa: PLC0415
+
+        sent = dict(headers or {})
+        for _ in range(self._max_redirects + 1):
+            scheme = urllib.parse.urlsplit(url).scheme
+            if scheme not in ("http", "https"):
+                raise FetchError(f"refusing to fetch {shown(url)}: only http(s) URLs are fetched")
+            try:
+                response = self._pool.request(
+                    "GET", url, headers=sent, redirect=False, preload_content=False
+                )
+            except urllib3.exceptions.HTTPError as error:
+                raise FetchError(f"{shown(url)}: {error}") from error
+            if response.status in REDIRECTS and response.headers.get("location"):
+                target = urllib.parse.urljoin(url, response.headers["location"])
+                response.release_conn()
+                if scheme == "https" and urllib.parse.urlsplit(target).scheme != "https":
+                    raise FetchError(f"{shown(url)}: refusing a redirect from https to http")
+                if origin(target) != origin(url):
+                    sent = {k: v for k, v in sent.items() if k.lower() != "authorization"}
+                url = target
+                continue
+            if response.status != 200:
+                response.release_conn()
+                raise FetchError(f"{shown(url)}: HTTP {response.status} {response.reason}")
+            return response
+        raise FetchError(f"{shown(url)}: more than {self._max_redirects} redirects")
+
+    def read(self, url: str, headers: Mapping[str, str] | None = None) -> bytes:
+        """A small document (a listing), whole."""
+        response = self.open(url, headers)
+        try:
             body: bytes = response.read()
             return body
-    except urllib.error.HTTPError as error:
-        raise FetchError(f"{request.full_url}: HTTP {error.code} {error.reason}") from error
-    except urllib.error.URLError as error:
-        raise FetchError(f"{request.full_url}: {error.reason}") from error
+        finally:
+            response.release_conn()
+
+    def download(self, url: str, target: Path, headers: Mapping[str, str] | None = None) -> int:
+        """Streamed to ``target`` through a .partial file renamed when whole; its size."""
+        response = self.open(url, headers)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.partial")
+        size = 0
+        try:
+            with partial.open("wb") as out:
+                for chunk in response.stream(CHUNK_BYTES):
+                    out.write(chunk)
+                    size += len(chunk)
+        except OSError as error:
+            raise FetchError(f"{shown(url)}: {error}") from error
+        finally:
+            response.release_conn()
+        partial.rename(target)
+        return size
+
+
+def origin(url: str) -> tuple[str, str, int | None]:
+    parts = urllib.parse.urlsplit(url)
+    default = {"http": 80, "https": 443}.get(parts.scheme)
+    return parts.scheme, (parts.hostname or "").lower(), parts.port or default
 
 
 def read_credentials(directory: Path | None) -> dict[str, str]:
@@ -173,18 +241,18 @@ def unpack(archive: Path, staging: Path) -> None:
 
 
 def fetch_https(
-    uri: str, staging: Path, credentials: Mapping[str, str], get: Fetcher, single_name: str
+    uri: str, staging: Path, credentials: Mapping[str, str], http: Http, single_name: str
 ) -> None:
     headers = {"Authorization": f"Bearer {credentials['token']}"} if "token" in credentials else {}
-    body = get(make_request(uri, headers=headers))
     path = urllib.parse.urlsplit(uri).path
     if path.endswith(ARCHIVES):
-        with tempfile.TemporaryDirectory() as tmp:
+        # Beside the staging folder (the same volume), not in the container's small /tmp.
+        with tempfile.TemporaryDirectory(dir=staging.parent, prefix=".archive-") as tmp:
             archive = Path(tmp) / PurePosixPath(path).name
-            archive.write_bytes(body)
+            http.download(uri, archive, headers)
             unpack(archive, staging)
     else:
-        (staging / single_name).write_bytes(body)
+        http.download(uri, staging / single_name, headers)
 
 
 def fetch_pvc(rest: str, staging: Path, pvc_root: Path, single_name: str) -> None:
@@ -199,7 +267,7 @@ def fetch_pvc(rest: str, staging: Path, pvc_root: Path, single_name: str) -> Non
 
 
 def fetch_hf(
-    rest: str, staging: Path, credentials: Mapping[str, str], get: Fetcher, endpoint: str
+    rest: str, staging: Path, credentials: Mapping[str, str], http: Http, endpoint: str
 ) -> None:
     parts = rest.split("/", 2)
     if len(parts) < 2:
@@ -212,16 +280,14 @@ def fetch_hf(
         {"Authorization": f"Bearer {credentials['HF_TOKEN']}"} if "HF_TOKEN" in credentials else {}
     )
     listing_url = f"{endpoint}/api/models/{org}/{repo}/tree/{revision}/{subpath}?recursive=1"
-    entries: list[dict[str, Any]] = json.loads(get(make_request(listing_url, headers=headers)))
+    entries: list[dict[str, Any]] = json.loads(http.read(listing_url, headers))
     files = [e["path"] for e in entries if e.get("type") == "file"]
     if not files:
         raise FetchError(f"hf://{rest}: no files")
     for name in files:
         relative = name[len(subpath) :].lstrip("/") if subpath else name
-        target = safe_join(staging, relative)
-        target.parent.mkdir(parents=True, exist_ok=True)
         url = f"{endpoint}/{org}/{repo}/resolve/{revision}/{urllib.parse.quote(name)}"
-        target.write_bytes(get(make_request(url, headers=headers)))
+        http.download(url, safe_join(staging, relative), headers)
 
 
 def fetch_to(
@@ -231,7 +297,7 @@ def fetch_to(
     model_format: str,
     credentials: Mapping[str, str],
     pvc_root: Path,
-    get: Fetcher = http_get,
+    http: Http | None = None,
     hf_endpoint: str = "https://huggingface.co",
 ) -> None:
     """Put the model's files (or its whole model folder) into ``staging``."""
@@ -239,14 +305,15 @@ def fetch_to(
     if not sep:
         raise FetchError(f"not a URI: {uri}")
     single = default_file_name(model_format)
+    http = http or Http()
     if scheme in ("https", "http"):
-        fetch_https(uri, staging, credentials, get, single)
+        fetch_https(uri, staging, credentials, http, single)
     elif scheme == "pvc":
         fetch_pvc(rest, staging, pvc_root, single)
     elif scheme in ("s3", "gs"):
         fetch_object_store(scheme, rest, staging, credentials, single)
     elif scheme == "hf":
-        fetch_hf(rest, staging, credentials, get, hf_endpoint)
+        fetch_hf(rest, staging, credentials, http, hf_endpoint)
     else:
         raise FetchError(f"{scheme}:// is not supported by this fetcher yet")
 

@@ -18,9 +18,10 @@ import pytest
 from modeldeploy_runtime.__main__ import main as runtime_main
 from modeldeploy_runtime.fetch import (
     FetchError,
+    Http,
     fetch_to,
     install,
-    make_request,
+    origin,
 )
 from modeldeploy_runtime.model_repository import render_config
 
@@ -45,6 +46,7 @@ HF_TREE = [{"type": "file", "path": "onnx/model.onnx"}, {"type": "directory", "p
 
 class Handler(BaseHTTPRequestHandler):
     requests: ClassVar[list[tuple[str, dict[str, str]]]] = []
+    redirect_to: ClassVar[str] = ""
 
     def log_message(self, *args: object) -> None:
         pass
@@ -52,7 +54,12 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         url = urllib.parse.urlsplit(self.path)
         Handler.requests.append((self.path, dict(self.headers)))
-        if url.path in FILES:
+        if url.path == "/moved" and Handler.redirect_to:
+            self.send_response(302)
+            self.send_header("Location", Handler.redirect_to)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif url.path in FILES:
             self.reply(FILES[url.path])
         elif url.path.startswith("/api/models/org/repo/tree/main"):
             self.reply(json.dumps(HF_TREE).encode())
@@ -71,6 +78,7 @@ class Handler(BaseHTTPRequestHandler):
 @pytest.fixture
 def server() -> Iterator[str]:
     Handler.requests = []
+    Handler.redirect_to = ""
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -156,7 +164,51 @@ def test_unsupported_sources_fail_clearly(uri: str, message: str, tmp_path: Path
 
 def test_only_http_urls_are_requested() -> None:
     with pytest.raises(FetchError, match="only http"):
-        make_request("file:///etc/passwd")
+        Http().open("file:///etc/passwd")
+
+
+def test_credentials_never_follow_a_redirect_to_another_origin(server: str, tmp_path: Path) -> None:
+    """The token reaches the origin it was given for, never the one a redirect points at
+    (another port is another origin), and the query string never reaches a message."""
+    other = server.replace("127.0.0.1", "localhost")  # the same server, another origin
+    Handler.redirect_to = f"{other}/model.onnx?X-Amz-Signature=secret"
+    fetch_to(
+        f"{server}/moved",
+        tmp_path,
+        model_format="onnx",
+        credentials={"token": "t0k"},
+        pvc_root=tmp_path,
+    )
+    assert (tmp_path / "model.onnx").read_bytes() == b"single-onnx"
+    first, second = Handler.requests
+    assert first[0] == "/moved"
+    assert first[1]["Authorization"] == "Bearer t0k"
+    assert second[0].startswith("/model.onnx")
+    assert "Authorization" not in second[1]
+    Handler.redirect_to = f"{other}/absent?X-Amz-Signature=secret"
+    with pytest.raises(FetchError) as caught:
+        fetch_to(
+            f"{server}/moved", tmp_path, model_format="onnx", credentials={}, pvc_root=tmp_path
+        )
+    assert "HTTP 404" in str(caught.value)
+    assert "secret" not in str(caught.value)
+
+
+def test_origins() -> None:
+    assert origin("https://a.example/x") == origin("https://A.example:443/y")
+    assert origin("https://a.example/x") != origin("http://a.example/x")
+    assert origin("http://a.example/x") != origin("http://a.example:8080/x")
+
+
+def test_a_large_file_streams_to_disk(server: str, tmp_path: Path) -> None:
+    FILES["/large.onnx"] = b"x" * (20 * 1024 * 1024 + 5)
+    try:
+        size = Http().download(f"{server}/large.onnx", tmp_path / "large.onnx")
+    finally:
+        del FILES["/large.onnx"]
+    assert size == 20 * 1024 * 1024 + 5
+    assert (tmp_path / "large.onnx").stat().st_size == size
+    assert not list(tmp_path.glob(".*.partial"))
 
 
 def test_install_lays_out_the_repository_with_overrides(tmp_path: Path) -> None:
