@@ -12,10 +12,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
+import shutil
 import sys
-import tempfile
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
@@ -117,29 +118,42 @@ def report_failure(message: str, termination_log: Path) -> None:
 def run_fetch(args: argparse.Namespace) -> int:
     try:
         args.repository.mkdir(parents=True, exist_ok=True)
-        # Stage beside the repository: same filesystem, and the root filesystem is read-only.
-        with tempfile.TemporaryDirectory(dir=args.repository, prefix=".staging-") as tmp:
-            staging = Path(tmp)
-            fetch_to(
-                args.storage_uri,
-                staging,
-                model_format=args.format,
-                credentials=read_credentials(args.credentials_dir),
-                pvc_root=args.pvc_root,
-            )
-            model = install(
-                staging,
-                args.repository,
-                name=args.model_name,
-                version=args.model_version,
-                model_format=args.format,
-                overrides=json.loads(args.config_overrides),
-            )
+        # Stage beside the repository (the same volume; the root filesystem is read-only), in
+        # a folder named by what is fetched: a fetch killed halfway (OOM, eviction, a node
+        # restart that keeps the emptyDir) finds its partial files there and resumes them.
+        # Stagings of anything else are stale and go.
+        key = hashlib.sha256(
+            "\0".join((args.storage_uri, args.model_name, args.model_version)).encode()
+        ).hexdigest()[:16]
+        staging = args.repository / f".staging-{key}"
+        for stale in args.repository.glob(".staging-*"):
+            if stale != staging:
+                shutil.rmtree(stale, ignore_errors=True)
+        staging.mkdir(exist_ok=True)
+        downloaded = fetch_to(
+            args.storage_uri,
+            staging,
+            model_format=args.format,
+            credentials=read_credentials(args.credentials_dir),
+            pvc_root=args.pvc_root,
+        )
+        model = install(
+            staging,
+            args.repository,
+            name=args.model_name,
+            version=args.model_version,
+            model_format=args.format,
+            overrides=json.loads(args.config_overrides),
+        )
+        shutil.rmtree(staging, ignore_errors=True)
     except FetchError as error:
         report_failure(f"fetching {args.storage_uri} failed: {error}", args.termination_log)
         return 1
     files = sorted(str(p.relative_to(args.repository)) for p in model.rglob("*") if p.is_file())
-    print(json.dumps({"fetched": args.storage_uri, "model": str(model), "files": files}))
+    report = {"fetched": args.storage_uri, "model": str(model), "files": files}
+    if downloaded is not None:
+        report["downloaded_bytes"] = downloaded
+    print(json.dumps(report))
     return 0
 
 

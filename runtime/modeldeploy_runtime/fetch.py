@@ -163,24 +163,44 @@ def object_store(scheme: str, bucket: str, credentials: Mapping[str, str]) -> An
 
 
 def stream_to(store: Any, key: str, target: Path) -> int:
-    """One object streamed to ``target`` through a temporary file beside it (renamed when
-    whole): memory stays at one chunk whatever the object's size. Returns its size."""
+    """One object streamed to ``target`` through a ``.partial`` file beside it, renamed when
+    whole: memory stays at one chunk whatever the object's size. A ``.partial`` left by a
+    killed fetch is resumed from its end, if the object is still the one it began (same
+    ETag); otherwise it starts over. Returns the bytes downloaded now."""
     import obstore  # noqa: PLC0415
 
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{target.name}.partial")
+    tag = target.with_name(f".{target.name}.etag")
+    offset = partial.stat().st_size if partial.is_file() and tag.is_file() else 0
+    result = None
+    if offset:
+        began = tag.read_text()
+        try:
+            options = {"range": {"offset": offset}, "if_match": began}
+            result = obstore.get(store, key, options=options)  # type: ignore[arg-type]
+        except Exception:  # changed since (412), already whole (416), ...: start over
+            offset = 0
+        else:
+            if result.meta.get("e_tag") != began:  # a store that ignored If-Match
+                result, offset = None, 0
+    if result is None:
+        result = obstore.get(store, key)
+    if etag := result.meta.get("e_tag"):
+        tag.write_text(etag)
     size = 0
-    with partial.open("wb") as out:
-        for chunk in obstore.get(store, key).stream(min_chunk_size=CHUNK_BYTES):
+    with partial.open("ab" if offset else "wb") as out:
+        for chunk in result.stream(min_chunk_size=CHUNK_BYTES):
             out.write(chunk)
             size += len(chunk)
     partial.rename(target)
+    tag.unlink(missing_ok=True)
     return size
 
 
 def fetch_object_store(
     scheme: str, rest: str, staging: Path, credentials: Mapping[str, str], single_name: str
-) -> None:
+) -> int:
     """``<bucket>/<prefix>``: the object named so (as ``single_name``), else every object
     under the folder ``prefix/`` (never ``prefix-old/``), each streamed to disk."""
     import obstore  # noqa: PLC0415
@@ -196,8 +216,7 @@ def fetch_object_store(
             except FileNotFoundError:  # obstore's not-found is this one
                 pass
             else:
-                stream_to(store, prefix, staging / single_name)
-                return
+                return stream_to(store, prefix, staging / single_name)
         keys = [
             item["path"]
             for batch in obstore.list(store, prefix=prefix or None)
@@ -206,8 +225,10 @@ def fetch_object_store(
         ]
         if not keys:
             raise FetchError(f"{scheme}://{rest}: no objects under {prefix or 'the bucket'}/")
-        for key in keys:
+        return sum(
             stream_to(store, key, safe_join(staging, key[len(prefix) :].lstrip("/")))
+            for key in keys
+        )
     except (BaseError, OSError) as error:
         raise FetchError(f"{scheme}://{rest}: {first_line(error)}") from error
 
@@ -299,8 +320,9 @@ def fetch_to(
     pvc_root: Path,
     http: Http | None = None,
     hf_endpoint: str = "https://huggingface.co",
-) -> None:
-    """Put the model's files (or its whole model folder) into ``staging``."""
+) -> int | None:
+    """Put the model's files (or its whole model folder) into ``staging``. Returns the bytes
+    downloaded from an object store now (None for other sources)."""
     scheme, sep, rest = uri.partition("://")
     if not sep:
         raise FetchError(f"not a URI: {uri}")
@@ -311,11 +333,22 @@ def fetch_to(
     elif scheme == "pvc":
         fetch_pvc(rest, staging, pvc_root, single)
     elif scheme in ("s3", "gs"):
-        fetch_object_store(scheme, rest, staging, credentials, single)
+        return fetch_object_store(scheme, rest, staging, credentials, single)
     elif scheme == "hf":
         fetch_hf(rest, staging, credentials, http, hf_endpoint)
     else:
         raise FetchError(f"{scheme}:// is not supported by this fetcher yet")
+    return None
+
+
+def move_tree(source: Path, target: Path) -> None:
+    """Every file of ``source`` moved under ``target`` (renames on one volume: a large model
+    is never copied)."""
+    for path in sorted(source.rglob("*")):
+        if path.is_file():
+            moved = target / path.relative_to(source)
+            moved.parent.mkdir(parents=True, exist_ok=True)
+            path.replace(moved)
 
 
 def install(
@@ -335,9 +368,9 @@ def install(
     model = repository / name
     model.mkdir(parents=True, exist_ok=True)
     if (staging / "config.pbtxt").is_file() and (staging / version).is_dir():
-        shutil.copytree(staging, model, dirs_exist_ok=True)
+        move_tree(staging, model)
     else:
-        shutil.copytree(staging, version_dir(repository, name, version), dirs_exist_ok=True)
+        move_tree(staging, version_dir(repository, name, version))
     config = model / "config.pbtxt"
     if overrides or not config.exists():
         config.write_text(render_config(name, model_format, version, overrides))

@@ -3,10 +3,13 @@ prefix boundaries, streaming with bounded memory, clear failures."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import obstore
@@ -125,3 +128,72 @@ def test_a_large_model_streams_with_bounded_memory(s3: S3Server, tmp_path: Path)
     peak_mib = int(result.stdout.split("RSS ")[1]) / 1024
     # The interpreter with the runtime's imports is about 65 MiB; the download adds chunks.
     assert peak_mib < 160, f"peak RSS {peak_mib:.0f} MiB for a 256 MiB model"
+
+
+def fetch_command(s3: S3Server, uri: str, repository: Path, work: Path) -> list[str]:
+    creds = work / "creds"
+    creds.mkdir(exist_ok=True)
+    for key, value in s3.credentials().items():
+        (creds / key).write_text(value)
+    return [
+        sys.executable,
+        "-m",
+        "modeldeploy_runtime",
+        "fetch",
+        f"--storage-uri={uri}",
+        "--model-name=big",
+        "--model-version=1",
+        "--format=onnx",
+        f"--repository={repository}",
+        f"--credentials-dir={creds}",
+        f"--termination-log={work / 'termination'}",
+    ]
+
+
+def test_a_fetch_killed_halfway_resumes_where_it_stopped(s3: S3Server, tmp_path: Path) -> None:
+    size = 192 * 1024 * 1024
+    data = os.urandom(1024 * 1024) * (size // (1024 * 1024))
+    put(s3, {"resume/1/model.onnx": data})
+    digest = hashlib.sha256(data).hexdigest()
+    del data
+    repository = tmp_path / "repository"
+    command = fetch_command(s3, f"s3://{s3.bucket}/resume/1", repository, tmp_path)
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    partial: list[Path] = []
+    while time.monotonic() < deadline and first.poll() is None:
+        partial = list(repository.glob(".staging-*/.model.onnx.partial"))
+        if partial and partial[0].stat().st_size > 16 * 1024 * 1024:
+            break
+        time.sleep(0.01)
+    first.send_signal(signal.SIGKILL)  # as the OOM killer or an eviction would
+    first.wait()
+    assert partial, "the fetch never started writing"
+    done_before = partial[0].stat().st_size
+    assert 0 < done_before < size, "killed too late to prove anything"
+
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    # Only what was missing came over again.
+    assert json.loads(result.stdout)["downloaded_bytes"] == size - done_before
+    model = repository / "big" / "1" / "model.onnx"
+    with model.open("rb") as f:
+        assert hashlib.file_digest(f, "sha256").hexdigest() == digest
+    assert not list(repository.glob(".staging-*")), "the staging folder is cleaned up"
+
+
+def test_a_changed_object_is_fetched_again_not_spliced(s3: S3Server, tmp_path: Path) -> None:
+    """A partial file of an older object (another ETag) is not resumed into the new one."""
+    put(s3, {"changed/1/model.onnx": b"new-" * 1000})
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    (staging / ".model.onnx.partial").write_bytes(b"old-" * 500)
+    (staging / ".model.onnx.etag").write_text('"an-older-etag"')
+    fetch_to(
+        f"s3://{s3.bucket}/changed/1",
+        staging,
+        model_format="onnx",
+        credentials=s3.credentials(),
+        pvc_root=tmp_path,
+    )
+    assert (staging / "model.onnx").read_bytes() == b"new-" * 1000
