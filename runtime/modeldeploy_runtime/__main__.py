@@ -24,8 +24,15 @@ from typing import Any
 from pydantic import ValidationError
 
 from modeldeploy_runtime.drift import Profile, load_rows, profile_features
-from modeldeploy_runtime.fetch import FetchError, fetch_to, install, read_credentials
-from modeldeploy_runtime.model_repository import FORMATS
+from modeldeploy_runtime.fetch import (
+    FetchError,
+    content_digest,
+    fetch_to,
+    install,
+    read_credentials,
+    verify,
+)
+from modeldeploy_runtime.model_repository import FORMATS, default_file_name
 from modeldeploy_runtime.server import serve
 from modeldeploy_runtime.settings import RuntimeSettings
 
@@ -43,6 +50,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     fetch.add_argument("--repository", type=Path, required=True)
     fetch.add_argument("--config-overrides", default="{}", help="spec.model.config as JSON")
     fetch.add_argument("--credentials-dir", type=Path, help="a mounted Secret, one file per key")
+    fetch.add_argument("--digest", help="sha256:<hex> the fetched content must have")
     fetch.add_argument("--pvc-root", type=Path, default=Path("/mnt/model-source"))
     fetch.add_argument(
         "--termination-log",
@@ -50,6 +58,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default=TERMINATION_LOG,
         help="where Kubernetes picks up the failure message",
     )
+    digest = commands.add_parser("digest", help="print the sha256 digest spec.model.digest wants")
+    digest.add_argument("path", type=Path, help="the model file, or its folder")
     profile = commands.add_parser("profile", help="build a drift reference profile from samples")
     profile.add_argument("--inputs", type=Path, required=True, help=".npy, .csv or .parquet rows")
     profile.add_argument("--input-tensor", required=True, help="the model input they feed")
@@ -137,6 +147,12 @@ def run_fetch(args: argparse.Namespace) -> int:
             credentials=read_credentials(args.credentials_dir),
             pvc_root=args.pvc_root,
         )
+        if args.digest:
+            try:
+                verify(staging, args.digest, default_file_name(args.format))
+            except FetchError:
+                shutil.rmtree(staging, ignore_errors=True)  # never resumed from bad bytes
+                raise
         model = install(
             staging,
             args.repository,
@@ -165,6 +181,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_serve(args)
     if args.command == "profile":
         return run_profile(args)
+    if args.command == "digest":
+        print(content_digest(args.path))
+        return 0
     return 2
 
 

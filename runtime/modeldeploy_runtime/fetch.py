@@ -22,6 +22,7 @@ variables, and are never logged.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -375,3 +376,29 @@ def install(
     if overrides or not config.exists():
         config.write_text(render_config(name, model_format, version, overrides))
     return model
+
+
+def content_digest(path: Path) -> str:
+    """``sha256:<hex>`` of a file's bytes; of a folder, of its manifest: one line per file,
+    ``<relative path>\\0<sha256 hex>\\n``, sorted by path (files read in chunks)."""
+    if path.is_file():
+        with path.open("rb") as f:
+            return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
+    manifest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        with file.open("rb") as f:
+            each = hashlib.file_digest(f, "sha256").hexdigest()
+        manifest.update(f"{file.relative_to(path).as_posix()}\0{each}\n".encode())
+    return "sha256:" + manifest.hexdigest()
+
+
+def verify(staging: Path, expected: str, single_name: str) -> None:
+    """The fetched content against ``spec.model.digest``; a FetchError that says both."""
+    files = [p for p in staging.rglob("*") if p.is_file()]
+    single = staging / single_name
+    found = content_digest(single if files == [single] else staging)
+    if found != expected:
+        raise FetchError(
+            f"digest mismatch: spec.model.digest is {expected}, the fetched content is {found}"
+            " (changed or corrupted at the source)"
+        )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -197,3 +198,37 @@ def test_a_changed_object_is_fetched_again_not_spliced(s3: S3Server, tmp_path: P
         pvc_root=tmp_path,
     )
     assert (staging / "model.onnx").read_bytes() == b"new-" * 1000
+
+
+def test_the_digest_is_checked_and_a_corrupted_object_fails_clearly(
+    s3: S3Server, tmp_path: Path
+) -> None:
+    good = b"weights" * 1000
+    put(s3, {"digest/1/model.onnx": good, "digest/1/labels.txt": b"cat dog"})
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "model.onnx").write_bytes(good)
+    (source / "labels.txt").write_bytes(b"cat dog")
+    printed = subprocess.run(
+        [sys.executable, "-m", "modeldeploy_runtime", "digest", str(source)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    repository = tmp_path / "repository"
+    command = fetch_command(s3, f"s3://{s3.bucket}/digest/1", repository, tmp_path)
+    ok = subprocess.run(
+        [*command, f"--digest={printed}"], capture_output=True, text=True, check=False
+    )
+    assert ok.returncode == 0, ok.stderr
+
+    put(s3, {"digest/1/model.onnx": good[:-1] + b"X"})  # one byte changed at the source
+    shutil.rmtree(repository)
+    bad = subprocess.run(
+        [*command, f"--digest={printed}"], capture_output=True, text=True, check=False
+    )
+    assert bad.returncode == 1
+    message = (tmp_path / "termination").read_text()
+    assert f"digest mismatch: spec.model.digest is {printed}" in message
+    assert "changed or corrupted at the source" in message
+    assert not list(repository.glob(".staging-*")), "bad bytes are not kept for a resume"

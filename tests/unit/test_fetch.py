@@ -3,6 +3,7 @@ out as a Triton model repository. Object stores: tests/stores (a real S3 server)
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import tarfile
@@ -19,6 +20,7 @@ from modeldeploy_runtime.__main__ import main as runtime_main
 from modeldeploy_runtime.fetch import (
     FetchError,
     Http,
+    content_digest,
     fetch_to,
     install,
     origin,
@@ -255,3 +257,20 @@ def test_cli_failure_reaches_the_termination_log(
     )
     assert code == 1
     assert "oci:// is not supported" in log.read_text()
+
+
+def test_digests_of_a_file_and_of_a_folder(tmp_path: Path) -> None:
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "model.onnx").write_bytes(b"abc")
+    (tmp_path / "m" / "sub").mkdir()
+    (tmp_path / "m" / "sub" / "vocab.txt").write_bytes(b"x")
+    assert content_digest(tmp_path / "m" / "model.onnx") == (
+        "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    )
+    manifest = (
+        "model.onnx\0ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad\n"
+        f"sub/vocab.txt\0{hashlib.sha256(b'x').hexdigest()}\n"
+    )
+    assert (
+        content_digest(tmp_path / "m") == "sha256:" + hashlib.sha256(manifest.encode()).hexdigest()
+    )

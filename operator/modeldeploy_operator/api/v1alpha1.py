@@ -202,6 +202,14 @@ class ModelSpec(ApiModel):
         json_schema_extra=object_name_rule("spec.model.credentialsSecret"),
         description="A Secret mounted only into the model fetcher, never into Triton.",
     )
+    digest: str | None = Field(
+        default=None,
+        max_length=71,
+        pattern=r"^sha256:[a-f0-9]{64}$",
+        description="The model's content, checked by the fetcher before Triton sees it:"
+        " sha256 of the file, or of a folder's manifest (`modeldeploy-runtime digest PATH`"
+        " prints it). A mismatch fails the fetch (ModelFetchFailed).",
+    )
     config: TritonConfig | None = None
 
 

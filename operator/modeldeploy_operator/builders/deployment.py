@@ -126,6 +126,8 @@ def fetch_container(md: ModelDeployment, config: BuildConfig) -> dict[str, Any]:
         {"name": "model-repository", "mountPath": MODEL_REPOSITORY},
         {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108 - an emptyDir, not the host's /tmp
     ]
+    if model.digest:
+        args.append(f"--digest={model.digest}")
     if model.credentials_secret:
         args.append(f"--credentials-dir={CREDENTIALS_DIR}")
         mounts.append({"name": "model-credentials", "mountPath": CREDENTIALS_DIR, "readOnly": True})

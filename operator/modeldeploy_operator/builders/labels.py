@@ -6,6 +6,8 @@ import hashlib
 import json
 from typing import Any, Literal
 
+from pydantic import BaseModel
+
 from modeldeploy_operator.api.v1alpha1 import API_VERSION, GROUP, KIND, ModelDeployment
 
 Track = Literal["stable", "canary"]
@@ -86,15 +88,21 @@ def revision_of(md: ModelDeployment, runtime_image: str) -> str:
     """A short hash of everything that shapes the pods; a new revision means new pods.
 
     Replica counts, autoscaling and rollout settings are left out: they change how many pods
-    run and how traffic moves, not what a pod is.
+    run and how traffic moves, not what a pod is. Fields at their defaults are left out too,
+    so a new optional field in the API does not give every existing object a new revision
+    (and a rollout) when the operator is upgraded.
     """
     spec = md.spec
+
+    def shape(part: BaseModel) -> dict[str, Any]:
+        return part.model_dump(mode="json", by_alias=True, exclude_defaults=True)
+
     shaping = {
-        "model": spec.model.model_dump(mode="json", by_alias=True),
-        "server": spec.server.model_dump(mode="json", by_alias=True),
-        "resources": spec.resources.model_dump(mode="json", by_alias=True),
-        "placement": spec.placement.model_dump(mode="json", by_alias=True),
-        "monitoring": spec.monitoring.model_dump(mode="json", by_alias=True),
+        "model": shape(spec.model),
+        "server": shape(spec.server),
+        "resources": shape(spec.resources),
+        "placement": shape(spec.placement),
+        "monitoring": shape(spec.monitoring),
         "runtimeImage": runtime_image,
     }
     digest = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()
