@@ -261,10 +261,16 @@ class RequestParser:
         self.release_current()
 
     def release_current(self) -> None:
-        """Give back what an unfinished request reserved (the connection is ending)."""
+        """Give back what an unfinished request reserved."""
         if self._current is not None:
             release(self._current, self._budget)
             self._current = None
+
+    def close(self) -> None:
+        """The connection is ending: give back what every request not served reserved."""
+        self.release_current()
+        while self._ready:
+            release(self._ready.popleft(), self._budget)
 
     # -- llhttp's callbacks -----------------------------------------------------------------
 

@@ -372,7 +372,7 @@ class HttpProxy:
         except (ConnectionError, asyncio.IncompleteReadError):
             pass  # the client went away
         finally:
-            parser.release_current()
+            parser.close()
             upstream.close()
             writer.close()
             self.connections.open -= 1
@@ -397,13 +397,7 @@ class HttpProxy:
                 "this model coarsens its outputs (spec.monitoring.auth.outputs), which a"
                 " stream cannot carry: use generate or infer",
             )
-        request.client = peer
-        if self.access is not None:
-            request.client = self.access.check(
-                request.headers, peer, self.metrics, limited=route.kind is Kind.INFER
-            )
-            request.headers = [(k, v) for k, v in request.headers if k not in CREDENTIAL_HEADERS]
-        if route.kind is Kind.INFER:
+        if route.kind is Kind.INFER:  # before the key's limits: a 415 costs no budget
             content_type = (request.header(b"content-type") or b"").split(b";")[0].strip().lower()
             if content_type and content_type not in ACCEPTED_TYPES:
                 raise ProtocolError(
@@ -412,6 +406,12 @@ class HttpProxy:
                     f"unsupported content type {content_type.decode(errors='replace')!r}:"
                     " use application/json or application/octet-stream",
                 )
+        request.client = peer
+        if self.access is not None:
+            request.client = self.access.check(
+                request.headers, peer, self.metrics, limited=route.kind is Kind.INFER
+            )
+            request.headers = [(k, v) for k, v in request.headers if k not in CREDENTIAL_HEADERS]
 
     async def _serve(
         self, writer: asyncio.StreamWriter, request: Request, upstream: Upstream

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from modeldeploy_runtime.http1 import ByteBudget, ProtocolError, Request, RequestParser
+from modeldeploy_runtime.http1 import ByteBudget, ProtocolError, Request, RequestParser, release
 
 FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "300"))
 
@@ -323,3 +323,28 @@ def test_fuzz_the_parser_refuses_or_forwards_exactly_what_it_checked(data: bytes
         added = [] if request.header(b"host") else [(b"host", b"localhost")]  # 1.0 to 1.1
         assert again.headers == added + request.headers
         assert again.body == request.body
+
+
+def test_requests_never_served_give_their_reservations_back() -> None:
+    """A connection that ends with pipelined requests still queued (an error, a close)."""
+
+    async def run() -> None:
+        budget = ByteBudget(1 << 20)
+        parser = RequestParser(
+            lambda request: None,
+            max_body=1024,
+            budget=budget,
+            header_timeout=5,
+            body_timeout=5,
+            idle_timeout=5,
+        )
+        body = INFER + b"Content-Length: 3\r\n\r\nabc"
+        parser.feed(body + body + INFER + b"Content-Length: 9\r\n\r\nabc")
+        assert budget.used == 3 + 3 + 9
+        served = parser.take()
+        assert served is not None
+        release(served, budget)
+        parser.close()
+        assert budget.used == 0
+
+    asyncio.run(run())
