@@ -105,7 +105,7 @@ typecheck: ## mypy --strict
 
 .PHONY: test-unit
 test-unit: ## Unit and middle-tier tests (fake API, fake clock): no cluster, no binaries
-	$(PYTHON) -m pytest -m 'not cluster and not triton and not prometheus' $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -m 'not cluster and not triton and not prometheus and not stores' $(PYTEST_ARGS)
 
 .PHONY: fuzz
 fuzz: ## The sidecar's HTTP parser, fuzzed longer than in make test (FUZZ_EXAMPLES=20000)
