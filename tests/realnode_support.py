@@ -201,3 +201,21 @@ def last_history(cluster: Cluster, namespace: str, name: str = "iris") -> dict[s
     history = md_status(cluster, namespace, name).get("history") or [{}]
     last: dict[str, Any] = history[-1]
     return last
+
+
+def in_sidecar(cluster: Cluster, namespace: str, pod: str, code: str) -> str:
+    """What ``python3 -c code`` prints in a pod's runtime container (it has no shell tools)."""
+    return cluster.kubectl(
+        "exec", "-n", namespace, pod, "-c", "runtime", "--", "python3", "-c", code
+    ).stdout
+
+
+def sidecar_metrics(cluster: Cluster, namespace: str, pod: str) -> str:
+    """A pod's sidecar /metrics, read from inside the pod."""
+    return in_sidecar(
+        cluster,
+        namespace,
+        pod,
+        "import urllib.request;"
+        "print(urllib.request.urlopen('http://127.0.0.1:9090/metrics').read().decode())",
+    )

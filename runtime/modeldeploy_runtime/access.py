@@ -176,6 +176,12 @@ class ClientLabels:
         return "other"
 
 
+def too_many(reason: str, message: str, wait: float) -> ProtocolError:
+    """A 429 that says when to come back, in whole seconds."""
+    retry = max(1, math.ceil(wait))
+    return ProtocolError(429, reason, f"{message}; retry in {retry}s", (f"retry-after: {retry}",))
+
+
 class AccessControl:
     """Optional API keys and per-client rate limit, for HTTP and gRPC alike."""
 
@@ -229,25 +235,16 @@ class AccessControl:
             wait = self.limiter.wait_time(client)
             if wait > 0:
                 metrics.client_requests.labels(label, "rate_limited").inc()
-                retry = max(1, math.ceil(wait))
-                raise ProtocolError(
-                    429,
-                    "rate_limited",
-                    f"rate limit exceeded; retry in {retry}s",
-                    (f"retry-after: {retry}",),
-                )
+                raise too_many("rate_limited", "rate limit exceeded", wait)
         if self.budget is not None and limited:
             wait = self.budget.take(client)
             if wait > 0:
                 metrics.client_requests.labels(label, "budget_exhausted").inc()
-                retry = max(1, math.ceil(wait))
-                raise ProtocolError(
-                    429,
-                    "budget_exhausted",
+                message = (
                     f"query budget exhausted: {self.budget.describe()} per client"
-                    f" (spec.monitoring.auth.queryBudget); retry in {retry}s",
-                    (f"retry-after: {retry}",),
+                    " (spec.monitoring.auth.queryBudget)"
                 )
+                raise too_many("budget_exhausted", message, wait)
         # "admitted" counts inference calls only: the operator sums it for query budgets.
         metrics.client_requests.labels(label, "admitted" if limited else "metadata").inc()
 

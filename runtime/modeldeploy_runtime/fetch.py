@@ -31,7 +31,7 @@ import tempfile
 import urllib.parse
 import urllib.request
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -111,20 +111,30 @@ class Http:
     def download(self, url: str, target: Path, headers: Mapping[str, str] | None = None) -> int:
         """Streamed to ``target`` through a .partial file renamed when whole; its size."""
         response = self.open(url, headers)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(f".{target.name}.partial")
-        size = 0
         try:
-            with partial.open("wb") as out:
-                for chunk in response.stream(CHUNK_BYTES):
-                    out.write(chunk)
-                    size += len(chunk)
+            return write_streamed(response.stream(CHUNK_BYTES), target)
         except OSError as error:
             raise FetchError(f"{shown(url)}: {error}") from error
         finally:
             response.release_conn()
-        partial.rename(target)
-        return size
+
+
+def partial_of(target: Path) -> Path:
+    return target.with_name(f".{target.name}.partial")
+
+
+def write_streamed(chunks: Iterable[bytes], target: Path, *, append: bool = False) -> int:
+    """``chunks`` into ``target``'s ``.partial`` file (after what it holds, when
+    ``append``), renamed to ``target`` when whole; the bytes written now."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = partial_of(target)
+    size = 0
+    with partial.open("ab" if append else "wb") as out:
+        for chunk in chunks:
+            out.write(chunk)
+            size += len(chunk)
+    partial.rename(target)
+    return size
 
 
 def origin(url: str) -> tuple[str, str, int | None]:
@@ -171,7 +181,7 @@ def stream_to(store: Any, key: str, target: Path) -> int:
     import obstore  # noqa: PLC0415
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".{target.name}.partial")
+    partial = partial_of(target)
     tag = target.with_name(f".{target.name}.etag")
     offset = partial.stat().st_size if partial.is_file() and tag.is_file() else 0
     result = None
@@ -189,12 +199,7 @@ def stream_to(store: Any, key: str, target: Path) -> int:
         result = obstore.get(store, key)
     if etag := result.meta.get("e_tag"):
         tag.write_text(etag)
-    size = 0
-    with partial.open("ab" if offset else "wb") as out:
-        for chunk in result.stream(min_chunk_size=CHUNK_BYTES):
-            out.write(chunk)
-            size += len(chunk)
-    partial.rename(target)
+    size = write_streamed(result.stream(min_chunk_size=CHUNK_BYTES), target, append=bool(offset))
     tag.unlink(missing_ok=True)
     return size
 

@@ -29,7 +29,7 @@ from modeldeploy_runtime.coarsen import Coarsener
 from modeldeploy_runtime.http1 import ProtocolError
 from modeldeploy_runtime.metrics import RuntimeMetrics
 from modeldeploy_runtime.proxy import InferExchange, Sampler
-from modeldeploy_runtime.routes import Kind, Route, grpc_route
+from modeldeploy_runtime.routes import Kind, Route, admin_refused, grpc_route
 from modeldeploy_runtime.settings import RuntimeSettings
 
 STATUS_FOR = {
@@ -92,6 +92,12 @@ def stream_has_error(response: bytes) -> bool:
     return response[:1] == b"\x0a" and len(response) > 1 and response[1] != 0
 
 
+async def abort(context: grpc.aio.ServicerContext, refused: ProtocolError) -> None:
+    """End a call the door refused: its gRPC status, message and headers (Retry-After)."""
+    context.set_trailing_metadata(tuple(tuple(h.split(": ", 1)) for h in refused.headers))
+    await context.abort(STATUS_FOR.get(refused.status, grpc.StatusCode.INTERNAL), refused.message)
+
+
 def _headers(metadata: Metadata | None) -> list[tuple[bytes, bytes]]:
     return [(k.encode(), v if isinstance(v, bytes) else str(v).encode()) for k, v in metadata or ()]
 
@@ -125,12 +131,7 @@ class GrpcProxy(grpc.GenericRpcHandler):  # type: ignore[misc] # grpc has no stu
         client = ""
         try:
             if route.kind is Kind.ADMIN and not self.settings.allow_admin_apis:
-                raise ProtocolError(
-                    403,
-                    "admin_api",
-                    f"{route.action} is an administrative API; this model does not allow it"
-                    " (spec.monitoring.runtime.allowAdminApis)",
-                )
+                raise admin_refused(route.action)
             if self.access is not None and route.kind is not Kind.HEALTH:
                 # Decided from the metadata alone: a refused call's message is never read.
                 client = self.access.identify(
@@ -144,11 +145,8 @@ class GrpcProxy(grpc.GenericRpcHandler):  # type: ignore[misc] # grpc has no stu
         return grpc.unary_unary_rpc_method_handler(self._unary(method, route, client))
 
     def _refuse(self, refused: ProtocolError) -> Callable[..., Any]:
-        status = STATUS_FOR.get(refused.status, grpc.StatusCode.INTERNAL)
-
         async def handle(_: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
-            context.set_trailing_metadata(tuple(tuple(h.split(": ", 1)) for h in refused.headers))
-            await context.abort(status, refused.message)
+            await abort(context, refused)
             raise AssertionError("abort raises")
 
         return handle
@@ -179,10 +177,7 @@ class GrpcProxy(grpc.GenericRpcHandler):  # type: ignore[misc] # grpc has no stu
                     self.access.take(who, self.metrics, limited=measured)
                 except ProtocolError as refused:
                     self.metrics.rejected.labels(refused.reason).inc()
-                    context.set_trailing_metadata(
-                        tuple(tuple(h.split(": ", 1)) for h in refused.headers)
-                    )
-                    await context.abort(STATUS_FOR[refused.status], refused.message)
+                    await abort(context, refused)
             started = time.perf_counter()
             if measured:
                 self.metrics.in_flight_track.inc()

@@ -35,7 +35,7 @@ from modeldeploy_runtime.http1 import (
     release,
 )
 from modeldeploy_runtime.metrics import RuntimeMetrics
-from modeldeploy_runtime.routes import Kind, Route, http_route
+from modeldeploy_runtime.routes import Kind, Route, admin_refused, http_route
 from modeldeploy_runtime.settings import RuntimeSettings
 
 LINGER_SECONDS = 2.0
@@ -141,10 +141,13 @@ class Relay:
     def body(self) -> bytes:
         return b"".join(self.pieces)
 
+    def _status_line(self) -> bytes:
+        reason = REASONS.get(self.status, self._reason.decode("latin-1")) or "Unknown"
+        return b"HTTP/1.1 %d %s" % (self.status, reason.encode("latin-1"))
+
     def whole(self, headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
         """A held answer, written at once with its own Content-Length."""
-        reason = REASONS.get(self.status, self._reason.decode("latin-1")) or "Unknown"
-        lines = [b"HTTP/1.1 %d %s" % (self.status, reason.encode("latin-1"))]
+        lines = [self._status_line()]
         lines.extend(k + b": " + v for k, v in headers if k not in HOP_BY_HOP)
         lines.append(b"content-length: %d" % len(body))
         return b"\r\n".join(lines) + b"\r\n\r\n" + body
@@ -171,8 +174,7 @@ class Relay:
         chunked = any(k == b"transfer-encoding" for k, _ in self.headers)
         bodyless = status in (204, 304)
         self._close_delimited = not has_length and not chunked and not bodyless
-        reason = REASONS.get(status, self._reason.decode("latin-1")) or "Unknown"
-        lines = [b"HTTP/1.1 %d %s" % (status, reason.encode("latin-1"))]
+        lines = [self._status_line()]
         lines.extend(k + b": " + v for k, v in self.headers if k not in HOP_BY_HOP)
         if has_length:
             lines.extend(k + b": " + v for k, v in self.headers if k == b"content-length")
@@ -384,12 +386,7 @@ class HttpProxy:
         if route.kind is Kind.HEALTH:
             return
         if route.kind is Kind.ADMIN and not self.settings.allow_admin_apis:
-            raise ProtocolError(
-                403,
-                "admin_api",
-                f"{request.path[:200]} is an administrative API; this model does not allow it"
-                " (spec.monitoring.runtime.allowAdminApis)",
-            )
+            raise admin_refused(request.path)
         if route.action == "generate_stream" and self.coarsener:
             raise ProtocolError(
                 403,

@@ -111,3 +111,13 @@ def grpc_route(method: str) -> Route | None:
     name = method[len(GRPC_SERVICE) :]
     kind = GRPC_KINDS.get(name)
     return Route(kind, action=name) if kind is not None else None
+
+
+def admin_refused(what: str) -> ProtocolError:
+    """403 / PERMISSION_DENIED for an administrative API the ModelDeployment did not allow."""
+    return ProtocolError(
+        403,
+        "admin_api",
+        f"{what[:200]} is an administrative API; this model does not allow it"
+        " (spec.monitoring.runtime.allowAdminApis)",
+    )

@@ -17,7 +17,7 @@ from localcluster import Cluster
 from localcluster.dataplane import service_address
 from localcluster.realnode import RealNodeSpec
 from modeldeploy_runtime.access import client_id
-from realnode_support import VERSICOLOR, pods
+from realnode_support import VERSICOLOR, in_sidecar, pods, sidecar_metrics
 from support import condition, get, load_example, merged, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.realnode]
@@ -42,19 +42,7 @@ def infer(address: str, key: str) -> tuple[str, Any]:
 
 def admitted(cluster: Cluster, namespace: str, pod: str, client: str) -> float:
     """Inference calls of ``client`` the pod's sidecar admitted."""
-    text = cluster.kubectl(
-        "exec",
-        "-n",
-        namespace,
-        pod,
-        "-c",
-        "runtime",
-        "--",
-        "python3",
-        "-c",
-        "import urllib.request;"
-        "print(urllib.request.urlopen('http://127.0.0.1:9090/metrics').read().decode())",
-    ).stdout
+    text = sidecar_metrics(cluster, namespace, pod)
     return sum(
         float(value)
         for value in re.findall(
@@ -68,19 +56,13 @@ def admitted(cluster: Cluster, namespace: str, pod: str, client: str) -> float:
 
 def listed(cluster: Cluster, namespace: str, pod: str) -> dict[str, float]:
     """The clients over budget as the pod's sidecar sees them (the mounted ConfigMap)."""
-    found = cluster.kubectl(
-        "exec",
-        "-n",
+    found = in_sidecar(
+        cluster,
         namespace,
         pod,
-        "-c",
-        "runtime",
-        "--",
-        "python3",
-        "-c",
         "import pathlib;p=pathlib.Path('/etc/modeldeploy/query-budgets/exhausted.json');"
         "print(p.read_text() if p.exists() else '{}')",
-    ).stdout
+    )
     exhausted: dict[str, float] = json.loads(found or "{}").get("exhausted", {})
     return exhausted
 

@@ -13,7 +13,7 @@ import pytest
 from localcluster import Cluster
 from localcluster.dataplane import OPERATOR_NAMESPACE, infer, operator_pod, service_address
 from localcluster.realnode import RealNodeSpec
-from realnode_support import SETOSA, VIRGINICA, answering, iris, pods, ready
+from realnode_support import SETOSA, VIRGINICA, answering, iris, pods, ready, sidecar_metrics
 from support import condition, get, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.realnode]
@@ -88,19 +88,7 @@ def test_a_model_answers_from_a_real_pod_and_logs_and_exec_work(
     )
     assert listed.stdout.strip() == "/etc/hostname"
     # The sidecar measured the inference it proxied.
-    metrics = cluster.kubectl(
-        "exec",
-        "-n",
-        namespace,
-        name,
-        "-c",
-        "runtime",
-        "--",
-        "python3",
-        "-c",
-        "import urllib.request;"
-        "print(urllib.request.urlopen('http://127.0.0.1:9090/metrics').read().decode())",
-    ).stdout
+    metrics = sidecar_metrics(cluster, namespace, name)
     assert re.search(r'modeldeploy_runtime_requests_total\{[^}]*code="200"[^}]*\} [1-9]', metrics)
 
 

@@ -15,24 +15,15 @@ from pathlib import Path
 
 import obstore
 import pytest
-from obstore.store import S3Store
 
-from modeldeploy_runtime.fetch import FetchError, fetch_to
+from modeldeploy_runtime.fetch import FetchError, fetch_to, object_store
 from stores_support import S3Server
 
 pytestmark = pytest.mark.stores
 
 
 def put(s3: S3Server, objects: dict[str, bytes]) -> None:
-    store = S3Store(
-        s3.bucket,
-        endpoint=s3.endpoint,
-        access_key_id="test-key",
-        secret_access_key=s3.credentials()["AWS_SECRET_ACCESS_KEY"],
-        region="us-east-1",
-        virtual_hosted_style_request=False,
-        client_options={"allow_http": True},
-    )
+    store = object_store("s3", s3.bucket, s3.credentials())  # the fetcher's own client
     for key, data in objects.items():
         obstore.put(store, key, data)
 

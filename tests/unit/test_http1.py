@@ -28,6 +28,17 @@ class Writer:
         self.data += data
 
 
+def new_parser(budget: ByteBudget, max_body: int = 1024, admit: object = None) -> RequestParser:
+    return RequestParser(
+        admit if callable(admit) else (lambda request: None),
+        max_body=max_body,
+        budget=budget,
+        header_timeout=5,
+        body_timeout=5,
+        idle_timeout=5,
+    )
+
+
 def parse(
     data: bytes,
     *,
@@ -42,14 +53,7 @@ def parse(
         reader.feed_data(data)
         reader.feed_eof()
         writer = Writer()
-        parser = RequestParser(
-            admit if callable(admit) else (lambda request: None),
-            max_body=max_body,
-            budget=budget or ByteBudget(1 << 20),
-            header_timeout=5,
-            body_timeout=5,
-            idle_timeout=5,
-        )
+        parser = new_parser(budget or ByteBudget(1 << 20), max_body, admit)
         requests: list[Request] = []
         try:
             while (request := await parser.next(reader, writer)) is not None:  # type: ignore[arg-type]
@@ -330,14 +334,7 @@ def test_requests_never_served_give_their_reservations_back() -> None:
 
     async def run() -> None:
         budget = ByteBudget(1 << 20)
-        parser = RequestParser(
-            lambda request: None,
-            max_body=1024,
-            budget=budget,
-            header_timeout=5,
-            body_timeout=5,
-            idle_timeout=5,
-        )
+        parser = new_parser(budget)
         body = INFER + b"Content-Length: 3\r\n\r\nabc"
         parser.feed(body + body + INFER + b"Content-Length: 9\r\n\r\nabc")
         assert budget.used == 3 + 3 + 9
