@@ -1,5 +1,6 @@
 """Real object stores on 127.0.0.1 for the fetcher's tests: gofakes3 (an S3-compatible
-server on a folder), built by the toolchain from its Go module (tools/objectstores)."""
+server on a folder) and go-containerregistry's registry (``crane registry serve`` on a
+folder), built by the toolchain from their Go modules (tools/objectstores)."""
 
 from __future__ import annotations
 
@@ -71,3 +72,52 @@ def start_s3(root: Path, bucket: str = "models") -> tuple[subprocess.Popen[bytes
                 raise RuntimeError(f"gofakes3 did not start: {output}") from error
             time.sleep(0.1)
     return proc, S3Server(endpoint, bucket, root)
+
+
+def wait_for_http(url: str, proc: subprocess.Popen[bytes], log: Path, what: str) -> None:
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2).close()  # noqa: S310
+            return
+        except urllib.error.HTTPError:
+            return  # it answers
+        except OSError as error:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"{what} did not start: {log.read_text()}") from error
+            time.sleep(0.1)
+
+
+@dataclass(frozen=True)
+class Registry:
+    """An OCI registry on 127.0.0.1 (plain http), its blobs in ``root / 'blobs'``."""
+
+    host: str
+    root: Path
+
+    def blob_file(self, digest: str) -> Path:
+        """Where the registry keeps a blob on disk (to corrupt it)."""
+        hexdigest = digest.removeprefix("sha256:")
+        found = [p for p in (self.root / "blobs").rglob(f"*{hexdigest}*") if p.is_file()]
+        assert found, f"no file for {digest} under {self.root / 'blobs'}"
+        return found[0]
+
+
+def start_registry(root: Path) -> tuple[subprocess.Popen[bytes], Registry]:
+    port = free_port()
+    log_path = root / "registry.log"
+    (root / "blobs").mkdir(exist_ok=True)
+    proc = subprocess.Popen(
+        [
+            str(toolchain_binary("crane")),
+            "registry",
+            "serve",
+            f"--address=127.0.0.1:{port}",
+            f"--disk={root / 'blobs'}",
+        ],
+        stdout=log_path.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    wait_for_http(f"http://127.0.0.1:{port}/v2/", proc, log_path, "crane registry serve")
+    return proc, Registry(f"127.0.0.1:{port}", root)

@@ -3,6 +3,8 @@
 - ``fetch``: the init container; fetches the model and lays out Triton's repository.
 - ``serve``: the sidecar; proxies inference to Triton and exports metrics.
 - ``profile``: turns a sample of training data into a drift reference profile.
+- ``package``: turns a Triton model folder into a model archive and pushes it to a registry.
+- ``digest``: prints the digest ``spec.model.digest`` wants for a file or folder.
 
 Every ``serve`` flag is also a ``MODELDEPLOY_RUNTIME_<NAME>`` variable; flags win.
 """
@@ -17,14 +19,17 @@ import json
 import logging
 import shutil
 import sys
+import tempfile
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
+from modeldeploy_runtime.archive import ArchiveError, BlobCache, Metadata, Reference, package, push
 from modeldeploy_runtime.drift import Profile, load_rows, profile_features
 from modeldeploy_runtime.fetch import (
+    Fetched,
     FetchError,
     content_digest,
     fetch_to,
@@ -52,12 +57,34 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     fetch.add_argument("--credentials-dir", type=Path, help="a mounted Secret, one file per key")
     fetch.add_argument("--digest", help="sha256:<hex> the fetched content must have")
     fetch.add_argument("--pvc-root", type=Path, default=Path("/mnt/model-source"))
+    fetch.add_argument("--plain-http", action="store_true", help="oci://: the registry's http")
+    fetch.add_argument("--cache-dir", type=Path, help="the node-local cache (a hostPath)")
+    fetch.add_argument("--cache-max-bytes", type=int, default=100 * 2**30)
     fetch.add_argument(
         "--termination-log",
         type=Path,
         default=TERMINATION_LOG,
         help="where Kubernetes picks up the failure message",
     )
+    pack = commands.add_parser("package", help="make a model archive from a Triton model folder")
+    pack.add_argument("source", type=Path, help="a Triton model folder (config.pbtxt, 1/, ...)")
+    pack.add_argument("--name", required=True, help="the model's name")
+    pack.add_argument("--version", required=True, help="the version folder to archive")
+    pack.add_argument("--format", required=True, choices=sorted(FORMATS))
+    pack.add_argument("--framework", action="append", default=[], metavar="KEY=VALUE")
+    pack.add_argument(
+        "--training",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="training references: run, dataset, commit, ...",
+    )
+    pack.add_argument("--metrics", type=Path, help="evaluation metrics: a JSON object")
+    pack.add_argument("--reference-profile", type=Path, help="from modeldeploy-runtime profile")
+    pack.add_argument("--output", type=Path, required=True, help="the archive folder to write")
+    pack.add_argument("--push", help="oci://registry/repository:tag to push the archive to")
+    pack.add_argument("--plain-http", action="store_true", help="the registry speaks http")
+    pack.add_argument("--credentials-dir", type=Path, help="username and password files")
     digest = commands.add_parser("digest", help="print the sha256 digest spec.model.digest wants")
     digest.add_argument("path", type=Path, help="the model file, or its folder")
     profile = commands.add_parser("profile", help="build a drift reference profile from samples")
@@ -140,19 +167,27 @@ def run_fetch(args: argparse.Namespace) -> int:
             if stale != staging:
                 shutil.rmtree(stale, ignore_errors=True)
         staging.mkdir(exist_ok=True)
-        downloaded = fetch_to(
+        fetched = fetch_to(
             args.storage_uri,
             staging,
             model_format=args.format,
             credentials=read_credentials(args.credentials_dir),
             pvc_root=args.pvc_root,
+            plain_http=args.plain_http,
+            cache=open_cache(args.cache_dir, args.cache_max_bytes),
         )
-        if args.digest:
+        digest = fetched.digest
+        if args.digest and digest is not None and digest != args.digest:
+            raise FetchError(
+                f"digest mismatch: spec.model.digest is {args.digest}, the archive's is {digest}"
+            )
+        if args.digest and digest is None:
             try:
                 verify(staging, args.digest, default_file_name(args.format))
             except FetchError:
                 shutil.rmtree(staging, ignore_errors=True)  # never resumed from bad bytes
                 raise
+            digest = args.digest
         model = install(
             staging,
             args.repository,
@@ -165,11 +200,93 @@ def run_fetch(args: argparse.Namespace) -> int:
     except FetchError as error:
         report_failure(f"fetching {args.storage_uri} failed: {error}", args.termination_log)
         return 1
+    summary = fetch_summary(fetched, digest)
     files = sorted(str(p.relative_to(args.repository)) for p in model.rglob("*") if p.is_file())
-    report = {"fetched": args.storage_uri, "model": str(model), "files": files}
-    if downloaded is not None:
-        report["downloaded_bytes"] = downloaded
-    print(json.dumps(report))
+    print(json.dumps({"fetched": args.storage_uri, "model": str(model), "files": files, **summary}))
+    with contextlib.suppress(OSError):  # not in a pod
+        # The operator reads it from the pod's status: the digest served, warm or cold.
+        args.termination_log.write_text(json.dumps(summary, separators=(",", ":")))
+    return 0
+
+
+def fetch_summary(fetched: Fetched, digest: str | None) -> dict[str, Any]:
+    """What the operator reads back from a fetch that worked (the termination message)."""
+    summary: dict[str, Any] = {}
+    if digest is not None:
+        summary["digest"] = digest
+    if fetched.downloaded_bytes is not None:
+        summary["downloaded_bytes"] = fetched.downloaded_bytes
+    if fetched.layers:
+        summary["layers"] = fetched.layers
+        summary["cached_layers"] = fetched.cached_layers
+        summary["warm"] = fetched.cached_layers == fetched.layers
+    if fetched.archive is not None:
+        summary["archive"] = {
+            k: fetched.archive.get(k) for k in ("name", "version", "format", "platform")
+        }
+    return summary
+
+
+def open_cache(directory: Path | None, max_bytes: int) -> BlobCache | None:
+    """The node-local cache, or None (with a warning) when it is absent or not writable: a
+    cache never fails a fetch."""
+    if directory is None:
+        return None
+    try:
+        return BlobCache(directory, max_bytes)
+    except OSError as error:
+        print(
+            f"warning: the model cache {directory} is not usable ({error}); fetching without it",
+            file=sys.stderr,
+        )
+        return None
+
+
+def parse_pairs(pairs: Sequence[str], flag: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ArchiveError(f"{flag} takes KEY=VALUE, not {pair!r}")
+        out[key] = value
+    return out
+
+
+def run_package(args: argparse.Namespace) -> int:
+    try:
+        metrics = json.loads(args.metrics.read_text()) if args.metrics else {}
+        profile = json.loads(args.reference_profile.read_text()) if args.reference_profile else None
+        if profile is not None:
+            Profile.from_json(profile)  # a profile the sidecar can load, or an error now
+        metadata = Metadata(
+            name=args.name,
+            version=args.version,
+            format=args.format,
+            framework=parse_pairs(args.framework, "--framework"),
+            training=parse_pairs(args.training, "--training"),
+            metrics=metrics,
+            reference_profile=profile,
+        )
+        manifest = package(args.source, args.output, metadata)
+        print(
+            f"wrote {args.output}: {len(manifest['files'])} files,"
+            f" {len(manifest['inputs'])} inputs, {len(manifest['outputs'])} outputs"
+        )
+        if args.push:
+            reference = Reference.parse(args.push)
+            with tempfile.TemporaryDirectory() as config_dir:
+                digest = push(
+                    args.output,
+                    reference,
+                    read_credentials(args.credentials_dir),
+                    plain_http=args.plain_http,
+                    config_dir=Path(config_dir),
+                )
+            print(f"pushed {reference} as {digest}")
+            print(f"storageUri: oci://{reference.registry}/{reference.repository}@{digest}")
+    except (ArchiveError, OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -181,6 +298,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_serve(args)
     if args.command == "profile":
         return run_profile(args)
+    if args.command == "package":
+        return run_package(args)
     if args.command == "digest":
         print(content_digest(args.path))
         return 0

@@ -14,7 +14,10 @@ Sources, by ``spec.model.storageUri`` scheme:
 - ``gs://<bucket>/<prefix>``: Google Cloud Storage through its S3-compatible XML API
   (HMAC keys in the same credential names).
 - ``hf://<org>/<repo>[@revision][/<path>]``: the Hugging Face Hub (``HF_TOKEN`` optional).
-- ``oci://``: not supported yet; the fetch fails with a message that says so.
+- ``oci://<registry>/<repository>[:tag][@sha256:<hex>]``: a model archive made by
+  ``modeldeploy-runtime package`` (or any ``oras push``-ed folder), pulled through oras-py with
+  every digest verified, layers kept in the node-local cache (``--cache-dir``); credentials
+  ``username``/``password`` or ``.dockerconfigjson``. See :mod:`modeldeploy_runtime.archive`.
 
 Credentials are files in ``--credentials-dir`` (a mounted Secret), never environment
 variables, and are never logged.
@@ -32,9 +35,18 @@ import urllib.parse
 import urllib.request
 import zipfile
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from modeldeploy_runtime.archive import (
+    ARCHIVE_MANIFEST,
+    ArchiveError,
+    BlobCache,
+    Puller,
+    Reference,
+    renamed_config,
+)
 from modeldeploy_runtime.model_repository import default_file_name, render_config, version_dir
 
 ARCHIVES = (".tar.gz", ".tgz", ".tar", ".zip")
@@ -149,7 +161,7 @@ def read_credentials(directory: Path | None) -> dict[str, str]:
     return {p.name: p.read_text().strip() for p in directory.iterdir() if p.is_file()}
 
 
-# -- AWS Signature Version 4 ------------------------------------------------------------------
+# -- object stores ----------------------------------------------------------------------------
 
 
 def object_store(scheme: str, bucket: str, credentials: Mapping[str, str]) -> Any:
@@ -317,7 +329,50 @@ def fetch_hf(
         http.download(url, safe_join(staging, relative), headers)
 
 
-def fetch_to(
+@dataclass(frozen=True)
+class Fetched:
+    """What a fetch did, for its report (which the operator reads from the pod)."""
+
+    downloaded_bytes: int | None = None  # None: not counted for this source
+    digest: str | None = None  # an OCI archive's manifest digest
+    archive: Mapping[str, Any] | None = None  # the archive's manifest, when there is one
+    layers: int = 0
+    cached_layers: int = 0  # layers the node-local cache already held
+
+
+def fetch_oci(
+    uri: str,
+    staging: Path,
+    credentials: Mapping[str, str],
+    *,
+    plain_http: bool,
+    cache: BlobCache | None,
+) -> Fetched:
+    try:
+        reference = Reference.parse(uri)
+        with tempfile.TemporaryDirectory(dir=staging.parent, prefix=".oci-auth-") as config_dir:
+            puller = Puller(
+                reference,
+                credentials,
+                plain_http=plain_http,
+                config_dir=Path(config_dir),
+                cache=cache,
+            )
+            pulled = puller.pull(staging)
+    except ArchiveError as error:
+        raise FetchError(str(error)) from error
+    except OSError as error:  # requests' connection errors are OSErrors too
+        raise FetchError(f"{uri}: {first_line(error)}") from error
+    return Fetched(
+        downloaded_bytes=pulled.downloaded_bytes,
+        digest=pulled.digest,
+        archive=pulled.metadata,
+        layers=pulled.layers,
+        cached_layers=pulled.cached_layers,
+    )
+
+
+def fetch_to(  # noqa: PLR0913 - keyword-only options, one per source kind
     uri: str,
     staging: Path,
     *,
@@ -326,9 +381,10 @@ def fetch_to(
     pvc_root: Path,
     http: Http | None = None,
     hf_endpoint: str = "https://huggingface.co",
-) -> int | None:
-    """Put the model's files (or its whole model folder) into ``staging``. Returns the bytes
-    downloaded from an object store now (None for other sources)."""
+    plain_http: bool = False,
+    cache: BlobCache | None = None,
+) -> Fetched:
+    """Put the model's files (or its whole model folder) into ``staging``."""
     scheme, sep, rest = uri.partition("://")
     if not sep:
         raise FetchError(f"not a URI: {uri}")
@@ -339,12 +395,14 @@ def fetch_to(
     elif scheme == "pvc":
         fetch_pvc(rest, staging, pvc_root, single)
     elif scheme in ("s3", "gs"):
-        return fetch_object_store(scheme, rest, staging, credentials, single)
+        return Fetched(fetch_object_store(scheme, rest, staging, credentials, single))
     elif scheme == "hf":
         fetch_hf(rest, staging, credentials, http, hf_endpoint)
+    elif scheme == "oci":
+        return fetch_oci(uri, staging, credentials, plain_http=plain_http, cache=cache)
     else:
-        raise FetchError(f"{scheme}:// is not supported by this fetcher yet")
-    return None
+        raise FetchError(f"{scheme}:// is not supported by this fetcher")
+    return Fetched()
 
 
 def move_tree(source: Path, target: Path) -> None:
@@ -373,14 +431,32 @@ def install(
     """
     model = repository / name
     model.mkdir(parents=True, exist_ok=True)
+    if (staging / ARCHIVE_MANIFEST).is_file():
+        archived = json.loads((staging / ARCHIVE_MANIFEST).read_text()).get("version")
+        if archived and archived != version and (staging / str(archived)).is_dir():
+            # The archive's version folder serves as the spec's version.
+            (staging / str(archived)).rename(staging / version)
+        config_file = staging / "config.pbtxt"
+        if config_file.is_file():
+            replace_text(config_file, renamed_config(config_file.read_text(), name))
     if (staging / "config.pbtxt").is_file() and (staging / version).is_dir():
         move_tree(staging, model)
     else:
         move_tree(staging, version_dir(repository, name, version))
     config = model / "config.pbtxt"
     if overrides or not config.exists():
-        config.write_text(render_config(name, model_format, version, overrides))
+        replace_text(config, render_config(name, model_format, version, overrides))
     return model
+
+
+def replace_text(path: Path, text: str) -> None:
+    """``path`` replaced by a new file (never written in place: it may be a hard link into
+    the node-local cache)."""
+    if path.is_file() and path.read_text() == text:
+        return
+    fresh = path.with_name(f".{path.name}.new")
+    fresh.write_text(text)
+    fresh.replace(path)
 
 
 def content_digest(path: Path) -> str:

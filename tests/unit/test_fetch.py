@@ -17,6 +17,7 @@ from typing import ClassVar
 import pytest
 
 from modeldeploy_runtime.__main__ import main as runtime_main
+from modeldeploy_runtime.archive import Reference
 from modeldeploy_runtime.fetch import (
     FetchError,
     Http,
@@ -157,7 +158,11 @@ def test_pvc_folder_or_file(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("uri", "message"),
-    [("oci://registry/model:1", "not supported"), ("file:///etc/passwd", "not supported")],
+    [
+        ("oci://registry/model:1", "expected oci://<registry host>"),
+        ("oci://r.io/model@sha256:abc", "a digest is sha256:<64 hex digits>"),
+        ("file:///etc/passwd", "not supported"),
+    ],
 )
 def test_unsupported_sources_fail_clearly(uri: str, message: str, tmp_path: Path) -> None:
     with pytest.raises(FetchError, match=message):
@@ -248,7 +253,7 @@ def test_cli_failure_reaches_the_termination_log(
     code = runtime_main(
         [
             "fetch",
-            "--storage-uri=oci://r/m:1",
+            "--storage-uri=ftp://r/m",
             "--model-name=m",
             "--model-version=1",
             "--format=onnx",
@@ -256,7 +261,7 @@ def test_cli_failure_reaches_the_termination_log(
         ]
     )
     assert code == 1
-    assert "oci:// is not supported" in log.read_text()
+    assert "ftp:// is not supported" in log.read_text()
 
 
 def test_digests_of_a_file_and_of_a_folder(tmp_path: Path) -> None:
@@ -274,3 +279,18 @@ def test_digests_of_a_file_and_of_a_folder(tmp_path: Path) -> None:
     assert (
         content_digest(tmp_path / "m") == "sha256:" + hashlib.sha256(manifest.encode()).hexdigest()
     )
+
+
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        ("oci://r.io/team/iris:7", ("r.io", "team/iris", "7", None)),
+        ("oci://localhost:5000/iris", ("localhost:5000", "iris", "latest", None)),
+        (f"oci://r.io/iris@sha256:{'a' * 64}", ("r.io", "iris", None, f"sha256:{'a' * 64}")),
+        (f"oci://r.io/iris:7@sha256:{'b' * 64}", ("r.io", "iris", "7", f"sha256:{'b' * 64}")),
+    ],
+)
+def test_oci_references_parse(uri: str, expected: tuple[str, str, str | None, str | None]) -> None:
+    reference = Reference.parse(uri)
+    assert (reference.registry, reference.repository, reference.tag, reference.digest) == expected
+    assert str(reference) == uri or expected[2] == "latest"
