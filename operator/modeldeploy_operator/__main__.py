@@ -80,6 +80,17 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="image of the model fetcher and sidecar",
     )
     parser.add_argument(
+        "--model-cache-dir",
+        help="a node folder (hostPath) where fetchers keep oci:// model layers by digest, so"
+        " a second replica, a restart or a rollback on the node skips the download",
+    )
+    parser.add_argument(
+        "--model-cache-max-bytes",
+        type=int,
+        default=100 * 2**30,
+        help="the node cache's size; least recently used layers go first",
+    )
+    parser.add_argument(
         "--prometheus-url",
         help="Prometheus for canary analysis and autoscaling when a ModelDeployment names none",
     )
@@ -280,7 +291,11 @@ def build_context(
         api = LeaderOnlyApi(api, leading)  # no write once the Lease is lost
     return OperatorContext(
         api=api,
-        build=BuildConfig(runtime_image=args.runtime_image),
+        build=BuildConfig(
+            runtime_image=args.runtime_image,
+            model_cache_dir=args.model_cache_dir,
+            model_cache_max_bytes=args.model_cache_max_bytes,
+        ),
         telemetry=telemetry,
         gpus=GpuInventory(api),
         logger=logger,

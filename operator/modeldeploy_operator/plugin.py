@@ -37,7 +37,10 @@ def render_status(md: ModelDeployment) -> str:
     lines = [f"{name}: {status.phase or 'Unknown'}, ready {status.ready or '-'}"]
     stable = status.stable
     if stable is not None:
-        lines.append(f"  stable   version {stable.version}  revision {stable.revision}")
+        lines.append(
+            f"  stable   version {stable.version}  revision {stable.revision}"
+            f"{short_digest(stable.digest, '  ')}"
+        )
     canary = status.canary
     if canary is not None:
         steps = steps_of(md)
@@ -45,8 +48,11 @@ def render_status(md: ModelDeployment) -> str:
         paused = "  (paused)" if canary.paused else ""
         lines.append(
             f"  canary   version {canary.version}  revision {canary.revision}"
-            f"  step {step}/{len(steps)}  {progress_bar(canary.weight or 0)}{paused}"
+            f"{short_digest(canary.digest, '  ')}  step {step}/{len(steps)}"
+            f"  {progress_bar(canary.weight or 0)}{paused}"
         )
+    if status.warm_replicas:
+        lines.append(f"  cache    {status.warm_replicas} replicas started from the node cache")
     if status.rollback is not None:
         lines.append(f"  held     revision {status.rollback.revision}: {status.rollback.reason}")
     for result in status.analysis:
@@ -81,13 +87,19 @@ def render_status(md: ModelDeployment) -> str:
     return "\n".join(lines)
 
 
+def short_digest(digest: str | None, prefix: str = "") -> str:
+    """``sha256:`` and the first 12 hex digits, as ``docker images`` shows them."""
+    return f"{prefix}{digest[:19]}" if digest else ""
+
+
 def render_history(md: ModelDeployment) -> str:
-    rows = ["VERSION  REVISION    RESULT      FINISHED              REASON"]
+    rows = ["VERSION  REVISION    DIGEST              RESULT      FINISHED              REASON"]
     for entry in md.status.history:
         finished = entry.finished or "-"
+        digest = short_digest(entry.digest) or "-"
         rows.append(
-            f"{entry.version:<8} {entry.revision:<11} {entry.result:<11} {finished:<21}"
-            f" {entry.reason or ''}"
+            f"{entry.version:<8} {entry.revision:<11} {digest:<19} {entry.result:<11}"
+            f" {finished:<21} {entry.reason or ''}"
         )
     return "\n".join(rows)
 

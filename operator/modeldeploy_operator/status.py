@@ -12,6 +12,7 @@ Degraded, which says that something needs a human.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -117,6 +118,7 @@ class Counts:
     current: bool = False  # the Deployment controller has seen the Deployment's latest spec
     running_pods: int = 0
     fetching_pods: int = 0
+    warm: int = 0  # pods whose fetcher found the whole model in the node cache
 
 
 def dig(obj: Mapping[str, Any] | None, *path: str) -> Any:
@@ -158,6 +160,7 @@ def count(md: ModelDeployment, observed: Observed) -> Counts:
         and (observed.canary_deployment is None or _current(observed.canary_deployment)),
         running_pods=sum(1 for p in pods if dig(p, "status", "phase") == "Running"),
         fetching_pods=sum(1 for p in pods if _init_state(p, "running") is not None),
+        warm=sum(1 for p in pods if (fetch_report(p) or {}).get("warm") is True),
     )
 
 
@@ -166,6 +169,19 @@ def pod_ready(pod: Mapping[str, Any]) -> bool:
         c.get("type") == "Ready" and c.get("status") == "True"
         for c in dig(pod, "status", "conditions") or []
     )
+
+
+def fetch_report(pod: Mapping[str, Any]) -> dict[str, Any] | None:
+    """What the pod's fetcher reported when it succeeded (its termination message): the
+    digest it served, and whether the node cache held the model."""
+    done = _init_state(pod, "terminated") or {}
+    if done.get("exitCode") != 0:
+        return None
+    try:
+        report = json.loads(done.get("message") or "")
+    except ValueError:  # an older runtime, which printed nothing there
+        return None
+    return report if isinstance(report, dict) else None
 
 
 def _init_state(pod: Mapping[str, Any], state: str) -> Any:
@@ -475,6 +491,10 @@ def compute_status(
             "ready_replicas": counts.ready,
             "updated_replicas": counts.updated,
             "available_replicas": counts.available,
+            # Only models that come as archives go through the node cache.
+            "warm_replicas": counts.warm
+            if md.spec.model.storage_uri.startswith("oci://")
+            else None,
             "ready": f"{counts.ready}/{counts.desired}",
             "gpus": counts.desired * gpu.count if gpu else 0,
             "selector": selector_string(md),

@@ -63,15 +63,21 @@ def triton_config(text: str) -> Any:
         raise ArchiveError(f"config.pbtxt does not parse: {error}") from error
 
 
-def renamed_config(text: str, name: str) -> str:
-    """config.pbtxt with its ``name`` set to ``name`` (Triton wants the folder's name)."""
+def served_config(text: str, name: str, version: str | None = None) -> str:
+    """config.pbtxt with ``name`` set (Triton wants the folder's name) and, given a
+    ``version``, a version policy of that version only (the archive's folder is renamed)."""
     from google.protobuf import text_format  # noqa: PLC0415
 
     config = triton_config(text)
-    if config.name in ("", name):
-        return text
+    changed = config.name not in ("", name)
     config.name = name
-    return str(text_format.MessageToString(config))
+    if version is not None and config.HasField("version_policy"):
+        wanted = [int(version)]
+        if list(config.version_policy.specific.versions) != wanted:
+            config.version_policy.specific.ClearField("versions")
+            config.version_policy.specific.versions.extend(wanted)
+            changed = True
+    return str(text_format.MessageToString(config)) if changed else text
 
 
 def tensors(config: Any, kind: str) -> list[dict[str, Any]]:
@@ -116,7 +122,7 @@ def package(source: Path, output: Path, metadata: Metadata) -> dict[str, Any]:
     if metadata.version not in versions:
         found = ", ".join(versions) or "none"
         raise ArchiveError(f"{source} has no version folder {metadata.version} (found: {found})")
-    text = renamed_config(config_file.read_text(), metadata.name)
+    text = served_config(config_file.read_text(), metadata.name, metadata.version)
     config = triton_config(text)
     if output.exists():
         raise ArchiveError(f"{output} exists; choose a new output folder")

@@ -45,7 +45,7 @@ from modeldeploy_runtime.archive import (
     BlobCache,
     Puller,
     Reference,
-    renamed_config,
+    served_config,
 )
 from modeldeploy_runtime.model_repository import default_file_name, render_config, version_dir
 
@@ -438,7 +438,7 @@ def install(
             (staging / str(archived)).rename(staging / version)
         config_file = staging / "config.pbtxt"
         if config_file.is_file():
-            replace_text(config_file, renamed_config(config_file.read_text(), name))
+            replace_text(config_file, served_config(config_file.read_text(), name, version))
     if (staging / "config.pbtxt").is_file() and (staging / version).is_dir():
         move_tree(staging, model)
     else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import resource
 import signal
@@ -139,13 +140,28 @@ def access_control(settings: RuntimeSettings) -> AccessControl | None:
     )
 
 
+def reference_profile(settings: RuntimeSettings) -> Profile | None:
+    """The drift reference: the mounted profile, else the one the model archive carries."""
+    if settings.reference_profile is not None:
+        return Profile.load(settings.reference_profile)
+    manifest = settings.archive_manifest
+    if manifest is None or not manifest.is_file():
+        return None
+    carried = json.loads(manifest.read_text()).get("referenceProfile")
+    if not carried:
+        LOG.info("the model archive carries no drift profile: drift is not measured")
+        return None
+    return Profile.from_json(carried)
+
+
 async def serve(settings: RuntimeSettings, stop: asyncio.Event | None = None) -> None:
     """Run until SIGTERM/SIGINT (or ``stop``)."""
     raise_open_files_limit()
     metrics = RuntimeMetrics(settings.track, settings.model, settings.model_version)
     monitor = None
-    if settings.reference_profile is not None:
-        window = DriftWindow(Profile.load(settings.reference_profile), settings.drift_window)
+    profile = reference_profile(settings)
+    if profile is not None:
+        window = DriftWindow(profile, settings.drift_window)
         monitor = DriftMonitor(
             window,
             metrics.registry,

@@ -50,6 +50,9 @@ class RuntimeSettings(BaseSettings):
     upstream_timeout_seconds: float = Field(60.0, gt=0, description="for Triton to answer")
     connect_timeout_seconds: float = Field(2.0, gt=0, description="to connect to Triton")
     reference_profile: Path | None = Field(None, description="drift profile: a JSON file or folder")
+    archive_manifest: Path | None = Field(
+        None, description="the model archive's manifest: its drift profile, without one above"
+    )
     drift_window: int = Field(2000, gt=0, description="rows per tensor kept for drift")
     drift_queue_size: int = Field(256, gt=0, description="samples waiting for decoding; more drop")
     stats_interval_seconds: float = Field(

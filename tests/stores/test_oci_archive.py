@@ -25,6 +25,7 @@ pytestmark = pytest.mark.stores
 CONFIG = """name: "iris-src"
 backend: "onnxruntime"
 max_batch_size: 8
+version_policy: { specific: { versions: [ 7 ] } }
 input [ { name: "input" data_type: TYPE_FP32 dims: [ 4 ] } ]
 output [ { name: "probabilities" data_type: TYPE_FP32 dims: [ 3 ] } ]
 """
@@ -118,6 +119,7 @@ def test_an_archive_is_served_from_its_digest_with_its_config_and_manifest(
         config = (model / "config.pbtxt").read_text()
         assert 'name: "iris"' in config
         assert "max_batch_size: 8" in config
+        assert "versions: 3" in config  # the version policy follows the renamed folder
         manifest = json.loads((model / ARCHIVE_MANIFEST).read_text())
         assert manifest["inputs"] == [{"name": "input", "dataType": "FP32", "dims": [4]}]
         assert manifest["metrics"] == {"accuracy": 0.97}

@@ -206,3 +206,32 @@ def test_the_charts_prometheus_adapter_rules_are_current() -> None:
     )
     used = {m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"}
     assert used <= names, "the HPA asks for a metric no adapter rule provides"
+
+
+def test_an_archive_gets_the_node_cache_plain_http_and_its_drift_profile() -> None:
+    """oci:// models: the fetcher gets the node cache (a hostPath only it mounts) and the
+    registry's scheme; the sidecar reads the archive's manifest for its drift profile."""
+    doc = merged(
+        load_example("iris.yaml"),
+        {"spec": {"model": {"storageUri": "oci://registry.ns:5000/iris:1", "plainHTTP": True}}},
+    )
+    cached = BuildConfig(runtime_image="r:test", model_cache_dir="/var/lib/modeldeploy/cache")
+    pod = build_deployment(model(doc), "stable", "r1", cached)["spec"]["template"]["spec"]
+    fetch = parse_args(pod["initContainers"][0]["args"])
+    assert fetch.plain_http
+    assert fetch.cache_dir == Path("/var/cache/modeldeploy/models")
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["model-cache"]["hostPath"]["path"] == "/var/lib/modeldeploy/cache"
+    users = [
+        c["name"]
+        for c in [*pod["initContainers"], *pod["containers"]]
+        if any(m["name"] == "model-cache" for m in c.get("volumeMounts", []))
+    ]
+    assert users == ["fetch-model"]
+    serve = parse_args(pod["containers"][1]["args"])
+    assert serve.archive_manifest == "/models/iris/modeldeploy.json"
+    # Without a cache folder, or for other sources, no hostPath at all.
+    for config, uri in ((CONFIG, "oci://r.io/iris:1"), (cached, "s3://b/iris/1")):
+        other = merged(doc, {"spec": {"model": {"storageUri": uri, "plainHTTP": DELETE}}})
+        spec = build_deployment(model(other), "stable", "r1", config)["spec"]["template"]["spec"]
+        assert all("hostPath" not in v for v in spec["volumes"])

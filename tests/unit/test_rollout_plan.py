@@ -350,3 +350,27 @@ def test_never_fewer_ready_pods_than_the_spec_while_a_canary_runs(case: dict[str
         assert ready >= md.spec.desired_replicas(), (deployments, plan.targets)
 
     simulate(case, check)
+
+
+def test_the_digest_the_pods_reported_reaches_the_tracks_and_the_history() -> None:
+    """What status says a track serves is what its fetchers verified, and history keeps it."""
+    a, b = "sha256:" + "a" * 64, "sha256:" + "b" * 64
+    md = model(iris(2))
+    stable = TrackState(True, "r1", 2, 2, rolled=True, digest=a)
+    rolled = plan_rollout(md, "r1", World(stable, TrackState()), 10.0)
+    assert rolled.view.stable == TrackStatus(version="1", revision="r1", digest=a)
+
+    status = ModelDeploymentStatus(
+        stable=rolled.view.stable,
+        canary=TrackStatus(revision="r2", step=0, ready_since=0.0),
+    )
+    canary = TrackState(True, "r2", 1, 1, rolled=True, digest=b)
+    running = plan_rollout(model(iris(2), status), "r2", World(stable, canary), 20.0)
+    assert running.view.canary is not None
+    assert running.view.canary.digest == b
+    promoted = plan_rollout(
+        model(iris(2), status), "r2", World(stable, canary, command="promote"), 30.0
+    )
+    assert promoted.view.stable is not None
+    assert promoted.view.stable.digest == b
+    assert [(h.result, h.digest) for h in promoted.view.history] == [("Promoted", b)]

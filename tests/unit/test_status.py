@@ -377,3 +377,18 @@ def test_messages_say_what_is_wrong() -> None:
     assert "exit code 3" in degraded.message
     assert "403 Forbidden from s3" in degraded.message
     assert isinstance(degraded, Condition)
+
+
+def test_warm_replicas_count_the_pods_whose_fetcher_found_the_model_in_the_node_cache() -> None:
+    def fetched(report: str, code: int = 0) -> dict[str, Any]:
+        done = {"terminated": {"exitCode": code, "message": report}}
+        return pod(initContainerStatuses=[{"name": "fetch-model", "state": done}])
+
+    warm = fetched('{"digest":"sha256:1","warm":true}')
+    cold = fetched('{"digest":"sha256:1","warm":false}')
+    older = fetched("")  # a runtime that wrote no report
+    failed = fetched('{"warm":true}', code=1)
+    archive = md({"spec": {"model": {"storageUri": "oci://r.io/resnet:1"}}})
+    observed = Observed(deployment=deployment(4, 4, 4, 4), pods=[warm, cold, older, failed])
+    assert compute_status(archive, observed, "rev", NOW).warm_replicas == 1
+    assert compute_status(md(), observed, "rev", NOW).warm_replicas is None  # no cache there

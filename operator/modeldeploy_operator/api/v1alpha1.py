@@ -162,6 +162,16 @@ class TritonConfig(ApiModel):
 
 
 class ModelSpec(ApiModel):
+    model_config = ConfigDict(
+        json_schema_extra=rules(
+            cel(
+                "!has(self.plainHTTP) || !self.plainHTTP || self.storageUri.startsWith('oci://')",
+                "spec.model.plainHTTP applies to oci:// registries only",
+                ".plainHTTP",
+            ),
+        )
+    )
+
     name: str = Field(
         max_length=128,
         description="The Triton model name.",
@@ -208,7 +218,14 @@ class ModelSpec(ApiModel):
         pattern=r"^sha256:[a-f0-9]{64}$",
         description="The model's content, checked by the fetcher before Triton sees it:"
         " sha256 of the file, or of a folder's manifest (`modeldeploy-runtime digest PATH`"
-        " prints it). A mismatch fails the fetch (ModelFetchFailed).",
+        " prints it); for oci:// the archive's manifest digest (prefer `oci://...@sha256:`)."
+        " A mismatch fails the fetch (ModelFetchFailed).",
+    )
+    plain_http: bool | None = Field(
+        default=None,
+        alias="plainHTTP",
+        description="oci:// only: the registry speaks plain http (a registry inside the"
+        " cluster); https otherwise.",
     )
     config: TritonConfig | None = None
 
@@ -864,6 +881,11 @@ class Condition(StatusModel):
 class TrackStatus(StatusModel):
     version: str | None = None
     revision: str | None = None
+    digest: str | None = Field(
+        default=None,
+        description="The model content this track's pods serve, as their fetchers reported it:"
+        " an oci:// archive's manifest digest, or spec.model.digest once checked.",
+    )
     weight: int | None = Field(default=None, description="Traffic percent actually achieved.")
     step: int | None = None
     failed_checks: int | None = None
@@ -903,6 +925,7 @@ class HistoryEntry(StatusModel):
     revision: str
     result: str  # Promoted, RolledBack or Aborted
     storage_uri: str | None = None
+    digest: str | None = None
     image: str | None = None
     started: str | None = None
     finished: str | None = None
@@ -949,6 +972,10 @@ class ModelDeploymentStatus(StatusModel):
     ready_replicas: int | None = None
     updated_replicas: int | None = None
     available_replicas: int | None = None
+    warm_replicas: int | None = Field(
+        default=None,
+        description="Pods whose model came whole from the node-local cache (no download).",
+    )
     ready: str | None = Field(default=None, description='Ready over desired, e.g. "2/3".')
     gpus: int | None = Field(default=None, description="GPUs requested by all replicas.")
     selector: str | None = None

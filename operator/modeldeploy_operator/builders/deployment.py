@@ -36,6 +36,8 @@ MODEL_REPOSITORY = "/models"
 CREDENTIALS_DIR = "/var/run/secrets/modeldeploy/model-credentials"
 PVC_ROOT = "/mnt/model-source"
 PROFILE_DIR = "/etc/modeldeploy/reference-profile"
+MODEL_CACHE = "/var/cache/modeldeploy/models"
+ARCHIVE_FILE = "modeldeploy.json"  # the runtime's archive.ARCHIVE_MANIFEST, in the model folder
 API_KEYS_DIR = "/var/run/secrets/modeldeploy/api-keys"
 BUDGETS_DIR = "/etc/modeldeploy/query-budgets"
 BUDGETS_KEY = "exhausted.json"
@@ -57,6 +59,10 @@ class BuildConfig:
     # endpoints controller and kube-proxy take it out of the Service; Triton stays two
     # seconds longer than the sidecar in front of it, so in-flight requests finish.
     drain_seconds: int = 5
+    # The node-local model cache (a hostPath, content-addressed by digest) for oci:// models;
+    # None: no cache. The folder must exist on the nodes, writable by the runtime's user.
+    model_cache_dir: str | None = None
+    model_cache_max_bytes: int = 100 * 2**30
 
 
 def restricted_security_context(read_only_root: bool = True) -> dict[str, Any]:
@@ -134,6 +140,12 @@ def fetch_container(md: ModelDeployment, config: BuildConfig) -> dict[str, Any]:
     if pvc_claim(md) is not None:
         args.append(f"--pvc-root={PVC_ROOT}")
         mounts.append({"name": "model-source", "mountPath": PVC_ROOT, "readOnly": True})
+    if model.plain_http:
+        args.append("--plain-http")
+    if uses_model_cache(md, config):
+        args.append(f"--cache-dir={MODEL_CACHE}")
+        args.append(f"--cache-max-bytes={config.model_cache_max_bytes}")
+        mounts.append({"name": "model-cache", "mountPath": MODEL_CACHE})
     return {
         "name": "fetch-model",
         "image": config.runtime_image,
@@ -142,6 +154,15 @@ def fetch_container(md: ModelDeployment, config: BuildConfig) -> dict[str, Any]:
         "securityContext": restricted_security_context(),
         "volumeMounts": mounts,
     }
+
+
+def is_archive(md: ModelDeployment) -> bool:
+    """The model comes as an archive (oci://), with its manifest beside Triton's config."""
+    return md.spec.model.storage_uri.startswith("oci://")
+
+
+def uses_model_cache(md: ModelDeployment, config: BuildConfig) -> bool:
+    return is_archive(md) and config.model_cache_dir is not None
 
 
 def triton_container(md: ModelDeployment, config: BuildConfig) -> dict[str, Any]:
@@ -217,6 +238,10 @@ def runtime_container(md: ModelDeployment, track: Track, config: BuildConfig) ->
     if monitoring.runtime.reference_profile is not None:
         args.append(f"--reference-profile={PROFILE_DIR}")
         mounts.append({"name": "reference-profile", "mountPath": PROFILE_DIR, "readOnly": True})
+    elif is_archive(md):
+        # Drift against the profile the archive carries, when it carries one.
+        args.append(f"--archive-manifest={MODEL_REPOSITORY}/{md.spec.model.name}/{ARCHIVE_FILE}")
+        mounts.append({"name": "model-repository", "mountPath": MODEL_REPOSITORY, "readOnly": True})
     auth = monitoring.auth
     if auth is not None and auth.api_key_secret is not None:
         args.append(f"--api-keys-dir={API_KEYS_DIR}")
@@ -264,12 +289,16 @@ def runtime_container(md: ModelDeployment, track: Track, config: BuildConfig) ->
     return container
 
 
-def volumes(md: ModelDeployment) -> list[dict[str, Any]]:
+def volumes(md: ModelDeployment, config: BuildConfig) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = [
         {"name": "model-repository", "emptyDir": {}},
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}},
         {"name": "tmp", "emptyDir": {}},
     ]
+    if uses_model_cache(md, config):
+        # Created by kubelet when missing (root's, so the fetcher goes without it and says so).
+        cache = {"path": config.model_cache_dir, "type": "DirectoryOrCreate"}
+        out.append({"name": "model-cache", "hostPath": cache})
     if (claim := pvc_claim(md)) is not None:
         out.append(
             {
@@ -315,7 +344,7 @@ def pod_spec(md: ModelDeployment, track: Track, config: BuildConfig) -> dict[str
         },
         "initContainers": [fetch_container(md, config)],
         "containers": containers,
-        "volumes": volumes(md),
+        "volumes": volumes(md, config),
         "terminationGracePeriodSeconds": 30,
     }
     if selector := node_selector(md):

@@ -53,6 +53,7 @@ from modeldeploy_operator.rollout.decide import (
 from modeldeploy_operator.status import (
     RolloutView,
     dig,
+    fetch_report,
     is_terminating,
     pod_problems,
     pod_ready,
@@ -82,6 +83,7 @@ class TrackState:
     ready: int = 0  # Ready pods of ``revision`` that are not going away
     rolled: bool = False  # every replica at ``revision`` and available, no older pod left
     failure: str | None = None  # why its pods cannot serve, when they cannot
+    digest: str | None = None  # the content its Ready pods' fetchers reported, when one
 
 
 @dataclass(frozen=True)
@@ -165,6 +167,7 @@ def track_state(
     # Ready pods of this revision, but no more than the Deployment reports available: the
     # pods say it first, and status (what users see) must not dip while pods swap.
     available = int(status.get("availableReplicas") or 0)
+    digests = {(fetch_report(p) or {}).get("digest") for p in mine if pod_ready(p)} - {None}
     return TrackState(
         exists=True,
         revision=revision,
@@ -172,6 +175,8 @@ def track_state(
         ready=min(available, sum(1 for p in mine if pod_ready(p))),
         rolled=rolled,
         failure=failure,
+        # One digest when the pods agree; a tag that moved mid-rollout gives two: none shown.
+        digest=str(next(iter(digests))) if len(digests) == 1 else None,
     )
 
 
@@ -303,6 +308,15 @@ def next_look(
     return max(0.2, min(waits))
 
 
+def _digest(track: TrackState, recorded: TrackStatus | None) -> str | None:
+    """What a track serves: its pods' report, else what status recorded for that revision."""
+    if track.digest is not None:
+        return track.digest
+    if recorded is not None and recorded.revision == track.revision:
+        return recorded.digest
+    return None
+
+
 def plan_rollout(md: ModelDeployment, revision: str, world: World, now: float) -> RolloutPlan:
     """This pass's rollout decision, the status that records it, and the Deployments' targets
     derived from that status."""
@@ -317,7 +331,11 @@ def plan_rollout(md: ModelDeployment, revision: str, world: World, now: float) -
         return RolloutPlan(how, view, targets(md, revision, how, 0, world))
     plan = targets(md, revision, how, 0, world)
     rolled = world.stable.rolled and world.stable.revision == revision
-    stable = TrackStatus(version=md.spec.model.version, revision=revision)
+    stable = TrackStatus(
+        version=md.spec.model.version,
+        revision=revision,
+        digest=_digest(world.stable, status.stable),
+    )
     view = RolloutView(
         stable=stable if rolled else status.stable,
         history=tuple(status.history),
@@ -365,11 +383,14 @@ def _plan_canary(md: ModelDeployment, revision: str, world: World, now: float) -
     )
     previous = status.canary if status.canary and status.canary.revision == revision else None
     began = (previous.started if previous else None) or now
+    digest = world.canary.digest if world.canary.revision == revision else None
+    digest = digest or (previous.digest if previous else None)
     entry = HistoryEntry(
         version=md.spec.model.version,
         revision=revision,
         result="",
         storage_uri=md.spec.model.storage_uri,
+        digest=digest,
         image=md.spec.server.image,
         started=iso(began),
         finished=iso(now),
@@ -388,7 +409,7 @@ def _plan_canary(md: ModelDeployment, revision: str, world: World, now: float) -
         return RolloutPlan("held", view, targets(md, revision, "held", 0, world), decision)
     if decision.action == "Promote":
         view = RolloutView(
-            stable=TrackStatus(version=md.spec.model.version, revision=revision),
+            stable=TrackStatus(version=md.spec.model.version, revision=revision, digest=digest),
             history=tuple(
                 [*history, entry.model_copy(update={"result": "Promoted"})][-HISTORY_LIMIT:]
             ),
@@ -406,6 +427,7 @@ def _plan_canary(md: ModelDeployment, revision: str, world: World, now: float) -
         canary=TrackStatus(
             version=md.spec.model.version,
             revision=revision,
+            digest=digest,
             weight=achieved,
             step=after.step,
             started=began,
