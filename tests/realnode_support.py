@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -219,3 +221,21 @@ def sidecar_metrics(cluster: Cluster, namespace: str, pod: str) -> str:
         "import urllib.request;"
         "print(urllib.request.urlopen('http://127.0.0.1:9090/metrics').read().decode())",
     )
+
+
+def plugin(cluster: Cluster, *args: str) -> str:
+    """``kubectl modeldeploy ARGS``' output."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "modeldeploy_operator.plugin",
+            *args,
+            f"--kubeconfig={cluster.state.kubeconfig}",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    return result.stdout

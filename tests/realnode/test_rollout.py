@@ -5,8 +5,6 @@ whole time; Prometheus scrapes the real sidecars; the chart's operator pod decid
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ from realnode_support import (
     iris,
     last_history,
     md_status,
+    plugin,
     pods,
     promoted,
     ready,
@@ -43,23 +42,6 @@ def serve_version_1(cluster: Cluster, namespace: str, replicas: int, **spec: Any
     address = service_address(cluster, namespace, "iris")
     wait_for("version 1 answering", lambda: answering(address, "1"), timeout=30)
     return address
-
-
-def plugin(cluster: Cluster, *args: str) -> str:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "modeldeploy_operator.plugin",
-            *args,
-            f"--kubeconfig={cluster.state.kubeconfig}",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=30,
-    )
-    return result.stdout
 
 
 @pytest.mark.parametrize("replicas", [1, 2])

@@ -57,6 +57,7 @@ def operator_values(
     prometheus_url: str | None,
     watch_namespaces: Iterable[str] = (),
     resync_seconds: int = 30,
+    model_cache_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Helm values that run the chart's operator on the real node with our local images.
 
@@ -84,6 +85,8 @@ def operator_values(
     }
     if prometheus_url:
         values["operator"]["prometheusUrl"] = prometheus_url
+    if model_cache_dir is not None:
+        values["modelCache"] = {"hostPath": str(model_cache_dir)}
     return values
 
 
@@ -298,6 +301,7 @@ def install_operator(
     watch_namespaces: Iterable[str] = (),
     namespace: str = OPERATOR_NAMESPACE,
     resync_seconds: int = 30,
+    model_cache_dir: Path | None = None,
 ) -> None:
     """``helm upgrade --install`` the chart with our images; waits for the operator pod."""
     values = operator_values(
@@ -306,6 +310,7 @@ def install_operator(
         prometheus_url=prometheus_url,
         watch_namespaces=watch_namespaces,
         resync_seconds=resync_seconds,
+        model_cache_dir=model_cache_dir,
     )
     values_file = cluster.state.root / "operator-values.yaml"
     values_file.write_text(yaml.safe_dump(values, sort_keys=False))
