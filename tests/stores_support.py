@@ -4,10 +4,12 @@ folder), built by the toolchain from their Go modules (tools/objectstores)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,3 +123,56 @@ def start_registry(root: Path) -> tuple[subprocess.Popen[bytes], Registry]:
     )
     wait_for_http(f"http://127.0.0.1:{port}/v2/", proc, log_path, "crane registry serve")
     return proc, Registry(f"127.0.0.1:{port}", root)
+
+
+@dataclass(frozen=True)
+class MemoryCgroup:
+    """A memory cgroup (v1 or v2) that children join through :meth:`join` (a preexec_fn)."""
+
+    path: Path
+    v2: bool
+
+    def join(self) -> None:
+        (self.path / "cgroup.procs").write_text(str(os.getpid()))
+
+    def peak_bytes(self) -> int:
+        """The most it held (page cache included: what a pod's limit counts)."""
+        name = "memory.peak" if self.v2 else "memory.max_usage_in_bytes"
+        return int((self.path / name).read_text())
+
+    def oom_kills(self) -> int:
+        name = "memory.events" if self.v2 else "memory.oom_control"
+        for line in (self.path / name).read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return int(value)
+        return 0
+
+
+@contextlib.contextmanager
+def memory_cgroup(limit_bytes: int) -> Iterator[MemoryCgroup]:
+    """A fresh memory cgroup limited to ``limit_bytes`` without swap, as a pod's memory limit
+    is; removed afterwards. Skips (fails under MODELDEPLOY_REQUIRE_ALL) without cgroupfs."""
+    v2 = Path("/sys/fs/cgroup/cgroup.controllers").is_file()
+    root = Path("/sys/fs/cgroup") if v2 else Path("/sys/fs/cgroup/memory")
+    path = root / f"modeldeploy-test-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        path.mkdir()
+        if v2:
+            (path / "memory.max").write_text(str(limit_bytes))
+            if (path / "memory.swap.max").exists():
+                (path / "memory.swap.max").write_text("0")
+        else:
+            (path / "memory.limit_in_bytes").write_text(str(limit_bytes))
+            if (path / "memory.memsw.limit_in_bytes").exists():
+                (path / "memory.memsw.limit_in_bytes").write_text(str(limit_bytes))
+    except OSError as error:
+        message = f"cannot make a memory cgroup under {root} (root and cgroupfs needed): {error}"
+        if os.environ.get("MODELDEPLOY_REQUIRE_ALL"):
+            pytest.fail(message)
+        pytest.skip(message)
+    try:
+        yield MemoryCgroup(path, v2)
+    finally:
+        with contextlib.suppress(OSError):
+            path.rmdir()
