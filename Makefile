@@ -62,7 +62,7 @@ demo: ## The main job: a real inference from a Triton pod on the real node, then
 
 ##@ Benchmarks (not tests: ratios against a baseline measured in the same run)
 .PHONY: bench
-bench: bench-operator bench-runtime bench-rollout bench-autoscale bench-realnode ## Every benchmark; results in docs/benchmarks.md
+bench: bench-operator bench-runtime bench-rollout bench-autoscale bench-realnode bench-fetch ## Every benchmark; results in docs/benchmarks.md
 
 .PHONY: bench-operator
 bench-operator: toolchain ## Operator overhead vs bare Deployments, cold start of 1,000 and 10,000, idle reads and writes
@@ -71,6 +71,10 @@ bench-operator: toolchain ## Operator overhead vs bare Deployments, cold start o
 .PHONY: bench-runtime
 bench-runtime: ## Sidecar vs direct Triton: throughput ratio, added latency, CPU, RSS, drift cost
 	PYTHONPATH=$(CURDIR)/tools:$(CURDIR)/tests $(PYTHON) bench/runtime_bench.py $(BENCH_ARGS)
+
+.PHONY: bench-fetch
+bench-fetch: toolchain ## Model fetcher vs curl and crane on the same objects (S3, OCI), cold and warm cache
+	PYTHONPATH=$(CURDIR)/tools:$(CURDIR)/tests $(PYTHON) bench/fetch_bench.py $(BENCH_ARGS)
 
 .PHONY: bench-autoscale
 bench-autoscale: toolchain ## Builtin autoscaler's reaction to a load step up and down, vs HPA defaults

@@ -12,7 +12,6 @@ Every ``serve`` flag is also a ``MODELDEPLOY_RUNTIME_<NAME>`` variable; flags wi
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import hashlib
 import json
@@ -24,10 +23,7 @@ from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
 from modeldeploy_runtime.archive import ArchiveError, BlobCache, Metadata, Reference, package, push
-from modeldeploy_runtime.drift import Profile, load_rows, profile_features
 from modeldeploy_runtime.fetch import (
     Fetched,
     FetchError,
@@ -38,8 +34,6 @@ from modeldeploy_runtime.fetch import (
     verify,
 )
 from modeldeploy_runtime.model_repository import FORMATS, default_file_name
-from modeldeploy_runtime.server import serve
-from modeldeploy_runtime.settings import RuntimeSettings
 
 TERMINATION_LOG = Path("/dev/termination-log")  # Kubernetes shows it in the pod's status
 
@@ -95,7 +89,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     profile.add_argument("--bins", type=int, default=10)
     profile.add_argument("--out", type=Path, required=True, help="where to write the JSON")
     serve = commands.add_parser("serve", help="proxy inference to Triton and export metrics")
-    for name, info in RuntimeSettings.model_fields.items():
+    # The sidecar's flags, from its settings, only when serving: pydantic stays out of the
+    # fetcher's start (the first thing a cold pod runs).
+    fields = serve_fields() if list(argv[:1]) == ["serve"] else {}
+    for name, info in fields.items():
         serve.add_argument(
             f"--{name.replace('_', '-')}", dest=name, default=None, help=info.description
         )
@@ -103,7 +100,15 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def serve_fields() -> dict[str, Any]:
+    from modeldeploy_runtime.settings import RuntimeSettings  # noqa: PLC0415
+
+    return dict(RuntimeSettings.model_fields)
+
+
 def run_profile(args: argparse.Namespace) -> int:
+    from modeldeploy_runtime.drift import Profile, load_rows, profile_features  # noqa: PLC0415
+
     rows, names = load_rows(args.inputs)
     inputs = {args.input_tensor: profile_features(args.input_tensor, rows, args.bins, names)}
     outputs = {}
@@ -120,6 +125,11 @@ def run_profile(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError  # noqa: PLC0415
+
+    from modeldeploy_runtime.server import serve  # noqa: PLC0415
+    from modeldeploy_runtime.settings import RuntimeSettings  # noqa: PLC0415
+
     given = {
         k: v for k, v in vars(args).items() if k in RuntimeSettings.model_fields and v is not None
     }
@@ -138,6 +148,8 @@ def run_serve(args: argparse.Namespace) -> int:
 def run_loop(main: Coroutine[Any, Any, None]) -> None:
     """uvloop when it is installed (the runtime image has it: about half the proxy's cost
     is the event loop), else asyncio's own loop."""
+    import asyncio  # noqa: PLC0415 - the sidecar's only
+
     try:
         import uvloop  # noqa: PLC0415 - optional accelerator
     except ImportError:
@@ -257,6 +269,8 @@ def run_package(args: argparse.Namespace) -> int:
         metrics = json.loads(args.metrics.read_text()) if args.metrics else {}
         profile = json.loads(args.reference_profile.read_text()) if args.reference_profile else None
         if profile is not None:
+            from modeldeploy_runtime.drift import Profile  # noqa: PLC0415
+
             Profile.from_json(profile)  # a profile the sidecar can load, or an error now
         metadata = Metadata(
             name=args.name,
