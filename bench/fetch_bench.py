@@ -13,7 +13,9 @@ on 127.0.0.1 with one generated model (1 GiB by default). Each round, alternatin
   fetch step's time when the layers are already there.
 
 Every tool's time includes its process start (the fetcher is a Python process, as in the
-pod). Reported: medians, throughputs and the ratio fetcher/tool (>= 0.9 is the target).
+pod) and starts with no dirty pages left by the one before; each round runs the tools in a
+different order. Reported: medians, throughputs and the ratio fetcher/tool (>= 0.9 is the
+target).
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ MIB = 1024 * 1024
 
 
 def timed(run: Callable[[], None]) -> float:
+    """Seconds ``run`` takes, starting with no dirty pages left by the one before (their
+    writeback would slow whoever comes next)."""
+    os.sync()
     started = time.perf_counter()
     run()
     return time.perf_counter() - started
@@ -126,8 +131,14 @@ def main() -> int:  # noqa: PLR0915 - one run, told in order
         tools: dict[str, Callable[[], None]] = {
             "s3 curl --aws-sigv4": lambda: call(
                 [
-                    "curl", "-fsS", "-o", str(out), "--aws-sigv4", "aws:amz:us-east-1:s3",
-                    "--user", f"{keys['AWS_ACCESS_KEY_ID']}:{keys['AWS_SECRET_ACCESS_KEY']}",
+                    "curl",
+                    "-fsS",
+                    "-o",
+                    str(out),
+                    "--aws-sigv4",
+                    "aws:amz:us-east-1:s3",
+                    "--user",
+                    f"{keys['AWS_ACCESS_KEY_ID']}:{keys['AWS_SECRET_ACCESS_KEY']}",
                     f"{s3.endpoint}/{s3.bucket}/bench/1/model.onnx",
                 ]
             ),
@@ -136,18 +147,23 @@ def main() -> int:  # noqa: PLR0915 - one run, told in order
             ),
             "oci curl (blob)": lambda: call(["curl", "-fsS", "-o", str(out), blob_url]),
             "oci crane blob": lambda: call(
-                ["sh", "-c", f"{crane} blob --insecure {registry.host}/bench/model@{digest}"
-                 f" > {out}"]
+                [
+                    "sh",
+                    "-c",
+                    f"{crane} blob --insecure {registry.host}/bench/model@{digest} > {out}",
+                ]
             ),
-            "oci fetcher, cold": lambda: call(
-                fetcher(str(reference), repository, "--plain-http")
-            ),
+            "oci fetcher, cold": lambda: call(fetcher(str(reference), repository, "--plain-http")),
         }
         times: dict[str, list[float]] = {name: [] for name in tools}
         times["oci fetcher, warm cache"] = []
-        for _ in range(args.rounds):
-            for name, run in tools.items():
-                times[name].append(timed(run))
+        names = list(tools)
+        for round_ in range(args.rounds):
+            # Each round in another order, so no tool always follows the same one.
+            for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+                out.unlink(missing_ok=True)
+                shutil.rmtree(repository, ignore_errors=True)
+                times[name].append(timed(tools[name]))
             shutil.rmtree(cache, ignore_errors=True)
             call(fetcher(str(reference), repository, "--plain-http", f"--cache-dir={cache}"))
             times["oci fetcher, warm cache"].append(

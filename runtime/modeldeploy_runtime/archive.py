@@ -36,7 +36,7 @@ CONFIG_MEDIA_TYPE = "application/vnd.modeldeploy.model.config.v1+json"
 FILE_MEDIA_TYPE = "application/vnd.modeldeploy.model.file.v1"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 TITLE = "org.opencontainers.image.title"
-CHUNK_BYTES = 8 * 1024 * 1024
+CHUNK_BYTES = 1024 * 1024  # see fetch.CHUNK_BYTES: larger chunks are slower, not faster
 SCHEMA_VERSION = 1
 
 

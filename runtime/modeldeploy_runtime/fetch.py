@@ -13,7 +13,8 @@ Sources, by ``spec.model.storageUri`` scheme:
   (``models/resnet`` never pulls ``models/resnet-old/``), streamed to disk a chunk at a time.
 - ``gs://<bucket>/<prefix>``: Google Cloud Storage through its S3-compatible XML API
   (HMAC keys in the same credential names).
-- ``hf://<org>/<repo>[@revision][/<path>]``: the Hugging Face Hub (``HF_TOKEN`` optional).
+- ``hf://<org>/<repo>[@revision][/<path>]``: the Hugging Face Hub through huggingface_hub
+  (``HF_TOKEN`` optional).
 - ``oci://<registry>/<repository>[:tag][@sha256:<hex>]``: a model archive made by
   ``modeldeploy-runtime package`` (or any ``oras push``-ed folder), pulled through oras-py with
   every digest verified, layers kept in the node-local cache (``--cache-dir``); credentials
@@ -50,7 +51,10 @@ from modeldeploy_runtime.archive import (
 from modeldeploy_runtime.model_repository import default_file_name, render_config, version_dir
 
 ARCHIVES = (".tar.gz", ".tgz", ".tar", ".zip")
-CHUNK_BYTES = 8 * 1024 * 1024  # what a streamed download holds in memory at once
+# What a streamed download holds in memory at once. Measured (make bench-fetch): 8 MiB chunks
+# cost three times the system time of 1 MiB ones (each is a fresh mmap whose pages fault in
+# and are unmapped again), which made the fetcher half as fast as curl; 1 MiB matches it.
+CHUNK_BYTES = 1024 * 1024
 
 REDIRECTS = (301, 302, 303, 307, 308)
 
@@ -110,15 +114,6 @@ class Http:
                 raise FetchError(f"{shown(url)}: HTTP {response.status} {response.reason}")
             return response
         raise FetchError(f"{shown(url)}: more than {self._max_redirects} redirects")
-
-    def read(self, url: str, headers: Mapping[str, str] | None = None) -> bytes:
-        """A small document (a listing), whole."""
-        response = self.open(url, headers)
-        try:
-            body: bytes = response.read()
-            return body
-        finally:
-            response.release_conn()
 
     def download(self, url: str, target: Path, headers: Mapping[str, str] | None = None) -> int:
         """Streamed to ``target`` through a .partial file renamed when whole; its size."""
@@ -305,28 +300,49 @@ def fetch_pvc(rest: str, staging: Path, pvc_root: Path, single_name: str) -> Non
         raise FetchError(f"pvc://{rest}: {path or '/'} does not exist on the claim")
 
 
-def fetch_hf(
-    rest: str, staging: Path, credentials: Mapping[str, str], http: Http, endpoint: str
-) -> None:
+def fetch_hf(rest: str, staging: Path, credentials: Mapping[str, str], endpoint: str) -> None:
+    """``<org>/<repo>[@revision][/<path>]`` through huggingface_hub (the Hub's own client:
+    listing, parallel downloads, resumable ``.incomplete`` files, Xet storage, redirects to the
+    CDN without the token). The download folder lives in the staging folder, so a restarted
+    fetch resumes it."""
+    from huggingface_hub import snapshot_download  # noqa: PLC0415 - only hf:// needs it
+    from huggingface_hub.errors import HfHubHTTPError  # noqa: PLC0415
+    from huggingface_hub.utils.tqdm import disable_progress_bars  # noqa: PLC0415
+
     parts = rest.split("/", 2)
-    if len(parts) < 2:
+    if len(parts) < 2 or not parts[0] or not parts[1]:
         raise FetchError(f"hf://{rest}: expected hf://<org>/<repo>[@revision][/path]")
     org, repo_rev = parts[0], parts[1]
-    subpath = parts[2] if len(parts) > 2 else ""
+    subpath = parts[2].strip("/") if len(parts) > 2 else ""
     repo, _, revision = repo_rev.partition("@")
-    revision = revision or "main"
-    headers = (
-        {"Authorization": f"Bearer {credentials['HF_TOKEN']}"} if "HF_TOKEN" in credentials else {}
-    )
-    listing_url = f"{endpoint}/api/models/{org}/{repo}/tree/{revision}/{subpath}?recursive=1"
-    entries: list[dict[str, Any]] = json.loads(http.read(listing_url, headers))
-    files = [e["path"] for e in entries if e.get("type") == "file"]
+    download = staging / ".hf"
+    disable_progress_bars()
+    try:
+        snapshot_download(
+            f"{org}/{repo}",
+            revision=revision or None,
+            local_dir=download,
+            cache_dir=download / ".cache",
+            allow_patterns=[f"{subpath}/**"] if subpath else None,
+            token=credentials.get("HF_TOKEN") or False,
+            endpoint=endpoint,
+            max_workers=4,
+        )
+    except (HfHubHTTPError, OSError, ValueError) as error:
+        raise FetchError(f"hf://{rest}: {first_line(error)}") from error
+    fetched = download / subpath if subpath else download
+    files = [
+        p
+        for p in fetched.rglob("*")
+        if p.is_file() and ".cache" not in p.relative_to(download).parts
+    ]
     if not files:
         raise FetchError(f"hf://{rest}: no files")
-    for name in files:
-        relative = name[len(subpath) :].lstrip("/") if subpath else name
-        url = f"{endpoint}/{org}/{repo}/resolve/{revision}/{urllib.parse.quote(name)}"
-        http.download(url, safe_join(staging, relative), headers)
+    for file in files:
+        moved = staging / file.relative_to(fetched)
+        moved.parent.mkdir(parents=True, exist_ok=True)
+        file.replace(moved)
+    shutil.rmtree(download, ignore_errors=True)
 
 
 @dataclass(frozen=True)
@@ -397,7 +413,7 @@ def fetch_to(  # noqa: PLR0913 - keyword-only options, one per source kind
     elif scheme in ("s3", "gs"):
         return Fetched(fetch_object_store(scheme, rest, staging, credentials, single))
     elif scheme == "hf":
-        fetch_hf(rest, staging, credentials, http, hf_endpoint)
+        fetch_hf(rest, staging, credentials, hf_endpoint)
     elif scheme == "oci":
         return fetch_oci(uri, staging, credentials, plain_http=plain_http, cache=cache)
     else:

@@ -44,7 +44,10 @@ FILES = {
     "/bundle.tar.gz": tar_gz({"model.onnx": b"from-archive", "extra/labels.txt": b"cat"}),
     "/evil.tar.gz": tar_gz({"../escape.txt": b"nope"}),
 }
-HF_TREE = [{"type": "file", "path": "onnx/model.onnx"}, {"type": "directory", "path": "onnx"}]
+# The Hub's API as huggingface_hub calls it (no Hub is reachable here): the revision's commit
+# and its files, then each file's metadata (HEAD) and bytes at that commit.
+HF_COMMIT = "c0ffee" * 6 + "c0de"
+HF_FILES = {"onnx/model.onnx": b"hub-onnx", "README.md": b"# repo"}
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -64,15 +67,45 @@ class Handler(BaseHTTPRequestHandler):
             self.end_headers()
         elif url.path in FILES:
             self.reply(FILES[url.path])
-        elif url.path.startswith("/api/models/org/repo/tree/main"):
-            self.reply(json.dumps(HF_TREE).encode())
-        elif url.path == "/org/repo/resolve/main/onnx/model.onnx":
-            self.reply(b"hub-onnx")
+        elif url.path == "/api/models/org/repo/revision/main":
+            siblings = [{"rfilename": name} for name in HF_FILES]
+            self.reply(
+                json.dumps({"id": "org/repo", "sha": HF_COMMIT, "siblings": siblings}).encode()
+            )
+        elif url.path == f"/api/models/org/repo/tree/{HF_COMMIT}":
+            tree = [
+                {"type": "file", "path": name, "size": len(body), "oid": "0" * 40}
+                for name, body in HF_FILES.items()
+            ]
+            self.reply(json.dumps(tree).encode())
+        elif (found := self.hub_file(url.path)) is not None:
+            self.reply(found, headers=self.hub_headers(found))
         else:
             self.reply(b"", 404)
 
-    def reply(self, body: bytes, code: int = 200) -> None:
+    def do_HEAD(self) -> None:
+        url = urllib.parse.urlsplit(self.path)
+        Handler.requests.append((self.path, dict(self.headers)))
+        found = self.hub_file(url.path)
+        self.send_response(200 if found is not None else 404)
+        for key, value in self.hub_headers(found or b"").items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(found or b"")))
+        self.end_headers()
+
+    @staticmethod
+    def hub_file(path: str) -> bytes | None:
+        prefix = f"/org/repo/resolve/{HF_COMMIT}/"
+        return HF_FILES.get(path.removeprefix(prefix)) if path.startswith(prefix) else None
+
+    @staticmethod
+    def hub_headers(body: bytes) -> dict[str, str]:
+        return {"X-Repo-Commit": HF_COMMIT, "ETag": f'"{hashlib.sha256(body).hexdigest()}"'}
+
+    def reply(self, body: bytes, code: int = 200, headers: dict[str, str] | None = None) -> None:
         self.send_response(code)
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -127,6 +160,10 @@ def test_hub_repository(server: str, tmp_path: Path) -> None:
         hf_endpoint=server,
     )
     assert (tmp_path / "model.onnx").read_bytes() == b"hub-onnx"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]  # only the folder asked
+    tokened = [h for path, h in Handler.requests if path.startswith("/org/repo/resolve/")]
+    assert tokened
+    assert all(h.get("authorization") == "Bearer h" for h in tokened)
 
 
 def test_pvc_folder_or_file(tmp_path: Path) -> None:
