@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from modeldeploy_runtime.streams import write_chunks
+
 ARCHIVE_MANIFEST = "modeldeploy.json"
 ARTIFACT_TYPE = "application/vnd.modeldeploy.model.v1"
 CONFIG_MEDIA_TYPE = "application/vnd.modeldeploy.model.config.v1+json"
@@ -447,7 +449,6 @@ class Puller:
         # A closed range: some registries (go-containerregistry's) refuse ``bytes=N-``.
         ranged = {"Range": f"bytes={offset}-{size - 1}"} if offset else {}
         headers = {**self.client.headers, **ranged}
-        downloaded = 0
         with self.client.do_request(url, "GET", headers=headers, stream=True) as response:
             if offset and response.status_code == 200:  # no ranges: start over
                 offset, hasher = 0, hashlib.sha256()
@@ -457,10 +458,7 @@ class Puller:
                     f" for layer {descriptor.get('annotations', {}).get(TITLE, digest)}"
                 )
             with partial.open("ab" if offset else "wb") as out:
-                for chunk in response.iter_content(CHUNK_BYTES):
-                    hasher.update(chunk)
-                    out.write(chunk)
-                    downloaded += len(chunk)
+                downloaded = write_chunks(response.iter_content(CHUNK_BYTES), out, hasher)
         found = "sha256:" + hasher.hexdigest()
         if found != digest or (size >= 0 and partial.stat().st_size != size):
             partial.unlink(missing_ok=True)

@@ -49,6 +49,7 @@ from modeldeploy_runtime.archive import (
     served_config,
 )
 from modeldeploy_runtime.model_repository import default_file_name, render_config, version_dir
+from modeldeploy_runtime.streams import write_chunks
 
 ARCHIVES = (".tar.gz", ".tgz", ".tar", ".zip")
 # What a streamed download holds in memory at once. Measured (make bench-fetch): 8 MiB chunks
@@ -109,17 +110,36 @@ class Http:
                     sent = {k: v for k, v in sent.items() if k.lower() != "authorization"}
                 url = target
                 continue
-            if response.status != 200:
+            if response.status not in (200, 206):
                 response.release_conn()
                 raise FetchError(f"{shown(url)}: HTTP {response.status} {response.reason}")
             return response
         raise FetchError(f"{shown(url)}: more than {self._max_redirects} redirects")
 
     def download(self, url: str, target: Path, headers: Mapping[str, str] | None = None) -> int:
-        """Streamed to ``target`` through a .partial file renamed when whole; its size."""
-        response = self.open(url, headers)
+        """Streamed to ``target`` through a .partial file renamed when whole; the bytes
+        downloaded now. A .partial a killed fetch left is continued with ``Range`` and
+        ``If-Range`` (its ETag or Last-Modified): a server that changed the file, or that
+        ignores ranges, answers whole and the download starts over."""
+        partial, tag = partial_of(target), target.with_name(f".{target.name}.validator")
+        offset = partial.stat().st_size if partial.is_file() and tag.is_file() else 0
+        sent = dict(headers or {})
+        if offset:
+            sent |= {"Range": f"bytes={offset}-", "If-Range": tag.read_text()}
+        response = self.open(url, sent)
         try:
-            return write_streamed(response.stream(CHUNK_BYTES), target)
+            if response.status == 206:
+                if not response.headers.get("content-range", "").startswith(f"bytes {offset}-"):
+                    raise FetchError(f"{shown(url)}: the server answered another range")
+            else:
+                offset = 0
+            validator = response.headers.get("etag") or response.headers.get("last-modified")
+            if validator and not validator.startswith("W/"):  # a weak ETag proves nothing
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tag.write_text(validator)
+            size = write_streamed(response.stream(CHUNK_BYTES), target, append=bool(offset))
+            tag.unlink(missing_ok=True)
+            return size
         except OSError as error:
             raise FetchError(f"{shown(url)}: {error}") from error
         finally:
@@ -135,11 +155,8 @@ def write_streamed(chunks: Iterable[bytes], target: Path, *, append: bool = Fals
     ``append``), renamed to ``target`` when whole; the bytes written now."""
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = partial_of(target)
-    size = 0
     with partial.open("ab" if append else "wb") as out:
-        for chunk in chunks:
-            out.write(chunk)
-            size += len(chunk)
+        size = write_chunks(chunks, out)
     partial.rename(target)
     return size
 
@@ -276,17 +293,20 @@ def unpack(archive: Path, staging: Path) -> None:
 
 def fetch_https(
     uri: str, staging: Path, credentials: Mapping[str, str], http: Http, single_name: str
-) -> None:
+) -> int:
+    """The file, or the archive unpacked; the bytes downloaded now."""
     headers = {"Authorization": f"Bearer {credentials['token']}"} if "token" in credentials else {}
     path = urllib.parse.urlsplit(uri).path
-    if path.endswith(ARCHIVES):
-        # Beside the staging folder (the same volume), not in the container's small /tmp.
-        with tempfile.TemporaryDirectory(dir=staging.parent, prefix=".archive-") as tmp:
-            archive = Path(tmp) / PurePosixPath(path).name
-            http.download(uri, archive, headers)
-            unpack(archive, staging)
-    else:
-        http.download(uri, staging / single_name, headers)
+    if not path.endswith(ARCHIVES):
+        return http.download(uri, staging / single_name, headers)
+    # In the staging folder (the same volume, not the container's small /tmp), under a fixed
+    # name, so a restarted fetch resumes the archive; gone once unpacked.
+    download = staging / ".download"
+    archive = download / PurePosixPath(path).name
+    size = http.download(uri, archive, headers)
+    unpack(archive, staging)
+    shutil.rmtree(download)
+    return size
 
 
 def fetch_pvc(rest: str, staging: Path, pvc_root: Path, single_name: str) -> None:
@@ -407,15 +427,15 @@ def fetch_to(  # noqa: PLR0913 - keyword-only options, one per source kind
     single = default_file_name(model_format)
     http = http or Http()
     if scheme in ("https", "http"):
-        fetch_https(uri, staging, credentials, http, single)
-    elif scheme == "pvc":
-        fetch_pvc(rest, staging, pvc_root, single)
-    elif scheme in ("s3", "gs"):
+        return Fetched(fetch_https(uri, staging, credentials, http, single))
+    if scheme in ("s3", "gs"):
         return Fetched(fetch_object_store(scheme, rest, staging, credentials, single))
+    if scheme == "oci":
+        return fetch_oci(uri, staging, credentials, plain_http=plain_http, cache=cache)
+    if scheme == "pvc":
+        fetch_pvc(rest, staging, pvc_root, single)
     elif scheme == "hf":
         fetch_hf(rest, staging, credentials, hf_endpoint)
-    elif scheme == "oci":
-        return fetch_oci(uri, staging, credentials, plain_http=plain_http, cache=cache)
     else:
         raise FetchError(f"{scheme}:// is not supported by this fetcher")
     return Fetched()

@@ -12,7 +12,7 @@ import urllib.parse
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pytest
 
@@ -27,6 +27,7 @@ from modeldeploy_runtime.fetch import (
     origin,
 )
 from modeldeploy_runtime.model_repository import render_config
+from modeldeploy_runtime.streams import write_chunks
 
 
 def tar_gz(files: dict[str, bytes]) -> bytes:
@@ -66,7 +67,17 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", "0")
             self.end_headers()
         elif url.path in FILES:
-            self.reply(FILES[url.path])
+            body, etag = FILES[url.path], self.hub_headers(FILES[url.path])["ETag"]
+            asked = self.headers.get("Range", "")
+            if asked.startswith("bytes=") and self.headers.get("If-Range") == etag:
+                start = int(asked.removeprefix("bytes=").split("-")[0])
+                headers = {
+                    "ETag": etag,
+                    "Content-Range": f"bytes {start}-{len(body) - 1}/{len(body)}",
+                }
+                self.reply(body[start:], 206, headers)
+            else:
+                self.reply(body, headers={"ETag": etag})
         elif url.path == "/api/models/org/repo/revision/main":
             siblings = [{"rfilename": name} for name in HF_FILES]
             self.reply(
@@ -331,3 +342,41 @@ def test_oci_references_parse(uri: str, expected: tuple[str, str, str | None, st
     reference = Reference.parse(uri)
     assert (reference.registry, reference.repository, reference.tag, reference.digest) == expected
     assert str(reference) == uri or expected[2] == "latest"
+
+
+@pytest.mark.parametrize(("validator", "resumed"), [("same", True), ('"changed"', False)])
+def test_an_https_download_resumes_only_the_file_it_began(
+    server: str, tmp_path: Path, validator: str, resumed: bool
+) -> None:
+    """A .partial left by a killed fetch continues with Range and If-Range; a file that
+    changed since comes whole (the server ignores the range), never spliced."""
+    body = FILES["/model.onnx"]
+    etag = Handler.hub_headers(body)["ETag"]
+    (tmp_path / ".model.onnx.partial").write_bytes(body[:4])
+    (tmp_path / ".model.onnx.validator").write_text(etag if validator == "same" else validator)
+    fetched = fetch_to(
+        f"{server}/model.onnx", tmp_path, model_format="onnx", credentials={}, pvc_root=tmp_path
+    )
+    assert (tmp_path / "model.onnx").read_bytes() == body
+    assert fetched.downloaded_bytes == (len(body) - 4 if resumed else len(body))
+    assert Handler.requests[-1][1].get("Range") == "bytes=4-"
+    assert not (tmp_path / ".model.onnx.validator").exists()
+
+
+def test_a_write_error_during_a_streamed_download_reaches_the_caller(tmp_path: Path) -> None:
+    """The writer runs on its own thread: its failure (a full disk) still fails the fetch."""
+
+    class FullDisk(io.BytesIO):
+        def write(self, data: Any) -> int:
+            raise OSError(28, "No space left on device")
+
+    received: list[bytes] = []
+
+    def chunks() -> Iterator[bytes]:
+        for i in range(100):
+            received.append(b"x")
+            yield bytes([i]) * 1024
+
+    with pytest.raises(OSError, match="No space left"):
+        write_chunks(chunks(), FullDisk(), hashlib.sha256())
+    assert len(received) < 100  # it stopped receiving soon after the writer failed
