@@ -235,3 +235,14 @@ def emit_events(
         ctx.logger.info(
             f"{event.reason}: {event.message}", extra={"modeldeployment": key, "event": event.type}
         )
+
+
+def label_nodes(ctx: OperatorContext, labels: set[tuple[str, str]]) -> None:
+    """The node cache's labels (``nodecache``), one merge patch each; recorded even when
+    refused (RBAC without node patch: logged once), so no pass asks again."""
+    for node, label in sorted(labels):
+        try:
+            ctx.api.merge_patch("v1", "Node", "", node, {"metadata": {"labels": {label: "true"}}})
+        except ApiError as failure:
+            ctx.logger.warning("could not label node %s with %s: %s", node, label, failure)
+        ctx.node_labels.add((node, label))

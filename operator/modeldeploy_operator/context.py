@@ -110,3 +110,5 @@ class OperatorContext:
     # What the watches know (kopf's and the reflectors'); passes read their snapshot from it
     # once ready, and from the API server before (and in tools that run no watches).
     cache: ClusterCache = field(default_factory=ClusterCache)
+    # Node cache labels already put on nodes (nodecache): each is patched once per process.
+    node_labels: set[tuple[str, str]] = field(default_factory=set)

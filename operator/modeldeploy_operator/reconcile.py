@@ -29,6 +29,7 @@ from modeldeploy_operator.builders.service import build_service
 from modeldeploy_operator.cache import version_of
 from modeldeploy_operator.context import OperatorContext
 from modeldeploy_operator.k8s.client import ApiError
+from modeldeploy_operator.nodecache import labels_to_add
 from modeldeploy_operator.observe import (
     BUDGET_SECONDS,
     REFERENCE_RECHECK_SECONDS,
@@ -193,6 +194,8 @@ def reconcile(body: Mapping[str, Any], ctx: OperatorContext) -> Outcome:
     engine_applied, engine_error = act.apply_objects(md, autoscaling.objects, ctx, seen.children)
     applied += engine_applied
     error = error or engine_error
+    if ctx.build.model_cache_dir is not None:
+        act.label_nodes(ctx, labels_to_add(seen.pods, frozenset(ctx.node_labels)))
     if autoscaling.evaluation is not None:  # carried out: the round counts
         ctx.scaling.state((md.metadata.namespace, md.metadata.name), now).record(
             autoscaling.evaluation

@@ -179,6 +179,7 @@ def run_fetch(args: argparse.Namespace) -> int:
             if stale != staging:
                 shutil.rmtree(stale, ignore_errors=True)
         staging.mkdir(exist_ok=True)
+        cache = open_cache(args.cache_dir, args.cache_max_bytes)
         fetched = fetch_to(
             args.storage_uri,
             staging,
@@ -186,7 +187,7 @@ def run_fetch(args: argparse.Namespace) -> int:
             credentials=read_credentials(args.credentials_dir),
             pvc_root=args.pvc_root,
             plain_http=args.plain_http,
-            cache=open_cache(args.cache_dir, args.cache_max_bytes),
+            cache=cache,
         )
         digest = fetched.digest
         if args.digest and digest is not None and digest != args.digest:
@@ -212,7 +213,7 @@ def run_fetch(args: argparse.Namespace) -> int:
     except FetchError as error:
         report_failure(f"fetching {args.storage_uri} failed: {error}", args.termination_log)
         return 1
-    summary = fetch_summary(fetched, digest)
+    summary = fetch_summary(fetched, digest, cached=cache is not None and fetched.layers > 0)
     files = sorted(str(p.relative_to(args.repository)) for p in model.rglob("*") if p.is_file())
     print(json.dumps({"fetched": args.storage_uri, "model": str(model), "files": files, **summary}))
     with contextlib.suppress(OSError):  # not in a pod
@@ -221,8 +222,9 @@ def run_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
-def fetch_summary(fetched: Fetched, digest: str | None) -> dict[str, Any]:
-    """What the operator reads back from a fetch that worked (the termination message)."""
+def fetch_summary(fetched: Fetched, digest: str | None, *, cached: bool) -> dict[str, Any]:
+    """What the operator reads back from a fetch that worked (the termination message);
+    ``cached``: the node cache holds the model now (the operator labels the node)."""
     summary: dict[str, Any] = {}
     if digest is not None:
         summary["digest"] = digest
@@ -232,6 +234,7 @@ def fetch_summary(fetched: Fetched, digest: str | None) -> dict[str, Any]:
         summary["layers"] = fetched.layers
         summary["cached_layers"] = fetched.cached_layers
         summary["warm"] = fetched.cached_layers == fetched.layers
+        summary["cache"] = cached
     if fetched.archive is not None:
         summary["archive"] = {
             k: fetched.archive.get(k) for k in ("name", "version", "format", "platform")

@@ -8,6 +8,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -279,6 +280,28 @@ def test_the_chart_renders_the_operator_securely(cluster: Cluster) -> None:
     deployment = next(d for d in scoped if d["kind"] == "Deployment")
     args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[:2] == ["--namespace=a", "--namespace=b"]
+
+
+def test_the_model_cache_adds_its_flags_and_only_node_patch(cluster: Cluster) -> None:
+    """With modelCache.hostPath the operator gets the cache flags and may patch nodes (their
+    cache labels); without it, neither."""
+
+    def nodes_verbs(docs: list[dict[str, Any]]) -> list[str]:
+        role = next(d for d in docs if d["kind"] == "ClusterRole")
+        return next(r["verbs"] for r in role["rules"] if r["resources"] == ["nodes"])
+
+    def operator_args(docs: list[dict[str, Any]]) -> list[str]:
+        deployment = next(d for d in docs if d["kind"] == "Deployment")
+        args: list[str] = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+        return args
+
+    plain = render()
+    assert nodes_verbs(plain) == ["get", "list", "watch"]
+    assert not [a for a in operator_args(plain) if a.startswith("--model-cache")]
+    cached = render("modelCache.hostPath=/var/lib/modeldeploy/models", "modelCache.maxBytes=1000")
+    assert nodes_verbs(cached) == ["get", "list", "watch", "patch"]
+    assert "--model-cache-dir=/var/lib/modeldeploy/models" in operator_args(cached)
+    assert "--model-cache-max-bytes=1000" in operator_args(cached)
 
 
 def test_the_chart_runs_two_replicas_with_leader_election_by_default(cluster: Cluster) -> None:

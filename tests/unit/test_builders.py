@@ -235,3 +235,30 @@ def test_an_archive_gets_the_node_cache_plain_http_and_its_drift_profile() -> No
         other = merged(doc, {"spec": {"model": {"storageUri": uri, "plainHTTP": DELETE}}})
         spec = build_deployment(model(other), "stable", "r1", config)["spec"]["template"]["spec"]
         assert all("hostPath" not in v for v in spec["volumes"])
+
+
+def test_a_pinned_archive_prefers_nodes_whose_cache_holds_it() -> None:
+    """Only a digest the spec pins can be in the template (a tag's is known too late); the
+    preference joins the user's affinity instead of replacing it."""
+    digest = "sha256:" + "c" * 64
+    user = {"preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 10, "preference": {}}]}
+    doc = merged(
+        load_example("iris.yaml"),
+        {
+            "spec": {
+                "model": {"storageUri": f"oci://r.io/iris@{digest}"},
+                "placement": {"affinity": {"nodeAffinity": user}},
+            }
+        },
+    )
+    cached = BuildConfig(runtime_image="r:test", model_cache_dir="/var/lib/modeldeploy/cache")
+    pod = build_deployment(model(doc), "stable", "r1", cached)["spec"]["template"]["spec"]
+    preferred = pod["affinity"]["nodeAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert preferred[0] == {"weight": 10, "preference": {}}
+    assert preferred[1]["preference"]["matchExpressions"] == [
+        {"key": "cache.modeldeploy.io/sha256." + "c" * 48, "operator": "Exists"}
+    ]
+    assert model(doc).spec.placement.affinity == {"nodeAffinity": user}  # not mutated
+    tagged = merged(doc, {"spec": {"model": {"storageUri": "oci://r.io/iris:1"}}})
+    pod = build_deployment(model(tagged), "stable", "r1", cached)["spec"]["template"]["spec"]
+    assert pod["affinity"] == {"nodeAffinity": user}

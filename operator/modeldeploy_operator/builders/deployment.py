@@ -15,6 +15,7 @@ Every container meets the restricted Pod Security Standard.
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,7 @@ from modeldeploy_operator.api.v1alpha1 import ModelDeployment
 from modeldeploy_operator.builders.labels import (
     Track,
     budget_configmap_name,
+    cache_label,
     child_metadata,
     deployment_name,
     selector_labels,
@@ -163,6 +165,32 @@ def is_archive(md: ModelDeployment) -> bool:
 
 def uses_model_cache(md: ModelDeployment, config: BuildConfig) -> bool:
     return is_archive(md) and config.model_cache_dir is not None
+
+
+def pinned_digest(md: ModelDeployment) -> str | None:
+    """The archive's digest when the spec pins it (``@sha256:`` or ``spec.model.digest``): a
+    tag's digest is known only once fetched, too late for the pod template."""
+    _, at, digest = md.spec.model.storage_uri.partition("@")
+    return digest if at and digest.startswith("sha256:") else md.spec.model.digest
+
+
+CACHE_PREFERENCE_WEIGHT = 50  # of 100: a warm node wins over spreading, not over the user's
+
+
+def pod_affinity(md: ModelDeployment, config: BuildConfig) -> dict[str, Any] | None:
+    """The spec's affinity, plus a preference for nodes whose cache holds the pinned archive
+    (the label the operator puts on them), so a new replica or a restarted one starts warm."""
+    affinity = copy.deepcopy(md.spec.placement.affinity or {})
+    digest = pinned_digest(md)
+    if uses_model_cache(md, config) and digest is not None:
+        preferred = affinity.setdefault("nodeAffinity", {}).setdefault(
+            "preferredDuringSchedulingIgnoredDuringExecution", []
+        )
+        expression = {"key": cache_label(digest), "operator": "Exists"}
+        preferred.append(
+            {"weight": CACHE_PREFERENCE_WEIGHT, "preference": {"matchExpressions": [expression]}}
+        )
+    return affinity or None
 
 
 def triton_container(md: ModelDeployment, config: BuildConfig) -> dict[str, Any]:
@@ -351,8 +379,8 @@ def pod_spec(md: ModelDeployment, track: Track, config: BuildConfig) -> dict[str
         spec["nodeSelector"] = selector
     if tolerated := tolerations(md):
         spec["tolerations"] = tolerated
-    if placement.affinity:
-        spec["affinity"] = placement.affinity
+    if affinity := pod_affinity(md, config):
+        spec["affinity"] = affinity
     if placement.priority_class_name:
         spec["priorityClassName"] = placement.priority_class_name
     if placement.topology_spread_constraints:

@@ -16,6 +16,15 @@ MANAGER = "modeldeploy"  # app.kubernetes.io/managed-by and the server-side appl
 MD_LABEL = f"{GROUP}/modeldeployment"
 TRACK_LABEL = f"{GROUP}/track"
 REVISION_LABEL = f"{GROUP}/revision"
+# On nodes whose model cache holds an archive (the operator adds it when a pod there reports
+# the digest): ``cache.modeldeploy.io/sha256.<48 hex digits>``.
+CACHE_LABEL_PREFIX = "cache.modeldeploy.io/"
+
+
+def cache_label(digest: str) -> str:
+    return f"{CACHE_LABEL_PREFIX}sha256.{digest.removeprefix('sha256:')[:48]}"
+
+
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 
 
