@@ -223,7 +223,8 @@ def stream_to(store: Any, key: str, target: Path) -> int:
         result = obstore.get(store, key)
     if etag := result.meta.get("e_tag"):
         tag.write_text(etag)
-    size = write_streamed(result.stream(min_chunk_size=CHUNK_BYTES), target, append=bool(offset))
+    # Chunks as they arrive: gathering them (min_chunk_size) costs a copy, and measured slower.
+    size = write_streamed(result.stream(min_chunk_size=0), target, append=bool(offset))
     tag.unlink(missing_ok=True)
     return size
 

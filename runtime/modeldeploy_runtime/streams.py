@@ -3,7 +3,8 @@
 Receiving, writing and hashing each release the GIL, so they can run at once: the caller's
 thread keeps receiving while one thread writes and another hashes, each from a short bounded
 queue (so memory stays at a few chunks). Measured on a 1 GiB layer: receive 1.0 s, write
-1.1 s and SHA-256 0.7 s one after the other; overlapped, about the slowest of the three.
+1.1 s and SHA-256 0.7 s one after the other (2.9 s); overlapped, 2.15 s. Without hashing, a
+plain loop is as fast (the object-store client already receives on its own threads).
 """
 
 from __future__ import annotations
@@ -46,10 +47,13 @@ def write_chunks(chunks: Iterable[bytes], out: IO[bytes], hasher: Any = None) ->
     """Every chunk written to ``out`` (and fed to ``hasher``, a hashlib object, if given)
     while the next one is received; the bytes written. Errors of the writer or the hasher are
     raised here, after the workers stop."""
-    workers = [_Worker(out.write)]
-    if hasher is not None:
-        workers.append(_Worker(hasher.update))
     size = 0
+    if hasher is None:  # writing alone: a thread would only add handoffs (measured)
+        for chunk in chunks:
+            out.write(chunk)
+            size += len(chunk)
+        return size
+    workers = [_Worker(out.write), _Worker(hasher.update)]
     try:
         for chunk in chunks:
             if any(w.error is not None for w in workers):

@@ -13,7 +13,6 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -30,7 +29,6 @@ from modeldeploy_runtime.model_repository import render_config
 from realnode_support import (
     answering,
     in_sidecar,
-    iris,
     last_history,
     md_status,
     plugin,
@@ -40,7 +38,7 @@ from realnode_support import (
     sidecar_metrics,
 )
 from stores_support import toolchain_binary
-from support import EXAMPLES, wait_for
+from support import EXAMPLES, load_example, merged, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.realnode]
 
@@ -145,10 +143,10 @@ def package(workdir: Path, host: str, version: str) -> str:
 
 
 def archived(host: str, version: str, replicas: int) -> str:
-    manifest: dict[str, Any] = json.loads(iris(version, replicas=replicas))
-    manifest["spec"]["model"]["storageUri"] = f"oci://{host}/models/iris:{version}"
-    manifest["spec"]["model"]["plainHTTP"] = True
-    return json.dumps(manifest)
+    """examples/iris-archive.yaml at ``version``, from the registry at ``host``."""
+    uri = f"oci://{host}/models/iris:{version}"
+    patch = {"spec": {"model": {"version": version, "storageUri": uri}, "replicas": replicas}}
+    return json.dumps(merged(load_example("iris-archive.yaml"), patch))
 
 
 def test_an_archive_is_served_verified_cached_and_recorded(
@@ -156,6 +154,7 @@ def test_an_archive_is_served_verified_cached_and_recorded(
     cache_operator: Path,
     node_registry: str,
     namespace: str,
+    real_node: RealNodeSpec,
     tmp_path: Path,
 ) -> None:
     first = package(tmp_path, node_registry, "1")
@@ -173,6 +172,13 @@ def test_an_archive_is_served_verified_cached_and_recorded(
     # Two replicas on one node: one downloaded, the other waited for it and linked the cache.
     assert md_status(cluster, namespace).get("warmReplicas") == 1
     assert any(cache_operator.joinpath("blobs", "sha256").iterdir())
+    # The node now says its cache holds the archive: pods pinned to it prefer this node.
+    label = "cache.modeldeploy.io/sha256." + first.removeprefix("sha256:")[:48]
+    wait_for(
+        "the node's cache label",
+        lambda: label in cluster.kubectl_json("get", "node", real_node.name)["metadata"]["labels"],
+        timeout=60,
+    )
 
     pod = pods(cluster, namespace)[0]["metadata"]["name"]
     # Triton serves the archive's own config (asked inside the pod, past the sidecar's door).
