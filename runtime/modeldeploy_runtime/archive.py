@@ -290,11 +290,17 @@ class BlobCache:
         return self.root / "tmp" / f"{digest.removeprefix('sha256:')}.partial"
 
     @contextlib.contextmanager
-    def lock(self, digest: str) -> Iterator[None]:
+    def lock(self, digest: str, *, wait: bool = True) -> Iterator[bool]:
+        """The digest's lock, held for the block; without ``wait``, yields False at once
+        when another fetch holds it."""
         with (self.root / "locks" / digest.removeprefix("sha256:")).open("a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
             try:
-                yield
+                fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
@@ -309,9 +315,13 @@ class BlobCache:
         for blob in order:
             if total - freed <= self.max_bytes:
                 break
-            if f"sha256:{blob.name}" in keep:
+            digest = f"sha256:{blob.name}"
+            if digest in keep:
                 continue
-            blob.unlink(missing_ok=True)
+            with self.lock(digest, wait=False) as held:
+                if not held:  # another fetch is downloading or linking it: not now
+                    continue
+                blob.unlink(missing_ok=True)
             freed += stats[blob].st_size
         return freed
 
@@ -409,7 +419,7 @@ class Puller:
             pulled.downloaded_bytes += downloaded
             pulled.cached_layers += hit
         if self.cache is not None:
-            self.cache.evict({layer["digest"] for layer in layers})
+            self.cache.evict({blob.get("digest") for blob in [*layers, config]})
         return pulled
 
     def blob(self, descriptor: Mapping[str, Any], target: Path) -> tuple[int, bool]:
@@ -439,7 +449,7 @@ class Puller:
         partial.parent.mkdir(parents=True, exist_ok=True)
         hasher = hashlib.sha256()
         offset = partial.stat().st_size if partial.is_file() else 0
-        if offset and (size < 0 or offset < size):
+        if offset and 0 <= offset < size:
             with partial.open("rb") as f:
                 while chunk := f.read(CHUNK_BYTES):
                     hasher.update(chunk)
