@@ -58,9 +58,9 @@ Projection = tuple[str, str]  # (resourceVersion, the projected object without i
 
 
 def project(body: Mapping[str, Any], kind: str) -> Projection:
-    """Only the fields the operator reads, as compact JSON: no managedFields, no pod spec, no
-    annotations on children (ours carry none), just the status fields a pod's problems are
-    read from. The resourceVersion is kept beside it, so two projections compare equal when
+    """Only the fields the operator reads, as compact JSON: no managedFields, no annotations
+    on children (ours carry none), of a pod only its node and the status fields its problems
+    are read from. The resourceVersion is kept beside it, so two projections compare equal when
     nothing the operator reads changed."""
     meta = body.get("metadata") or {}
     kept = {k: meta[k] for k in KEPT_METADATA if k in meta and k != "resourceVersion"}
@@ -74,6 +74,8 @@ def project(body: Mapping[str, Any], kind: str) -> Projection:
     if kind == "Pod":
         status = body.get("status") or {}
         projected["status"] = {k: status[k] for k in POD_STATUS if k in status}
+        if node := (body.get("spec") or {}).get("nodeName"):  # the node cache's labels
+            projected["spec"] = {"nodeName": node}
     else:
         for part in ("spec", "status"):
             if part in body:

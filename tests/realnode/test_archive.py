@@ -13,6 +13,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -142,6 +143,19 @@ def package(workdir: Path, host: str, version: str) -> str:
     return line.rsplit(" ", 1)[1]
 
 
+def fetch_reports(cluster: Cluster, namespace: str) -> dict[str, dict[str, Any]]:
+    """What each live pod's fetcher reported (its termination message), by pod."""
+    found = {}
+    for pod in pods(cluster, namespace):
+        if pod["metadata"].get("deletionTimestamp"):
+            continue
+        for status in pod["status"].get("initContainerStatuses", []):
+            message = status["state"].get("terminated", {}).get("message")
+            if message:
+                found[pod["metadata"]["name"]] = json.loads(message)
+    return found
+
+
 def archived(host: str, version: str, replicas: int) -> str:
     """examples/iris-archive.yaml at ``version``, from the registry at ``host``."""
     uri = f"oci://{host}/models/iris:{version}"
@@ -169,9 +183,24 @@ def test_an_archive_is_served_verified_cached_and_recorded(
         lambda: (md_status(cluster, namespace).get("stable") or {}).get("digest") == first,
         timeout=60,
     )
-    # Two replicas on one node: one downloaded, the other waited for it and linked the cache.
-    assert md_status(cluster, namespace).get("warmReplicas") == 1
+    # Two replicas fetched at once on one node: each blob came down once (a lock per digest;
+    # the other pod waited and linked it), whichever pod got to it first.
+    archive = (tmp_path / "archive-1").rglob("*")
+    archive_bytes = sum(f.stat().st_size for f in archive if f.is_file())
+    reports = fetch_reports(cluster, namespace)
+    assert sum(r["downloaded_bytes"] for r in reports.values()) == archive_bytes
     assert any(cache_operator.joinpath("blobs", "sha256").iterdir())
+    # The pod that downloaded most is replaced: its successor starts warm (nothing downloaded,
+    # all from the node's cache), and then both replicas count as warm.
+    cold = max(reports, key=lambda name: reports[name]["downloaded_bytes"])
+    assert not reports[cold]["warm"]
+    cluster.kubectl("delete", "pod", "-n", namespace, cold, "--wait=false")
+
+    def both_warm() -> bool:
+        return md_status(cluster, namespace).get("warmReplicas") == 2 and ready(cluster, namespace)
+
+    wait_for("both replicas started from the node cache", both_warm, timeout=120)
+    assert all(r["downloaded_bytes"] == 0 for r in fetch_reports(cluster, namespace).values())
     # The node now says its cache holds the archive: pods pinned to it prefer this node.
     label = "cache.modeldeploy.io/sha256." + first.removeprefix("sha256:")[:48]
     wait_for(
