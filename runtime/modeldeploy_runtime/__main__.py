@@ -19,6 +19,7 @@ import logging
 import shutil
 import sys
 import tempfile
+import traceback
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from modeldeploy_runtime.fetch import (
     FetchError,
     content_digest,
     fetch_to,
+    first_line,
     install,
     read_credentials,
     verify,
@@ -212,6 +214,14 @@ def run_fetch(args: argparse.Namespace) -> int:
         shutil.rmtree(staging, ignore_errors=True)
     except FetchError as error:
         report_failure(f"fetching {args.storage_uri} failed: {error}", args.termination_log)
+        return 1
+    except Exception as error:  # a bug or an answer no one expected: still a clear status
+        traceback.print_exc()
+        message = f"fetching {args.storage_uri} failed unexpectedly: {first_line(error)}"
+        report_failure(
+            f"{message} ({type(error).__name__}; the fetcher's log has the trace)",
+            args.termination_log,
+        )
         return 1
     summary = fetch_summary(fetched, digest, cached=cache is not None and fetched.layers > 0)
     files = sorted(str(p.relative_to(args.repository)) for p in model.rglob("*") if p.is_file())

@@ -398,7 +398,7 @@ def fetch_oci(
             pulled = puller.pull(staging)
     except ArchiveError as error:
         raise FetchError(str(error)) from error
-    except OSError as error:  # requests' connection errors are OSErrors too
+    except (OSError, ValueError) as error:  # requests' errors are OSErrors; bad JSON
         raise FetchError(f"{uri}: {first_line(error)}") from error
     return Fetched(
         downloaded_bytes=pulled.downloaded_bytes,

@@ -380,3 +380,18 @@ def test_a_write_error_during_a_streamed_download_reaches_the_caller(tmp_path: P
     with pytest.raises(OSError, match="No space left"):
         write_chunks(chunks(), FullDisk(), hashlib.sha256())
     assert len(received) < 100  # it stopped receiving soon after the writer failed
+
+
+def test_an_unexpected_error_still_ends_as_a_termination_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = tmp_path / "termination-log"
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise KeyError("mediaType")
+
+    monkeypatch.setattr("modeldeploy_runtime.__main__.fetch_to", broken)
+    argv = ["fetch", "--storage-uri=oci://r.io/m:1", "--model-name=m", "--model-version=1"]
+    argv += ["--format=onnx", f"--repository={tmp_path / 'models'}", f"--termination-log={log}"]
+    assert runtime_main(argv) == 1
+    assert "failed unexpectedly: 'mediaType' (KeyError" in log.read_text()
