@@ -4,8 +4,10 @@ reconcile that hangs. (The Prometheus provider's own are in test_prometheus.py.)
 
 from __future__ import annotations
 
+import http.server
 import logging
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +17,14 @@ import pytest
 from kubernetes import client as k8s
 
 from modeldeploy_operator.__main__ import build_context, parse_args
-from modeldeploy_operator.k8s.client import DEFAULT_TIMEOUT, ApiError, KubernetesApi
+from modeldeploy_operator.k8s.client import (
+    DEFAULT_TIMEOUT,
+    THROTTLE_RETRIES,
+    ApiError,
+    KubernetesApi,
+    api_client,
+    retry_after,
+)
 from modeldeploy_operator.metrics.prometheus import PrometheusProvider
 from modeldeploy_operator.telemetry import Telemetry
 from support import local_server
@@ -98,3 +107,68 @@ def test_the_default_flags() -> None:
 def test_timeouts_must_be_positive(value: str) -> None:
     with pytest.raises(SystemExit):
         parse_args(["--api-timeout", value])
+
+
+class Throttling(http.server.BaseHTTPRequestHandler):
+    """An API server whose flow control answers 429 (Retry-After) ``refusals`` times, then
+    the object."""
+
+    refusals = 0
+    seen = 0
+
+    def do_GET(self) -> None:
+        type(self).seen += 1
+        if type(self).seen <= type(self).refusals:
+            body, code, extra = b'{"kind":"Status","code":429}', 429, {"Retry-After": "3"}
+        else:
+            body, code, extra = b'{"kind":"Deployment","metadata":{"name":"x"}}', 200, {}
+        self.send_response(code)
+        for key, value in {**extra, "Content-Type": "application/json"}.items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("refusals", "answered"), [(2, True), (THROTTLE_RETRIES + 1, False)])
+def test_a_throttled_request_waits_its_retry_after_and_goes_again(
+    refusals: int, answered: bool
+) -> None:
+    """API Priority and Fairness refuses with 429 and Retry-After: the request did not run, so
+    it is sent again after the wait (on a fake clock here), a bounded number of times."""
+    Throttling.refusals, Throttling.seen = refusals, 0
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Throttling)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    waits: list[float] = []
+    codes: list[int] = []
+    api = KubernetesApi(
+        api_client(k8s.Configuration(host=f"http://127.0.0.1:{server.server_address[1]}")),
+        on_request=lambda verb, kind, code: codes.append(code),
+        sleep=waits.append,
+    )
+    try:
+        if answered:
+            found = api.get("apps/v1", "Deployment", "ns", "x")
+            assert found is not None
+            assert found["metadata"]["name"] == "x"
+            assert waits == [3.0, 3.0]
+            assert codes == [429, 429, 200]  # every refusal counted in the request metrics
+        else:
+            with pytest.raises(ApiError) as refused:
+                api.get("apps/v1", "Deployment", "ns", "x")
+            assert refused.value.status == 429
+            assert waits == [3.0] * THROTTLE_RETRIES
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_retry_after_is_bounded() -> None:
+    assert retry_after("3") == 3.0
+    assert retry_after(None) == 1.0
+    assert retry_after("soon") == 1.0
+    assert retry_after("3600") == 10.0
+    assert retry_after("0") == 0.1

@@ -11,6 +11,7 @@ import builtins
 import contextlib
 import datetime as dt
 import json
+import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -29,6 +30,10 @@ FIELD_MANAGER = "modeldeploy"
 # (connect, read) seconds for every request; the operator's --api-timeout. urllib3 retries a
 # failed connect, and a read of an idempotent request (GET, DELETE), up to 3 times.
 DEFAULT_TIMEOUT = (10.0, 10.0)
+# API Priority and Fairness answers 429 with Retry-After when the operator's flow is over its
+# share; the request did not run, so any verb may be sent again (as client-go does).
+THROTTLE_RETRIES = 5
+THROTTLE_MAX_WAIT = 10.0  # seconds, whatever Retry-After asks
 LIST_PAGE = 500  # objects per page of a reflector's list (client-go's pager uses 500 too)
 LEASE_API = "coordination.k8s.io/v1"
 EVENT_COMPONENT = "modeldeploy-operator"
@@ -45,6 +50,17 @@ class ApiError(RuntimeError):
         self.status = status
         self.reason = reason
         self.message = message
+        self.retry_after = 1.0  # seconds; for a 429, what the server asked (bounded)
+
+
+def retry_after(value: str | None) -> float:
+    """A Retry-After header in seconds (the API server sends whole seconds), within
+    [0.1, THROTTLE_MAX_WAIT]; 1 s when missing or unreadable."""
+    try:
+        seconds = float(value) if value else 1.0
+    except ValueError:
+        seconds = 1.0
+    return min(max(seconds, 0.1), THROTTLE_MAX_WAIT)
 
 
 @dataclass(frozen=True)
@@ -64,9 +80,17 @@ def load_api_client(kubeconfig: str | None) -> k8s.ApiClient:
     if kubeconfig is None:
         with contextlib.suppress(k8s_config.ConfigException):
             k8s_config.load_incluster_config()  # type: ignore[no-untyped-call]
-            return k8s.ApiClient()
+            return api_client(k8s.Configuration.get_default_copy())
     k8s_config.load_kube_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
-    return k8s.ApiClient()
+    return api_client(k8s.Configuration.get_default_copy())
+
+
+def api_client(configuration: k8s.Configuration) -> k8s.ApiClient:
+    """A client whose urllib3 retries connection failures (3 times) but leaves a 429's
+    Retry-After to :class:`KubernetesApi`, which bounds and counts the wait (urllib3 would
+    sleep whatever the server asks, unseen)."""
+    configuration.retries = urllib3.Retry(total=3, respect_retry_after_header=False)
+    return k8s.ApiClient(configuration)
 
 
 def bearer_token(authorization: str | None) -> str | None:
@@ -176,7 +200,9 @@ class KubernetesApi:
 
     ``on_request(verb, kind, code)`` is called after every request; the operator counts them.
     Every request has a ``timeout`` of (connect, read) seconds: an API server that accepts and
-    never answers is an :class:`ApiError` with status 0, not a reconcile that hangs.
+    never answers is an :class:`ApiError` with status 0, not a reconcile that hangs. A 429
+    (API Priority and Fairness throttling the operator) is retried after its Retry-After (at
+    most ``THROTTLE_MAX_WAIT`` seconds each, ``THROTTLE_RETRIES`` times), then raised.
     """
 
     def __init__(
@@ -184,12 +210,14 @@ class KubernetesApi:
         api_client: k8s.ApiClient,
         on_request: RequestHook | None = None,
         timeout: tuple[float, float] = DEFAULT_TIMEOUT,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         if min(timeout) <= 0:
             raise ValueError(f"timeouts must be positive, got {timeout}")
         self._client = api_client
         self._on_request = on_request
         self.timeout = timeout
+        self._sleep = sleep
 
     def _call(
         self,
@@ -220,8 +248,48 @@ class KubernetesApi:
         timeout: float | tuple[float, float] | None = None,
         stream: bool = False,
     ) -> tuple[Any, bytes | None]:
-        """One request, counted, its failures as ApiError. Returns the response and its body,
-        read unless ``stream`` (then the caller reads the response as it comes)."""
+        """One request, counted, its failures as ApiError; a 429 waited out and sent again.
+        Returns the response and its body, read unless ``stream`` (then the caller reads the
+        response as it comes)."""
+        for _ in range(THROTTLE_RETRIES):
+            try:
+                return self._send_once(
+                    method,
+                    path,
+                    kind=kind,
+                    body=body,
+                    query=query,
+                    headers=headers,
+                    timeout=timeout,
+                    stream=stream,
+                )
+            except ApiError as error:
+                if error.status != 429:
+                    raise
+                self._sleep(error.retry_after)
+        return self._send_once(
+            method,
+            path,
+            kind=kind,
+            body=body,
+            query=query,
+            headers=headers,
+            timeout=timeout,
+            stream=stream,
+        )
+
+    def _send_once(  # noqa: PLR0913 (the request's parts)
+        self,
+        method: str,
+        path: str,
+        *,
+        kind: str,
+        body: Json | None = None,
+        query: list[tuple[str, str]] | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: float | tuple[float, float] | None = None,
+        stream: bool = False,
+    ) -> tuple[Any, bytes | None]:
         header_params = {"Accept": "application/json", "Content-Type": "application/json"}
         header_params.update(headers or {})
         applying = header_params["Content-Type"] == "application/apply-patch+yaml"
@@ -250,7 +318,10 @@ class KubernetesApi:
             raise self._connection_error("WATCH" if stream else method, path, error) from error
         self._count(verb, kind, response.status)
         if response.status >= 400:
-            raise _api_error(response.status, response.reason or "", data)
+            refused = _api_error(response.status, response.reason or "", data)
+            if response.status == 429:
+                refused.retry_after = retry_after(response.headers.get("Retry-After"))
+            raise refused
         return response, data
 
     def _connection_error(
