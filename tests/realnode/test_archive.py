@@ -143,12 +143,19 @@ def package(workdir: Path, host: str, version: str) -> str:
     return line.rsplit(" ", 1)[1]
 
 
+def live_pods(cluster: Cluster, namespace: str) -> list[dict[str, Any]]:
+    """Running pods that are not going away (a deleted pod lingers, Succeeded, a while)."""
+    return [
+        p
+        for p in pods(cluster, namespace)
+        if not p["metadata"].get("deletionTimestamp") and p["status"].get("phase") == "Running"
+    ]
+
+
 def fetch_reports(cluster: Cluster, namespace: str) -> dict[str, dict[str, Any]]:
     """What each live pod's fetcher reported (its termination message), by pod."""
     found = {}
-    for pod in pods(cluster, namespace):
-        if pod["metadata"].get("deletionTimestamp"):
-            continue
+    for pod in live_pods(cluster, namespace):
         for status in pod["status"].get("initContainerStatuses", []):
             message = status["state"].get("terminated", {}).get("message")
             if message:
@@ -209,7 +216,7 @@ def test_an_archive_is_served_verified_cached_and_recorded(
         timeout=60,
     )
 
-    pod = pods(cluster, namespace)[0]["metadata"]["name"]
+    pod = live_pods(cluster, namespace)[0]["metadata"]["name"]
     # Triton serves the archive's own config (asked inside the pod, past the sidecar's door).
     config = json.loads(
         in_sidecar(
@@ -228,7 +235,7 @@ def test_an_archive_is_served_verified_cached_and_recorded(
     def drift_sampled() -> bool:
         return any(
             line.startswith("modeldeploy_runtime_drift_samples_total") and float(line.split()[-1])
-            for p in pods(cluster, namespace)
+            for p in live_pods(cluster, namespace)
             for line in sidecar_metrics(cluster, namespace, p["metadata"]["name"]).splitlines()
         )
 
