@@ -22,6 +22,7 @@ from modeldeploy_operator.builders.deployment import BuildConfig
 from modeldeploy_operator.context import GpuInventory, OperatorContext
 from modeldeploy_operator.health import HealthServer
 from modeldeploy_operator.k8s import client as k8s_client
+from modeldeploy_operator.k8s import faults
 from modeldeploy_operator.k8s.client import (
     ApiClient,
     KubeApi,
@@ -139,6 +140,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         type=float,
         default=300.0,
         help="/healthz fails when one reconcile has run longer than this",
+    )
+    parser.add_argument(
+        "--crash-after-writes",
+        type=int,
+        default=int(os.environ[faults.ENVIRONMENT]) if os.environ.get(faults.ENVIRONMENT) else None,
+        help=argparse.SUPPRESS,  # tests only (k8s/faults.py): exit before write N+1
     )
     election = parser.add_argument_group("leader election (a coordination.k8s.io/v1 Lease)")
     election.add_argument(
@@ -289,6 +296,8 @@ def build_context(
     )
     if leading is not None:
         api = LeaderOnlyApi(api, leading)  # no write once the Lease is lost
+    if args.crash_after_writes is not None:  # tests only: die between two writes
+        api = LeaderOnlyApi(api, faults.CrashAfterWrites(args.crash_after_writes))
     return OperatorContext(
         api=api,
         build=BuildConfig(

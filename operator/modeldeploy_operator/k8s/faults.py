@@ -1,0 +1,37 @@
+"""A test-only fault point: the operator dies between two of its writes.
+
+``MODELDEPLOY_CRASH_AFTER_WRITES=N`` (or the hidden flag ``--crash-after-writes``) arms it:
+the process exits, as if SIGKILLed, when it is about to send its (N+1)th write, so write N
+reached the API server and nothing after it did. Tests run a rollout through a chain of such
+processes (each one write further) and check it ends exactly where an undisturbed one does.
+Unarmed, it is not in the request path at all.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+
+CRASH_EXIT_CODE = 86
+ENVIRONMENT = "MODELDEPLOY_CRASH_AFTER_WRITES"
+
+
+class CrashAfterWrites:
+    """A ``may_write`` hook (see ``leader.elector.LeaderOnlyApi``) that lets ``writes`` writes
+    through and ends the process at the next one."""
+
+    def __init__(self, writes: int, die: Callable[[int], object] = os._exit) -> None:
+        if writes < 0:
+            raise ValueError(f"{ENVIRONMENT} must be 0 or more, got {writes}")
+        self.writes = writes
+        self.sent = 0
+        self._die = die
+        self._lock = threading.Lock()
+
+    def __call__(self) -> bool:
+        with self._lock:
+            if self.sent >= self.writes:
+                self._die(CRASH_EXIT_CODE)
+            self.sent += 1
+        return True
