@@ -53,8 +53,18 @@ class Children:
 
 
 def status_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
-    """A JSON merge patch turning ``old`` into ``new`` (removed keys become null)."""
-    patch: dict[str, Any] = dict(new)
+    """The JSON merge patch (RFC 7386) turning ``old`` into ``new``: changed values, and null
+    for every removed key at any depth. (Nested removals used to be left out, so a cleared
+    ``canary.readySince`` stayed on the server and every pass wrote the status again: the
+    crash-at-every-write test found it.) Lists are replaced whole, as merge patches do."""
+    patch: dict[str, Any] = {}
+    for key, value in new.items():
+        before = old.get(key)
+        if isinstance(value, Mapping) and isinstance(before, Mapping):
+            if nested := status_patch(before, value):
+                patch[key] = nested
+        elif key not in old or before != value:
+            patch[key] = value
     for key in old:
         if key not in new:
             patch[key] = None

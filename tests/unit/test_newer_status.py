@@ -110,3 +110,20 @@ def test_a_status_that_did_not_change_is_not_written() -> None:
     md = ModelDeployment.model_validate(body())
     assert dump(md.status) == dump(md.status.model_copy())
     assert "somethingNew" not in dump(md.status)
+
+
+def test_a_field_cleared_inside_a_track_is_removed_on_the_server() -> None:
+    """A merge patch removes only what it names null: a cleared ``canary.readySince`` must be
+    named, or it stays on the server and every later pass writes the status again."""
+    md = ModelDeployment.model_validate(body())
+    assert md.status.canary is not None
+    was = md.status.model_copy(
+        update={"canary": md.status.canary.model_copy(update={"ready_since": 12.5})}
+    )
+    now = md.status.model_copy(
+        update={"canary": md.status.canary.model_copy(update={"ready_since": None, "step": 2})}
+    )
+    patch = status_patch(dump(was), dump(now))
+    assert patch == {"canary": {"readySince": None, "step": 2}}  # only what changed
+    stored = merge_patch(dump(was), patch)
+    assert stored == dump(now)

@@ -10,7 +10,9 @@ Unarmed, it is not in the request path at all.
 from __future__ import annotations
 
 import os
+import sys
 import threading
+import traceback
 from collections.abc import Callable
 
 CRASH_EXIT_CODE = 86
@@ -32,6 +34,13 @@ class CrashAfterWrites:
     def __call__(self) -> bool:
         with self._lock:
             if self.sent >= self.writes:
+                # Which write it stopped before, for the test's log: the act layer's caller.
+                frames = [
+                    f for f in traceback.extract_stack() if "modeldeploy_operator" in f.filename
+                ]
+                where = " < ".join(f"{f.name}:{f.lineno}" for f in reversed(frames[-4:-1]))
+                print(f"crash point: before write {self.sent + 1} ({where})", file=sys.stderr)
+                sys.stderr.flush()
                 self._die(CRASH_EXIT_CODE)
             self.sent += 1
         return True

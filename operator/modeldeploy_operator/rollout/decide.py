@@ -22,6 +22,7 @@ Rules, in order:
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -129,8 +130,10 @@ def _hold(progress: Progress, steps: tuple[Step, ...], seen: Observation) -> Dec
     elif current.manual and seen.command != "resume":
         reason, message = "WaitingForPromotion", f"step {step} waits for resume or promote"
     elif current.pause_seconds is not None and seen.now - since < current.pause_seconds:
-        left = current.pause_seconds - (seen.now - since)
-        reason, message = "Pausing", f"step {step}: {left:.0f}s to go"
+        # The end, not a countdown: the same text every pass, so waiting writes no status.
+        until = dt.datetime.fromtimestamp(since + current.pause_seconds, dt.UTC)
+        pause = f"{current.pause_seconds:g}s"
+        reason, message = "Pausing", f"step {step}: pausing {pause} until {until:%H:%M:%SZ}"
     elif seen.analysis_configured and progress.passed_in_step == 0:
         latest = seen.analysis or seen.latest
         why = seen.analysis_message if seen.analysis else seen.latest_message
