@@ -5,8 +5,8 @@ Triton model folder into an archive: the folder's files plus ``modeldeploy.json`
 manifest (name, version, format, inputs and outputs read from the Triton config, the config
 itself, framework and training references, evaluation metrics, the drift reference profile
 and every file's sha256). It pushes the archive to an OCI registry as an artifact, one layer
-per file titled by its path (the layout ``oras push`` makes, so ``oras pull`` unpacks ours and
-an ``oras push``-ed model folder is fetched too), with the manifest as the artifact's config
+per file titled by its path (the layout ``oras push`` makes for files, so ``oras pull`` unpacks
+ours, and ``oras push``-ed files and folders are fetched too), with the manifest as the config
 blob; or it writes the folder for ``s3://``, ``gs://`` and ``https://`` stores.
 
 The fetcher pulls ``oci://registry/repository:tag`` or ``...@sha256:<hex>`` through oras-py (the
@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import shutil
+import tarfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -347,6 +348,26 @@ class Pulled:
     layers: int = 0
 
 
+ORAS_FOLDER_MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
+ORAS_UNPACK = "io.deis.oras.content.unpack"
+
+
+def is_folder(layer: Mapping[str, Any]) -> bool:
+    """A folder ``oras push`` tarred (its media type, or ORAS's unpack annotation)."""
+    annotations = layer.get("annotations") or {}
+    return bool(
+        layer.get("mediaType") == ORAS_FOLDER_MEDIA_TYPE or annotations.get(ORAS_UNPACK) == "true"
+    )
+
+
+def unpack_folder(tarball: Path, staging: Path) -> None:
+    """The tarball's members under ``staging`` (the tar names the folder itself), refusing
+    links and paths that leave it (the ``data`` filter), then the tarball goes."""
+    with tarfile.open(tarball) as bundle:
+        bundle.extractall(staging, filter="data")
+    tarball.unlink()
+
+
 def safe_path(root: Path, relative: str) -> Path:
     path = PurePosixPath(relative)
     if not relative or path.is_absolute() or ".." in path.parts:
@@ -415,9 +436,20 @@ class Puller:
             pulled.metadata = json.loads(target.read_text())
         for layer in layers:
             target = safe_path(staging, layer["annotations"][TITLE])
+            folder = is_folder(layer)
+            if folder:  # ORAS tars a pushed folder: fetch the tarball beside, then unpack
+                target = target.with_name(f".{target.name}.tar.gz")
             downloaded, hit = self.blob(layer, target)
             pulled.downloaded_bytes += downloaded
             pulled.cached_layers += hit
+            if folder:
+                unpack_folder(target, staging)
+        entries = [e for e in staging.iterdir() if not e.name.startswith(".")]
+        if len(entries) == 1 and entries[0].is_dir() and pulled.metadata is None:
+            # One pushed folder (``oras push reg/iris:1 ./iris``): its contents are the model.
+            for entry in list(entries[0].iterdir()):
+                entry.rename(staging / entry.name)
+            entries[0].rmdir()
         if self.cache is not None:
             self.cache.evict({blob.get("digest") for blob in [*layers, config]})
         return pulled

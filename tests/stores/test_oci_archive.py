@@ -249,3 +249,24 @@ def test_a_half_written_layer_is_resumed_and_eviction_keeps_the_cache_bounded(
     assert cache.evict(keep=this) == 9 * 1024 * 1024
     assert not stale.exists()
     assert cache.path(layer["digest"]).exists()
+
+
+def test_a_folder_pushed_with_oras_is_fetched_as_the_model(
+    registry: Registry, tmp_path: Path
+) -> None:
+    """`oras push reg/iris:1 ./iris` tars the folder into one layer (oras-py does as the ORAS
+    CLI does): the fetcher unpacks it, safely, and its contents are the model folder."""
+    import oras.provider  # noqa: PLC0415 - the ORAS client, as a user would push
+
+    folder = model_folder(tmp_path)
+    (folder / "7").rename(folder / "3")  # no manifest here: the folder names the spec's version
+    (folder / "config.pbtxt").write_text('name: "iris"\nbackend: "onnxruntime"\n')
+    client = oras.provider.Registry(hostname=registry.host, insecure=True)
+    client.push(f"{registry.host}/plain/iris:1", files=[str(folder)], disable_path_validation=True)
+    code, report = fetch(f"oci://{registry.host}/plain/iris:1", tmp_path / "pod")
+    assert code == 0, report
+    model = tmp_path / "pod" / "repo" / "iris"
+    assert (model / "3" / "model.onnx").read_bytes() == b"onnx-weights" * 1000
+    assert (model / "3" / "labels" / "classes.txt").is_file()
+    assert (model / "config.pbtxt").read_text() == 'name: "iris"\nbackend: "onnxruntime"\n'
+    assert not list((tmp_path / "pod" / "repo").rglob("*.tar.gz"))
