@@ -106,8 +106,11 @@ class Registry:
         return found[0]
 
 
-def start_registry(root: Path) -> tuple[subprocess.Popen[bytes], Registry]:
-    port = free_port()
+def start_registry(
+    root: Path, address: str = "127.0.0.1"
+) -> tuple[subprocess.Popen[bytes], Registry]:
+    """``crane registry serve`` on ``address`` (the node's, for pods to pull from)."""
+    host = f"{address}:{free_port()}"
     log_path = root / "registry.log"
     (root / "blobs").mkdir(exist_ok=True)
     proc = subprocess.Popen(
@@ -115,14 +118,14 @@ def start_registry(root: Path) -> tuple[subprocess.Popen[bytes], Registry]:
             str(toolchain_binary("crane")),
             "registry",
             "serve",
-            f"--address=127.0.0.1:{port}",
+            f"--address={host}",
             f"--disk={root / 'blobs'}",
         ],
         stdout=log_path.open("wb"),
         stderr=subprocess.STDOUT,
     )
-    wait_for_http(f"http://127.0.0.1:{port}/v2/", proc, log_path, "crane registry serve")
-    return proc, Registry(f"127.0.0.1:{port}", root)
+    wait_for_http(f"http://{host}/v2/", proc, log_path, "crane registry serve")
+    return proc, Registry(host, root)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from localcluster.dataplane import (
     service_address,
     uninstall_operator,
 )
-from localcluster.operator import OperatorProcess, free_port
+from localcluster.operator import OperatorProcess
 from localcluster.realnode import RealNodeSpec
 from modeldeploy_runtime.model_repository import render_config
 from realnode_support import (
@@ -38,7 +38,7 @@ from realnode_support import (
     ready,
     sidecar_metrics,
 )
-from stores_support import toolchain_binary
+from stores_support import start_registry
 from support import EXAMPLES, load_example, merged, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.realnode]
@@ -51,32 +51,9 @@ def node_registry(
     cluster: Cluster, real_node: RealNodeSpec, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
     """A real OCI registry on the node's address: the host pushes to it, pods pull from it."""
-    root = tmp_path_factory.mktemp("node-registry")
-    host = f"{real_node.node_ip}:{free_port()}"
-    log = (root / "registry.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            str(toolchain_binary("crane")),
-            "registry",
-            "serve",
-            f"--address={host}",
-            f"--disk={root}",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    proc, registry = start_registry(tmp_path_factory.mktemp("node-registry"), real_node.node_ip)
     try:
-        wait_for(
-            "the registry",
-            lambda: (
-                subprocess.run(
-                    ["curl", "-fsS", f"http://{host}/v2/"], capture_output=True, check=False
-                ).returncode
-                == 0
-            ),
-            timeout=20,
-        )
-        yield host
+        yield registry.host
     finally:
         proc.terminate()
         proc.wait(timeout=10)

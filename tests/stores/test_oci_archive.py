@@ -13,6 +13,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -63,13 +64,13 @@ def pushed(registry: Registry, tmp_path: Path, tag: str, **kw: bytes) -> str:
         "--plain-http",
     ]
     assert main(argv) == 0
-    return Puller(
-        Reference.parse(f"oci://{registry.host}/models/iris:{tag}"),
-        {},
-        plain_http=True,
-        config_dir=tmp_path,
-        cache=None,
-    ).manifest()[1]
+    return manifest_of(f"oci://{registry.host}/models/iris:{tag}", tmp_path)[1]
+
+
+def manifest_of(uri: str, work: Path) -> tuple[dict[str, Any], str]:
+    """The OCI manifest the registry holds for ``uri``, and its digest."""
+    puller = Puller(Reference.parse(uri), {}, plain_http=True, config_dir=work, cache=None)
+    return puller.manifest()
 
 
 def fetch(uri: str, where: Path, *extra: str) -> tuple[int, dict[str, object] | str]:
@@ -136,13 +137,7 @@ def test_a_wrong_digest_and_a_corrupted_layer_fail_with_the_cause(
     assert code == 1
     assert "not found" in str(message) or other in str(message)
 
-    manifest = Puller(
-        Reference.parse(f"oci://{registry.host}/models/iris:corrupt"),
-        {},
-        plain_http=True,
-        config_dir=tmp_path,
-        cache=None,
-    ).manifest()[0]
+    manifest = manifest_of(f"oci://{registry.host}/models/iris:corrupt", tmp_path)[0]
     weights = next(x for x in manifest["layers"] if x["annotations"][TITLE].endswith(".onnx"))
     # go-containerregistry's registry checks blobs as it reads them, so the corruption
     # happens on the way (a bad mirror or proxy): one byte of that blob flipped in transit.
@@ -226,9 +221,7 @@ def test_a_half_written_layer_is_resumed_and_eviction_keeps_the_cache_bounded(
     weights = os.urandom(2 * 1024 * 1024)
     pushed(registry, tmp_path, "resume", weights=weights)
     uri = f"oci://{registry.host}/models/iris:resume"
-    manifest = Puller(
-        Reference.parse(uri), {}, plain_http=True, config_dir=tmp_path, cache=None
-    ).manifest()[0]
+    manifest = manifest_of(uri, tmp_path)[0]
     layer = next(x for x in manifest["layers"] if x["annotations"][TITLE].endswith(".onnx"))
     cache = BlobCache(tmp_path / "node-cache", max_bytes=10 * 1024 * 1024)
     cache.partial(layer["digest"]).write_bytes(weights[: 1024 * 1024])  # a killed fetch's

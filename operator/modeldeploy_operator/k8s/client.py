@@ -10,6 +10,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import datetime as dt
+import functools
 import json
 import time
 import uuid
@@ -251,23 +252,8 @@ class KubernetesApi:
         """One request, counted, its failures as ApiError; a 429 waited out and sent again.
         Returns the response and its body, read unless ``stream`` (then the caller reads the
         response as it comes)."""
-        for _ in range(THROTTLE_RETRIES):
-            try:
-                return self._send_once(
-                    method,
-                    path,
-                    kind=kind,
-                    body=body,
-                    query=query,
-                    headers=headers,
-                    timeout=timeout,
-                    stream=stream,
-                )
-            except ApiError as error:
-                if error.status != 429:
-                    raise
-                self._sleep(error.retry_after)
-        return self._send_once(
+        send = functools.partial(
+            self._send_once,
             method,
             path,
             kind=kind,
@@ -277,6 +263,14 @@ class KubernetesApi:
             timeout=timeout,
             stream=stream,
         )
+        for attempt in range(THROTTLE_RETRIES + 1):
+            try:
+                return send()
+            except ApiError as error:
+                if error.status != 429 or attempt == THROTTLE_RETRIES:
+                    raise
+                self._sleep(error.retry_after)
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def _send_once(  # noqa: PLR0913 (the request's parts)
         self,
