@@ -143,7 +143,15 @@ def fetch_reports(cluster: Cluster, namespace: str) -> dict[str, dict[str, Any]]
 def archived(host: str, version: str, replicas: int) -> str:
     """examples/iris-archive.yaml at ``version``, from the registry at ``host``."""
     uri = f"oci://{host}/models/iris:{version}"
-    patch = {"spec": {"model": {"version": version, "storageUri": uri}, "replicas": replicas}}
+    patch = {
+        "spec": {
+            "model": {"version": version, "storageUri": uri},
+            "replicas": replicas,
+            # Every request is sampled for drift: at the default 0.1, the test's 20 requests
+            # left no sample at all one run in eight (0.9**20).
+            "monitoring": {"runtime": {"sampleRate": 1.0}},
+        }
+    }
     return json.dumps(merged(load_example("iris-archive.yaml"), patch))
 
 
