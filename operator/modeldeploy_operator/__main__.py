@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import faulthandler
 import functools
 import logging
 import os
@@ -31,6 +32,12 @@ from modeldeploy_operator.k8s.client import (
     connection_of,
     load_api_client,
 )
+from modeldeploy_operator.k8s.reflector import (
+    INACTIVITY_SECONDS,
+    WATCH_SECONDS,
+    Contact,
+    WatchTiming,
+)
 from modeldeploy_operator.leader.decide import Timing
 from modeldeploy_operator.leader.elector import (
     LEASE_NAME,
@@ -47,6 +54,7 @@ from modeldeploy_operator.telemetry import Telemetry
 DEFAULT_RUNTIME_IMAGE = f"ghcr.io/modeldeploy/runtime:{__version__.split('+')[0]}"
 CACHE_SYNC_SECONDS = 120.0  # reconciling waits this long at most for the first lists
 WORKER_STOP_SECONDS = 5.0  # how long SIGTERM waits for the reconciles that run
+USER_AGENT = "modeldeploy-operator"  # with the version and, when electing, the identity
 
 
 def positive_seconds(text: str) -> float:
@@ -107,6 +115,21 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default=k8s_client.DEFAULT_TIMEOUT[1],
         help="seconds to connect to, and then to wait for, the Kubernetes API server per"
         " request (default %(default)s)",
+    )
+    parser.add_argument(
+        "--watch-inactivity-timeout",
+        type=positive_seconds,
+        default=INACTIVITY_SECONDS,
+        help="a watch that hears nothing (no event, no bookmark: the API server sends one"
+        " about every minute) for this long is dropped and resumed, and /healthz fails while"
+        " one stays silent past it (seconds)",
+    )
+    parser.add_argument(
+        "--watch-timeout",
+        type=positive_int,
+        default=WATCH_SECONDS,
+        help="the API server ends each watch after between this and twice it (seconds); the"
+        " watch then resumes where it was",
     )
     parser.add_argument(
         "--resync-seconds",
@@ -221,6 +244,7 @@ async def watch_children(
     api_client: ApiClient,
     args: argparse.Namespace,
     stop: asyncio.Event,
+    contact: Contact,
 ) -> threading.Event:
     """Start the child reflectors and wait for their first lists (a pass before them would
     read from the API server, or decide from a partial cache), for up to
@@ -235,6 +259,8 @@ async def watch_children(
         ),
         tuple(args.namespace),
         reflectors,
+        contact,
+        watch_timing(args),
     )
     deadline = time.monotonic() + CACHE_SYNC_SECONDS
     while not stop.is_set() and time.monotonic() < deadline:
@@ -248,15 +274,22 @@ async def watch_children(
     return reflectors
 
 
+def watch_timing(args: argparse.Namespace) -> WatchTiming:
+    return WatchTiming(args.watch_inactivity_timeout, args.watch_timeout)
+
+
 def health_check(
     reconciler: Reconciler,
     elector: LeaderElector | None,
     loops: list[asyncio.Task[None]],
     stall_seconds: float,
+    contact: Contact,
+    inactivity_seconds: float,
 ) -> str | None:
     """Why the operator cannot do its work, or None. A standby is healthy while it campaigns;
     a leader is not when a reconcile has been stuck past the budget, a loop or a worker
-    thread died."""
+    thread died, or a watch has heard nothing from the API server past its inactivity
+    timeout (a stalled stream that resuming did not cure)."""
     if elector is not None and not elector.leading:
         return None
     for task in loops:
@@ -269,6 +302,10 @@ def health_check(
     if running is not None and running[1] > stall_seconds:
         (namespace, name), seconds = running
         return f"the reconcile of {namespace}/{name} has run for {seconds:.0f} s"
+    silent = {w: s for w, s in contact.silence().items() if s > inactivity_seconds}
+    if silent:
+        watch, seconds = max(silent.items(), key=lambda item: item[1])
+        return f"the {watch} watch has heard nothing from the API server for {seconds:.0f} s"
     return None
 
 
@@ -316,37 +353,56 @@ def build_context(
     )
 
 
+def new_elector(
+    args: argparse.Namespace, api_client: ApiClient, telemetry: Telemetry, logger: logging.Logger
+) -> LeaderElector | None:
+    """The Lease candidate (None without --leader-elect); it also names the client's
+    requests: each replica's User-Agent carries its identity, so the API server's audit log
+    tells which one wrote what (the fencing tests read it), as client-go's agents do."""
+    if not args.leader_elect:
+        telemetry.leader.set(1)
+        api_client.user_agent = f"{USER_AGENT}/{__version__}"
+        return None
+    elector = LeaderElector(
+        KubernetesLeases(
+            api_client,
+            timeout=args.timing.renew_deadline / 2,
+            on_request=telemetry.count_request,
+        ),
+        lease=(args.leader_election_namespace or default_namespace(), LEASE_NAME),
+        identity=new_identity(),
+        logger=logger,
+        timing=args.timing,
+    )
+    api_client.user_agent = f"{USER_AGENT}/{__version__} ({elector.identity})"
+    telemetry.leader.set_function(lambda: float(elector.leading))
+    return elector
+
+
 async def run(args: argparse.Namespace, logger: logging.Logger) -> int:
     """Run until SIGTERM (0) or until the Lease is lost (1: restart clean)."""
     telemetry = Telemetry()
     api_client = load_api_client(args.kubeconfig)
-    elector: LeaderElector | None = None
-    if args.leader_elect:
-        elector = LeaderElector(
-            KubernetesLeases(
-                api_client,
-                timeout=args.timing.renew_deadline / 2,
-                on_request=telemetry.count_request,
-            ),
-            lease=(args.leader_election_namespace or default_namespace(), LEASE_NAME),
-            identity=new_identity(),
-            logger=logger,
-            timing=args.timing,
-        )
-        leader = elector
-        telemetry.leader.set_function(lambda: float(leader.leading))
-    else:
-        telemetry.leader.set(1)
+    elector = new_elector(args, api_client, telemetry, logger)
     ctx = build_context(
-        args, api_client, telemetry, logger, (lambda: leader.leading) if elector else None
+        args, api_client, telemetry, logger, (lambda: elector.leading) if elector else None
     )
     reconciler = Reconciler(ctx, workers=args.workers, budget_seconds=args.reconcile_budget_seconds)
     loops: list[asyncio.Task[None]] = []
+    contact = Contact()
+    telemetry.watch_silence.source = contact.silence
     start_http_server(args.metrics_port, addr=args.bind_address, registry=telemetry.registry)
     health = HealthServer(
         args.bind_address,
         args.health_port,
-        lambda: health_check(reconciler, elector, loops, args.reconcile_stall_seconds),
+        lambda: health_check(
+            reconciler,
+            elector,
+            loops,
+            args.reconcile_stall_seconds,
+            contact,
+            args.watch_inactivity_timeout,
+        ),
     )
     health.start()
     stop = asyncio.Event()  # SIGINT/SIGTERM: ours until kopf runs, then kopf's cleanup handler
@@ -366,7 +422,7 @@ async def run(args: argparse.Namespace, logger: logging.Logger) -> int:
     try:
         if elector is not None and not await elector.acquire(stop):
             return 0  # stopped while standing by: nothing was written, nothing to release
-        stops.append(await watch_children(reconciler, ctx, api_client, args, stop))
+        stops.append(await watch_children(reconciler, ctx, api_client, args, stop, contact))
         reconciler.start()
         loops.append(asyncio.create_task(resync(reconciler, ctx, stop), name="resync"))
         watches = asyncio.create_task(
@@ -376,6 +432,7 @@ async def run(args: argparse.Namespace, logger: logging.Logger) -> int:
                 namespaces=tuple(args.namespace),
                 connection=connection_of(api_client),
                 stop=stop,
+                timing=watch_timing(args),
             )
         )
         keeper = asyncio.create_task(elector.keep(stop)) if elector else None
@@ -407,6 +464,9 @@ async def run(args: argparse.Namespace, logger: logging.Logger) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logger = logs.configure(args.log_format, args.log_level)
+    # `kill -USR1 <pid>` prints every thread's stack to stderr (Go's SIGQUIT): what a stuck
+    # operator is waiting for, without stopping it.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     return asyncio.run(run(args, logger))
 
 

@@ -33,7 +33,7 @@ from modeldeploy_operator.builders.labels import MANAGED_BY_LABEL, MANAGER, MD_L
 from modeldeploy_operator.cache import ClusterCache, trigger_of
 from modeldeploy_operator.context import OperatorContext
 from modeldeploy_operator.k8s.client import Connection
-from modeldeploy_operator.k8s.reflector import Reflector, WatchApi
+from modeldeploy_operator.k8s.reflector import Contact, Reflector, WatchApi, WatchTiming
 from modeldeploy_operator.reconcile import Reconciler
 from modeldeploy_operator.rollout.plan import COMMAND_ANNOTATION
 
@@ -73,8 +73,10 @@ def build_registry(
     connection: Connection,
     stop: asyncio.Event,
     api_timeout: float = 10.0,
+    timing: WatchTiming | None = None,
 ) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
+    watching = timing or WatchTiming()
     cache: ClusterCache = reconciler.ctx.cache
 
     @kopf.on.cleanup(registry=registry)
@@ -88,12 +90,15 @@ def build_registry(
         settings.posting.enabled = False  # we post our own Events, on transitions only
         settings.persistence.diffbase_storage = NoDiffBase()
         settings.peering.standalone = True
-        settings.watching.server_timeout = 300
+        settings.watching.server_timeout = watching.watch_seconds
         # A dead API server or a half-open connection must not hang a watch forever: connect
         # within --api-timeout, and give up on a stream the server should have ended.
         settings.networking.connect_timeout = api_timeout
         settings.watching.connect_timeout = api_timeout
         settings.watching.client_timeout = settings.watching.server_timeout + 60
+        # A silent stream (no event, no bookmark: they come about every minute) is dead: kopf
+        # resumes it from its last resourceVersion, as our reflectors do.
+        settings.watching.inactivity_timeout = watching.inactivity_seconds
         # Only these start-up, login and cleanup handlers are synchronous: the event handlers
         # only enqueue, on the loop.
         settings.execution.max_workers = 2
@@ -143,11 +148,14 @@ def start_reflectors(
     api: WatchApi,
     namespaces: tuple[str, ...],
     stop: threading.Event,
+    contact: Contact,
+    timing: WatchTiming,
 ) -> None:
     """One reflector per child kind (per namespace when the operator watches some), filling
     the cache's stores, each in a daemon thread; a change to what a pass reads enqueues the
-    object's ModelDeployment."""
+    object's ModelDeployment. ``contact`` learns when each last heard from the server."""
     ctx = reconciler.ctx
+    telemetry = ctx.telemetry
 
     def changed(owner: tuple[str, str]) -> None:
         reconciler.add(*owner)
@@ -165,6 +173,11 @@ def start_reflectors(
                 selector=OWNED,
                 stop=stop,
                 on_error=failed,
+                on_stall=lambda watch: telemetry.watch_stalls.labels(watch).inc(),
+                on_relist=lambda watch, why: telemetry.watch_relists.labels(watch, why).inc(),
+                contact=contact,
+                inactivity_seconds=timing.inactivity_seconds,
+                watch_seconds=timing.watch_seconds,
             )
             thread = threading.Thread(
                 target=reflector.run, name=f"watch-{kind.lower()}", daemon=True
@@ -180,12 +193,13 @@ async def serve(
     namespaces: tuple[str, ...],
     stop: asyncio.Event,
     liveness_endpoint: str | None = None,
+    timing: WatchTiming | None = None,
 ) -> None:
     """Run kopf's watches until ``stop`` is set; every namespace when none are given. The
     operator serves its own /healthz (``health.py``): no ``liveness_endpoint`` by default."""
     scope: dict[str, Any] = {"namespaces": namespaces} if namespaces else {"clusterwide": True}
     await kopf.operator(
-        registry=build_registry(reconciler, connection, stop, ctx.api_timeout),
+        registry=build_registry(reconciler, connection, stop, ctx.api_timeout, timing),
         memo=ctx,
         standalone=True,
         liveness_endpoint=liveness_endpoint,

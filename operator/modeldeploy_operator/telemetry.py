@@ -59,6 +59,25 @@ class CacheCollector:
         yield family
 
 
+class WatchSilenceCollector:
+    """``modeldeploy_operator_watch_silence_seconds{watch}``: seconds since each child watch
+    last heard from the API server, read from ``source`` at each scrape."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], Mapping[str, float]] = dict
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "modeldeploy_operator_watch_silence_seconds",
+            "Seconds since the watch last heard from the API server (an event, a bookmark, a"
+            " list); bookmarks come about every minute.",
+            labels=["watch"],
+        )
+        for watch, seconds in sorted(self.source().items()):
+            family.add_metric([watch], seconds)
+        yield family
+
+
 class Telemetry:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -116,6 +135,21 @@ class Telemetry:
             "Reconciles retried with backoff after a failure.",
             registry=self.registry,
         )
+        self.watch_stalls = Counter(
+            "modeldeploy_operator_watch_stalls_total",
+            "Watch streams dropped after hearing nothing (no event, no bookmark) for"
+            " --watch-inactivity-timeout, and resumed from their last resourceVersion.",
+            ["watch"],
+            registry=self.registry,
+        )
+        self.watch_relists = Counter(
+            "modeldeploy_operator_watch_relists_total",
+            "Watches that listed everything again: expired (410 Gone) or after an error.",
+            ["watch", "reason"],
+            registry=self.registry,
+        )
+        self.watch_silence = WatchSilenceCollector()
+        self.registry.register(self.watch_silence)
         self.phases = PhaseCollector()
         self.registry.register(self.phases)
         self.cache_objects = CacheCollector()

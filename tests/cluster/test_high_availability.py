@@ -7,6 +7,8 @@ watches every namespace); the pair watches the test's namespace and keeps its Le
 
 from __future__ import annotations
 
+import datetime
+import json
 import os
 import signal
 import time
@@ -19,7 +21,7 @@ import pytest
 from localcluster import Cluster
 from localcluster.operator import OperatorProcess, metric_sum
 from rollout_support import manual_canary, md_status, start_canary
-from support import get, wait_for
+from support import DELETE, get, load_example, merged, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -172,3 +174,69 @@ def test_a_leader_that_loses_the_lease_stops_and_exits(
     wait_for("the leader to exit", lambda: not first.running, timeout=10)
     assert first.stop() == 1
     assert "Lost Lease" in first.log_path.read_text()
+
+
+def writes_by(cluster: Cluster, identity: str) -> list[tuple[datetime.datetime, str]]:
+    """The writes the API server's audit log records from the operator named ``identity``
+    (its User-Agent carries it): (received, "VERB /uri code"), in order."""
+    found = []
+    for event in cluster.audit_events():
+        if f"({identity})" in event.get("userAgent", ""):
+            received = datetime.datetime.fromisoformat(event["requestReceivedTimestamp"])
+            code = event.get("responseStatus", {}).get("code")
+            found.append((received, f"{event['verb']} {event['requestURI']} {code}"))
+    return sorted(found)
+
+
+def test_a_frozen_leader_is_replaced_and_writes_nothing_when_it_thaws(
+    cluster: Cluster, namespace: str, pair: list[OperatorProcess]
+) -> None:
+    """The leader stops dead (SIGSTOP: a long GC pause, a frozen VM) past its Lease; the
+    standby takes over and acts on a change; the old leader wakes with that change in its
+    watches and work queue, and exits without a single write: the API server's audit log,
+    which names each replica, shows every write of the old leader before the first of the
+    new one, and none after the thaw."""
+    first = wait_for("a leader", lambda: leaders(pair), timeout=10)[0]
+    standby = next(p for p in pair if p is not first)
+    old, new = first.identity(), standby.identity()
+    assert old
+    assert new
+    model = merged(load_example("minimal.yaml"), {"spec": {"resources": {"gpu": DELETE}}})
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", stdin=json.dumps(model))
+    wait_for(
+        "the leader's work done",
+        lambda: (
+            (get(cluster, namespace, "md", "resnet50") or {}).get("status", {}).get("phase")
+            == "Available"
+        ),
+    )
+    time.sleep(1)  # its last Event posted: a write in flight at the freeze would land later
+    assert writes_by(cluster, old), "the audit log does not name the leader's writes"
+
+    assert first.pid is not None
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        wait_for("the standby to lead", standby.leading, timeout=LEASE_DURATION + MARGIN)
+        patch = json.dumps({"spec": {"replicas": 3}})
+        cluster.kubectl("patch", "md", "resnet50", "-n", namespace, "--type=merge", "-p", patch)
+        wait_for(
+            "the new leader to scale",
+            lambda: (
+                (get(cluster, namespace, "deployment", "resnet50-stable") or {})
+                .get("spec", {})
+                .get("replicas")
+                == 3
+            ),
+            timeout=20,
+        )
+    finally:
+        thawed = datetime.datetime.now(datetime.UTC)
+        os.kill(first.pid, signal.SIGCONT)
+    wait_for("the old leader to exit", lambda: not first.running, timeout=30)
+    assert first.stop() == 1
+    assert "Lost Lease" in first.log_path.read_text()
+    olds, news = writes_by(cluster, old), writes_by(cluster, new)
+    assert [w for at, w in olds if at >= thawed] == []
+    assert olds[-1][0] < news[0][0], (olds[-1], news[0])  # never two writers at once
+    assert any("/deployments/resnet50-stable" in w for _, w in news)
+    assert lease(cluster, namespace)["holderIdentity"] == new

@@ -21,6 +21,7 @@ from modeldeploy_operator.builders.deployment import BuildConfig
 from modeldeploy_operator.context import OperatorContext
 from modeldeploy_operator.health import HealthServer
 from modeldeploy_operator.k8s.client import ApiError, Json
+from modeldeploy_operator.k8s.reflector import Contact
 from modeldeploy_operator.leader.decide import (
     LeaseRecord,
     Observation,
@@ -346,20 +347,37 @@ class StalledReconciler:
         return self.dead
 
 
+def health(reconciler: StalledReconciler, elector: Any = None, contact: Any = None) -> str | None:
+    return health_check(reconciler, elector, [], 300, contact or Contact(), 70)  # type: ignore[arg-type]
+
+
 def test_health_fails_on_a_stuck_reconcile_only_while_leading() -> None:
     stuck = StalledReconciler((("ns", "resnet50"), 301.0))
-    assert health_check(StalledReconciler(None), None, [], 300) is None  # type: ignore[arg-type]
-    assert health_check(StalledReconciler((("ns", "a"), 10.0)), None, [], 300) is None  # type: ignore[arg-type]
-    problem = health_check(stuck, None, [], 300)  # type: ignore[arg-type]
-    assert problem == "the reconcile of ns/resnet50 has run for 301 s"
+    assert health(StalledReconciler(None)) is None
+    assert health(StalledReconciler((("ns", "a"), 10.0))) is None
+    assert health(stuck) == "the reconcile of ns/resnet50 has run for 301 s"
     standby = candidate(FakeLeases(), "a", Clock())
-    assert health_check(stuck, standby, [], 300) is None  # type: ignore[arg-type]
+    assert health(stuck, standby) is None
 
 
 def test_health_fails_when_a_worker_thread_died() -> None:
     dead = StalledReconciler(None, ("reconcile-2",))
-    problem = health_check(dead, None, [], 300)  # type: ignore[arg-type]
-    assert problem == "the worker thread reconcile-2 ended"
+    assert health(dead) == "the worker thread reconcile-2 ended"
+
+
+def test_health_fails_while_a_watch_has_heard_nothing_past_the_inactivity_timeout() -> None:
+    now = [0.0]
+    contact = Contact(clock=lambda: now[0])
+    contact.heard("Deployment")
+    contact.heard("Pod")
+    now[0] = 70.0
+    assert health(StalledReconciler(None), contact=contact) is None
+    contact.heard("Pod")
+    now[0] = 95.0
+    problem = health(StalledReconciler(None), contact=contact)
+    assert problem == "the Deployment watch has heard nothing from the API server for 95 s"
+    contact.heard("Deployment")  # a list or an event: healthy again
+    assert health(StalledReconciler(None), contact=contact) is None
 
 
 def test_the_reconciler_knows_how_long_its_running_reconciles_have_run() -> None:

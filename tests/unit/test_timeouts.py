@@ -22,6 +22,7 @@ from modeldeploy_operator.k8s.client import (
     THROTTLE_RETRIES,
     ApiError,
     KubernetesApi,
+    WatchStalled,
     api_client,
     retry_after,
 )
@@ -72,6 +73,41 @@ def test_a_read_from_a_silent_api_server_times_out(silent_server: str) -> None:
     assert isinstance(error, ApiError), error
     assert (error.status, error.reason) == (0, "Timeout")
     assert took < 5  # urllib3 retries an idempotent read up to 3 times
+
+
+def test_a_watch_stream_that_goes_silent_is_a_stall_within_the_inactivity_timeout() -> None:
+    """The server opens the stream and sends one event, then nothing (no bookmark, no end):
+    the read timeout is the watch's inactivity timeout, not the server's timeoutSeconds."""
+    held: list[socket.socket] = []
+
+    def one_event_then_silence(conn: socket.socket) -> None:
+        held.append(conn)
+        conn.recv(65536)
+        event = b'{"type":"ADDED","object":{"metadata":{"name":"a","resourceVersion":"2"}}}\n'
+        conn.sendall(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n" + f"{len(event):x}\r\n".encode() + event + b"\r\n"
+        )
+
+    seen: list[dict[str, Any]] = []
+    with local_server(one_event_then_silence) as url:
+        api = api_for(url, (0.5, 0.5))
+        events = api.watch(
+            "v1",
+            "Pod",
+            "ns",
+            selector="",
+            resource_version="1",
+            timeout_seconds=300,
+            inactivity_seconds=1.0,
+        )
+        error, took = within(10, lambda: seen.extend(events))
+    for conn in held:
+        conn.close()
+    assert [e["object"]["metadata"]["name"] for e in seen] == ["a"]
+    assert isinstance(error, WatchStalled), error
+    assert "nothing for 1 s" in error.message
+    assert 1.0 <= took < 5
 
 
 def test_a_refused_connection_is_an_api_error() -> None:

@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +31,7 @@ import yaml
 
 from localcluster.images import BuiltImage, Images
 from localcluster.nodes import NodeSpec, default_nodes, node_manifest
-from localcluster.processes import is_ours, stop_pids
+from localcluster.processes import is_ours, process_cmdline, stop_pids
 from localcluster.realnode import (
     NodePaths,
     RealNode,
@@ -81,6 +84,15 @@ class ClusterState:
         return self.cluster_dir / "pids"
 
     @property
+    def audit_policy(self) -> Path:
+        return self.root / "audit-policy.yaml"
+
+    @property
+    def audit_log(self) -> Path:
+        """The API server's audit log: one JSON event per line (every write, who made it)."""
+        return self.root / "audit.log"
+
+    @property
     def node_paths(self) -> NodePaths:
         return NodePaths.under(self.root, self.name)
 
@@ -110,11 +122,27 @@ def read_pid_files(pid_dir: Path) -> list[Process]:
     return processes
 
 
+# Every write, at the Metadata level (who, what, when, the answer's code): the fencing tests
+# read it to see which process wrote after it lost its Lease. Reads are not logged.
+AUDIT_POLICY = {
+    "apiVersion": "audit.k8s.io/v1",
+    "kind": "Policy",
+    "omitStages": ["RequestReceived"],
+    "rules": [
+        {"level": "Metadata", "verbs": ["create", "update", "patch", "delete", "deletecollection"]},
+        {"level": "None"},
+    ],
+}
+
+
 def kwokctl_configuration(
-    toolchain: Toolchain, real_node: RealNodeSpec | None = None
+    toolchain: Toolchain,
+    real_node: RealNodeSpec | None = None,
+    state: ClusterState | None = None,
 ) -> dict[str, Any]:
     """kwokctl's configuration: our binaries, run as processes, listening on 127.0.0.1 only
-    (with a real node, the API server listens on the node's bridge address instead)."""
+    (with a real node, the API server listens on the node's bridge address instead). With a
+    ``state``, the API server writes an audit log there."""
     path = toolchain.path
     config: dict[str, Any] = {
         "apiVersion": "config.kwok.x-k8s.io/v1alpha1",
@@ -136,9 +164,27 @@ def kwokctl_configuration(
             {
                 "name": "kube-apiserver",
                 "extraArgs": [{"key": "service-cluster-ip-range", "value": SERVICE_RANGE}],
-            }
+            },
+            # One of each, nothing to elect: without election they also ride out an API
+            # server frozen past their renew deadline (the fault tests freeze it), where a
+            # leader would exit, as it should where a kubelet restarts it; nothing does here.
+            {
+                "name": "kube-controller-manager",
+                "extraArgs": [{"key": "leader-elect", "value": "false"}],
+            },
+            {
+                "name": "kube-scheduler",
+                "extraArgs": [{"key": "leader-elect", "value": "false"}],
+            },
         ],
     }
+    if state is not None:
+        config["componentsPatches"][0]["extraArgs"] += [
+            {"key": "audit-policy-file", "value": str(state.audit_policy)},
+            {"key": "audit-log-path", "value": str(state.audit_log)},
+            {"key": "audit-log-maxsize", "value": "200"},  # MB, then rotated once
+            {"key": "audit-log-maxbackup", "value": "1"},
+        ]
     if real_node is not None:
         config["options"] |= kwokctl_options(real_node)
         config["componentsPatches"] += kwokctl_patches(real_node)
@@ -210,6 +256,80 @@ class Cluster:
             return False
         result = self.kubectl("get", "--raw", "/readyz", check=False, timeout=10)
         return result.returncode == 0 and result.stdout.strip() == "ok"
+
+    # -- faults --------------------------------------------------------------------------
+
+    def component_pid(self, component: str) -> int:
+        """The pid of a live control-plane process (``kube-apiserver``, ``etcd``, ...)."""
+        for process in self.processes():
+            if process.component == component:
+                return process.pid
+        raise ClusterError(f"{component} is not running")
+
+    def signal_component(self, component: str, sig: signal.Signals) -> None:
+        """Send ``sig`` to a control-plane process: SIGSTOP freezes it, SIGCONT thaws it."""
+        os.kill(self.component_pid(component), sig)
+
+    def restart_component(self, component: str, timeout: float = READY_TIMEOUT_SECONDS) -> None:
+        """Kill a control-plane process (SIGKILL: no goodbye to its clients) and start it again
+        as kwokctl did: same command line, folder, environment and log file; its pid file
+        updated. For the API server, returns once it answers /readyz."""
+        pid = self.component_pid(component)
+        proc = Path(f"/proc/{pid}")
+        argv = [a.decode() for a in proc.joinpath("cmdline").read_bytes().split(b"\0") if a]
+        environ = dict(
+            line.decode().split("=", 1)
+            for line in proc.joinpath("environ").read_bytes().split(b"\0")
+            if b"=" in line
+        )
+        cwd = proc.joinpath("cwd").resolve()
+        log = proc.joinpath("fd", "1").resolve()
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + timeout
+        while is_ours(pid, str(self.state.cluster_dir)):
+            if time.monotonic() > deadline:
+                raise ClusterError(f"{component} (pid {pid}) did not die")
+            time.sleep(0.05)
+        with log.open("ab") as out:
+            started = subprocess.Popen(
+                argv,
+                cwd=cwd,
+                env=environ,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                start_new_session=True,
+            )
+        (self.state.pid_dir / f"{component}.pid").write_text(f"{started.pid}\n")
+        if component == "kube-apiserver":
+            self._wait_api_ready()
+
+    def audit_events(self) -> list[dict[str, Any]]:
+        """Every write the API server has logged so far (``audit.k8s.io/v1`` Events)."""
+        if not self.state.audit_log.is_file():
+            return []
+        return [json.loads(line) for line in self.state.audit_log.read_text().splitlines() if line]
+
+    def compact_etcd(self) -> int:
+        """Compact etcd at its current revision (through its own v3 JSON gateway): every older
+        resourceVersion is gone from storage. Returns the revision."""
+        cmdline = process_cmdline(self.component_pid("etcd")) or ""
+        found = re.search(r"--advertise-client-urls=(\S+)", cmdline)
+        if found is None:
+            raise ClusterError(f"no client URL in etcd's command line: {cmdline}")
+        url = found.group(1).split(",")[0]
+
+        def call(path: str, body: dict[str, Any]) -> dict[str, Any]:
+            request = urllib.request.Request(  # noqa: S310 - etcd's URL, on this machine
+                f"{url}/v3/{path}", data=json.dumps(body).encode(), method="POST"
+            )
+            with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+                answer: dict[str, Any] = json.loads(response.read())
+                return answer
+
+        revision = int(call("kv/range", {"key": "Lw==", "limit": 1})["header"]["revision"])
+        call("kv/compaction", {"revision": revision, "physical": True})
+        return revision
 
     def env(self) -> dict[str, str]:
         """Environment for commands that should talk to this cluster with our binaries."""
@@ -354,8 +474,9 @@ class Cluster:
 
     def _create_flags(self) -> list[str]:
         config = self.state.root / "kwokctl.yaml"
-        configuration = kwokctl_configuration(self.toolchain, self.real_node_spec)
+        configuration = kwokctl_configuration(self.toolchain, self.real_node_spec, self.state)
         config.write_text(yaml.safe_dump(configuration, sort_keys=False))
+        self.state.audit_policy.write_text(yaml.safe_dump(AUDIT_POLICY, sort_keys=False))
         return [
             f"--config={config}",
             f"--kubeconfig={self.state.kubeconfig}",

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import IO
@@ -160,10 +161,16 @@ class OperatorProcess:
                 found = json.loads(line).get("identity")
         return found
 
-    def _healthy(self) -> bool:
+    def health(self) -> tuple[int, str]:
+        """``/healthz``'s status code and text; (0, why) when it does not answer."""
+        url = f"http://127.0.0.1:{self.health_port}/healthz"
         try:
-            url = f"http://127.0.0.1:{self.health_port}/healthz"
-            with urllib.request.urlopen(url, timeout=1) as response:
-                return bool(response.status == 200)
-        except OSError:
-            return False
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return int(response.status), response.read().decode().strip()
+        except urllib.error.HTTPError as error:
+            return int(error.code), error.read().decode().strip()
+        except OSError as error:
+            return 0, str(error)
+
+    def _healthy(self) -> bool:
+        return self.health()[0] == 200

@@ -54,6 +54,13 @@ class ApiError(RuntimeError):
         self.retry_after = 1.0  # seconds; for a 429, what the server asked (bounded)
 
 
+class WatchStalled(ApiError):
+    """A watch stream that went silent past its inactivity timeout: no event, no bookmark."""
+
+    def __init__(self, path: str, seconds: float) -> None:
+        super().__init__(0, "WatchStalled", f"WATCH {path}: nothing for {seconds:g} s")
+
+
 def retry_after(value: str | None) -> float:
     """A Retry-After header in seconds (the API server sends whole seconds), within
     [0.1, THROTTLE_MAX_WAIT]; 1 s when missing or unreadable."""
@@ -398,11 +405,14 @@ class KubernetesApi:
         selector: str,
         resource_version: str,
         timeout_seconds: int,
+        inactivity_seconds: float,
     ) -> Iterator[Json]:
-        """The watch events after ``resource_version`` (bookmarks included), until the server
-        ends the stream after ``timeout_seconds``. The read timeout is longer than that: a
-        connection that goes quiet past it (bookmarks arrive about every minute) is dead, and
-        raises ApiError(0). An expired resourceVersion is ApiError(410), or an ERROR event."""
+        """Opens the watch (the answer's head has arrived when this returns) and gives its
+        events after ``resource_version`` (bookmarks included), until the server ends the
+        stream after ``timeout_seconds``. A stream that stays silent for
+        ``inactivity_seconds`` (bookmarks arrive about every minute) is dead: WatchStalled.
+        A reset is ApiError(0); an expired resourceVersion is ApiError(410), or an ERROR
+        event."""
         query = [
             ("watch", "true"),
             ("allowWatchBookmarks", "true"),
@@ -416,16 +426,22 @@ class KubernetesApi:
             path,
             kind=kind,
             query=query,
-            timeout=(self.timeout[0], float(timeout_seconds + 60)),
+            timeout=(self.timeout[0], inactivity_seconds),  # the read timeout: per read
             stream=True,
         )
-        stream = response.response
+        return self._events(response.response, path, inactivity_seconds)
+
+    def _events(
+        self, stream: urllib3.BaseHTTPResponse, path: str, inactivity_seconds: float
+    ) -> Iterator[Json]:
         try:
             for line in iter_resp_lines(stream):  # type: ignore[no-untyped-call]
                 if line:
                     event: Json = json.loads(line)
                     yield event
-        except urllib3.exceptions.HTTPError as error:  # reset, or quiet past the read timeout
+        except urllib3.exceptions.ReadTimeoutError as error:
+            raise WatchStalled(path, inactivity_seconds) from error
+        except urllib3.exceptions.HTTPError as error:  # reset
             raise self._connection_error("WATCH", path, error) from error
         finally:
             stream.close()  # a stream left part-read must not go back to the pool

@@ -1,0 +1,304 @@
+"""Faults at the boundary with the API server, made by real components: a TCP relay between
+the operator and the real kube-apiserver that silences or cuts its connections
+(``localcluster.faultproxy``), the kube-apiserver itself frozen (SIGSTOP) and restarted, and
+etcd compacted. The operator is a real process; nothing answers in the API server's place.
+
+The operators here watch only the test's namespace, with short watches (the server ends each
+after 15-30 s, so each watch hears from it at least that often) and an inactivity timeout of
+35 s, so that a stall is noticed in well under a minute; the defaults are 300-600 s and 70 s.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from localcluster import Cluster
+from localcluster.faultproxy import FaultProxy, upstream_of
+from localcluster.operator import OperatorProcess, metric_sum
+from rollout_support import manual_canary, md_status, start_canary
+from support import DELETE, get, load_example, merged, wait_for
+
+pytestmark = pytest.mark.cluster
+
+WATCH_TIMEOUT = 15  # --watch-timeout: every watch hears from the server within 30 s
+INACTIVITY = 35.0  # --watch-inactivity-timeout
+CHILD_WATCHES = ("Deployment", "Service", "Pod")
+
+
+def cpu_model(name: str) -> dict[str, Any]:
+    manifest = merged(load_example("minimal.yaml"), {"spec": {"resources": {"gpu": DELETE}}})
+    manifest["metadata"] = {"name": name}
+    return manifest
+
+
+def replicas(cluster: Cluster, namespace: str, deployment: str) -> int | None:
+    found = get(cluster, namespace, "deployment", deployment)
+    return None if found is None else int(found["spec"]["replicas"])
+
+
+def scale(cluster: Cluster, namespace: str, name: str, count: int) -> None:
+    patch = json.dumps({"spec": {"replicas": count}})
+    cluster.kubectl("patch", "md", name, "-n", namespace, "--type=merge", "-p", patch)
+
+
+@pytest.fixture
+def proxy(cluster: Cluster) -> Iterator[FaultProxy]:
+    relay = FaultProxy(upstream_of(cluster.state.kubeconfig)).start()
+    try:
+        yield relay
+    finally:
+        relay.close()
+
+
+@pytest.fixture
+def own_operator(
+    cluster: Cluster, operator: OperatorProcess, namespace: str, tmp_path: Path
+) -> Iterator[list[OperatorProcess]]:
+    """Room for the test's own operators: the session's one (which watches every namespace)
+    is stopped meanwhile; the test's are stopped at the end."""
+    operator.stop()
+    started: list[OperatorProcess] = []
+    try:
+        yield started
+    finally:
+        for process in started:
+            process.stop()
+        operator.start()
+
+
+def start_operator(
+    cluster: Cluster,
+    namespace: str,
+    log: Path,
+    *args: str,
+    kubeconfig: Path | None = None,
+) -> OperatorProcess:
+    process = OperatorProcess(
+        cluster,
+        log,
+        kubeconfig=kubeconfig,
+        extra_args=(
+            f"--namespace={namespace}",
+            f"--leader-election-namespace={namespace}",
+            f"--watch-timeout={WATCH_TIMEOUT}",
+            f"--watch-inactivity-timeout={INACTIVITY:g}",
+            *args,
+        ),
+    )
+    process.start()
+    return process
+
+
+def failing_health(process: OperatorProcess) -> str | None:
+    """``/healthz``'s complaint while it fails with 500, else None."""
+    code, text = process.health()
+    return text if code == 500 else None
+
+
+def watch_metric(process: OperatorProcess, name: str, namespace: str, **labels: str) -> float:
+    return sum(
+        metric_sum(process.metrics(), name, watch=f"{kind} in {namespace}", **labels)
+        for kind in CHILD_WATCHES
+    )
+
+
+def test_silent_watches_are_dropped_within_the_inactivity_timeout_and_nothing_is_missed(
+    cluster: Cluster,
+    own_operator: list[OperatorProcess],
+    proxy: FaultProxy,
+    namespace: str,
+    tmp_path: Path,
+) -> None:
+    """Every open connection between the operator and the API server goes silent (new ones
+    still pass): a change made then is invisible until the watches notice the silence; they
+    resume from where they were (no list again), and the change is applied."""
+    kubeconfig = proxy.kubeconfig(cluster.state.kubeconfig, tmp_path / "through-proxy")
+    process = start_operator(
+        cluster, namespace, tmp_path / "operator.log", "--no-leader-elect", kubeconfig=kubeconfig
+    )
+    own_operator.append(process)
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", stdin=json.dumps(cpu_model("resnet50")))
+    wait_for("the Deployment", lambda: replicas(cluster, namespace, "resnet50-stable") == 1)
+    assert proxy.accepted > 0  # the operator talks through the relay
+
+    proxy.stall()
+    stalled = time.monotonic()
+    scale(cluster, namespace, "resnet50", 2)
+    time.sleep(3)  # unharmed, the change is applied within a second
+    assert replicas(cluster, namespace, "resnet50-stable") == 1, "the stall did not bite"
+    wait_for(
+        "the change, once the silent watches are dropped",
+        lambda: replicas(cluster, namespace, "resnet50-stable") == 2,
+        timeout=INACTIVITY + 20,
+    )
+    noticed = time.monotonic() - stalled
+    assert noticed <= INACTIVITY + 20
+    wait_for(
+        "a stall counted on every child watch",
+        lambda: all(
+            metric_sum(
+                process.metrics(),
+                "modeldeploy_operator_watch_stalls_total",
+                watch=f"{kind} in {namespace}",
+            )
+            >= 1
+            for kind in CHILD_WATCHES
+        ),
+        timeout=INACTIVITY + 10,
+    )
+    # Resumed from the last resourceVersion seen: nothing was listed again.
+    assert watch_metric(process, "modeldeploy_operator_watch_relists_total", namespace) == 0
+    assert process.running
+    assert process.health() == (200, "ok")
+    assert (
+        "heard nothing for 35 s; watching again from resourceVersion"
+        in (tmp_path / "operator.log").read_text()
+    )
+
+
+def test_a_partitioned_operator_fails_its_health_check_and_recovers_when_healed(
+    cluster: Cluster,
+    own_operator: list[OperatorProcess],
+    proxy: FaultProxy,
+    namespace: str,
+    tmp_path: Path,
+) -> None:
+    """Nothing gets through, new connections included: /healthz says which watch has heard
+    nothing for how long, and the silence shows in the metrics; once healed the operator
+    lists again, applies what changed meanwhile, and is healthy. (Without leader election:
+    with it, the leader would step down at its renew deadline, see the partition test in
+    test_high_availability.py.)"""
+    kubeconfig = proxy.kubeconfig(cluster.state.kubeconfig, tmp_path / "through-proxy")
+    process = start_operator(
+        cluster, namespace, tmp_path / "operator.log", "--no-leader-elect", kubeconfig=kubeconfig
+    )
+    own_operator.append(process)
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", stdin=json.dumps(cpu_model("resnet50")))
+    wait_for("the Deployment", lambda: replicas(cluster, namespace, "resnet50-stable") == 1)
+
+    proxy.partition()
+    scale(cluster, namespace, "resnet50", 2)
+    problem = wait_for("/healthz to fail", lambda: failing_health(process), timeout=INACTIVITY + 20)
+    assert "watch has heard nothing from the API server for" in problem, problem
+    silence = max(
+        metric_sum(
+            process.metrics(),
+            "modeldeploy_operator_watch_silence_seconds",
+            watch=f"{kind} in {namespace}",
+        )
+        for kind in CHILD_WATCHES
+    )
+    assert silence > INACTIVITY
+    assert replicas(cluster, namespace, "resnet50-stable") == 1
+
+    proxy.heal()
+    wait_for(
+        "the change applied after the partition",
+        lambda: replicas(cluster, namespace, "resnet50-stable") == 2,
+        timeout=60,  # the watches' backoff grows to 30 s while nothing answers
+    )
+    wait_for("/healthz to pass again", lambda: process.health() == (200, "ok"), timeout=30)
+    assert process.running
+
+
+def test_an_api_server_frozen_then_restarted_mid_rollout_loses_nothing(
+    cluster: Cluster,
+    own_operator: list[OperatorProcess],
+    proxy: FaultProxy,
+    namespace: str,
+    tmp_path: Path,
+) -> None:
+    """Mid-canary, the kube-apiserver is frozen (SIGSTOP) past the watches' inactivity
+    timeout, then thawed. Then the operator's watches fall behind (their connections go
+    silent), a ModelDeployment is created, etcd is compacted and the kube-apiserver killed
+    and started again: the watches notice the silence, come back with versions that are
+    gone (410 Gone), list again and miss nothing. The canary stays at its step throughout,
+    and then completes. Leader election stays on, with a renew deadline longer than the
+    outages (the defaults would have the leader step down and exit after 10 s, and another
+    process take over: test_high_availability.py)."""
+    kubeconfig = proxy.kubeconfig(cluster.state.kubeconfig, tmp_path / "through-proxy")
+    process = start_operator(
+        cluster,
+        namespace,
+        tmp_path / "operator.log",
+        "--leader-election-lease-duration=120",
+        "--leader-election-renew-deadline=90",
+        "--leader-election-retry-period=2",
+        kubeconfig=kubeconfig,
+    )
+    own_operator.append(process)
+    start_canary(cluster, namespace, manual_canary())
+    wait_for(
+        "the canary at its manual step",
+        lambda: (
+            (md_status(cluster, namespace).get("canary") or {}).get("step") == 0
+            and replicas(cluster, namespace, "resnet50-canary") == 1
+        ),
+        timeout=60,
+    )
+    before = md_status(cluster, namespace)["canary"]
+
+    # 1. The API server stops dead: connections stay open, nothing answers.
+    cluster.signal_component("kube-apiserver", signal.SIGSTOP)
+    try:
+        problem = wait_for(
+            "/healthz to report the silence",
+            lambda: failing_health(process),
+            timeout=INACTIVITY + 20,
+        )
+    finally:
+        cluster.signal_component("kube-apiserver", signal.SIGCONT)
+    assert "heard nothing from the API server" in problem, problem
+    wait_for("/healthz to pass again", lambda: process.health() == (200, "ok"), timeout=60)
+
+    # 2. Watches behind, a change they cannot see, versions gone, an API server restarted.
+    proxy.stall()
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", stdin=json.dumps(cpu_model("late")))
+    cluster.compact_etcd()
+    cluster.restart_component("kube-apiserver")
+    wait_for(
+        "the watches to list again after 410 Gone",
+        lambda: (
+            watch_metric(
+                process, "modeldeploy_operator_watch_relists_total", namespace, reason="expired"
+            )
+            >= 1
+        ),
+        timeout=INACTIVITY + 30,
+    )
+    wait_for(
+        "the ModelDeployment created in the gap",
+        lambda: replicas(cluster, namespace, "late-stable") == 1,
+        timeout=60,
+    )
+    assert process.running
+
+    # The rollout never moved: same step, same start, one canary Deployment.
+    after = md_status(cluster, namespace)["canary"]
+    assert (after["step"], after["stepStarted"], after["started"]) == (
+        before["step"],
+        before["stepStarted"],
+        before["started"],
+    )
+    deployments = cluster.kubectl_json("get", "deployments", "-n", namespace)["items"]
+    assert sorted(d["metadata"]["name"] for d in deployments) == [
+        "late-stable",
+        "resnet50-canary",
+        "resnet50-stable",
+    ]
+    cluster.kubectl(
+        "annotate", "md", "resnet50", "-n", namespace, "serving.modeldeploy.io/command=resume"
+    )
+    wait_for(
+        "promotion",
+        lambda: md_status(cluster, namespace).get("stable", {}).get("version") == "2",
+        timeout=60,
+    )
+    assert [h["result"] for h in md_status(cluster, namespace)["history"]] == ["Promoted"]
