@@ -121,3 +121,25 @@ def local_server(handle: Callable[[socket.socket], None]) -> Iterator[str]:
         stop.set()
         thread.join()
         listener.close()
+
+
+def token_kubeconfig(cluster: Cluster, token: str, path: Path) -> Path:
+    """A kubeconfig for the local cluster that authenticates with ``token`` (a
+    ServiceAccount's, from `kubectl create token`), not the admin's certificate."""
+    admin = yaml.safe_load(cluster.state.kubeconfig.read_text())
+    server = admin["clusters"][0]["cluster"]
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "local", "cluster": server}],
+                "users": [{"name": "modeldeploy", "user": {"token": token}}],
+                "contexts": [
+                    {"name": "operator", "context": {"cluster": "local", "user": "modeldeploy"}}
+                ],
+                "current-context": "operator",
+            }
+        )
+    )
+    return path

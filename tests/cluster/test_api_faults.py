@@ -12,24 +12,30 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from kubernetes import client as k8s
+from kubernetes import config as k8s_config
 
 from localcluster import Cluster
 from localcluster.faultproxy import FaultProxy, upstream_of
 from localcluster.operator import OperatorProcess, metric_sum
 from rollout_support import manual_canary, md_status, start_canary
-from support import DELETE, get, load_example, merged, wait_for
+from support import DELETE, get, load_example, merged, token_kubeconfig, wait_for
 
 pytestmark = pytest.mark.cluster
 
 WATCH_TIMEOUT = 15  # --watch-timeout: every watch hears from the server within 30 s
 INACTIVITY = 35.0  # --watch-inactivity-timeout
 CHILD_WATCHES = ("Deployment", "Service", "Pod")
+THROTTLED_MODELS = 20
+LOAD_THREADS = 12
+REFUSALS = 3
 
 
 def cpu_model(name: str) -> dict[str, Any]:
@@ -302,3 +308,170 @@ def test_an_api_server_frozen_then_restarted_mid_rollout_loses_nothing(
         timeout=60,
     )
     assert [h["result"] for h in md_status(cluster, namespace)["history"]] == ["Promoted"]
+
+
+@pytest.fixture
+def throttled_account(cluster: Cluster, namespace: str, tmp_path: Path) -> Iterator[Path]:
+    """A ServiceAccount whose every request API Priority and Fairness sends to a priority
+    level of its own: the smallest concurrency share (about 3 seats of the server's 600), no
+    borrowing, no queue. Beyond it the real API server answers 429 with Retry-After. (It may
+    do anything, cluster-admin: what it may do is not the point here.) Yields a kubeconfig."""
+    name = f"throttled-{namespace}"[:63]
+    subject = {
+        "kind": "ServiceAccount",
+        "serviceAccount": {"name": "throttled", "namespace": namespace},
+    }
+    objects = [
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": {"name": "throttled", "namespace": namespace},
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": name},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": "cluster-admin",
+            },
+            "subjects": [{"kind": "ServiceAccount", "name": "throttled", "namespace": namespace}],
+        },
+        {
+            "apiVersion": "flowcontrol.apiserver.k8s.io/v1",
+            "kind": "PriorityLevelConfiguration",
+            "metadata": {"name": name},
+            "spec": {
+                "type": "Limited",
+                "limited": {
+                    "nominalConcurrencyShares": 1,
+                    "lendablePercent": 0,
+                    "borrowingLimitPercent": 0,
+                    "limitResponse": {"type": "Reject"},
+                },
+            },
+        },
+        {
+            "apiVersion": "flowcontrol.apiserver.k8s.io/v1",
+            "kind": "FlowSchema",
+            "metadata": {"name": name},
+            "spec": {
+                "priorityLevelConfiguration": {"name": name},
+                "matchingPrecedence": 300,  # before the defaults' service-accounts (9000)
+                "distinguisherMethod": {"type": "ByUser"},
+                "rules": [
+                    {
+                        "subjects": [subject],
+                        "resourceRules": [
+                            {
+                                "verbs": ["*"],
+                                "apiGroups": ["*"],
+                                "resources": ["*"],
+                                "namespaces": ["*"],
+                                "clusterScope": True,
+                            }
+                        ],
+                        "nonResourceRules": [{"verbs": ["*"], "nonResourceURLs": ["*"]}],
+                    }
+                ],
+            },
+        },
+    ]
+    manifest = json.dumps({"apiVersion": "v1", "kind": "List", "items": objects})
+    cluster.kubectl("apply", "-f", "-", stdin=manifest)
+    try:
+        token = cluster.kubectl(
+            "create", "token", "throttled", "-n", namespace, "--duration=1h"
+        ).stdout.strip()
+        yield token_kubeconfig(cluster, token, tmp_path / "throttled.kubeconfig")
+    finally:
+        for kind in ("flowschema", "prioritylevelconfiguration", "clusterrolebinding"):
+            cluster.kubectl("delete", kind, name, "--wait=false", check=False)
+
+
+class Load:
+    """Threads that list namespaces as the throttled account, as fast as they are let: its
+    priority level is full while they run. Counts what the API server answered."""
+
+    def __init__(self, kubeconfig: Path, threads: int) -> None:
+        configuration = k8s.Configuration()
+        k8s_config.load_kube_config(str(kubeconfig), client_configuration=configuration)  # type: ignore[no-untyped-call]
+        configuration.retries = False  # every answer counted, a 429 too (urllib3 would wait)
+        self.client = k8s.ApiClient(configuration)
+        self.answers: dict[int, int] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def __enter__(self) -> Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=30)
+
+    def _run(self) -> None:
+        api = k8s.CoreV1Api(self.client)
+        while not self._stop.is_set():
+            try:
+                api.list_namespace(_request_timeout=10)
+                code = 200
+            except k8s.ApiException as error:
+                code = int(error.status or 0)
+            with self._lock:
+                self.answers[code] = self.answers.get(code, 0) + 1
+
+
+def test_throttled_by_priority_and_fairness_the_operator_waits_and_converges(
+    cluster: Cluster,
+    own_operator: list[OperatorProcess],
+    throttled_account: Path,
+    namespace: str,
+    tmp_path: Path,
+) -> None:
+    """The operator runs as an account that the real API server throttles (API Priority and
+    Fairness), while other clients of the same account fill its share: the operator gets
+    429s with Retry-After, waits them out, and once the share frees every ModelDeployment
+    converges. (While the share stays full, a client of the same identity starves the
+    operator: give it a priority level of its own, docs/reliability.md.)"""
+    process = start_operator(
+        cluster,
+        namespace,
+        tmp_path / "operator.log",
+        "--no-leader-elect",
+        kubeconfig=throttled_account,
+    )
+    own_operator.append(process)
+    models = [cpu_model(f"m{i:02d}") for i in range(THROTTLED_MODELS)]
+
+    def available() -> int:
+        listed = cluster.kubectl_json("get", "md", "-n", namespace)["items"]
+        return sum(1 for m in listed if m.get("status", {}).get("phase") == "Available")
+
+    with Load(throttled_account, LOAD_THREADS) as load:
+        cluster.kubectl(
+            "apply",
+            "-n",
+            namespace,
+            "-f",
+            "-",
+            stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": models}),
+        )
+        wait_for(
+            "the operator refused",
+            lambda: (
+                metric_sum(process.metrics(), "modeldeploy_api_requests_total", code="429")
+                >= REFUSALS
+            ),
+            timeout=60,
+        )
+    assert load.answers.get(429, 0) > 0, load.answers  # the priority level was full
+    # The share free again (the load stopped), everything converges: nothing was given up.
+    wait_for(f"{THROTTLED_MODELS} Available", lambda: available() == THROTTLED_MODELS, timeout=120)
+    throttled = metric_sum(process.metrics(), "modeldeploy_api_requests_total", code="429")
+    print(f"load answers {load.answers}; the operator was refused {throttled:.0f} times")
+    assert process.running

@@ -17,7 +17,7 @@ from chart_support import CHART, ROOT, render
 from localcluster import Cluster
 from localcluster.operator import OperatorProcess
 from rollout_support import manual_canary, md_status, start_canary
-from support import condition, get, load_example, wait_for
+from support import condition, get, load_example, token_kubeconfig, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -119,26 +119,6 @@ def test_the_api_server_accepts_the_rendered_chart_in_a_restricted_namespace(
     assert "Warning" not in result.stderr, result.stderr  # PodSecurity warns, restricted denies
 
 
-def write_kubeconfig(cluster: Cluster, token: str, path: Path) -> Path:
-    admin = yaml.safe_load(cluster.state.kubeconfig.read_text())
-    server = admin["clusters"][0]["cluster"]
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [{"name": "local", "cluster": server}],
-                "users": [{"name": "modeldeploy", "user": {"token": token}}],
-                "contexts": [
-                    {"name": "operator", "context": {"cluster": "local", "user": "modeldeploy"}}
-                ],
-                "current-context": "operator",
-            }
-        )
-    )
-    return path
-
-
 @pytest.fixture
 def no_session_operator(operator: OperatorProcess) -> Iterator[None]:
     """Stop the session's (admin) operator while a test runs its own as the chart's account:
@@ -209,7 +189,7 @@ def test_install_run_the_operator_with_the_charts_account_and_uninstall(
         )
         assert answer.stdout.strip() == allowed, (verb, resource, where)
 
-    kubeconfig = write_kubeconfig(cluster, token, tmp_path / "operator.kubeconfig")
+    kubeconfig = token_kubeconfig(cluster, token, tmp_path / "operator.kubeconfig")
     operator = OperatorProcess(
         cluster,
         tmp_path / "operator.log",
@@ -399,7 +379,7 @@ def operator_as(
         "create", "token", "modeldeploy", "-n", release_ns, "--duration=1h"
     ).stdout.strip()
     process = OperatorProcess(
-        cluster, log, kubeconfig=write_kubeconfig(cluster, token, kubeconfig), extra_args=args
+        cluster, log, kubeconfig=token_kubeconfig(cluster, token, kubeconfig), extra_args=args
     )
     process.start()
     return process
