@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from localcluster import Cluster
+from localcluster.faultproxy import FaultProxy, upstream_of
 from localcluster.operator import OperatorProcess, metric_sum
 from rollout_support import manual_canary, md_status, start_canary
 from support import DELETE, get, load_example, merged, wait_for
@@ -45,18 +46,38 @@ def canary_replicas(cluster: Cluster, namespace: str) -> int | None:
 
 
 @pytest.fixture
+def relay(cluster: Cluster) -> Iterator[FaultProxy]:
+    """A TCP relay to the API server that the test can cut (``localcluster.faultproxy``)."""
+    proxy = FaultProxy(upstream_of(cluster.state.kubeconfig)).start()
+    try:
+        yield proxy
+    finally:
+        proxy.close()
+
+
+@pytest.fixture
 def pair(
-    cluster: Cluster, operator: OperatorProcess, namespace: str, tmp_path: Path
+    cluster: Cluster,
+    operator: OperatorProcess,
+    namespace: str,
+    tmp_path: Path,
+    relay: FaultProxy,
 ) -> Iterator[list[OperatorProcess]]:
-    """Two operators with leader election on (the default), the session's one stopped."""
+    """Two operators with leader election on (the default), the session's one stopped. The
+    first leads, and talks to the API server through ``relay``."""
     operator.stop()
     scope = (f"--namespace={namespace}", f"--leader-election-namespace={namespace}")
+    through = relay.kubeconfig(cluster.state.kubeconfig, tmp_path / "through-relay")
     processes = [
-        OperatorProcess(cluster, tmp_path / f"operator-{i}.log", extra_args=scope) for i in (0, 1)
+        OperatorProcess(
+            cluster, tmp_path / f"operator-{i}.log", extra_args=scope, kubeconfig=kubeconfig
+        )
+        for i, kubeconfig in enumerate((through, None))
     ]
     try:
-        for process in processes:
-            process.start()
+        processes[0].start()
+        wait_for("the first to lead", processes[0].leading, timeout=10)
+        processes[1].start()
         yield processes
     finally:
         for process in processes:
@@ -188,16 +209,18 @@ def writes_by(cluster: Cluster, identity: str) -> list[tuple[datetime.datetime, 
     return sorted(found)
 
 
-def test_a_frozen_leader_is_replaced_and_writes_nothing_when_it_thaws(
-    cluster: Cluster, namespace: str, pair: list[OperatorProcess]
+@pytest.mark.parametrize("fault", ["freeze", "partition"])
+def test_a_cut_off_leader_is_replaced_and_writes_nothing_when_it_comes_back(
+    cluster: Cluster, namespace: str, pair: list[OperatorProcess], relay: FaultProxy, fault: str
 ) -> None:
-    """The leader stops dead (SIGSTOP: a long GC pause, a frozen VM) past its Lease; the
-    standby takes over and acts on a change; the old leader wakes with that change in its
-    watches and work queue, and exits without a single write: the API server's audit log,
-    which names each replica, shows every write of the old leader before the first of the
-    new one, and none after the thaw."""
-    first = wait_for("a leader", lambda: leaders(pair), timeout=10)[0]
-    standby = next(p for p in pair if p is not first)
+    """The leader is cut off past its Lease: stopped dead (SIGSTOP: a long GC pause, a frozen
+    VM) or partitioned from the API server (nothing gets through its relay). The standby
+    takes over and acts on a change; the old leader comes back (thawed, or the partition
+    healed) with that change waiting, and writes nothing: the API server's audit log, which
+    names each replica, shows every write of the old leader before the first of the new one,
+    and none after it came back."""
+    first, standby = pair
+    assert first.leading()
     old, new = first.identity(), standby.identity()
     assert old
     assert new
@@ -214,7 +237,10 @@ def test_a_frozen_leader_is_replaced_and_writes_nothing_when_it_thaws(
     assert writes_by(cluster, old), "the audit log does not name the leader's writes"
 
     assert first.pid is not None
-    os.kill(first.pid, signal.SIGSTOP)
+    if fault == "freeze":
+        os.kill(first.pid, signal.SIGSTOP)
+    else:
+        relay.partition()
     try:
         wait_for("the standby to lead", standby.leading, timeout=LEASE_DURATION + MARGIN)
         patch = json.dumps({"spec": {"replicas": 3}})
@@ -230,13 +256,16 @@ def test_a_frozen_leader_is_replaced_and_writes_nothing_when_it_thaws(
             timeout=20,
         )
     finally:
-        thawed = datetime.datetime.now(datetime.UTC)
-        os.kill(first.pid, signal.SIGCONT)
+        back = datetime.datetime.now(datetime.UTC)
+        if fault == "freeze":
+            os.kill(first.pid, signal.SIGCONT)
+        else:
+            relay.heal()
     wait_for("the old leader to exit", lambda: not first.running, timeout=30)
     assert first.stop() == 1
     assert "Lost Lease" in first.log_path.read_text()
     olds, news = writes_by(cluster, old), writes_by(cluster, new)
-    assert [w for at, w in olds if at >= thawed] == []
+    assert [w for at, w in olds if at >= back] == []
     assert olds[-1][0] < news[0][0], (olds[-1], news[0])  # never two writers at once
     assert any("/deployments/resnet50-stable" in w for _, w in news)
     assert lease(cluster, namespace)["holderIdentity"] == new
