@@ -84,9 +84,15 @@ bench-autoscale: toolchain ## Builtin autoscaler's reaction to a load step up an
 bench-realnode: toolchain images ## On real pods: apply to first inference vs a bare Deployment, a whole canary, rollback
 	PYTHONPATH=$(CURDIR)/tools:$(CURDIR)/tests $(PYTHON) bench/realnode_bench.py $(BENCH_ARGS)
 
+SOAK_SECONDS ?= 1800
+
 .PHONY: bench-rollout
 bench-rollout: toolchain ## Fault to 0 % canary traffic at 5 s and 30 s analysis intervals
 	PYTHONPATH=$(CURDIR)/tools:$(CURDIR)/tests $(PYTHON) bench/rollout_bench.py $(BENCH_ARGS)
+
+.PHONY: soak
+soak: toolchain ## 500 ModelDeployments under random faults (SOAK_SECONDS, default 1800), then invariants
+	PYTHONPATH=$(CURDIR)/tools:$(CURDIR)/tests $(PYTHON) bench/soak.py --seconds=$(SOAK_SECONDS) $(SOAK_ARGS)
 
 ##@ Generated files
 .PHONY: crds

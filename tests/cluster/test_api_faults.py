@@ -4,8 +4,8 @@ the operator and the real kube-apiserver that silences or cuts its connections
 etcd compacted. The operator is a real process; nothing answers in the API server's place.
 
 The operators here watch only the test's namespace, with short watches (the server ends each
-after 15-30 s, so each watch hears from it at least that often) and an inactivity timeout of
-35 s, so that a stall is noticed in well under a minute; the defaults are 300-600 s and 70 s.
+after 8-16 s, so each watch hears from it at least that often) and an inactivity timeout of
+25 s, so that a stall is noticed in well under a minute; the defaults are 300-600 s and 70 s.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from support import DELETE, get, load_example, merged, token_kubeconfig, wait_fo
 
 pytestmark = pytest.mark.cluster
 
-WATCH_TIMEOUT = 15  # --watch-timeout: every watch hears from the server within 30 s
-INACTIVITY = 35.0  # --watch-inactivity-timeout
+WATCH_TIMEOUT = 8  # --watch-timeout: every watch hears from the server within 16 s
+INACTIVITY = 25.0  # --watch-inactivity-timeout
 CHILD_WATCHES = ("Deployment", "Service", "Pod")
 THROTTLED_MODELS = 20
 LOAD_THREADS = 12
@@ -164,7 +164,7 @@ def test_silent_watches_are_dropped_within_the_inactivity_timeout_and_nothing_is
     assert process.running
     assert process.health() == (200, "ok")
     assert (
-        "heard nothing for 35 s; watching again from resourceVersion"
+        f"heard nothing for {INACTIVITY:g} s; watching again from resourceVersion"
         in (tmp_path / "operator.log").read_text()
     )
 

@@ -1,12 +1,17 @@
 """Restarting the operator against unchanged ModelDeployments writes nothing.
 
-A level-based operator must reach the same conclusion from the same world: five restarts
-against twenty settled ModelDeployments change no resourceVersion (of the ModelDeployments or
-their children), emit no Event and send no mutating request at all.
+A level-based operator must reach the same conclusion from the same world: ten restarts
+against twenty settled ModelDeployments, one canary waiting at a manual step after an earlier
+promotion (a canary Deployment, a history, a rollout status) and one autoscaled by an HPA,
+change no resourceVersion (of the ModelDeployments, their Deployments and Services; the
+HPA's spec), emit no Event and send no mutating request at all. Every start replays
+every object as an event (kopf's and our watches list first). A status field the API server
+pruned would be written again at every pass: this is the schema's round-trip guard too.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +20,14 @@ import yaml
 
 from localcluster import Cluster
 from localcluster.operator import OperatorProcess, metric_sum
-from support import DELETE, load_example, merged, wait_for
+from support import DELETE, get, load_example, merged, wait_for
 
 pytestmark = pytest.mark.cluster
 
 COUNT = 20
-RESTARTS = 5
+RESTARTS = 10
+CANARY = "canary-at-a-manual-step"
+AUTOSCALED = "autoscaled-by-an-hpa"
 WRITE_VERBS = "APPLY|PATCH|POST|PUT|DELETE"
 
 
@@ -28,7 +35,14 @@ def resource_versions(cluster: Cluster, namespace: str) -> dict[str, str]:
     items = cluster.kubectl_json("get", "modeldeployments,deployments,services", "-n", namespace)[
         "items"
     ]
-    return {f"{i['kind']}/{i['metadata']['name']}": i["metadata"]["resourceVersion"] for i in items}
+    found = {
+        f"{i['kind']}/{i['metadata']['name']}": i["metadata"]["resourceVersion"] for i in items
+    }
+    # kube-controller-manager writes the HPA's status; the operator owns its spec (the HPA
+    # keeps no generation to compare).
+    for hpa in cluster.kubectl_json("get", "hpa", "-n", namespace)["items"]:
+        found[f"HPA/{hpa['metadata']['name']}"] = json.dumps(hpa["spec"], sort_keys=True)
+    return found
 
 
 def event_count(cluster: Cluster, namespace: str) -> int:
@@ -36,13 +50,51 @@ def event_count(cluster: Cluster, namespace: str) -> int:
     return sum(1 for e in items if e.get("source", {}).get("component") == "modeldeploy-operator")
 
 
-def all_available(cluster: Cluster, namespace: str) -> bool:
+def all_settled(cluster: Cluster, namespace: str) -> bool:
+    """Every plain one Available, the canary waiting at its manual step, each observed."""
     items: list[dict[str, Any]] = cluster.kubectl_json("get", "md", "-n", namespace)["items"]
-    return len(items) == COUNT and all(
-        i.get("status", {}).get("phase") == "Available"
-        and i["status"].get("observedGeneration") == i["metadata"]["generation"]
-        for i in items
+    status = {i["metadata"]["name"]: i.get("status", {}) for i in items}
+    return (
+        len(items) == COUNT + 2
+        and all(
+            status[i["metadata"]["name"]].get("observedGeneration") == i["metadata"]["generation"]
+            for i in items
+        )
+        and all(s.get("phase") == "Available" for n, s in status.items() if n != CANARY)
+        and (status[CANARY].get("canary") or {}).get("weight") == 50
+        and bool(status[CANARY].get("history"))
     )
+
+
+def special(base: dict[str, Any]) -> list[dict[str, Any]]:
+    """The canary (version 2 promoted, version 3 waiting at 50 %) and the autoscaled one."""
+    steps = [{"weight": 50, "pause": "manual"}, {"weight": 100}]
+    canary = merged(
+        base,
+        {
+            "metadata": {"name": CANARY},
+            "spec": {"replicas": 2, "rollout": {"strategy": "Canary", "steps": steps}},
+        },
+    )
+    scaling = {
+        "engine": "hpa",
+        "minReplicas": 1,
+        "maxReplicas": 3,
+        "metrics": [{"type": "InFlightPerReplica", "target": 4}],
+    }
+    autoscaled = merged(base, {"metadata": {"name": AUTOSCALED}, "spec": {"autoscaling": scaling}})
+    return [canary, autoscaled]
+
+
+def set_version(cluster: Cluster, namespace: str, version: str) -> None:
+    patch = json.dumps({"spec": {"model": {"version": version}}})
+    cluster.kubectl("patch", "md", CANARY, "-n", namespace, "--type=merge", "-p", patch)
+
+
+def canary_of(cluster: Cluster, namespace: str) -> dict[str, Any]:
+    found = get(cluster, namespace, "md", CANARY) or {}
+    canary: dict[str, Any] = found.get("status", {}).get("canary") or {}
+    return canary
 
 
 def test_restarts_cause_no_writes_and_no_events(
@@ -63,15 +115,34 @@ def test_restarts_cause_no_writes_and_no_events(
             )
             for i in range(COUNT)
         ]
+        manifests += special(base)
         cluster.kubectl("apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump_all(manifests))
+        # The canary's history: version 2 promoted by hand, then version 3 waits at 50 %.
         wait_for(
-            "every ModelDeployment to be Available", lambda: all_available(cluster, namespace), 120
+            "version 1 observed",
+            lambda: (
+                (get(cluster, namespace, "md", CANARY) or {}).get("status", {}).get("phase")
+                == "Available"
+            ),
+            120,
         )
+        set_version(cluster, namespace, "2")
+        wait_for(
+            "the canary at 50 %", lambda: canary_of(cluster, namespace).get("weight") == 50, 60
+        )
+        cluster.kubectl(
+            "annotate", "md", CANARY, "-n", namespace, "serving.modeldeploy.io/command=promote"
+        )
+        wait_for("version 2 promoted", lambda: not canary_of(cluster, namespace), 60)
+        set_version(cluster, namespace, "3")
+        wait_for("everything settled", lambda: all_settled(cluster, namespace), 120)
         own.stop()
 
         versions = resource_versions(cluster, namespace)
         events = event_count(cluster, namespace)
-        assert len(versions) == 3 * COUNT
+        # Each plain one: itself, a Deployment, a Service; the canary: a second Deployment;
+        # the autoscaled one: an HPA.
+        assert len(versions) == 3 * (COUNT + 2) + 2, sorted(versions)
         assert events >= COUNT  # each became Ready once
 
         for restart in range(RESTARTS):
@@ -85,7 +156,7 @@ def test_restarts_cause_no_writes_and_no_events(
                         "modeldeploy_reconcile_duration_seconds_count",
                         result="success",
                     )
-                    >= 2 * COUNT
+                    >= 2 * (COUNT + 2)
                 ),
                 timeout=60,
             )

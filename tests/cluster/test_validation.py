@@ -6,6 +6,7 @@ Each case starts from examples/minimal.yaml, changes one thing, and submits it w
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,8 @@ import pytest
 import yaml
 
 from localcluster import Cluster
-from support import DELETE, load_example, merged
+from localcluster.operator import OperatorProcess
+from support import DELETE, get, load_example, merged, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -411,7 +413,22 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
         "spec.server.args",
         "the operator owns them",
     ),
-    ("name-too-long", {"metadata": {"name": "m" * 50}}, "metadata.name", "at most 45 characters"),
+    ("name-too-long", {"metadata": {"name": "m" * 46}}, "metadata.name", "at most 45 characters"),
+    # The Service takes the ModelDeployment's name: a DNS-1035 label, no dots.
+    ("name-with-dots", {"metadata": {"name": "resnet.v2"}}, "metadata.name", "(no dots)"),
+    ("name-starting-with-a-digit", {"metadata": {"name": "50resnet"}}, "metadata.name", "letter"),
+    (
+        "env-value-too-long",
+        {"spec": {"server": {"env": [{"name": "A", "value": "x" * 8193}]}}},
+        "spec.server.env[0].value",
+        "may not be more than 8192",
+    ),
+    (
+        "too-many-env",
+        {"spec": {"server": {"env": [{"name": f"E{i}", "value": "1"} for i in range(129)]}}},
+        "spec.server.env",
+        "must have at most 128 items",
+    ),
     ("unknown-field", {"spec": {"replica": 2}}, "spec.replica", "unknown field"),
 ]
 
@@ -511,3 +528,73 @@ def test_valid_variants_are_accepted(
 ) -> None:
     code, stderr = submit(cluster, namespace, merged(minimal, patch))
     assert code == 0, stderr
+
+
+def test_a_spec_at_every_bound_is_stored_and_reconciled(
+    cluster: Cluster, operator: OperatorProcess, namespace: str, minimal: dict[str, Any]
+) -> None:
+    """A ModelDeployment as large as the schema lets it be (a name of 45 characters, 128
+    environment variables of 8 KiB: a 1 MiB spec, beside free-form affinity and spread
+    constraints) is stored, and its Deployment carries all of it: what the API server
+    accepts, the children can carry (etcd's limit is 1.5 MiB per object)."""
+    name = "m" + "x" * 44
+    env = [{"name": f"E{i:03d}", "value": chr(97 + i % 26) * 8192} for i in range(128)]
+    spread = [
+        {
+            "maxSkew": 1,
+            "topologyKey": f"topology.example.com/zone-{i}",
+            "whenUnsatisfiable": "ScheduleAnyway",
+            "labelSelector": {"matchLabels": {"serving.modeldeploy.io/modeldeployment": name}},
+        }
+        for i in range(8)
+    ]
+    affinity = {
+        "nodeAffinity": {
+            "preferredDuringSchedulingIgnoredDuringExecution": [
+                {
+                    "weight": 1 + i,
+                    "preference": {
+                        "matchExpressions": [
+                            {"key": f"example.com/k{i}", "operator": "In", "values": ["a", "b"]}
+                        ]
+                    },
+                }
+                for i in range(50)
+            ]
+        }
+    }
+    manifest = merged(
+        minimal,
+        {
+            "metadata": {"name": name},
+            "spec": {
+                "server": {"env": env},
+                "placement": {"affinity": affinity, "topologySpreadConstraints": spread},
+            },
+        },
+    )
+    body = json.dumps(manifest)
+    assert len(body) > 2**20  # the spec is a mebibyte
+    # `create`, not `apply`: apply's last-applied annotation may not exceed 256 KiB.
+    cluster.kubectl("create", "-n", namespace, "-f", "-", stdin=body, timeout=60)
+
+    def deployment() -> dict[str, Any] | None:
+        return get(cluster, namespace, "deployment", f"{name}-stable")
+
+    found = wait_for("the Deployment", deployment, timeout=60)
+    pod = found["spec"]["template"]["spec"]
+    triton = next(c for c in pod["containers"] if c["name"] == "triton")
+    carried = {e["name"]: e.get("value") for e in triton["env"]}
+    assert all(carried.get(e["name"]) == e["value"] for e in env)
+    assert len(pod["topologySpreadConstraints"]) == 8
+    preferred = pod["affinity"]["nodeAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert len(preferred) >= 50
+    assert get(cluster, namespace, "service", name) is not None
+    wait_for(
+        "Available",
+        lambda: (
+            (get(cluster, namespace, "md", name) or {}).get("status", {}).get("phase")
+            == "Available"
+        ),
+        timeout=120,
+    )

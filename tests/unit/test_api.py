@@ -40,6 +40,21 @@ def test_schema_is_structural() -> None:
     assert walk(schema) == []
 
 
+def test_two_versions_one_schema_stored_as_the_newest() -> None:
+    """v1beta1 beside v1alpha1, no conversion webhook: the same schema, subresources and
+    columns (``None`` conversion only rewrites apiVersion); v1beta1 is stored."""
+    versions = crd.build_crd()["spec"]["versions"]
+    assert [(v["name"], v["served"], v["storage"]) for v in versions] == [
+        ("v1alpha1", True, False),
+        ("v1beta1", True, True),
+    ]
+    first, second = (
+        {k: v for k, v in version.items() if k not in ("name", "storage")} for version in versions
+    )
+    assert first == second
+    assert "conversion" not in crd.build_crd()["spec"]
+
+
 def test_scale_subresource_and_printer_columns() -> None:
     version = crd.build_crd()["spec"]["versions"][0]
     assert version["subresources"]["scale"] == {

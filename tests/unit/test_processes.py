@@ -11,7 +11,13 @@ from pathlib import Path
 import pytest
 
 from localcluster.cluster import read_pid_files
-from localcluster.processes import is_ours, process_cmdline, processes_mentioning, stop_pids
+from localcluster.processes import (
+    exited,
+    is_ours,
+    process_cmdline,
+    processes_mentioning,
+    stop_pids,
+)
 
 MARKER = "--marker=localcluster-unit-test"
 
@@ -86,3 +92,17 @@ def test_read_pid_files(tmp_path: Path) -> None:
         ("kube-apiserver", 456),
     ]
     assert read_pid_files(tmp_path / "missing") == []
+
+
+def test_exited_means_gone_or_a_zombie_not_a_blank_command_line() -> None:
+    proc = subprocess.Popen(["sleep", "30"])
+    try:
+        assert not exited(proc.pid)
+        proc.kill()
+        deadline = time.monotonic() + 5
+        while not exited(proc.pid):  # a zombie until reaped: its sockets are closed by then
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        proc.wait()
+    assert exited(proc.pid)

@@ -13,6 +13,7 @@ real node.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -31,7 +32,7 @@ import yaml
 
 from localcluster.images import BuiltImage, Images
 from localcluster.nodes import NodeSpec, default_nodes, node_manifest
-from localcluster.processes import is_ours, process_cmdline, stop_pids
+from localcluster.processes import exited, is_ours, process_cmdline, stop_pids
 from localcluster.realnode import (
     NodePaths,
     RealNode,
@@ -286,7 +287,9 @@ class Cluster:
         log = proc.joinpath("fd", "1").resolve()
         os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + timeout
-        while is_ours(pid, str(self.state.cluster_dir)):
+        # Gone for good: its command line empties while it still exits (memory first, then
+        # its files, its listening socket among them), so wait for the end of the exit.
+        while not exited(pid):
             if time.monotonic() > deadline:
                 raise ClusterError(f"{component} (pid {pid}) did not die")
             time.sleep(0.05)
@@ -302,7 +305,16 @@ class Cluster:
             )
         (self.state.pid_dir / f"{component}.pid").write_text(f"{started.pid}\n")
         if component == "kube-apiserver":
-            self._wait_api_ready()
+            try:
+                self._wait_api_ready()
+            except ClusterError as error:
+                checks = self.kubectl("get", "--raw", "/readyz?verbose", check=False, timeout=10)
+                alive = "running" if started.poll() is None else f"exited {started.returncode}"
+                tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+                raise ClusterError(
+                    f"{error}\nthe restarted {component} ({alive}) says:\n"
+                    f"{checks.stdout or checks.stderr}\nits log ends:\n{tail}"
+                ) from error
 
     def audit_events(self) -> list[dict[str, Any]]:
         """Every write the API server has logged so far (``audit.k8s.io/v1`` Events)."""
@@ -311,25 +323,32 @@ class Cluster:
         return [json.loads(line) for line in self.state.audit_log.read_text().splitlines() if line]
 
     def compact_etcd(self) -> int:
-        """Compact etcd at its current revision (through its own v3 JSON gateway): every older
-        resourceVersion is gone from storage. Returns the revision."""
+        """Compact etcd at its current revision: every older resourceVersion is gone from
+        storage. Returns the revision."""
+        revision = int(self._etcd("kv/range", {"key": "Lw==", "limit": 1})["header"]["revision"])
+        self._etcd("kv/compaction", {"revision": revision, "physical": True})
+        return revision
+
+    def etcd_value(self, key: str) -> bytes | None:
+        """What etcd holds at ``key`` (``/registry/<group>/<resource>/<namespace>/<name>``):
+        how the API server stored an object, its storage version included."""
+        found = self._etcd("kv/range", {"key": base64.b64encode(key.encode()).decode()})
+        kvs = found.get("kvs") or []
+        return base64.b64decode(kvs[0]["value"]) if kvs else None
+
+    def _etcd(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """One call to etcd's own v3 JSON gateway (its client URL, on this machine)."""
         cmdline = process_cmdline(self.component_pid("etcd")) or ""
         found = re.search(r"--advertise-client-urls=(\S+)", cmdline)
         if found is None:
             raise ClusterError(f"no client URL in etcd's command line: {cmdline}")
         url = found.group(1).split(",")[0]
-
-        def call(path: str, body: dict[str, Any]) -> dict[str, Any]:
-            request = urllib.request.Request(  # noqa: S310 - etcd's URL, on this machine
-                f"{url}/v3/{path}", data=json.dumps(body).encode(), method="POST"
-            )
-            with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
-                answer: dict[str, Any] = json.loads(response.read())
-                return answer
-
-        revision = int(call("kv/range", {"key": "Lw==", "limit": 1})["header"]["revision"])
-        call("kv/compaction", {"revision": revision, "physical": True})
-        return revision
+        request = urllib.request.Request(  # noqa: S310 - etcd's URL, on this machine
+            f"{url}/v3/{path}", data=json.dumps(body).encode(), method="POST"
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+            answer: dict[str, Any] = json.loads(response.read())
+            return answer
 
     def env(self) -> dict[str, str]:
         """Environment for commands that should talk to this cluster with our binaries."""

@@ -65,6 +65,7 @@ class OperatorProcess:
         extra_args: tuple[str, ...] = (),
         detach: bool = False,
         kubeconfig: Path | None = None,
+        source: Path | None = None,
     ) -> None:
         self.cluster = cluster
         self.kubeconfig = kubeconfig or cluster.state.kubeconfig  # another identity, say
@@ -72,6 +73,7 @@ class OperatorProcess:
         self.resync_seconds = resync_seconds
         self.extra_args = extra_args
         self.detach = detach  # own session: outlives the command that started it (make demo)
+        self.source = source  # another release's `operator/` folder, run instead of this one
         self.metrics_port = 0
         self.health_port = 0
         self._proc: subprocess.Popen[bytes] | None = None
@@ -106,7 +108,7 @@ class OperatorProcess:
             command,
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            env=dict(os.environ),
+            env=self._environment(),
             start_new_session=self.detach,
         )
         deadline = time.monotonic() + timeout
@@ -118,6 +120,15 @@ class OperatorProcess:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the operator did not become healthy; see {self.log_path}")
             time.sleep(0.2)
+
+    def _environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        if self.source is not None:  # ahead of the installed package (an editable install's
+            # finder comes after sys.path)
+            env["PYTHONPATH"] = os.pathsep.join(
+                [str(self.source), *filter(None, [env.get("PYTHONPATH")])]
+            )
+        return env
 
     def stop(self, timeout: float = 20.0) -> int | None:
         """SIGTERM and wait; returns the exit code."""

@@ -34,6 +34,17 @@ def is_ours(pid: int, marker: str) -> bool:
     return cmdline is not None and marker in cmdline
 
 
+def exited(pid: int) -> bool:
+    """True once the process has finished exiting: gone, or a zombie (every file it held,
+    sockets too, closed). A process still exiting is neither, though its command line reads
+    empty already."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
 def processes_mentioning(marker: str) -> list[int]:
     """Every live process whose command line mentions ``marker``; a leak check."""
     found = []

@@ -27,6 +27,7 @@ API_VERSION = f"{GROUP}/{VERSION}"
 # Triton 2.51 (NGC 24.10): the release the local test server (nvidia-pytriton) ships.
 DEFAULT_TRITON_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
 MAX_NAME_LENGTH = 45  # leaves room for "-canary" and a pod suffix within 63 characters
+NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"  # DNS-1035: it names the Service too
 
 DURATION_PATTERN = r"^([0-9]+([.][0-9]+)?(ms|s|m|h))+$"
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
@@ -233,9 +234,12 @@ class ModelSpec(ApiModel):
 # -- spec.server ----------------------------------------------------------------------------
 
 
+MAX_ENV_VALUE = 8192  # 128 of them: 1 MiB, within etcd's 1.5 MiB for each child that copies them
+
+
 class EnvVar(ApiModel):
     name: str = Field(max_length=256, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
-    value: str | None = None
+    value: str | None = Field(default=None, max_length=MAX_ENV_VALUE)
     value_from: dict[str, Any] | None = Field(
         default=None, description="A core/v1 EnvVarSource.", json_schema_extra=FREE_FORM
     )
