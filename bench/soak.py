@@ -54,7 +54,6 @@ from prometheus_support import start_prometheus  # noqa: E402
 from support import DELETE, load_example, merged  # noqa: E402
 
 BEGIN, END = markers("soak")
-NAMESPACE = "soak"
 OUTAGE_SECONDS = 20.0
 EVENTS_PER_MODEL = 60  # the bound: every transition of a busy soak fits well within it
 ANALYSED_EVERY = 10  # one ModelDeployment in ten is judged by an analysis
@@ -68,6 +67,7 @@ class Soak:
     prometheus_start: Any  # () -> Popen
     rng: random.Random
     models: list[str]
+    namespace: str
     versions: dict[str, int] = field(default_factory=dict)
     faults: collections.Counter[str] = field(default_factory=collections.Counter)
     outages: list[tuple[dt.datetime, dt.datetime]] = field(default_factory=list)
@@ -101,7 +101,7 @@ class Soak:
             "rollout": rollout,
         }
         manifest = merged(load_example("minimal.yaml"), {"spec": spec})
-        manifest["metadata"] = {"name": name, "namespace": NAMESPACE}
+        manifest["metadata"] = {"name": name, "namespace": self.namespace}
         return manifest
 
     def kubectl(self, *args: str) -> None:
@@ -150,11 +150,11 @@ class Soak:
 
     def patch(self, name: str, patch: dict[str, Any]) -> None:
         body = json.dumps(patch)
-        self.kubectl("patch", "md", name, "-n", NAMESPACE, "--type=merge", "-p", body)
+        self.kubectl("patch", "md", name, "-n", self.namespace, "--type=merge", "-p", body)
 
     def command(self, name: str, command: str) -> None:
         annotation = f"serving.modeldeploy.io/command={command}"
-        self.kubectl("annotate", "--overwrite", "md", name, "-n", NAMESPACE, annotation)
+        self.kubectl("annotate", "--overwrite", "md", name, "-n", self.namespace, annotation)
         if command == "pause":
             self.paused.add(name)
 
@@ -189,22 +189,24 @@ def converged(md: dict[str, Any], deployments: dict[str, dict[str, Any]]) -> boo
     return held or version == spec["model"]["version"]
 
 
-def snapshot(cluster: Cluster) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
-    mds = cluster.kubectl_json("get", "md", "-n", NAMESPACE)["items"]
-    listed = cluster.kubectl_json("get", "deployments", "-n", NAMESPACE)["items"]
+def snapshot(
+    cluster: Cluster, namespace: str
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    mds = cluster.kubectl_json("get", "md", "-n", namespace)["items"]
+    listed = cluster.kubectl_json("get", "deployments", "-n", namespace)["items"]
     return mds, {d["metadata"]["name"]: d for d in listed}
 
 
 def check(cluster: Cluster, soak: Soak) -> list[str]:
     """Invariants 2-4 (the first is the wait for convergence); each violation as text."""
     violations = []
-    mds, deployments = snapshot(cluster)
+    mds, deployments = snapshot(cluster, soak.namespace)
     names = {m["metadata"]["name"] for m in mds}
     if names != set(soak.models):
         violations.append(f"ModelDeployments lost: {sorted(set(soak.models) - names)[:5]}")
     services = {
         s["metadata"]["name"]: s
-        for s in cluster.kubectl_json("get", "services", "-n", NAMESPACE)["items"]
+        for s in cluster.kubectl_json("get", "services", "-n", soak.namespace)["items"]
     }
     for name in names:
         if f"{name}-stable" not in deployments or name not in services:
@@ -221,7 +223,7 @@ def check(cluster: Cluster, soak: Soak) -> list[str]:
             finished = dt.datetime.fromisoformat(entry["finished"])
             if entry["result"] == "Promoted" and any(a <= finished <= b for a, b in soak.outages):
                 violations.append(f"{name}: version {entry['version']} promoted unjudged")
-    events = cluster.kubectl_json("get", "events", "-n", NAMESPACE)["items"]
+    events = cluster.kubectl_json("get", "events", "-n", soak.namespace)["items"]
     per_model: collections.Counter[str] = collections.Counter()
     for event in events:
         if event["involvedObject"].get("kind") == "ModelDeployment":
@@ -250,13 +252,15 @@ def main() -> int:  # noqa: PLR0915 - one run, start to report
     port = free_port()
 
     def prometheus() -> subprocess.Popen[bytes]:
+        (work / "prometheus").mkdir(parents=True, exist_ok=True)
         return start_prometheus(work / "prometheus", port, {"self": [f"127.0.0.1:{port}"]})
 
+    namespace = f"soak-{int(time.time())}"
     operator = OperatorProcess(
         cluster,
         work / "operator.log",
         resync_seconds=10.0,
-        extra_args=(f"--namespace={NAMESPACE}", f"--leader-election-namespace={NAMESPACE}"),
+        extra_args=(f"--namespace={namespace}", f"--leader-election-namespace={namespace}"),
     )
     soak = Soak(
         cluster,
@@ -265,11 +269,12 @@ def main() -> int:  # noqa: PLR0915 - one run, start to report
         prometheus,
         random.Random(args.seed),  # noqa: S311 - faults to inject, not secrets
         [f"m{i:03d}" for i in range(args.models)],
+        namespace,
     )
     try:
         cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
         cluster.wait_established(30)
-        cluster.kubectl("create", "namespace", NAMESPACE, check=False)
+        cluster.kubectl("create", "namespace", namespace, check=False)
         nodes = [
             NodeSpec(f"soak-cpu-{i}", cpu="512", memory="2048Gi", pods=1100)
             for i in range(max(1, -(-3 * args.models // 1000)))
@@ -309,7 +314,7 @@ def main() -> int:  # noqa: PLR0915 - one run, start to report
         settled = None
         while time.monotonic() - last_fault < args.settle:
             soak.tend()
-            mds, deployments = snapshot(cluster)
+            mds, deployments = snapshot(cluster, soak.namespace)
             pending = [m["metadata"]["name"] for m in mds if not converged(m, deployments)]
             if not pending:
                 settled = time.monotonic() - last_fault
@@ -321,7 +326,7 @@ def main() -> int:  # noqa: PLR0915 - one run, start to report
         operator.stop()
         if soak.prometheus is not None:
             soak.prometheus.terminate()
-        cluster.kubectl("delete", "namespace", NAMESPACE, "--wait=false", check=False)
+        cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
         if started_here:
             cluster.down()
 

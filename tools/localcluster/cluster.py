@@ -123,6 +123,8 @@ def read_pid_files(pid_dir: Path) -> list[Process]:
     return processes
 
 
+RESTART_ATTEMPTS = 5
+
 # Every write, at the Metadata level (who, what, when, the answer's code): the fencing tests
 # read it to see which process wrote after it lost its Lease. Reads are not logged.
 AUDIT_POLICY = {
@@ -293,16 +295,24 @@ class Cluster:
             if time.monotonic() > deadline:
                 raise ClusterError(f"{component} (pid {pid}) did not die")
             time.sleep(0.05)
-        with log.open("ab") as out:
-            started = subprocess.Popen(
-                argv,
-                cwd=cwd,
-                env=environ,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=out,
-                start_new_session=True,
-            )
+        for attempt in range(RESTART_ATTEMPTS):
+            with log.open("ab") as out:
+                started = subprocess.Popen(
+                    argv,
+                    cwd=cwd,
+                    env=environ,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=out,
+                    start_new_session=True,
+                )
+            try:  # one that cannot bind its port yet (the kernel still closing the old
+                started.wait(timeout=2)  # one's socket) exits at once: try again
+            except subprocess.TimeoutExpired:
+                break
+            if attempt == RESTART_ATTEMPTS - 1:
+                raise ClusterError(f"{component} exited {started.returncode}; see {log}")
+            time.sleep(1)
         (self.state.pid_dir / f"{component}.pid").write_text(f"{started.pid}\n")
         if component == "kube-apiserver":
             try:

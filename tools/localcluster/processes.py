@@ -35,14 +35,17 @@ def is_ours(pid: int, marker: str) -> bool:
 
 
 def exited(pid: int) -> bool:
-    """True once the process has finished exiting: gone, or a zombie (every file it held,
-    sockets too, closed). A process still exiting is neither, though its command line reads
-    empty already."""
+    """True once the process has finished exiting: gone, or a zombie with no thread left
+    (every file it held, sockets too, closed). A process still exiting is neither, though its
+    command line reads empty already; and the main thread of a multi-threaded one (any Go
+    program) turns zombie while its other threads still hold its files."""
+    task = Path(f"/proc/{pid}/task")
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
+        threads = [t for t in task.iterdir() if t.name != str(pid)]
     except (FileNotFoundError, ProcessLookupError):
         return True
-    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X") and not threads
 
 
 def processes_mentioning(marker: str) -> list[int]:
