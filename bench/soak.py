@@ -271,14 +271,14 @@ def main() -> int:  # noqa: PLR0915 - one run, start to report
         [f"m{i:03d}" for i in range(args.models)],
         namespace,
     )
+    nodes = [
+        NodeSpec(f"soak-cpu-{i}", cpu="512", memory="2048Gi", pods=1100)
+        for i in range(max(1, -(-3 * args.models // 1000)))
+    ]
     try:
         cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
         cluster.wait_established(30)
         cluster.kubectl("create", "namespace", namespace, check=False)
-        nodes = [
-            NodeSpec(f"soak-cpu-{i}", cpu="512", memory="2048Gi", pods=1100)
-            for i in range(max(1, -(-3 * args.models // 1000)))
-        ]
         cluster.kubectl(
             "create",
             "-f",
@@ -327,6 +327,8 @@ def main() -> int:  # noqa: PLR0915 - one run, start to report
         if soak.prometheus is not None:
             soak.prometheus.terminate()
         cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+        for node in nodes:  # tests count the nodes and where pods land
+            cluster.kubectl("delete", "node", node.name, "--wait=false", check=False)
         if started_here:
             cluster.down()
 
