@@ -109,13 +109,15 @@ def failing_health(process: OperatorProcess) -> str | None:
 
 
 def serving_through(
-    cluster: Cluster, proxy: FaultProxy, namespace: str, tmp_path: Path
+    cluster: Cluster, proxy: FaultProxy, namespace: str, tmp_path: Path, started: list[Any]
 ) -> OperatorProcess:
-    """An operator without election that talks through ``proxy``, and resnet50 rolled out."""
+    """An operator without election that talks through ``proxy`` (added to ``started``, for
+    the fixture to stop), and resnet50 rolled out."""
     kubeconfig = proxy.kubeconfig(cluster.state.kubeconfig, tmp_path / "through-proxy")
     process = start_operator(
         cluster, namespace, tmp_path / "operator.log", "--no-leader-elect", kubeconfig=kubeconfig
     )
+    started.append(process)
     cluster.kubectl("apply", "-n", namespace, "-f", "-", stdin=json.dumps(cpu_model("resnet50")))
     wait_for("the Deployment", lambda: replicas(cluster, namespace, "resnet50-stable") == 1)
     return process
@@ -138,8 +140,7 @@ def test_silent_watches_are_dropped_within_the_inactivity_timeout_and_nothing_is
     """Every open connection between the operator and the API server goes silent (new ones
     still pass): a change made then is invisible until the watches notice the silence; they
     resume from where they were (no list again), and the change is applied."""
-    process = serving_through(cluster, proxy, namespace, tmp_path)
-    own_operator.append(process)
+    process = serving_through(cluster, proxy, namespace, tmp_path, own_operator)
     assert proxy.accepted > 0  # the operator talks through the relay
 
     proxy.stall()
@@ -189,8 +190,7 @@ def test_a_partitioned_operator_fails_its_health_check_and_recovers_when_healed(
     lists again, applies what changed meanwhile, and is healthy. (Without leader election:
     with it, the leader would step down at its renew deadline, see the partition test in
     test_high_availability.py.)"""
-    process = serving_through(cluster, proxy, namespace, tmp_path)
-    own_operator.append(process)
+    process = serving_through(cluster, proxy, namespace, tmp_path, own_operator)
 
     proxy.partition()
     scale(cluster, namespace, "resnet50", 2)
