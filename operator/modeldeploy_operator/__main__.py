@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from prometheus_client import start_http_server
+from prometheus_client import disable_created_metrics, start_http_server
 
 from modeldeploy_operator import __version__, handlers, logs
 from modeldeploy_operator.api.v1alpha1 import API_VERSION, KIND
@@ -467,6 +467,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # `kill -USR1 <pid>` prints every thread's stack to stderr (Go's SIGQUIT): what a stuck
     # operator is waiting for, without stopping it.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
+    # No ``_created`` series (each a series of its own in the text format, for a timestamp).
+    disable_created_metrics()  # type: ignore[no-untyped-call]
     return asyncio.run(run(args, logger))
 
 

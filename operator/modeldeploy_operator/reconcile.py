@@ -253,6 +253,7 @@ class Reconciler:
             on_retry=telemetry.workqueue_retries.inc,
         )
         telemetry.workqueue_depth.set_function(self.queue.depth)
+        telemetry.workqueue_delayed.set_function(self.queue.delayed)
         telemetry.cache_objects.source = ctx.cache.sizes
         self.workers = Workers(
             self.queue, self.handle, workers, ctx.logger, self.clock, name="reconcile"
@@ -265,8 +266,9 @@ class Reconciler:
         self.queue.add((namespace, name), urgent=urgent)
 
     def forget(self, namespace: str, name: str) -> None:
-        """The object was deleted: drop its backoff and what the operator remembers of it."""
-        self.queue.forget((namespace, name))
+        """The object was deleted: drop its backoff, its scheduled passes and what the
+        operator remembers of it."""
+        self.queue.discard((namespace, name))
         self._drop((namespace, name))
 
     # -- the workers ---------------------------------------------------------------------------
@@ -298,7 +300,7 @@ class Reconciler:
             if outcome is not None and outcome.requeue_after is not None:
                 self.queue.add_after(key, outcome.requeue_after)
         elif result == "gone":
-            self.queue.forget(key)
+            self.queue.discard(key)
         elif result == "conflict":
             self.queue.add(key)  # written meanwhile: decide again from what is there now
         else:

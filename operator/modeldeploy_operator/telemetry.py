@@ -123,6 +123,12 @@ class Telemetry:
             "ModelDeployments waiting in the work queue for a worker.",
             registry=self.registry,
         )
+        self.workqueue_delayed = Gauge(
+            "modeldeploy_operator_workqueue_delayed",
+            "ModelDeployments scheduled to be reconciled again later: a rollout step's or an"
+            " analysis's time, a retry's backoff.",
+            registry=self.registry,
+        )
         self.workqueue_wait = Histogram(
             "modeldeploy_operator_workqueue_queue_wait_seconds",
             "Time a ModelDeployment waited in the work queue (from when it was added or due)"

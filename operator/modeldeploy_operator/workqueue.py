@@ -150,6 +150,14 @@ class WorkQueue(Generic[K]):
         with self._cond:
             self._backoff.forget(key)
 
+    def discard(self, key: K) -> None:
+        """``key``'s object was deleted: forget its backoff and cancel its scheduled pass (a
+        step's or an analysis's time, a retry), as deletion stops a timer. A pass already in
+        line or running goes ahead and finds the object gone."""
+        with self._cond:
+            self._backoff.forget(key)
+            self._waiting.pop(key, None)  # its heap entry is stale from now on
+
     def failures(self, key: K) -> int:
         """Failures of ``key`` since it was last forgotten (client-go's NumRequeues)."""
         with self._cond:

@@ -127,6 +127,7 @@ def run_profile(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    import prometheus_client  # noqa: PLC0415
     from pydantic import ValidationError  # noqa: PLC0415
 
     from modeldeploy_runtime.server import serve  # noqa: PLC0415
@@ -143,6 +144,9 @@ def run_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
+    # No ``_created`` series: in the text format Prometheus stores each as a series of its
+    # own, which doubles every counter's and histogram's cardinality for a timestamp.
+    prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
     run_loop(serve(settings))
     return 0
 

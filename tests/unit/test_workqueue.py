@@ -191,6 +191,25 @@ def test_a_delayed_key_can_still_run_earlier_and_is_not_lost(clock: FakeClock) -
     assert take(queue) == "a"  # the timed pass still comes
 
 
+def test_a_discarded_key_loses_its_scheduled_pass_and_its_backoff(clock: FakeClock) -> None:
+    queue: WorkQueue[str] = WorkQueue(clock)
+    queue.add_after("deleted", 600.0)  # a step's time
+    queue.add_after("kept", 600.0)
+    queue.add_rate_limited("retried")
+    queue.add_rate_limited("retried")
+    assert queue.failures("retried") == 2
+    queue.discard("deleted")
+    queue.discard("retried")
+    assert queue.delayed() == 1
+    assert queue.failures("retried") == 0
+    clock.advance(600.0)
+    assert take(queue) == "kept"
+    assert queue.depth() == 0  # nothing of the discarded keys comes back
+    queue.add_after("deleted", 1.0)  # created again: scheduled as any new key
+    clock.advance(1.0)
+    assert take(queue) == "deleted"
+
+
 def test_wait_time_counts_from_the_add_or_from_when_the_key_was_due(clock: FakeClock) -> None:
     waits: list[float] = []
     retries: list[None] = []
