@@ -88,3 +88,17 @@ def operator(
     process.start()
     yield process
     process.stop()
+
+
+@pytest.fixture
+def own_operator(operator: OperatorProcess) -> Iterator[list[OperatorProcess]]:
+    """Room for the test's own operators: the session's one (which watches every namespace)
+    is stopped meanwhile; the test's are stopped at the end."""
+    operator.stop()
+    started: list[OperatorProcess] = []
+    try:
+        yield started
+    finally:
+        for process in started:
+            process.stop()
+        operator.start()

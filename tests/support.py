@@ -56,6 +56,36 @@ def merged(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def cpu_model(name: str) -> dict[str, Any]:
+    """minimal.yaml without a GPU, named ``name``: it runs on any simulated node."""
+    manifest = merged(load_example("minimal.yaml"), {"spec": {"resources": {"gpu": DELETE}}})
+    manifest["metadata"] = {"name": name}
+    return manifest
+
+
+def every_kind_of_child() -> dict[str, dict[str, Any]]:
+    """ModelDeployments (by name) that between them have every kind of child the operator
+    makes: Deployments and Services, an HPA, a KEDA ScaledObject, and an HTTPRoute with its
+    track Services (the Gateway API and KEDA CRDs must be installed)."""
+    metrics = [{"type": "InFlightPerReplica", "target": 4}]
+    prometheus = {"url": "http://prometheus.monitoring:9090"}
+    steps = [{"weight": 50, "pause": "manual"}, {"weight": 100}]
+    gateway = {"parentRefs": [{"name": "inference-gateway"}], "hostnames": ["models.example.com"]}
+    autoscaling = {"minReplicas": 1, "maxReplicas": 3, "metrics": metrics}
+    specs: dict[str, dict[str, Any]] = {
+        "hpa": {"autoscaling": {"engine": "hpa", **autoscaling}},
+        "keda": {"autoscaling": {"engine": "keda", "prometheus": prometheus, **autoscaling}},
+        "routed": {
+            "rollout": {
+                "strategy": "Canary",
+                "steps": steps,
+                "trafficRouting": {"gatewayAPI": gateway},
+            }
+        },
+    }
+    return {name: merged(cpu_model(name), {"spec": spec}) for name, spec in specs.items()}
+
+
 def make(target: str, state_dir: Path, name: str) -> subprocess.CompletedProcess[str]:
     """`make <target>`, as a user runs it, against a private cluster state folder."""
     return subprocess.run(

@@ -28,7 +28,10 @@ from typing import Any
 Json = dict[str, Any]
 Key = tuple[str, str]  # (namespace, ModelDeployment name)
 
-CHILD_KINDS = ("Deployment", "Service")  # held per owner, read as a pass's children
+# Held per owner, read as a pass's children (those whose kind is watched: see holds()).
+CHILD_KINDS = ("Deployment", "Service", "HorizontalPodAutoscaler", "ScaledObject", "HTTPRoute")
+# Of those, the ones named after their ModelDeployment: a pass knows their names up front.
+NAMED_AFTER_OWNER = ("HorizontalPodAutoscaler", "ScaledObject", "HTTPRoute")
 
 # metadata fields kept: what the planner, the drift check and the status writes read.
 KEPT_METADATA = (
@@ -77,7 +80,11 @@ def project(body: Mapping[str, Any], kind: str) -> Projection:
         if node := (body.get("spec") or {}).get("nodeName"):  # the node cache's labels
             projected["spec"] = {"nodeName": node}
     else:
-        for part in ("spec", "status"):
+        # The status of what others drive (an HPA's metrics, a route's parents) is not read:
+        # kept, each of its updates would cost the owner a pass.
+        others = kind in ("HorizontalPodAutoscaler", "ScaledObject", "HTTPRoute")
+        parts = ("spec",) if others else ("spec", "status")
+        for part in parts:
             if part in body:
                 projected[part] = body[part]
     content = json.dumps(projected, separators=(",", ":"), default=_raw)
@@ -236,10 +243,15 @@ class ClusterCache:
                 self._last.pop(uid, None)
             return event in (None, "ADDED", "DELETED") or changed
 
-    @staticmethod
-    def holds(kind: str) -> bool:
+    def holds(self, kind: str) -> bool:
         """Whether this cache keeps objects of ``kind`` (others are read from the API)."""
-        return kind in ("ModelDeployment", "Deployment", "Service")
+        with self._lock:
+            return kind == "ModelDeployment" or (kind in CHILD_KINDS and kind in self._stores)
+
+    def expected(self, owner: str) -> list[str]:
+        """The children named after ``owner`` whose kind is held: absent from
+        :meth:`children`, they do not exist."""
+        return [f"{kind}/{owner}" for kind in NAMED_AFTER_OWNER if self.holds(kind)]
 
     def supersede(self, key: Key, child: str, version: str) -> None:
         """``child`` (``Kind/name``) at ``version`` ("" when it did not exist) is outdated."""
@@ -289,7 +301,7 @@ class ClusterCache:
         return None if projection is None else expand(projection)
 
     def children(self, namespace: str, owner: str) -> dict[str, Json]:
-        """The ModelDeployment's Deployments and Services, by ``Kind/name``."""
+        """The ModelDeployment's children of the held kinds, by ``Kind/name``."""
         held: dict[str, Json] = {}
         for kind in CHILD_KINDS:
             store = self._stores.get(kind)

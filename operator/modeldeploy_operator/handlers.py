@@ -37,7 +37,18 @@ from modeldeploy_operator.k8s.reflector import Contact, Reflector, WatchApi, Wat
 from modeldeploy_operator.reconcile import Reconciler
 from modeldeploy_operator.rollout.plan import COMMAND_ANNOTATION
 
-CHILDREN = (("apps/v1", "Deployment"), ("v1", "Service"), ("v1", "Pod"))  # reflected kinds
+# Reflected kinds: what the operator makes (a deleted or edited one is seen at once, not on the
+# next resync), and the pods it reads. The custom kinds only when their CRDs are installed.
+CHILDREN = (
+    ("apps/v1", "Deployment"),
+    ("v1", "Service"),
+    ("v1", "Pod"),
+    ("autoscaling/v2", "HorizontalPodAutoscaler"),
+)
+OPTIONAL_CHILDREN = (
+    ("keda.sh/v1alpha1", "ScaledObject"),
+    ("gateway.networking.k8s.io/v1", "HTTPRoute"),
+)
 OWNED = f"{MANAGED_BY_LABEL}={MANAGER}"  # the server-side label selector of child watches
 
 
@@ -163,7 +174,13 @@ def start_reflectors(
     def failed(message: str) -> None:
         ctx.logger.warning(message)
 
-    for api_version, kind in CHILDREN:
+    kinds = list(CHILDREN)
+    for api_version, kind in OPTIONAL_CHILDREN:
+        if api.served(api_version, kind):
+            kinds.append((api_version, kind))
+        else:  # read from the API server when needed; drift of them is seen on the resync
+            ctx.logger.info(f"{kind} is not served (no CRD): not watched")
+    for api_version, kind in kinds:
         store = ctx.cache.store(kind, MD_LABEL, changed)
         for namespace in namespaces or (None,):
             reflector = Reflector(

@@ -237,7 +237,8 @@ def snapshot(
     children: dict[str, Json | None]
     cached: dict[str, Json | None] = {}
     if ctx.cache.ready:
-        cached = dict.fromkeys((*names, f"Service/{service_name(md)}"))
+        expected = (*names, f"Service/{service_name(md)}", *ctx.cache.expected(md.metadata.name))
+        cached = dict.fromkeys(expected)
         cached.update(ctx.cache.children(ns, md.metadata.name))
     if cached and not ctx.cache.outdated((ns, md.metadata.name), cached):
         children = cached

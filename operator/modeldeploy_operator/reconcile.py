@@ -36,8 +36,15 @@ from modeldeploy_operator.observe import (
     modeldeployment,
     snapshot,
 )
+from modeldeploy_operator.rollout.decide import Decision
 from modeldeploy_operator.rollout.plan import RolloutPlan, plan_rollout
-from modeldeploy_operator.status import EventSpec, Observed, compute_status, transition_events
+from modeldeploy_operator.status import (
+    EventSpec,
+    Observed,
+    compute_status,
+    recreated_events,
+    transition_events,
+)
 from modeldeploy_operator.workqueue import Clock, RealClock, Workers, WorkQueue
 
 
@@ -144,6 +151,14 @@ def scaled(md: ModelDeployment, replicas: int | None) -> ModelDeployment:
     return md.model_copy(update={"spec": md.spec.model_copy(update={"replicas": replicas})})
 
 
+def decision_events(decision: Decision | None) -> list[EventSpec]:
+    """The rollout's decision, when it did something: a Warning for a rollback or abort."""
+    if decision is None or decision.action == "Wait":
+        return []
+    failed = decision.action in ("Rollback", "Abort")
+    return [EventSpec("Warning" if failed else "Normal", decision.reason, decision.message)]
+
+
 def reconcile(body: Mapping[str, Any], ctx: OperatorContext) -> Outcome:
     """Bring one ModelDeployment's children and status in line with its spec."""
     meta = body["metadata"]
@@ -178,14 +193,12 @@ def reconcile(body: Mapping[str, Any], ctx: OperatorContext) -> Outcome:
     )
     status = compute_status(md, observed, revision, ctx.clock())
     events = transition_events(md.status, status) if status != md.status else []
+    events += recreated_events(
+        md, seen.children, (*wanted.apply, *autoscaling.objects), remembered is not None
+    )
     if autoscaling.event is not None:
         events.append(autoscaling.event)
-    decision = plan.decision
-    if decision is not None and decision.action != "Wait":
-        failed = decision.action in ("Rollback", "Abort")
-        events.append(
-            EventSpec("Warning" if failed else "Normal", decision.reason, decision.message)
-        )
+    events += decision_events(plan.decision)
     # Act: the decision persisted first, then carried out.
     wrote = act.write_status(md, meta, status, ctx)
     if autoscaling.replicas is not None:

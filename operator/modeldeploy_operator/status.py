@@ -509,6 +509,29 @@ def compute_status(
     )
 
 
+def recreated_events(
+    md: ModelDeployment,
+    seen: Mapping[str, Mapping[str, Any] | None],
+    desired: Sequence[Mapping[str, Any]],
+    failing: bool,
+) -> list[EventSpec]:
+    """A Warning for each child found deleted: one this generation of the spec already had
+    (its status says the generation was reconciled, and no apply was failing), that the
+    snapshot shows absent (``seen`` holds it as None: the watches vouch for it). The pass
+    creates it again; the Event says someone deleted it."""
+    if failing or md.status.observed_generation != md.metadata.generation:
+        return []
+    found = []
+    for obj in desired:
+        key = f"{obj['kind']}/{obj['metadata']['name']}"
+        if key in seen and seen[key] is None:
+            kind, name = key.split("/", 1)
+            found.append(
+                EventSpec("Warning", "Recreated", f"{kind} {name} was deleted; created it again")
+            )
+    return found
+
+
 def transition_events(
     previous: ModelDeploymentStatus, current: ModelDeploymentStatus
 ) -> list[EventSpec]:

@@ -10,6 +10,7 @@ after 8-16 s, so each watch hears from it at least that often) and an inactivity
 
 from __future__ import annotations
 
+import datetime
 import json
 import signal
 import threading
@@ -26,22 +27,18 @@ from localcluster import Cluster
 from localcluster.faultproxy import FaultProxy, upstream_of
 from localcluster.operator import OperatorProcess, metric_sum
 from rollout_support import manual_canary, md_status, start_canary
-from support import DELETE, get, load_example, merged, token_kubeconfig, wait_for
+from support import cpu_model, get, token_kubeconfig, wait_for
 
 pytestmark = pytest.mark.cluster
 
 WATCH_TIMEOUT = 8  # --watch-timeout: every watch hears from the server within 16 s
 INACTIVITY = 25.0  # --watch-inactivity-timeout
-CHILD_WATCHES = ("Deployment", "Service", "Pod")
+# The child watches every operator has (ScaledObjects and HTTPRoutes too when their CRDs are
+# installed, as they may be in a session).
+CHILD_WATCHES = ("Deployment", "Service", "Pod", "HorizontalPodAutoscaler")
 THROTTLED_MODELS = 20
 LOAD_THREADS = 12
 REFUSALS = 3
-
-
-def cpu_model(name: str) -> dict[str, Any]:
-    manifest = merged(load_example("minimal.yaml"), {"spec": {"resources": {"gpu": DELETE}}})
-    manifest["metadata"] = {"name": name}
-    return manifest
 
 
 def replicas(cluster: Cluster, namespace: str, deployment: str) -> int | None:
@@ -61,22 +58,6 @@ def proxy(cluster: Cluster) -> Iterator[FaultProxy]:
         yield relay
     finally:
         relay.close()
-
-
-@pytest.fixture
-def own_operator(
-    cluster: Cluster, operator: OperatorProcess, namespace: str, tmp_path: Path
-) -> Iterator[list[OperatorProcess]]:
-    """Room for the test's own operators: the session's one (which watches every namespace)
-    is stopped meanwhile; the test's are stopped at the end."""
-    operator.stop()
-    started: list[OperatorProcess] = []
-    try:
-        yield started
-    finally:
-        for process in started:
-            process.stop()
-        operator.start()
 
 
 def start_operator(
@@ -100,6 +81,41 @@ def start_operator(
     )
     process.start()
     return process
+
+
+def found_in_audit_log(
+    cluster: Cluster, namespace: str, identity: str, deployment: str, since: datetime.datetime
+) -> tuple[datetime.datetime, datetime.datetime]:
+    """When kopf's first list of ModelDeployments after ``since`` was answered (the one that
+    found what was created in the gap), and when the operator named ``identity`` first wrote
+    ``deployment`` after it: from the API server's audit log."""
+
+    def at(event: dict[str, Any], key: str) -> datetime.datetime:
+        return datetime.datetime.fromisoformat(event[key].replace("Z", "+00:00"))
+
+    events = cluster.audit_events()
+    lists = [
+        at(e, "stageTimestamp")
+        for e in events
+        if e["verb"] == "list"
+        and e["stage"] == "ResponseComplete"
+        and e.get("responseStatus", {}).get("code") == 200
+        and e["userAgent"].startswith("kopf/")
+        and e["objectRef"].get("resource") == "modeldeployments"
+        and e["objectRef"].get("namespace") == namespace
+        and at(e, "requestReceivedTimestamp") > since
+    ]
+    writes = [
+        at(e, "requestReceivedTimestamp")
+        for e in events
+        if e["verb"] in ("create", "patch", "update")
+        and f"({identity})" in e["userAgent"]
+        and e["objectRef"].get("resource") == "deployments"
+        and e["objectRef"].get("name") == deployment
+    ]
+    assert lists, "no list of ModelDeployments by kopf after the gap in the audit log"
+    assert writes, f"no write of {deployment} in the audit log"
+    return min(lists), min(writes)
 
 
 def failing_health(process: OperatorProcess) -> str | None:
@@ -196,13 +212,11 @@ def test_a_partitioned_operator_fails_its_health_check_and_recovers_when_healed(
     scale(cluster, namespace, "resnet50", 2)
     problem = wait_for("/healthz to fail", lambda: failing_health(process), timeout=INACTIVITY + 20)
     assert "watch has heard nothing from the API server for" in problem, problem
-    silence = max(
-        metric_sum(
-            process.metrics(),
-            "modeldeploy_operator_watch_silence_seconds",
-            watch=f"{kind} in {namespace}",
-        )
-        for kind in CHILD_WATCHES
+    silence = max(  # of every watch: /healthz fails for the first one past the timeout
+        value
+        for series, value in process.metrics().items()
+        if series.startswith("modeldeploy_operator_watch_silence_seconds{")
+        and f" in {namespace}" in series
     )
     assert silence > INACTIVITY
     assert replicas(cluster, namespace, "resnet50-stable") == 1
@@ -268,6 +282,7 @@ def test_an_api_server_frozen_then_restarted_mid_rollout_loses_nothing(
     wait_for("/healthz to pass again", lambda: process.health() == (200, "ok"), timeout=60)
 
     # 2. Watches behind, a change they cannot see, versions gone, an API server restarted.
+    stalled = datetime.datetime.now(datetime.UTC)
     proxy.stall()
     cluster.kubectl("apply", "-n", namespace, "-f", "-", stdin=json.dumps(cpu_model("late")))
     cluster.compact_etcd()
@@ -288,6 +303,11 @@ def test_an_api_server_frozen_then_restarted_mid_rollout_loses_nothing(
         timeout=60,
     )
     assert process.running
+    # Reconciled within 5 s of the list that found it (the API server's audit log has both).
+    identity = process.identity()
+    assert identity is not None
+    listed, created = found_in_audit_log(cluster, namespace, identity, "late-stable", stalled)
+    assert created - listed <= datetime.timedelta(seconds=5), (listed, created)
 
     # The rollout never moved: same step, same start, one canary Deployment.
     after = md_status(cluster, namespace)["canary"]

@@ -20,7 +20,8 @@ import pytest
 import yaml
 
 from localcluster import Cluster
-from localcluster.operator import OperatorProcess, free_port
+from localcluster.operator import OperatorProcess, free_port, metric_sum
+from modeldeploy_operator.api.v1alpha1 import API_VERSION, KIND
 from modeldeploy_operator.k8s.client import ApiError, KubernetesApi, load_api_client
 from rollout_support import md_status, set_version, start_canary
 from support import DELETE, get, load_example, merged, wait_for
@@ -101,6 +102,49 @@ def test_a_healthy_canary_goes_through_every_step_and_is_promoted(
         lambda: status(cluster, namespace).get("phase") == "Available",
         timeout=30,
     )
+
+
+def test_a_concurrent_writer_costs_the_operator_conflicts_but_no_step_nor_update(
+    cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    """Reliability case 11. While a canary goes through four timed steps, another client
+    writes to the same ModelDeployment every few milliseconds (an annotation: it moves the
+    resourceVersion the operator's status writes are preconditioned on). The operator meets
+    409s from the real API server, reads again and decides again: each step starts once, in
+    order, the rollout is promoted once, and every write of the other client stays."""
+    steps = [{"weight": w, "pause": "2s"} for w in (25, 50, 75)] + [{"weight": 100}]
+    start(cluster, namespace, steps)
+    api = KubernetesApi(load_api_client(str(cluster.state.kubeconfig)))
+    conflicts = metric_sum(operator.metrics(), "modeldeploy_api_requests_total", code="409")
+    seen: list[tuple[int, float]] = []  # (step, stepStarted) as the writer read them
+    written = 0
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        md = api.get(API_VERSION, KIND, namespace, "resnet50") or {}
+        canary = md.get("status", {}).get("canary") or {}
+        if "stepStarted" in canary:
+            seen.append((canary["step"], canary["stepStarted"]))
+        if md.get("status", {}).get("stable", {}).get("version") == "2":
+            break
+        written += 1
+        patch = {"metadata": {"annotations": {"example.com/writes": str(written)}}}
+        api.merge_patch(API_VERSION, KIND, namespace, "resnet50", patch, "concurrent-writer")
+    done = status(cluster, namespace)
+    assert done["stable"]["version"] == "2", done
+    assert [h["result"] for h in done["history"]] == ["Promoted"]
+    # Each step started once, in order: no step redone, none skipped, none advanced twice.
+    starts: dict[int, set[float]] = {}
+    for step, started in seen:
+        starts.setdefault(step, set()).add(started)
+    assert sorted(starts) == [0, 1, 2, 3] or sorted(starts) == [0, 1, 2], starts
+    assert all(len(times) == 1 for times in starts.values()), starts
+    assert [step for step, _ in seen] == sorted(step for step, _ in seen)
+    # Nothing of the other client's was lost.
+    md = get(cluster, namespace, "md", "resnet50") or {}
+    assert md["metadata"]["annotations"]["example.com/writes"] == str(written)
+    met = metric_sum(operator.metrics(), "modeldeploy_api_requests_total", code="409")
+    print(f"{written} concurrent writes; the operator met {met - conflicts:g} conflicts")
+    assert met > conflicts
 
 
 def test_abort_sends_traffic_back_and_the_revision_is_not_retried(

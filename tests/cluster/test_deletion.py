@@ -4,26 +4,22 @@ garbage collector takes the children through their owner references."""
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from localcluster import Cluster
-from localcluster.operator import OperatorProcess
-from support import DELETE, get, load_example, merged, wait_for
+from localcluster.operator import OperatorProcess, free_port, metric_sum
+from support import cpu_model, every_kind_of_child, get, merged, wait_for
 
 pytestmark = pytest.mark.cluster
 
 MODELS_IN_NAMESPACE = 200
-
-
-def cpu_model(name: str) -> dict[str, object]:
-    manifest = merged(load_example("minimal.yaml"), {"spec": {"resources": {"gpu": DELETE}}})
-    manifest["metadata"] = {"name": name}
-    return manifest
 
 
 def children(cluster: Cluster, namespace: str, kind: str) -> list[str]:
@@ -110,33 +106,8 @@ def test_every_kind_of_child_goes_with_its_modeldeployment_within_10s(
     holds anything, and no Event says an owner reference was wrong. (The query-budget
     ConfigMap, made only once Prometheus has counted calls, carries the same owner reference:
     builders/labels.child_metadata.)"""
-    metrics = [{"type": "InFlightPerReplica", "target": 4}]
-    prometheus = {"url": "http://prometheus.monitoring:9090"}
-    steps = [{"weight": 50, "pause": "manual"}, {"weight": 100}]
-    gateway = {"parentRefs": [{"name": "inference-gateway"}], "hostnames": ["models.example.com"]}
-    specs: dict[str, dict[str, Any]] = {
-        "hpa": {
-            "autoscaling": {"engine": "hpa", "minReplicas": 1, "maxReplicas": 3, "metrics": metrics}
-        },
-        "keda": {
-            "autoscaling": {
-                "engine": "keda",
-                "minReplicas": 1,
-                "maxReplicas": 3,
-                "prometheus": prometheus,
-                "metrics": metrics,
-            }
-        },
-        "routed": {
-            "rollout": {
-                "strategy": "Canary",
-                "steps": steps,
-                "trafficRouting": {"gatewayAPI": gateway},
-            }
-        },
-    }
-    for name, spec in specs.items():
-        manifest = merged(cpu_model(name), {"spec": spec})
+    specs = every_kind_of_child()
+    for manifest in specs.values():
         cluster.kubectl("apply", "-n", namespace, "-f", "-", stdin=json.dumps(manifest))
     kinds = "deployments,services,horizontalpodautoscalers,scaledobjects,httproutes"
 
@@ -171,3 +142,83 @@ def test_every_kind_of_child_goes_with_its_modeldeployment_within_10s(
     print(f"every child gone {time.monotonic() - started:.1f} s after the delete")
     events = cluster.kubectl_json("get", "events", "-n", namespace)["items"]
     assert not [e for e in events if e["reason"] == "OwnerRefInvalidNamespace"]
+
+
+def test_deleted_mid_rollout_with_passes_scheduled_it_goes_and_they_are_dropped(
+    cluster: Cluster, own_operator: list[OperatorProcess], namespace: str, tmp_path: Path
+) -> None:
+    """Reliability case 19. What kopf's timers and daemons are elsewhere, scheduled passes
+    are here: a canary waits out a 10-minute step, another re-checks its analysis every 2 s
+    (Prometheus is not there: inconclusive, so it keeps asking). Both are deleted with the
+    operator up: they go at once (no finalizer to remove), their children follow, their
+    scheduled passes are dropped, and nothing fails or comes back."""
+    process = OperatorProcess(
+        cluster,
+        tmp_path / "operator.log",
+        extra_args=(f"--namespace={namespace}", f"--leader-election-namespace={namespace}"),
+    )
+    own_operator.append(process)
+    process.start()
+    analysis = {
+        "interval": "2s",
+        "prometheus": {"url": f"http://127.0.0.1:{free_port()}"},
+        "metrics": [{"name": "errors", "builtin": "ErrorRatio", "max": 0.01}],
+    }
+    rollouts = {
+        "timed": {"strategy": "Canary", "steps": [{"weight": 50, "pause": "10m"}, {"weight": 100}]},
+        "analysed": {
+            "strategy": "Canary",
+            "steps": [{"weight": 50}, {"weight": 100}],
+            "analysis": analysis,
+        },
+    }
+    for name, rollout in rollouts.items():
+        manifest = merged(cpu_model(name), {"spec": {"replicas": 2, "rollout": rollout}})
+        cluster.kubectl("apply", "-n", namespace, "-f", "-", stdin=json.dumps(manifest))
+
+    def status(name: str) -> dict[str, Any]:
+        found: dict[str, Any] = (get(cluster, namespace, "md", name) or {}).get("status", {})
+        return found
+
+    def available(name: str) -> bool:
+        return status(name).get("phase") == "Available"
+
+    for name in rollouts:
+        wait_for(f"{name} Available", functools.partial(available, name))
+        patch = json.dumps({"spec": {"model": {"version": "2"}}})
+        cluster.kubectl("patch", "md", name, "-n", namespace, "--type=merge", "-p", patch)
+    wait_for(
+        "the timed step's pods ready (its 10 minutes counting)",
+        lambda: (status("timed").get("canary") or {}).get("readySince"),
+        timeout=60,
+    )
+    wait_for(
+        "an inconclusive analysis",
+        lambda: [
+            a for a in status("analysed").get("analysis", []) if a["result"] == "Inconclusive"
+        ],
+        timeout=60,
+    )
+    assert metric_sum(process.metrics(), "modeldeploy_operator_workqueue_delayed") == 2
+    errors = metric_sum(process.metrics(), "modeldeploy_reconcile_errors_total")
+
+    started = time.monotonic()
+    cluster.kubectl("delete", "md", "--all", "-n", namespace, "--wait=true", timeout=10)
+    wait_for(
+        "the children gone",
+        lambda: not children(cluster, namespace, "deployments,services"),
+        timeout=10,
+    )
+    print(f"deleted with their children in {time.monotonic() - started:.1f} s")
+    wait_for(
+        "the scheduled passes dropped",
+        lambda: metric_sum(process.metrics(), "modeldeploy_operator_workqueue_delayed") == 0,
+        timeout=5,
+    )
+    # Three analysis intervals and a resync later: nothing came back, nothing failed.
+    time.sleep(max(6.0, process.resync_seconds))
+    assert children(cluster, namespace, "deployments,services") == []
+    assert cluster.kubectl_json("get", "md", "-n", namespace)["items"] == []
+    assert metric_sum(process.metrics(), "modeldeploy_reconcile_errors_total") == errors
+    assert process.running
+    assert "Traceback" not in process.log_path.read_text()

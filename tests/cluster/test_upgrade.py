@@ -20,7 +20,7 @@ import yaml
 from localcluster import Cluster
 from localcluster.operator import OperatorProcess
 from modeldeploy_operator.api import crd
-from support import DELETE, get, load_example, merged, wait_for
+from support import cpu_model, get, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -28,17 +28,14 @@ GROUP = "storage-migration.modeldeploy.io"
 CRD_NAME = f"modeldeployments.{GROUP}"
 
 
-def cpu_model(api_version: str, name: str) -> dict[str, Any]:
-    manifest = merged(load_example("minimal.yaml"), {"spec": {"resources": {"gpu": DELETE}}})
-    manifest["apiVersion"] = api_version
-    manifest["metadata"] = {"name": name}
-    return manifest
+def cpu_model_as(api_version: str, name: str) -> dict[str, Any]:
+    return {**cpu_model(name), "apiVersion": api_version}
 
 
 def apply_crd(cluster: Cluster, versions: tuple[str, ...]) -> None:
     text = yaml.safe_dump(crd.build_crd(GROUP, versions))
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", stdin=text)
-    cluster.kubectl("wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=30s")
+    cluster.wait_established(30)
 
 
 def stored_as(cluster: Cluster, namespace: str, name: str) -> str:
@@ -67,7 +64,7 @@ def test_storage_moves_to_v1beta1_and_v1alpha1_can_go(
     apply_crd(cluster, ("v1alpha1",))  # as the previous release shipped it
     names = [f"m{i}" for i in range(3)]
     for name in names:
-        manifest = json.dumps(cpu_model(old, name))
+        manifest = json.dumps(cpu_model_as(old, name))
         cluster.kubectl("create", "-n", namespace, "-f", "-", stdin=manifest)
     assert {stored_as(cluster, namespace, n) for n in names} == {old}
 
@@ -77,7 +74,7 @@ def test_storage_moves_to_v1beta1_and_v1alpha1_can_go(
     for version in ("v1alpha1", "v1beta1"):
         listed = cluster.kubectl_json("get", f"modeldeployments.{version}.{GROUP}", "-n", namespace)
         assert [i["apiVersion"] for i in listed["items"]] == [f"{GROUP}/{version}"] * 3
-    cluster.kubectl("create", "-n", namespace, "-f", "-", stdin=json.dumps(cpu_model(old, "m3")))
+    cluster.kubectl("create", "-n", namespace, "-f", "-", stdin=json.dumps(cpu_model_as(old, "m3")))
     assert stored_as(cluster, namespace, "m3") == new  # written as v1alpha1, stored as v1beta1
     assert stored_as(cluster, namespace, "m0") == old
 
@@ -105,7 +102,7 @@ def test_refused_to_drop_a_version_that_is_still_stored(
     cluster: Cluster, namespace: str, migration_crd: None
 ) -> None:
     apply_crd(cluster, ("v1alpha1",))
-    manifest = json.dumps(cpu_model(f"{GROUP}/v1alpha1", "m0"))
+    manifest = json.dumps(cpu_model_as(f"{GROUP}/v1alpha1", "m0"))
     cluster.kubectl("create", "-n", namespace, "-f", "-", stdin=manifest)
     apply_crd(cluster, ("v1alpha1", "v1beta1"))
     text = yaml.safe_dump(crd.build_crd(GROUP, ("v1beta1",)))
@@ -118,7 +115,7 @@ def test_a_modeldeployment_written_as_v1beta1_is_reconciled(
     cluster: Cluster, operator: OperatorProcess, namespace: str
 ) -> None:
     """The operator reads v1alpha1; an object created as v1beta1 is the same object."""
-    manifest = cpu_model("serving.modeldeploy.io/v1beta1", "resnet50")
+    manifest = cpu_model_as("serving.modeldeploy.io/v1beta1", "resnet50")
     cluster.kubectl("create", "-n", namespace, "-f", "-", stdin=json.dumps(manifest))
     wait_for(
         "Available",

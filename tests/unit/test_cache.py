@@ -55,14 +55,30 @@ def test_a_pod_keeps_its_node_and_status_fields_only() -> None:
     assert kept["status"] == {"phase": "Running", "conditions": POD["status"]["conditions"]}
 
 
-def test_a_modeldeployment_keeps_its_annotations() -> None:
+def test_a_modeldeployment_keeps_its_annotations_and_its_status() -> None:
     md: dict[str, Any] = {
         "apiVersion": "serving.modeldeploy.io/v1alpha1",
         "kind": "ModelDeployment",
         "metadata": {"name": "iris", "namespace": "ns", "annotations": {"a": "b"}},
         "spec": {"replicas": 1},
+        "status": {"observedGeneration": 1, "canary": {"step": 0}},
     }
-    assert expand(project(body(md), "ModelDeployment"))["metadata"]["annotations"] == {"a": "b"}
+    kept = expand(project(body(md), "ModelDeployment"))
+    assert kept["metadata"]["annotations"] == {"a": "b"}
+    assert kept["status"] == md["status"]  # a pass decides from it: the rollout's state
+
+
+def test_the_status_of_what_others_drive_is_not_kept() -> None:
+    hpa: dict[str, Any] = {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": {"name": "iris", "namespace": "ns", "resourceVersion": "3"},
+        "spec": {"maxReplicas": 3},
+        "status": {"currentReplicas": 2, "currentMetrics": []},
+    }
+    kept = expand(project(body(hpa), "HorizontalPodAutoscaler"))
+    assert kept["spec"] == hpa["spec"]
+    assert "status" not in kept  # the HPA controller's every update would cost a pass
 
 
 OWNED = {"serving.modeldeploy.io/modeldeployment": "iris"}

@@ -33,6 +33,9 @@ class ScriptedApi:
         self.lists, self.watches, self.stop = lists, watches, stop
         self.watched_from: list[str] = []
 
+    def served(self, api_version: str, kind: str) -> bool:
+        return True
+
     def list_all(
         self, api_version: str, kind: str, namespace: str | None, selector: str = ""
     ) -> tuple[list[Json], str]:

@@ -11,6 +11,7 @@ from modeldeploy_operator.status import (
     MissingReference,
     Observed,
     compute_status,
+    recreated_events,
     transition_events,
 )
 from support import load_example, merged
@@ -367,6 +368,24 @@ def test_events_only_on_transitions() -> None:
     reasons = [(e.type, e.reason) for e in transition_events(broken, healed)]
     assert ("Normal", "Recovered") in reasons
     assert ("Normal", "Ready") in reasons
+
+
+def test_a_child_found_deleted_once_its_generation_was_reconciled_is_an_event() -> None:
+    hpa = {"kind": "HorizontalPodAutoscaler", "metadata": {"name": "resnet50"}}
+    stable = {"kind": "Deployment", "metadata": {"name": "resnet50-stable"}}
+    config = {"kind": "ConfigMap", "metadata": {"name": "resnet50-budget"}}
+    settled = md(status={"observedGeneration": 3})
+    seen = {"HorizontalPodAutoscaler/resnet50": None, "Deployment/resnet50-stable": stable}
+    events = recreated_events(settled, seen, [hpa, stable, config], failing=False)
+    assert [(e.type, e.reason, e.message) for e in events] == [
+        ("Warning", "Recreated", "HorizontalPodAutoscaler resnet50 was deleted; created it again")
+    ]
+    # A new spec's new child is no news; nor is one whose last apply failed; nor one the
+    # snapshot does not vouch for (a kind read from the API server: the ConfigMap).
+    assert recreated_events(md(status={"observedGeneration": 2}), seen, [hpa], False) == []
+    assert recreated_events(md(), seen, [hpa], False) == []
+    assert recreated_events(settled, seen, [hpa], failing=True) == []
+    assert recreated_events(settled, seen, [config], failing=False) == []
 
 
 def test_messages_say_what_is_wrong() -> None:

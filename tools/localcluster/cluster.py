@@ -90,7 +90,8 @@ class ClusterState:
 
     @property
     def audit_log(self) -> Path:
-        """The API server's audit log: one JSON event per line (every write, who made it)."""
+        """The API server's audit log: one JSON event per line (every write, who made it;
+        lists and watches of ModelDeployments)."""
         return self.root / "audit.log"
 
     @property
@@ -126,13 +127,19 @@ def read_pid_files(pid_dir: Path) -> list[Process]:
 RESTART_ATTEMPTS = 5
 
 # Every write, at the Metadata level (who, what, when, the answer's code): the fencing tests
-# read it to see which process wrote after it lost its Lease. Reads are not logged.
+# read it to see which process wrote after it lost its Lease. Of reads, only lists and watches
+# of ModelDeployments: the 410 test times a reconcile from the list that found the object.
 AUDIT_POLICY = {
     "apiVersion": "audit.k8s.io/v1",
     "kind": "Policy",
     "omitStages": ["RequestReceived"],
     "rules": [
         {"level": "Metadata", "verbs": ["create", "update", "patch", "delete", "deletecollection"]},
+        {
+            "level": "Metadata",
+            "verbs": ["list", "watch"],
+            "resources": [{"group": "serving.modeldeploy.io", "resources": ["modeldeployments"]}],
+        },
         {"level": "None"},
     ],
 }
@@ -327,7 +334,8 @@ class Cluster:
                 ) from error
 
     def audit_events(self) -> list[dict[str, Any]]:
-        """Every write the API server has logged so far (``audit.k8s.io/v1`` Events)."""
+        """Every write the API server has logged so far, and every list and watch of
+        ModelDeployments (``audit.k8s.io/v1`` Events)."""
         if not self.state.audit_log.is_file():
             return []
         return [json.loads(line) for line in self.state.audit_log.read_text().splitlines() if line]

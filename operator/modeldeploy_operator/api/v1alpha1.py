@@ -175,13 +175,21 @@ class ModelSpec(ApiModel):
 
     name: str = Field(
         max_length=128,
-        description="The Triton model name.",
+        description="The Triton model name, which clients call (/v2/models/<name>/infer);"
+        " immutable: a new name is a new ModelDeployment.",
         json_schema_extra=rules(
             cel(
                 "self.matches('^[a-zA-Z0-9][a-zA-Z0-9_.-]*$')",
                 "spec.model.name must be letters, digits, '_', '.' or '-', starting with a letter"
                 " or digit",
-            )
+            ),
+            # A canary of another name would answer nobody's calls, and clients calling the
+            # old one would get 404s once it is promoted.
+            cel(
+                "self == oldSelf",
+                "spec.model.name is immutable (clients call the model by it): create a new"
+                " ModelDeployment for a new name",
+            ),
         ),
     )
     version: str = Field(

@@ -366,6 +366,17 @@ class KubernetesApi:
             raise
         return True
 
+    def served(self, api_version: str, kind: str) -> bool:
+        """Whether the API server serves ``kind`` (its CRD installed), from discovery."""
+        base = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+        try:
+            found = self._call("GET", base, kind="discovery")
+        except ApiError as error:
+            if error.status == 404:
+                return False
+            raise
+        return any(r.get("kind") == kind for r in found.get("resources") or [])
+
     def list(
         self, api_version: str, kind: str, namespace: str | None, selector: str = ""
     ) -> list[Json]:

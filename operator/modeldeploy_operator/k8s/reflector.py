@@ -34,6 +34,8 @@ INACTIVITY_SECONDS = 70.0  # bookmarks come about every 60 s; kopf's inactivity_
 
 
 class WatchApi(Protocol):
+    def served(self, api_version: str, kind: str) -> bool: ...
+
     def list_all(
         self, api_version: str, kind: str, namespace: str | None, selector: str = ""
     ) -> tuple[list[Json], str]: ...
