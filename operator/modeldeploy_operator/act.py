@@ -157,7 +157,7 @@ def apply_objects(
         if not needs_apply(current, obj):
             continue
         try:
-            written = ctx.api.apply(obj)
+            written = apply_deployment(obj, current, ctx, f"{ns}/{md.metadata.name}")
         except ApiError as failure:
             # Reported in status (ApplyFailed) and retried on the next trigger or resync.
             error = f"{kind} {ns}/{name} was refused ({failure.status}): {failure.message}"
@@ -172,6 +172,44 @@ def apply_objects(
         )
         applied.append(key)
     return applied, error
+
+
+def apply_deployment(desired: Json, current: Json | None, ctx: OperatorContext, owner: str) -> Json:
+    """Server-side apply, forced; for a Deployment, what apply cannot take back from hand
+    edits is taken back after it (``take_back_template``). Apply is even refused (422) when
+    our fields and the ones others added make an invalid whole (``privileged: true`` added
+    beside our ``allowPrivilegeEscalation: false``): then the template is taken back first."""
+    if desired["kind"] != "Deployment":
+        return ctx.api.apply(desired)
+    try:
+        written = ctx.api.apply(desired)
+    except ApiError as failure:
+        if failure.status != 422 or current is None:
+            raise
+        take_back_template(desired, current, ctx, owner)
+        return ctx.api.apply(desired)
+    if needs_apply(written, desired):
+        written = take_back_template(desired, written, ctx, owner)
+    return written
+
+
+def take_back_template(desired: Json, written: Json, ctx: OperatorContext, owner: str) -> Json:
+    """Server-side apply leaves what others added to a pod template (an env var, a port,
+    ``privileged: true``) with them: it only takes back the fields we set. Those additions
+    are undone here, with a merge patch from the template there to ours (removed keys as
+    null, lists whole), preconditioned on the version the apply left."""
+    meta = written["metadata"]
+    ours = desired["spec"]["template"]["spec"]
+    theirs = (written.get("spec") or {}).get("template", {}).get("spec") or {}
+    patch: Json = {
+        "metadata": {"resourceVersion": meta["resourceVersion"]},
+        "spec": {"template": {"spec": status_patch(theirs, ours)}},
+    }
+    ctx.logger.info(
+        f"Took back fields others added to Deployment {meta['namespace']}/{meta['name']}",
+        extra={"modeldeployment": owner},
+    )
+    return ctx.api.merge_patch("apps/v1", "Deployment", meta["namespace"], meta["name"], patch)
 
 
 def carry_out(

@@ -2,7 +2,9 @@
 
 Reconcile applies a child only when the observed object no longer contains the desired one:
 restarts and periodic resyncs then cost reads, not writes, while hand edits (a changed or
-removed field, a deleted object) are still taken back by server-side apply.
+removed field, a deleted object) are still taken back by server-side apply. What apply
+cannot take back (fields and list entries someone else added, which stay theirs) the act
+layer replaces, for a Deployment's pod template (``act.apply_objects``).
 """
 
 from __future__ import annotations
@@ -10,22 +12,30 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+# Maps the API server does not default into: a key in them that we did not set was added by
+# someone else (``privileged: true``, an added capability, a sysctl), so it is drift too.
+EXACT = frozenset({"securityContext"})
 
-def contains(observed: object, desired: object) -> bool:
+
+def contains(observed: object, desired: object, *, exact: bool = False) -> bool:
     """True when every field of ``desired`` is in ``observed`` with the same value.
 
-    Maps may have extra keys (server defaults, other managers' fields); lists must have the
-    same length and match item by item; scalars must be equal.
+    Maps may have extra keys (server defaults, other managers' fields), except inside the
+    maps named in ``EXACT``; lists must have the same length and match item by item;
+    scalars must be equal.
     """
     if isinstance(desired, Mapping):
-        return isinstance(observed, Mapping) and all(
-            key in observed and contains(observed[key], value) for key, value in desired.items()
+        if not isinstance(observed, Mapping) or (exact and set(observed) - set(desired)):
+            return False
+        return all(
+            key in observed and contains(observed[key], value, exact=exact or key in EXACT)
+            for key, value in desired.items()
         )
     if isinstance(desired, list):
         return (
             isinstance(observed, list)
             and len(observed) == len(desired)
-            and all(contains(o, d) for o, d in zip(observed, desired, strict=True))
+            and all(contains(o, d, exact=exact) for o, d in zip(observed, desired, strict=True))
         )
     return bool(observed == desired)
 

@@ -5,6 +5,7 @@ and go away when the engine changes."""
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import pytest
@@ -78,6 +79,21 @@ def test_the_hpa_engine_drives_the_scale_subresource_and_keda_replaces_it(
         timeout=20,
     )
     assert md_status(cluster, namespace)["autoscaling"]["engine"] == "hpa"
+    # No second writer of the count, so nothing to oscillate: through several resyncs the
+    # HPA's count stays, and the API server's audit log has no write of the operator to the
+    # ModelDeployment but its status (no spec, no scale subresource).
+    time.sleep(3 * operator.resync_seconds)
+    assert (get(cluster, namespace, "deployment", "resnet50-stable") or {})["spec"]["replicas"] == 3
+    writes = [
+        (e["verb"], e["objectRef"].get("subresource", ""))
+        for e in cluster.audit_events()
+        if e["userAgent"].startswith("modeldeploy-operator/")
+        and e["objectRef"].get("resource") == "modeldeployments"
+        and e["objectRef"].get("namespace") == namespace
+        and e["verb"] not in ("get", "list", "watch")
+    ]
+    assert writes, "the operator wrote no status"
+    assert {subresource for _, subresource in writes} == {"status"}, writes
 
     apply(cluster, namespace, {**SCALING, "engine": "keda"})
     wait_for("the ScaledObject", lambda: get(cluster, namespace, "scaledobject", "resnet50"), 20)

@@ -4,6 +4,7 @@ status, self-healing, scaling and garbage collection."""
 from __future__ import annotations
 
 import functools
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -282,6 +283,54 @@ def test_every_kind_of_child_deleted_by_hand_comes_back_within_10s_with_an_event
     assert all(
         e["type"] == "Warning" for e in our_events(cluster, namespace) if e["reason"] == "Recreated"
     )
+
+
+EDITS = [  # (JSON patch operation on the stable Deployment, what it is)
+    ("replace", "/containers/0/args/0", "--model-repository=/elsewhere"),  # a value we set
+    ("replace", "/containers/0/env/0/value", "edited"),
+    ("add", "/containers/0/env/-", {"name": "INJECTED", "value": "yes"}),  # an addition
+    ("replace", "/containers/1/ports/0/containerPort", 18080),
+    ("add", "/containers/1/ports/-", {"name": "debug", "containerPort": 7777}),
+    ("replace", "/containers/0/securityContext/allowPrivilegeEscalation", True),
+    ("add", "/containers/0/securityContext/privileged", True),
+    ("add", "/containers/0/securityContext/capabilities/add", ["NET_ADMIN"]),
+    ("add", "/securityContext/sysctls", [{"name": "net.core.somaxconn", "value": "1024"}]),
+]
+
+
+def test_hand_edits_of_what_the_operator_sets_are_taken_back_within_10s(
+    cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    """Reliability case 23: args, env, ports and securityContext edited by hand (values
+    changed, and entries or fields added, which server-side apply alone would leave with
+    their editor) are taken back within 10 s, and then nothing is written again."""
+    env = [{"name": "TRITON_LOG", "value": "1"}]
+    apply(
+        cluster, namespace, merged(load_example("minimal.yaml"), {"spec": {"server": {"env": env}}})
+    )
+    wait_condition(cluster, namespace, "resnet50", "Ready", "True")
+    original = get(cluster, namespace, "deployment", "resnet50-stable")
+    assert original is not None
+    template = original["spec"]["template"]["spec"]
+    assert [c["name"] for c in template["containers"]] == ["triton", "runtime"]
+    patch = [
+        {"op": op, "path": f"/spec/template/spec{path}", "value": value}
+        for op, path, value in EDITS
+    ]
+    cluster.kubectl("patch", "deployment", "resnet50-stable", "-n", namespace, "--type=json",
+                    "-p", json.dumps(patch))  # fmt: skip
+    edited = get(cluster, namespace, "deployment", "resnet50-stable") or {}
+    assert edited["spec"]["template"]["spec"] != template  # the edits landed
+
+    def taken_back() -> dict[str, Any] | None:
+        found = get(cluster, namespace, "deployment", "resnet50-stable") or {}
+        return found if found["spec"]["template"]["spec"] == template else None
+
+    restored = wait_for("every edit taken back", taken_back, timeout=10)
+    # Settled: the operator's passes (a resync every 3 s) write nothing more.
+    time.sleep(3 * operator.resync_seconds)
+    now = get(cluster, namespace, "deployment", "resnet50-stable") or {}
+    assert now["metadata"]["resourceVersion"] == restored["metadata"]["resourceVersion"]
 
 
 def test_kubectl_scale_md_scales_the_deployment(
