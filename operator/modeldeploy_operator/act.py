@@ -28,6 +28,7 @@ from modeldeploy_operator.autoscaling import AUTOSCALER_MANAGER
 from modeldeploy_operator.cache import version_of
 from modeldeploy_operator.context import OperatorContext
 from modeldeploy_operator.drift import needs_apply
+from modeldeploy_operator.events import EventWrite, Similar
 from modeldeploy_operator.k8s.client import ApiError
 from modeldeploy_operator.rollout.plan import COMMAND_ANNOTATION
 from modeldeploy_operator.status import EventSpec
@@ -267,10 +268,18 @@ def carry_out(
 def emit_events(
     ctx: OperatorContext, involved: dict[str, Any], key: str, events: Sequence[EventSpec]
 ) -> None:
-    """Post the Events; best effort, since status already tells the truth."""
+    """Post the Events; best effort, since status already tells the truth. An Event like
+    one posted in the last 10 minutes patches that one's count; an object past its burst
+    posts nothing for a while (``events.EventCorrelator``)."""
+    meta = involved["metadata"]
     for event in events:
+        similar = (f"{key}/{meta.get('uid', '')}", event.type, event.reason, event.message)
+        write = ctx.events.decide(similar, ctx.epoch())
+        if write is None:
+            ctx.telemetry.events_dropped.labels(event.type, event.reason).inc()
+            continue
         try:
-            ctx.api.emit_event(involved, event.type, event.reason, event.message)
+            post_event(ctx, involved, event, similar, write)
         except ApiError as failure:
             terminating = "being terminated" in failure.message  # the namespace is going away
             ctx.logger.log(
@@ -283,6 +292,29 @@ def emit_events(
         ctx.logger.info(
             f"{event.reason}: {event.message}", extra={"modeldeployment": key, "event": event.type}
         )
+
+
+def post_event(
+    ctx: OperatorContext,
+    involved: dict[str, Any],
+    event: EventSpec,
+    similar: Similar,
+    write: EventWrite,
+) -> None:
+    """Create the Event, or patch the similar one's count and last time."""
+    if write.name is not None:
+        patch = {"count": write.count, "lastTimestamp": ctx.clock()}
+        namespace = involved["metadata"]["namespace"]
+        try:
+            ctx.api.merge_patch("v1", "Event", namespace, write.name, patch)
+            return
+        except ApiError as failure:
+            if failure.status != 404:
+                raise
+            ctx.events.gone(similar)  # expired (Events live an hour): post a new one
+            ctx.events.decide(similar, ctx.epoch())
+    name = ctx.api.emit_event(involved, event.type, event.reason, event.message)
+    ctx.events.created(similar, name)
 
 
 def label_nodes(ctx: OperatorContext, labels: set[tuple[str, str]]) -> None:

@@ -12,12 +12,16 @@ from dataclasses import dataclass, field
 from modeldeploy_operator.autoscaling.plan import ScalingState
 from modeldeploy_operator.builders.deployment import BuildConfig
 from modeldeploy_operator.cache import ClusterCache
+from modeldeploy_operator.events import EventCorrelator
 from modeldeploy_operator.k8s.client import ApiError, KubeApi
 from modeldeploy_operator.metrics.prometheus import MetricsProvider, PrometheusProvider
 from modeldeploy_operator.status import MissingReference
 from modeldeploy_operator.telemetry import Telemetry
+from modeldeploy_operator.workqueue import ExponentialBackoff
 
 GPU_PRESENT_SELECTOR = "nvidia.com/gpu.present=true"
+APPLY_RETRY_SECONDS = 10.0  # a refused write is sent again after this, doubling...
+APPLY_RETRY_MAX_SECONDS = 300.0  # ...up to every five minutes
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 
 
@@ -105,10 +109,17 @@ class OperatorContext:
     # The last refused apply per object: act runs after the status write, so the next pass
     # reports it (ApplyFailed) and clears it once an apply succeeds.
     apply_errors: dict[tuple[str, str], str] = field(default_factory=dict)
+    # After a refusal: (the generation refused, when to try again), and each object's backoff.
+    apply_holds: dict[tuple[str, str], tuple[int, float]] = field(default_factory=dict)
+    apply_backoff: ExponentialBackoff[tuple[str, str]] = field(
+        default_factory=lambda: ExponentialBackoff(APPLY_RETRY_SECONDS, APPLY_RETRY_MAX_SECONDS)
+    )
     # What the last look at each object's referenced Secrets and ConfigMaps found.
     references: dict[tuple[str, str], ReferencesChecked] = field(default_factory=dict)
     # What the watches know (kopf's and the reflectors'); passes read their snapshot from it
     # once ready, and from the API server before (and in tools that run no watches).
     cache: ClusterCache = field(default_factory=ClusterCache)
+    # The Events posted (aggregation and the per-object spam filter, after client-go's).
+    events: EventCorrelator = field(default_factory=EventCorrelator)
     # Node cache labels already put on nodes (nodecache): each is patched once per process.
     node_labels: set[tuple[str, str]] = field(default_factory=set)

@@ -151,6 +151,38 @@ def scaled(md: ModelDeployment, replicas: int | None) -> ModelDeployment:
     return md.model_copy(update={"spec": md.spec.model_copy(update={"replicas": replicas})})
 
 
+def carry_out(
+    md: ModelDeployment,
+    wanted: act.Children,
+    objects: tuple[dict[str, Any], ...],
+    seen: Mapping[str, dict[str, Any] | None],
+    ctx: OperatorContext,
+    now: float,
+) -> tuple[list[str], str | None, float | None]:
+    """Apply, scale and delete (``act``): what was changed, the last refusal, and when to
+    try again after one. A refused write is not sent again for the same generation of the
+    spec until its backoff is due (10 s, doubling, at most every 5 minutes, as controller-
+    runtime retries): a refusal that stays (a quota, an admission policy) then costs the API
+    server a write every five minutes, not one every pass. A new generation tries at once."""
+    key = (md.metadata.namespace, md.metadata.name)
+    held = ctx.apply_holds.get(key)
+    if held is not None and held[0] == md.metadata.generation and now < held[1]:
+        return [], ctx.apply_errors.get(key), held[1] - now
+    applied, error = act.carry_out(md, wanted, ctx, seen)
+    engine_applied, engine_error = act.apply_objects(md, objects, ctx, seen)
+    applied += engine_applied
+    error = error or engine_error
+    if error is None:
+        ctx.apply_backoff.forget(key)
+        ctx.apply_holds.pop(key, None)
+        return applied, None, None
+    if held is not None and held[0] != md.metadata.generation:
+        ctx.apply_backoff.forget(key)  # a new spec: its refusals count from the start
+    delay = ctx.apply_backoff.when(key)
+    ctx.apply_holds[key] = (md.metadata.generation, now + delay)
+    return applied, error, delay
+
+
 def decision_events(decision: Decision | None) -> list[EventSpec]:
     """The rollout's decision, when it did something: a Warning for a rollback or abort."""
     if decision is None or decision.action == "Wait":
@@ -203,17 +235,14 @@ def reconcile(body: Mapping[str, Any], ctx: OperatorContext) -> Outcome:
     wrote = act.write_status(md, meta, status, ctx)
     if autoscaling.replicas is not None:
         act.scale_modeldeployment(md, autoscaling.replicas, wrote.version, ctx)
-    applied, error = act.carry_out(md, wanted, ctx, seen.children)
-    engine_applied, engine_error = act.apply_objects(md, autoscaling.objects, ctx, seen.children)
-    applied += engine_applied
-    error = error or engine_error
+    applied, error, retry_in = carry_out(md, wanted, autoscaling.objects, seen.children, ctx, now)
     if ctx.build.model_cache_dir is not None:
         act.label_nodes(ctx, labels_to_add(seen.pods, frozenset(ctx.node_labels)))
     if autoscaling.evaluation is not None:  # carried out: the round counts
         ctx.scaling.state((md.metadata.namespace, md.metadata.name), now).record(
             autoscaling.evaluation
         )
-    requeue = [plan.requeue_after, autoscaling.requeue_after]
+    requeue = [plan.requeue_after, autoscaling.requeue_after, retry_in]
     if seen.missing:  # look for them again soon: nothing else would trigger a pass
         requeue.append(REFERENCE_RECHECK_SECONDS)
     if md.spec.monitoring.auth and md.spec.monitoring.auth.query_budget:
@@ -364,8 +393,11 @@ class Reconciler:
                 )
 
     def _drop(self, key: Key) -> None:
+        self.ctx.events.forget(f"{key[0]}/{key[1]}/")
         self.ctx.telemetry.phases.forget(key)
         self.ctx.scaling.forget(key)
         self.ctx.apply_errors.pop(key, None)
+        self.ctx.apply_holds.pop(key, None)
+        self.ctx.apply_backoff.forget(key)
         self.ctx.references.pop(key, None)
         self.ctx.cache.forget(key)

@@ -101,6 +101,12 @@ class Telemetry:
             ["verb", "kind", "code"],
             registry=self.registry,
         )
+        self.events_dropped = Counter(
+            "modeldeploy_events_dropped_total",
+            "Events not posted: their object spent its burst of 25 (one more every 5 minutes).",
+            ["type", "reason"],
+            registry=self.registry,
+        )
         self.events = Counter(
             "modeldeploy_events_total",
             "Kubernetes Events the operator emitted.",

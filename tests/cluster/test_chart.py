@@ -32,6 +32,7 @@ EVERYTHING_ON = (
 
 # What the operator's ServiceAccount may do, cluster-wide: (resource, verbs). Anything more
 # fails the test; so does anything less that the operator needs (the install test).
+WATCHED_CHILD = {"get", "list", "watch", "create", "patch", "update", "delete"}
 ALLOWED = {
     "modeldeployments.serving.modeldeploy.io": {"get", "list", "watch", "patch", "update"},
     "modeldeployments.serving.modeldeploy.io/status": {"get", "patch", "update"},
@@ -53,8 +54,8 @@ ALLOWED = {
         "update",
         "delete",
     },
-    "horizontalpodautoscalers.autoscaling": {"get", "create", "patch", "update", "delete"},
-    "scaledobjects.keda.sh": {"get", "create", "patch", "update", "delete"},
+    "horizontalpodautoscalers.autoscaling": WATCHED_CHILD,
+    "scaledobjects.keda.sh": WATCHED_CHILD,
     "nodes": {"get", "list", "watch"},
     "customresourcedefinitions.apiextensions.k8s.io": {"get", "list", "watch"},
 }
@@ -222,6 +223,60 @@ def test_install_run_the_operator_with_the_charts_account_and_uninstall(
         "modeldeployment.serving.modeldeploy.io/bert-large",
         "modeldeployment.serving.modeldeploy.io/resnet50",
     ]
+
+
+def test_a_namespace_scoped_install_runs_the_operator_in_its_namespaces_only(
+    cluster: Cluster, crd: None, no_session_operator: None, namespace: str, tmp_path: Path
+) -> None:
+    """Reliability case 34, second half: with `operator.watchNamespaces` the chart grants
+    Roles in those namespaces only, and the operator, run with the chart's own account,
+    reconciles there without a single refusal, while it may touch nothing elsewhere."""
+    release, release_ns = "scoped", f"scoped-{namespace}"[:63]
+    other = f"other-{namespace}"[:63]
+    cluster.kubectl("create", "namespace", other)
+    cluster.helm("install", release, str(CHART), "-n", release_ns, "--create-namespace",
+                 "--set", f"operator.watchNamespaces={{{namespace}}}")  # fmt: skip
+    try:
+        account = f"system:serviceaccount:{release_ns}:{release}-modeldeploy"
+        for verb, resource, where, allowed in (
+            ("list", "deployments.apps", namespace, "yes"),
+            ("create", "deployments.apps", namespace, "yes"),
+            ("watch", "modeldeployments.serving.modeldeploy.io", namespace, "yes"),
+            ("list", "deployments.apps", other, "no"),
+            ("create", "deployments.apps", other, "no"),
+            ("watch", "modeldeployments.serving.modeldeploy.io", other, "no"),
+            ("get", "secrets", other, "no"),
+        ):
+            answer = cluster.kubectl(
+                "auth", "can-i", verb, resource, f"--as={account}", "-n", where, check=False
+            )
+            assert answer.stdout.strip() == allowed, (verb, resource, where)
+        token = cluster.kubectl(
+            "create", "token", f"{release}-modeldeploy", "-n", release_ns, "--duration=1h"
+        ).stdout.strip()
+        operator = OperatorProcess(
+            cluster,
+            tmp_path / "operator.log",
+            kubeconfig=token_kubeconfig(cluster, token, tmp_path / "operator.kubeconfig"),
+            extra_args=(f"--namespace={namespace}", f"--leader-election-namespace={release_ns}"),
+        )
+        operator.start()
+        try:
+            manifest = json.dumps(load_example("minimal.yaml"))
+            for where in (namespace, other):
+                cluster.kubectl("apply", "-n", where, "-f", "-", stdin=manifest)
+            wait_for("resnet50 Ready", lambda: ready(cluster, namespace, "resnet50"), timeout=60)
+            time.sleep(2 * operator.resync_seconds)
+            assert get(cluster, other, "deployment", "resnet50-stable") is None
+            log = (tmp_path / "operator.log").read_text()
+            assert "Forbidden" not in log, log[-2000:]
+            assert " 403" not in log, log[-2000:]
+        finally:
+            operator.stop()
+    finally:
+        cluster.helm("uninstall", release, "-n", release_ns, check=False)
+        for gone in (release_ns, other):
+            cluster.kubectl("delete", "namespace", gone, "--wait=false", check=False)
 
 
 def ready(cluster: Cluster, namespace: str, name: str) -> bool:

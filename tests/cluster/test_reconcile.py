@@ -3,8 +3,11 @@ status, self-healing, scaling and garbage collection."""
 
 from __future__ import annotations
 
+import datetime
 import functools
+import itertools
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +18,16 @@ import yaml
 from localcluster import Cluster
 from localcluster.nodes import A100_80GB, NodeSpec, node_manifest
 from localcluster.operator import OperatorProcess, metric_sum
-from support import DELETE, condition, every_kind_of_child, get, load_example, merged, wait_for
+from support import (
+    DELETE,
+    condition,
+    cpu_model,
+    every_kind_of_child,
+    get,
+    load_example,
+    merged,
+    wait_for,
+)
 
 pytestmark = pytest.mark.cluster
 
@@ -50,6 +62,12 @@ def pods_of(cluster: Cluster, namespace: str, name: str) -> list[dict[str, Any]]
         "get", "pods", "-n", namespace, "-l", f"serving.modeldeploy.io/modeldeployment={name}"
     )["items"]
     return items
+
+
+def replaced(cluster: Cluster, namespace: str, kind: str, name: str, uid: str) -> bool:
+    """Whether the object exists again as a new one (another uid)."""
+    found = get(cluster, namespace, kind, name)
+    return found is not None and found["metadata"]["uid"] != uid
 
 
 def our_events(cluster: Cluster, namespace: str) -> list[dict[str, Any]]:
@@ -249,10 +267,6 @@ def test_every_kind_of_child_deleted_by_hand_comes_back_within_10s_with_an_event
         ("httproute", "routed"),
     ]
 
-    def replaced(kind: str, name: str, uid: str) -> bool:
-        found = get(cluster, namespace, kind, name)
-        return found is not None and found["metadata"]["uid"] != uid
-
     took = {}
     for kind, name in children:
         before = get(cluster, namespace, kind, name)
@@ -260,7 +274,11 @@ def test_every_kind_of_child_deleted_by_hand_comes_back_within_10s_with_an_event
         started = time.monotonic()
         cluster.kubectl("delete", kind, name, "-n", namespace)
         uid = before["metadata"]["uid"]
-        wait_for(f"{kind} {name} back", functools.partial(replaced, kind, name, uid), timeout=10)
+        wait_for(
+            f"{kind} {name} back",
+            functools.partial(replaced, cluster, namespace, kind, name, uid),
+            timeout=10,
+        )
         took[f"{kind}/{name}"] = round(time.monotonic() - started, 1)
     print(f"back after (s): {took}")
 
@@ -331,6 +349,113 @@ def test_hand_edits_of_what_the_operator_sets_are_taken_back_within_10s(
     time.sleep(3 * operator.resync_seconds)
     now = get(cluster, namespace, "deployment", "resnet50-stable") or {}
     assert now["metadata"]["resourceVersion"] == restored["metadata"]["resourceVersion"]
+
+
+HOT_LOOP = 30  # deletions of one child in a row
+
+
+def test_a_hot_loop_makes_one_event_with_a_count_and_a_bounded_number_of_writes(
+    cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    """Reliability case 30. Something deletes the Service again and again (a controller
+    fighting the operator, say): each time it comes back, and each time is a Recreated
+    Event, but they are one Event object whose count grows, as client-go's recorder
+    aggregates; and past a burst of 25 writes for the object the rest are dropped (and
+    counted), so a hot loop costs the API server a bounded number of writes."""
+    apply(cluster, namespace, load_example("minimal.yaml"))
+    wait_condition(cluster, namespace, "resnet50", "Ready", "True")
+    dropped = metric_sum(operator.metrics(), "modeldeploy_events_dropped_total", reason="Recreated")
+
+    for _ in range(HOT_LOOP):
+        before = get(cluster, namespace, "service", "resnet50")
+        assert before is not None
+        cluster.kubectl("delete", "service", "resnet50", "-n", namespace)
+        uid = before["metadata"]["uid"]
+        wait_for(
+            "the Service back",
+            functools.partial(replaced, cluster, namespace, "service", "resnet50", uid),
+            10,
+        )
+    events = [e for e in our_events(cluster, namespace) if e["reason"] == "Recreated"]
+    assert len(events) == 1, [(e["metadata"]["name"], e["count"]) for e in events]
+    count = events[0]["count"]
+    assert events[0]["message"] == "Service resnet50 was deleted; created it again"
+    now_dropped = metric_sum(
+        operator.metrics(), "modeldeploy_events_dropped_total", reason="Recreated"
+    )
+    print(f"{HOT_LOOP} deletions: one Event, count {count}, {now_dropped - dropped:g} dropped")
+    # Every deletion is either counted in the Event or counted as dropped: none is lost.
+    assert count + (now_dropped - dropped) == HOT_LOOP
+    assert 20 <= count <= 25
+    assert len(our_events(cluster, namespace)) <= 4  # Ready, RolloutComplete, Recreated
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process so far (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_refusal_that_stays_is_retried_with_doubling_backoff_at_little_cost(
+    cluster: Cluster, own_operator: list[OperatorProcess], namespace: str, tmp_path: Path
+) -> None:
+    """Reliability case 16. A ResourceQuota allows no Deployment in the namespace, so every
+    apply of the ModelDeployment's Deployment is refused (403) by the real API server. The
+    operator reports ApplyFailed and sends the apply again after 10, 20, 40 s (the audit
+    log has each attempt; it goes on doubling to every 5 minutes), while its resync, every
+    5 s here, passes over the object without writing anything; its CPU stays under 5 % of
+    a core."""
+    quota = {
+        "apiVersion": "v1",
+        "kind": "ResourceQuota",
+        "metadata": {"name": "no-deployments"},
+        "spec": {"hard": {"count/deployments.apps": "0"}},
+    }
+    apply(cluster, namespace, quota)
+    process = OperatorProcess(
+        cluster,
+        tmp_path / "operator.log",
+        resync_seconds=5,
+        extra_args=(f"--namespace={namespace}", f"--leader-election-namespace={namespace}"),
+    )
+    own_operator.append(process)
+    process.start()
+    apply(cluster, namespace, cpu_model("refused"))
+    wait_condition(cluster, namespace, "refused", "Degraded", "True", "ApplyFailed")
+    time.sleep(1)  # the pass that reported it has posted its Events
+
+    def failed_events() -> list[tuple[str, int]]:
+        events = [e for e in our_events(cluster, namespace) if e["reason"] == "ApplyFailed"]
+        return [(e["metadata"]["name"], e.get("count", 1)) for e in events]
+
+    reported = failed_events()
+    assert len(reported) == 1, reported  # Degraded's and Progressing's: one Event, counted
+    assert process.pid is not None
+    started, cpu = time.monotonic(), cpu_seconds(process.pid)
+
+    def attempts() -> list[float]:
+        """When each apply of the Deployment reached the API server (epoch seconds)."""
+        return sorted(
+            datetime.datetime.fromisoformat(e["requestReceivedTimestamp"]).timestamp()
+            for e in cluster.audit_events()
+            if e["userAgent"].startswith("modeldeploy-operator/")
+            and e["objectRef"].get("resource") == "deployments"
+            and e["objectRef"].get("namespace") == namespace
+            and e["verb"] == "patch"
+        )
+
+    found = wait_for("four attempts", lambda: attempts() if len(attempts()) >= 4 else None, 100)
+    used = (cpu_seconds(process.pid) - cpu) / (time.monotonic() - started)
+    gaps = [round(b - a, 1) for a, b in itertools.pairwise(found)][:3]
+    print(f"attempts {gaps} s apart; the operator used {100 * used:.1f} % of a core")
+    # 10, 20, 40 s: each due time, plus at most a resync until a pass notices it.
+    for gap, due in zip(gaps, (10, 20, 40), strict=True):
+        assert due - 1 <= gap <= due + 6, gaps
+    assert used < 0.05
+    # Nothing else was written meanwhile: the status said ApplyFailed once.
+    md = get(cluster, namespace, "md", "refused") or {}
+    assert md["status"]["observedGeneration"] == 1
+    assert failed_events() == reported  # and not one more since
 
 
 def test_kubectl_scale_md_scales_the_deployment(

@@ -348,14 +348,13 @@ class FakeKubeApi:
         for manager in [m for (k, m) in self._applied if k == key]:
             del self._applied[(key, manager)]
 
-    def emit_event(
-        self, involved: Mapping[str, Any], type_: str, reason: str, message: str
-    ) -> None:
+    def emit_event(self, involved: Mapping[str, Any], type_: str, reason: str, message: str) -> str:
         meta = involved["metadata"]
         self._enter(
             Call("emit_event", "Event", meta["namespace"], meta["name"], {"reason": reason})
         )
         self.events.append(RecordedEvent(involved["kind"], meta["name"], type_, reason, message))
+        return f"{meta['name']}.{len(self.events)}"
 
     def _existing(self, key: Key) -> Json:
         found = self.objects.get(key)

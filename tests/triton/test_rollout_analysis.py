@@ -24,8 +24,8 @@ from localcluster import Cluster
 from localcluster.operator import OperatorProcess, free_port
 from modeldeploy_runtime.drift import Profile, profile_features
 from prometheus_support import instant_vector, prometheus_binary, start_prometheus
-from rollout_support import canary_exists, md_status, start_canary
-from support import DELETE, load_example, merged, wait_for
+from rollout_support import canary_exists, md_status, set_version, start_canary
+from support import DELETE, get, load_example, merged, wait_for
 from triton_support import Sidecar, SidecarFactory, Traffic, json_body
 
 pytestmark = [pytest.mark.cluster, pytest.mark.triton, pytest.mark.prometheus]
@@ -231,6 +231,160 @@ def test_a_bad_canary_is_rolled_back_within_three_intervals(
             while empty := [s for s in alert_selectors() if not instant_vector(prometheus, s)]:
                 assert time.monotonic() < deadline, f"alert selectors without data: {empty}"
                 time.sleep(1)
+    finally:
+        for traffic in background:
+            traffic.stop()
+
+
+TRACKS = ("stable", "canary")
+
+
+def deployment_replicas(cluster: Cluster, namespace: str, track: str) -> int:
+    found = get(cluster, namespace, "deployment", f"resnet50-{track}") or {}
+    return int(found["spec"]["replicas"])
+
+
+def canary_state(cluster: Cluster, namespace: str) -> dict[str, Any]:
+    found: dict[str, Any] = md_status(cluster, namespace).get("canary") or {}
+    return found
+
+
+def test_a_new_revision_mid_analysis_resets_the_checks_and_the_old_one_is_never_promoted(
+    cluster: Cluster,
+    operator: OperatorProcess,
+    namespace: str,
+    monitoring: Callable[..., Any],
+) -> None:
+    """Reliability case 8: version 2 has passed analyses at its step when version 3 is
+    applied. Version 2's canary is retired, version 3 starts over with no passed checks,
+    and version 2 is never promoted; version 3 is, after analyses of its own."""
+    prometheus, stable, canary = monitoring()
+    background = [Traffic(sidecar, "features", lambda: GOOD) for sidecar in (stable, canary)]
+    try:
+        start_rollout(cluster, namespace, prometheus, [ERRORS], failure_limit=2, pause=30)
+        wait_for(
+            "two passed analyses of version 2",
+            lambda: (canary_state(cluster, namespace).get("passedChecks") or 0) >= 2,
+            timeout=60,
+        )
+        first = canary_state(cluster, namespace)
+        assert first["version"] == "2"
+        set_version(cluster, namespace, "3")
+        wait_for(
+            "version 3's canary",
+            lambda: canary_state(cluster, namespace).get("version") == "3",
+            timeout=30,
+        )
+        restarted = canary_state(cluster, namespace)
+        assert restarted["revision"] != first["revision"]
+        assert not restarted.get("passedChecks"), restarted  # counted again, from nothing
+        assert restarted["step"] == 0
+        wait_for(
+            "version 3 promoted",
+            lambda: md_status(cluster, namespace).get("stable", {}).get("version") == "3",
+            timeout=120,
+        )
+        history = md_status(cluster, namespace)["history"]
+        assert [(h["version"], h["result"]) for h in history] == [("3", "Promoted")], history
+    finally:
+        for traffic in background:
+            traffic.stop()
+
+
+def test_an_operator_down_mid_analysis_changes_nothing_and_resumes_with_its_checks(
+    cluster: Cluster,
+    operator: OperatorProcess,
+    namespace: str,
+    monitoring: Callable[..., Any],
+) -> None:
+    """Reliability case 6: the operator is stopped at a step with passed analyses. While it
+    is down nothing moves (the Deployments' replicas, the status); started again, it goes on
+    from the same step with the checks it had, and the rollout ends no later than the
+    downtime and an interval or two past when it would have."""
+    prometheus, stable, canary = monitoring()
+    background = [Traffic(sidecar, "features", lambda: GOOD) for sidecar in (stable, canary)]
+    pause = 20.0
+    try:
+        start_rollout(cluster, namespace, prometheus, [ERRORS], failure_limit=2, pause=pause)
+        wait_for(
+            "a passed analysis",
+            lambda: (canary_state(cluster, namespace).get("passedChecks") or 0) >= 1,
+            timeout=60,
+        )
+        operator.stop()
+        stopped = time.monotonic()
+        before = canary_state(cluster, namespace)
+        replicas = {track: deployment_replicas(cluster, namespace, track) for track in TRACKS}
+        try:
+            for _ in range(int(2 * INTERVAL / 0.5)):  # two analysis intervals, sampled
+                time.sleep(0.5)
+                assert canary_state(cluster, namespace) == before
+                for track, count in replicas.items():
+                    assert deployment_replicas(cluster, namespace, track) == count, track
+        finally:
+            operator.start()
+        downtime = time.monotonic() - stopped
+        resumed = canary_state(cluster, namespace)
+        assert (resumed["step"], resumed["stepStarted"]) == (before["step"], before["stepStarted"])
+        assert (resumed.get("passedChecks") or 0) >= before["passedChecks"]
+        wait_for(
+            "promotion",
+            lambda: md_status(cluster, namespace).get("stable", {}).get("version") == "2",
+            timeout=90,
+        )
+        promoted = time.time()
+        # Undisturbed, the step would have ended when its pause did (its pods Ready plus the
+        # pause), give or take the analysis grid.
+        late = promoted - (before["readySince"] + pause)
+        print(f"down {downtime:.1f} s; promoted {late:.1f} s after the pause ended")
+        assert late <= downtime + 2 * INTERVAL + 2, (late, downtime)
+        assert [h["result"] for h in md_status(cluster, namespace)["history"]] == ["Promoted"]
+    finally:
+        for traffic in background:
+            traffic.stop()
+
+
+def test_a_canary_that_goes_bad_while_the_operator_is_down_is_rolled_back_when_it_returns(
+    cluster: Cluster,
+    operator: OperatorProcess,
+    namespace: str,
+    monitoring: Callable[..., Any],
+) -> None:
+    """Reliability case 7: the canary's traffic turns bad while the operator is down; once
+    it is back, the canary is rolled back within three analysis intervals, the status says
+    why and a RolledBack Event is posted."""
+    prometheus, stable, canary = monitoring()
+    background = [Traffic(stable, "features", lambda: GOOD)]
+    try:
+        start_rollout(cluster, namespace, prometheus, [ERRORS], failure_limit=1, pause=60)
+        good = Traffic(canary, "features", lambda: GOOD)
+        wait_for(
+            "a passed analysis",
+            lambda: (canary_state(cluster, namespace).get("passedChecks") or 0) >= 1,
+            timeout=60,
+        )
+        operator.stop()
+        try:
+            good.stop()
+            bad = Traffic(canary, "features", lambda: json_body(np.zeros((1, 3), np.float32)))
+            background.append(bad)
+            time.sleep(2 * INTERVAL)  # bad data in Prometheus, nobody judging it
+            assert canary_exists(cluster, namespace)
+        finally:
+            operator.start()
+        back = time.monotonic()
+        wait_for("the canary removed", lambda: not canary_exists(cluster, namespace), timeout=60)
+        elapsed = time.monotonic() - back
+        print(f"rolled back {elapsed:.1f} s after the operator came back")
+        assert elapsed < 4 * INTERVAL + 5  # the operator's start, then at most 3 analyses
+        after = md_status(cluster, namespace)
+        assert after["rollback"]["reason"] == "RolledBack", after
+        assert after["stable"]["version"] == "1"
+        events = cluster.kubectl_json("get", "events", "-n", namespace)["items"]
+        rolled = [e for e in events if e["reason"] == "RolledBack"]
+        assert rolled, [e["reason"] for e in events]
+        assert rolled[0]["type"] == "Warning"
+        assert "errors" in rolled[0]["message"], rolled[0]["message"]
     finally:
         for traffic in background:
             traffic.stop()

@@ -165,7 +165,7 @@ class KubeApi(Protocol):
 
     def emit_event(
         self, involved: Mapping[str, Any], type_: str, reason: str, message: str
-    ) -> None: ...
+    ) -> str: ...
 
 
 # Paths of the resources we touch: (api version, kind) -> plural.
@@ -521,16 +521,16 @@ class KubernetesApi:
             if error.status != 404:
                 raise
 
-    def emit_event(
-        self, involved: Mapping[str, Any], type_: str, reason: str, message: str
-    ) -> None:
+    def emit_event(self, involved: Mapping[str, Any], type_: str, reason: str, message: str) -> str:
+        """Post a new Event; returns its name (similar ones patch its count: act)."""
         meta = involved["metadata"]
         now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        name = f"{meta['name']}.{uuid.uuid4().hex[:16]}"
         event = {
             "apiVersion": "v1",
             "kind": "Event",
             "metadata": {
-                "name": f"{meta['name']}.{uuid.uuid4().hex[:16]}",
+                "name": name,
                 "namespace": meta["namespace"],
             },
             "involvedObject": {
@@ -554,6 +554,7 @@ class KubernetesApi:
         self._call(
             "POST", resource_path("v1", "Event", meta["namespace"]), kind="Event", body=event
         )
+        return name
 
 
 class LeaseApi(Protocol):

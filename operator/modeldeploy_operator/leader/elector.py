@@ -258,8 +258,6 @@ class LeaderOnlyApi:
         self._check(f"delete {kind} {namespace}/{name}")
         self._api.delete(api_version, kind, namespace, name)
 
-    def emit_event(
-        self, involved: Mapping[str, Any], type_: str, reason: str, message: str
-    ) -> None:
+    def emit_event(self, involved: Mapping[str, Any], type_: str, reason: str, message: str) -> str:
         self._check(f"emit Event {reason}")
-        self._api.emit_event(involved, type_, reason, message)
+        return self._api.emit_event(involved, type_, reason, message)
