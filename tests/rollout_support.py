@@ -4,11 +4,16 @@
 from __future__ import annotations
 
 import json
+import re
+import threading
+import time
 from typing import Any
 
 import yaml
 
 from localcluster import Cluster
+from modeldeploy_operator.api.v1alpha1 import API_VERSION, KIND
+from modeldeploy_operator.k8s.client import KubernetesApi, load_api_client
 from support import DELETE, load_example, merged, wait_for
 
 NAME = "resnet50"
@@ -52,3 +57,63 @@ def manual_canary(**rollout: Any) -> dict[str, Any]:
         "rollout": {"strategy": "Canary", "steps": steps, **rollout},
     }
     return merged(load_example("minimal.yaml"), {"spec": spec})
+
+
+class StatusRecorder:
+    """Reads the ModelDeployment every ``period`` seconds in a thread (through the API, not
+    kubectl: fast enough to see each transition) and keeps what it saw: (monotonic time,
+    generation, status)."""
+
+    def __init__(self, cluster: Cluster, namespace: str, period: float = 0.1) -> None:
+        self.seen: list[tuple[float, int, dict[str, Any]]] = []
+        api = KubernetesApi(load_api_client(str(cluster.state.kubeconfig)))
+        self._stop = threading.Event()
+
+        def run() -> None:
+            while not self._stop.wait(period):
+                found = api.get(API_VERSION, KIND, namespace, NAME)
+                if found is not None:
+                    generation = int(found["metadata"].get("generation", 0))
+                    self.seen.append((time.monotonic(), generation, found.get("status", {})))
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def conditions(self, type_: str) -> list[tuple[str, str, str | None]]:
+        """(status, reason, lastTransitionTime) of one condition, as it changed."""
+        found: list[tuple[str, str, str | None]] = []
+        for _, _, status in self.seen:
+            for c in status.get("conditions", []):
+                entry = (c["status"], c["reason"], c.get("lastTransitionTime"))
+                if c["type"] == type_ and (not found or found[-1] != entry):
+                    found.append(entry)
+        return found
+
+    def violations(self, within: float = 5.0) -> list[str]:
+        """What breaks the API conventions: a lastTransitionTime that moved without its
+        condition's status changing, a reason that is not CamelCase, a generation that
+        observedGeneration took longer than ``within`` seconds to reach."""
+        problems: list[str] = []
+        last: dict[str, tuple[str, str | None]] = {}
+        since: dict[int, float] = {}
+        for at, generation, status in self.seen:
+            since.setdefault(generation, at)
+            if status.get("observedGeneration") == generation:
+                if at - since[generation] > within:
+                    problems.append(
+                        f"generation {generation} observed after {at - since[generation]:.1f} s"
+                    )
+                since[generation] = float("inf")  # reached: measured once
+            for c in status.get("conditions", []):
+                if not re.fullmatch(r"[A-Z][A-Za-z0-9]*", c["reason"]):
+                    problems.append(f"{c['type']} reason {c['reason']!r} is not CamelCase")
+                before = last.get(c["type"])
+                moved = before is not None and before[1] != c.get("lastTransitionTime")
+                if moved and before is not None and before[0] == c["status"]:
+                    problems.append(f"{c['type']} lastTransitionTime moved while {c['status']}")
+                last[c["type"]] = (c["status"], c.get("lastTransitionTime"))
+        return sorted(set(problems))

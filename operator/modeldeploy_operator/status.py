@@ -432,6 +432,35 @@ def capacity_condition(message: str | None) -> tuple[str, ConditionStatus, str, 
     return ("AtGPUCapacity", "False", "WithinCapacity", "the reachable GPUs hold what is wanted")
 
 
+def canary_condition(
+    canary: TrackStatus | None, analysis: Sequence[AnalysisResult], analysed: bool
+) -> tuple[str, ConditionStatus, str, str] | None:
+    """CanaryHealthy, while a canary runs (absent otherwise): Unknown until its pods are
+    Ready and, with an analysis, until one has a verdict; then True or False by the last
+    analysis (True on Ready pods alone without one)."""
+    if canary is None:
+        return None
+    name = "CanaryHealthy"
+    if canary.ready_since is None:
+        return (name, "Unknown", "CanaryNotReady", "the canary's pods are not all Ready yet")
+    if not analysed:
+        return (name, "True", "CanaryReady", "the canary's pods are Ready; no analysis judges it")
+    return (name, *analysis_verdict(analysis))
+
+
+def analysis_verdict(analysis: Sequence[AnalysisResult]) -> tuple[ConditionStatus, str, str]:
+    """The last analysis, as CanaryHealthy's (status, reason, message)."""
+    if not analysis:
+        return ("Unknown", "AwaitingAnalysis", "no analysis of the canary yet")
+    failed = [a.name for a in analysis if a.result == "Failed"]
+    if failed:
+        return ("False", "AnalysisFailed", f"the last analysis failed: {', '.join(failed)}")
+    unknown = [a.name for a in analysis if a.result == "Inconclusive"]
+    if unknown:
+        return ("Unknown", "AnalysisInconclusive", f"no data for {', '.join(unknown)}")
+    return ("True", "AnalysisPassed", "the last analysis passed")
+
+
 def merge_conditions(
     previous: Sequence[Condition],
     decided: Sequence[tuple[str, ConditionStatus, str, str]],
@@ -479,6 +508,10 @@ def compute_status(
     if md.spec.autoscaling is not None:
         decided.append(capacity_condition(observed.at_gpu_capacity))
         decided.append(scaling_condition(observed.autoscaling))
+    analysed = md.spec.rollout is not None and md.spec.rollout.analysis is not None
+    healthy = canary_condition(canary, rollout.analysis if rollout else (), analysed)
+    if healthy is not None:
+        decided.append(healthy)
     conditions = merge_conditions(md.status.conditions, decided, md.metadata.generation, now)
     if rollout is None:
         rollout = RolloutView(stable=TrackStatus(version=md.spec.model.version, revision=revision))

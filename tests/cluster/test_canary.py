@@ -23,7 +23,7 @@ from localcluster import Cluster
 from localcluster.operator import OperatorProcess, free_port, metric_sum
 from modeldeploy_operator.api.v1alpha1 import API_VERSION, KIND
 from modeldeploy_operator.k8s.client import ApiError, KubernetesApi, load_api_client
-from rollout_support import md_status, set_version, start_canary
+from rollout_support import StatusRecorder, md_status, set_version, start_canary
 from support import DELETE, get, load_example, merged, wait_for
 
 pytestmark = pytest.mark.cluster
@@ -145,6 +145,48 @@ def test_a_concurrent_writer_costs_the_operator_conflicts_but_no_step_nor_update
     met = metric_sum(operator.metrics(), "modeldeploy_api_requests_total", code="409")
     print(f"{written} concurrent writes; the operator met {met - conflicts:g} conflicts")
     assert met > conflicts
+
+
+def test_conditions_follow_the_api_conventions_through_a_rollout(
+    cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    """Reliability case 29, sampled every 0.1 s through the API: a create, a scale, a new
+    version held at a manual step, a promote. Each generation is observed within 5 s; no
+    lastTransitionTime moves unless its condition's status did; every reason is CamelCase;
+    CanaryHealthy exists only while the canary does; and `kubectl wait` works on Ready."""
+    recorder = StatusRecorder(cluster, namespace)
+    try:
+        start(cluster, namespace, [{"weight": 50, "pause": "manual"}, {"weight": 100}])
+        wait_for("the canary at 50 %", lambda: canary_replicas(cluster, namespace) == 1, timeout=30)
+        wait_for(
+            "CanaryHealthy",
+            lambda: (
+                ("True", "CanaryReady") in [c[:2] for c in recorder.conditions("CanaryHealthy")]
+            ),
+            timeout=30,
+        )
+        cluster.kubectl("patch", "md", "resnet50", "-n", namespace, "--type=merge",
+                        "-p", json.dumps({"metadata": {"labels": {"team": "search"}}}))  # fmt: skip
+        cluster.kubectl("annotate", "md", "resnet50", "-n", namespace,
+                        "serving.modeldeploy.io/command=promote")  # fmt: skip
+        wait_for(
+            "promotion",
+            lambda: status(cluster, namespace).get("stable", {}).get("version") == "2",
+            timeout=60,
+        )
+        cluster.kubectl("scale", "md", "resnet50", "-n", namespace, "--replicas=3")
+        cluster.kubectl("wait", "md/resnet50", "-n", namespace, "--for=condition=Ready",
+                        "--timeout=60s")  # fmt: skip
+        time.sleep(1)
+    finally:
+        recorder.stop()
+    assert recorder.violations() == []
+    generations = {generation for _, generation, _ in recorder.seen}
+    assert len(generations) >= 3, generations  # version 2, then the scale
+    final = recorder.seen[-1][2]
+    assert "CanaryHealthy" not in {c["type"] for c in final["conditions"]}
+    assert {c["type"] for c in final["conditions"]} >= {"Ready", "Progressing", "Degraded"}
+    print(f"{len(recorder.seen)} samples; Ready went {recorder.conditions('Ready')}")
 
 
 def test_abort_sends_traffic_back_and_the_revision_is_not_retried(

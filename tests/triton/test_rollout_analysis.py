@@ -25,7 +25,7 @@ from localcluster.operator import OperatorProcess, free_port
 from modeldeploy_runtime.drift import Profile, profile_features
 from prometheus_support import instant_vector, prometheus_binary, start_prometheus
 from rollout_support import canary_exists, md_status, set_version, start_canary
-from support import DELETE, get, load_example, merged, wait_for
+from support import DELETE, condition, get, load_example, merged, wait_for
 from triton_support import Sidecar, SidecarFactory, Traffic, json_body
 
 pytestmark = [pytest.mark.cluster, pytest.mark.triton, pytest.mark.prometheus]
@@ -269,6 +269,8 @@ def test_a_new_revision_mid_analysis_resets_the_checks_and_the_old_one_is_never_
         )
         first = canary_state(cluster, namespace)
         assert first["version"] == "2"
+        healthy = condition({"status": md_status(cluster, namespace)}, "CanaryHealthy") or {}
+        assert (healthy.get("status"), healthy.get("reason")) == ("True", "AnalysisPassed")
         set_version(cluster, namespace, "3")
         wait_for(
             "version 3's canary",

@@ -6,10 +6,17 @@ from typing import Any
 
 import pytest
 
-from modeldeploy_operator.api.v1alpha1 import Condition, ModelDeployment, ModelDeploymentStatus
+from modeldeploy_operator.api.v1alpha1 import (
+    AnalysisResult,
+    Condition,
+    ModelDeployment,
+    ModelDeploymentStatus,
+    TrackStatus,
+)
 from modeldeploy_operator.status import (
     MissingReference,
     Observed,
+    canary_condition,
     compute_status,
     recreated_events,
     transition_events,
@@ -386,6 +393,25 @@ def test_a_child_found_deleted_once_its_generation_was_reconciled_is_an_event() 
     assert recreated_events(md(), seen, [hpa], False) == []
     assert recreated_events(settled, seen, [hpa], failing=True) == []
     assert recreated_events(settled, seen, [config], failing=False) == []
+
+
+def test_canary_healthy_says_what_the_last_analysis_said() -> None:
+    ready = TrackStatus(version="2", ready_since=1.0)
+    passed = AnalysisResult(name="errors", result="Passed")
+    failed = AnalysisResult(name="p99", result="Failed")
+    unknown = AnalysisResult(name="drift", result="Inconclusive")
+
+    def verdict(canary: TrackStatus | None, *results: AnalysisResult, analysed: bool = True) -> Any:
+        found = canary_condition(canary, results, analysed)
+        return found and found[1:3]
+
+    assert verdict(None) is None  # no canary, no condition
+    assert verdict(TrackStatus(version="2")) == ("Unknown", "CanaryNotReady")
+    assert verdict(ready, analysed=False) == ("True", "CanaryReady")
+    assert verdict(ready) == ("Unknown", "AwaitingAnalysis")
+    assert verdict(ready, passed) == ("True", "AnalysisPassed")
+    assert verdict(ready, passed, unknown) == ("Unknown", "AnalysisInconclusive")
+    assert verdict(ready, passed, unknown, failed) == ("False", "AnalysisFailed")
 
 
 def test_messages_say_what_is_wrong() -> None:
