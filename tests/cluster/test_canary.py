@@ -23,8 +23,8 @@ from localcluster import Cluster
 from localcluster.operator import OperatorProcess, free_port, metric_sum
 from modeldeploy_operator.api.v1alpha1 import API_VERSION, KIND
 from modeldeploy_operator.k8s.client import ApiError, KubernetesApi, load_api_client
-from rollout_support import StatusRecorder, md_status, set_version, start_canary
-from support import DELETE, get, load_example, merged, wait_for
+from rollout_support import StatusRecorder, canary_exists, md_status, set_version, start_canary
+from support import DELETE, condition, get, load_example, merged, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -187,6 +187,47 @@ def test_conditions_follow_the_api_conventions_through_a_rollout(
     assert "CanaryHealthy" not in {c["type"] for c in final["conditions"]}
     assert {c["type"] for c in final["conditions"]} >= {"Ready", "Progressing", "Degraded"}
     print(f"{len(recorder.seen)} samples; Ready went {recorder.conditions('Ready')}")
+
+
+@pytest.mark.parametrize("policy", ["Pause", "Rollback"])
+def test_after_inconclusive_limit_checks_without_data_the_rollout_pauses_or_rolls_back(
+    cluster: Cluster, operator: OperatorProcess, namespace: str, policy: str
+) -> None:
+    """Reliability case 9: nothing answers at the Prometheus URL, so every check is
+    inconclusive (no data, never a pass). With inconclusiveLimit 3 the rollout stops waiting
+    after the third in a row: paused for a user (Pause, as Argo Rollouts does) or rolled back
+    (Rollback). Never promoted either way."""
+    analysis = {
+        "interval": "1s",
+        "inconclusiveLimit": 3,
+        "onInconclusive": policy,
+        "prometheus": {"url": f"http://127.0.0.1:{free_port()}"},
+        "metrics": [{"name": "errors", "builtin": "ErrorRatio", "max": 0.01}],
+    }
+    manifest = merged(
+        model([{"weight": 50}, {"weight": 100}]), {"spec": {"rollout": {"analysis": analysis}}}
+    )
+    start_canary(cluster, namespace, manifest)
+    if policy == "Pause":
+        paused = wait_for(
+            "the rollout paused",
+            lambda: (c := status(cluster, namespace).get("canary") or {}).get("paused") and c,
+            timeout=60,
+        )
+        assert paused["inconclusiveChecks"] >= 3, paused
+        progressing = condition({"status": status(cluster, namespace)}, "Progressing") or {}
+        assert progressing["reason"] == "AnalysisInconclusive", progressing
+        assert "3 inconclusive analyses in a row" in progressing["message"]
+        time.sleep(3)  # paused: more checks change nothing
+        assert status(cluster, namespace)["canary"]["paused"] is True
+    else:
+        wait_for("the canary removed", lambda: not canary_exists(cluster, namespace), timeout=60)
+        rollback = status(cluster, namespace)["rollback"]
+        assert rollback["reason"] == "RolledBack", rollback
+        assert "inconclusive 3 times in a row" in rollback["message"], rollback
+    final = status(cluster, namespace)
+    assert final["stable"]["version"] == "1"
+    assert not final.get("history") or final["history"][-1]["result"] != "Promoted"
 
 
 def test_abort_sends_traffic_back_and_the_revision_is_not_retried(

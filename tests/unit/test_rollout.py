@@ -141,6 +141,44 @@ def test_deciding_twice_on_the_same_state_does_not_advance_twice() -> None:
     assert again.progress.step == first.progress.step == 1
 
 
+def test_inconclusive_checks_in_a_row_pause_or_roll_back_at_the_limit() -> None:
+    """inconclusiveLimit: 3 checks without data in a row, and the rollout pauses (or rolls
+    back); a check with a verdict ends the run; 0 waits forever, as before."""
+    no_data = {"now": 1061.0, "analysis": "Inconclusive", "analysis_message": "no data"}
+    progress = START
+    for _ in range(2):
+        decision = decide_step(progress, STEPS, seen(inconclusive_limit=3, **no_data))
+        assert (decision.action, decision.reason) == ("Wait", "AnalysisInconclusive")
+        assert not decision.progress.paused
+        progress = decision.progress
+    assert progress.inconclusive_checks == 2
+    # A verdict in between starts the count again.
+    passed = decide_step(progress, STEPS, seen(inconclusive_limit=3, now=1061.0, analysis="Passed"))
+    assert passed.progress.inconclusive_checks == 0
+
+    paused = decide_step(progress, STEPS, seen(inconclusive_limit=3, **no_data))
+    assert (paused.action, paused.reason) == ("Wait", "AnalysisInconclusive")
+    assert paused.progress.paused
+    assert "3 inconclusive analyses in a row" in paused.message
+    still = decide_step(paused.progress, STEPS, seen(inconclusive_limit=3, now=1070.0))
+    assert (still.progress.paused, still.message) == (True, paused.message)  # no status churn
+    resumed = decide_step(
+        paused.progress, STEPS, seen(inconclusive_limit=3, now=1070.0, command="resume")
+    )
+    assert not resumed.progress.paused
+    assert resumed.progress.inconclusive_checks == 0
+
+    rollback = seen(inconclusive_limit=3, on_inconclusive="Rollback", **no_data)
+    decision = decide_step(progress, STEPS, rollback)
+    assert (decision.action, decision.reason) == ("Rollback", "RolledBack")
+    assert "inconclusive 3 times in a row" in decision.message
+
+    forever = START
+    for _ in range(10):
+        forever = decide_step(forever, STEPS, seen(**no_data)).progress
+    assert not forever.paused
+
+
 def test_rollback_message_names_the_metric() -> None:
     decision = decide_step(
         Progress("r2", failed_checks=1),

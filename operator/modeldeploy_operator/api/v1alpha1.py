@@ -650,6 +650,19 @@ class AnalysisSpec(ApiModel):
         description="Failed checks over the whole rollout that roll the canary back."
         " Inconclusive checks (no data) do not count: the step waits for a passed one.",
     )
+    inconclusive_limit: int = Field(
+        default=0,
+        ge=0,
+        le=100,
+        description="Inconclusive checks in a row (no data: Prometheus down, a query that"
+        " finds nothing) after which onInconclusive acts; 0 waits for data as long as it"
+        " takes.",
+    )
+    on_inconclusive: Literal["Pause", "Rollback"] = Field(
+        default="Pause",
+        description="What inconclusiveLimit inconclusive checks in a row do: Pause (for a"
+        " user to resume, promote or abort, as Argo Rollouts pauses) or Rollback.",
+    )
     prometheus: PrometheusRef | None = None
     metrics: list[AnalysisMetric] = Field(default_factory=list, max_length=16)
 
@@ -901,6 +914,10 @@ class TrackStatus(StatusModel):
     weight: int | None = Field(default=None, description="Traffic percent actually achieved.")
     step: int | None = None
     failed_checks: int | None = None
+    inconclusive_checks: int | None = Field(
+        default=None,
+        description="Inconclusive analyses in a row (spec.rollout.analysis.inconclusiveLimit).",
+    )
     passed_checks: int | None = Field(
         default=None, description="Passed analyses in this step since its last failed one."
     )

@@ -47,6 +47,7 @@ class Progress:
     step: int = 0
     step_started: float = 0.0  # epoch seconds: when the step was entered
     failed_checks: int = 0
+    inconclusive_checks: int = 0  # in a row: a Passed or Failed check ends the run
     passed_in_step: int = 0  # passed checks in this step since its last failed or inconclusive
     paused: bool = False
     ready_since: float | None = None  # when this step's canary pods were all Ready
@@ -61,6 +62,8 @@ class Observation:
     analysis_message: str = ""
     analysis_configured: bool = True
     failure_limit: int = 2
+    inconclusive_limit: int = 0  # 0: no limit
+    on_inconclusive: Literal["Pause", "Rollback"] = "Pause"
     command: Command | None = None
     stable_missing: bool = False  # the stable Deployment is gone: nothing to compare against
     # The latest check's verdict when none completed this pass (for the status message only).
@@ -87,8 +90,15 @@ def decide_step(progress: Progress, steps: tuple[Step, ...], seen: Observation) 
     ready_since = None
     if seen.canary_ready:
         ready_since = seen.now if progress.ready_since is None else progress.ready_since
+    inconclusive = progress.inconclusive_checks
+    if seen.analysis is not None:
+        inconclusive = inconclusive + 1 if seen.analysis == "Inconclusive" else 0
     counted = replace(
-        progress, failed_checks=failed, passed_in_step=passed, ready_since=ready_since
+        progress,
+        failed_checks=failed,
+        inconclusive_checks=inconclusive,
+        passed_in_step=passed,
+        ready_since=ready_since,
     )
     return _stop(counted, seen) or _hold(counted, steps, seen) or _advance(counted, steps, seen)
 
@@ -105,7 +115,22 @@ def _stop(progress: Progress, seen: Observation) -> Decision | None:
     if seen.analysis == "Failed" and progress.failed_checks >= max(1, seen.failure_limit):
         message = f"analysis failed {progress.failed_checks} times: {seen.analysis_message}"
         return Decision("Rollback", progress, 0, "RolledBack", message)
+    if too_inconclusive(progress, seen) and seen.on_inconclusive == "Rollback":
+        message = (
+            f"analysis inconclusive {progress.inconclusive_checks} times in a row:"
+            f" {seen.analysis_message}"
+        )
+        return Decision("Rollback", progress, 0, "RolledBack", message)
     return None
+
+
+def too_inconclusive(progress: Progress, seen: Observation) -> bool:
+    """``inconclusiveLimit`` inconclusive checks in a row, the last one just now."""
+    return (
+        seen.analysis == "Inconclusive"
+        and seen.inconclusive_limit > 0
+        and progress.inconclusive_checks >= seen.inconclusive_limit
+    )
 
 
 def _hold(progress: Progress, steps: tuple[Step, ...], seen: Observation) -> Decision | None:
@@ -113,12 +138,15 @@ def _hold(progress: Progress, steps: tuple[Step, ...], seen: Observation) -> Dec
     current = steps[min(progress.step, len(steps) - 1)]
     if seen.command == "promote":
         return Decision("Promote", progress, 100, "Promoted", "promoted by a user")
-    paused = (progress.paused or seen.command == "pause") and seen.command != "resume"
+    stalled = too_inconclusive(progress, seen)  # and onInconclusive is Pause: _stop rolls back
+    paused = (progress.paused or seen.command == "pause" or stalled) and seen.command != "resume"
+    if seen.command == "resume":
+        progress = replace(progress, inconclusive_checks=0)  # a user decided: count again
     waiting = replace(progress, paused=paused)
     step = progress.step + 1
     since = progress.ready_since
     if paused:
-        reason, message = "Paused", "paused by a user"
+        reason, message = _paused(progress, seen)
     elif seen.stable_missing:
         reason, message = (
             "StableMissing",
@@ -151,6 +179,18 @@ def _hold(progress: Progress, steps: tuple[Step, ...], seen: Observation) -> Dec
     else:
         return None
     return Decision("Wait", waiting, current.weight, reason, message)
+
+
+def _paused(progress: Progress, seen: Observation) -> tuple[str, str]:
+    """Why a paused rollout is paused: a user, or inconclusiveLimit (the same text every
+    pass, so waiting writes no status)."""
+    limit = seen.inconclusive_limit
+    if limit > 0 and progress.inconclusive_checks >= limit:
+        return (
+            "AnalysisInconclusive",
+            f"paused after {limit} inconclusive analyses in a row: resume, promote or abort",
+        )
+    return "Paused", "paused by a user"
 
 
 def _advance(progress: Progress, steps: tuple[Step, ...], seen: Observation) -> Decision:
