@@ -27,9 +27,9 @@ from modeldeploy_operator.api.v1alpha1 import (
 from modeldeploy_operator.autoscaling import AUTOSCALER_MANAGER
 from modeldeploy_operator.cache import version_of
 from modeldeploy_operator.context import OperatorContext
-from modeldeploy_operator.drift import needs_apply
+from modeldeploy_operator.drift import needs_apply, others_in_template
 from modeldeploy_operator.events import EventWrite, Similar
-from modeldeploy_operator.k8s.client import ApiError
+from modeldeploy_operator.k8s.client import FIELD_MANAGER, ApiError
 from modeldeploy_operator.rollout.plan import COMMAND_ANNOTATION
 from modeldeploy_operator.status import EventSpec
 
@@ -189,7 +189,7 @@ def apply_deployment(desired: Json, current: Json | None, ctx: OperatorContext, 
             raise
         take_back_template(desired, current, ctx, owner)
         return ctx.api.apply(desired)
-    if needs_apply(written, desired):
+    if needs_apply(written, desired) and others_in_template(written, FIELD_MANAGER):
         written = take_back_template(desired, written, ctx, owner)
     return written
 

@@ -40,6 +40,18 @@ def contains(observed: object, desired: object, *, exact: bool = False) -> bool:
     return bool(observed == desired)
 
 
+def others_in_template(obj: Mapping[str, Any], ours: str) -> list[str]:
+    """The field managers other than ``ours`` that own fields of the pod template's spec
+    (``metadata.managedFields``): hand edits that server-side apply leaves in place. Drift
+    without them (a value the API server writes in another form, say) is not theirs to undo."""
+    found = []
+    for entry in (obj.get("metadata") or {}).get("managedFields") or []:
+        fields = (entry.get("fieldsV1") or {}).get("f:spec", {}).get("f:template", {})
+        if entry.get("manager") != ours and "f:spec" in fields:
+            found.append(str(entry.get("manager")))
+    return found
+
+
 def needs_apply(observed: Mapping[str, Any] | None, desired: Mapping[str, Any]) -> bool:
     """Apply when the object is missing or differs in a field we set (status aside): the
     metadata, and the spec, or a ConfigMap's data."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from modeldeploy_operator.drift import contains, needs_apply
+from modeldeploy_operator.drift import contains, needs_apply, others_in_template
 
 DESIRED: dict[str, Any] = {
     "apiVersion": "apps/v1",
@@ -75,3 +75,16 @@ def test_a_key_added_inside_a_security_context_is_drift() -> None:
     sysctls = [{"name": "net.core.somaxconn", "value": "1024"}]
     pod_context = {"runAsNonRoot": True, "sysctls": sysctls}
     assert needs_apply(edited("securityContext", pod_context), DESIRED)
+
+
+def test_the_managers_that_own_pod_template_fields_besides_ours() -> None:
+    found = observed()
+    template: dict[str, Any] = {"f:spec": {"f:template": {"f:spec": {"f:containers": {}}}}}
+    found["metadata"]["managedFields"] = [
+        {"manager": "modeldeploy", "operation": "Apply", "fieldsV1": template},
+        {"manager": "kube-controller-manager", "fieldsV1": {"f:status": {}}},
+        {"manager": "kubectl-rollout", "fieldsV1": {"f:spec": {"f:template": {"f:metadata": {}}}}},
+    ]
+    assert others_in_template(found, "modeldeploy") == []  # a restart's annotation is not it
+    found["metadata"]["managedFields"].append({"manager": "kubectl-patch", "fieldsV1": template})
+    assert others_in_template(found, "modeldeploy") == ["kubectl-patch"]
