@@ -291,10 +291,12 @@ def reconciled(cluster: Cluster, namespace: str, name: str) -> bool:
 
 
 def test_the_chart_renders_the_operator_securely(cluster: Cluster) -> None:
-    docs = render("image.digest=sha256:" + "a" * 64)
+    docs = render("image.digest=sha256:" + "a" * 64, "runtime.digest=sha256:" + "b" * 64)
     deployment = next(d for d in docs if d["kind"] == "Deployment")
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert container["image"].endswith("@sha256:" + "a" * 64)
+    # Pinned too: the runtime image the operator puts into every model pod (fetcher, sidecar).
+    assert f"--runtime-image=ghcr.io/modeldeploy/runtime@sha256:{'b' * 64}" in container["args"]
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     roles = [d for d in docs if d["kind"] in ("ClusterRole", "Role")]
@@ -311,7 +313,11 @@ def test_the_chart_renders_the_operator_securely(cluster: Cluster) -> None:
         ("Role", "modeldeploy-system"),  # the leader-election Lease
     ]
     cluster_rules = next(d for d in namespaced if d["kind"] == "ClusterRole")["rules"]
-    assert {r["resources"][0] for r in cluster_rules} == {"customresourcedefinitions", "nodes"}
+    assert {r["resources"][0] for r in cluster_rules} == {
+        "customresourcedefinitions",
+        "nodes",
+        "namespaces",  # kopf lists and watches them to serve the ones it is given
+    }
     deployment = next(d for d in scoped if d["kind"] == "Deployment")
     args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[:2] == ["--namespace=a", "--namespace=b"]

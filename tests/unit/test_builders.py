@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,20 @@ def test_every_container_is_restricted() -> None:
         assert context["capabilities"] == {"drop": ["ALL"]}
         assert context["seccompProfile"] == {"type": "RuntimeDefault"}
         assert context["readOnlyRootFilesystem"] is True
+
+
+def test_with_pinned_images_every_container_runs_by_digest() -> None:
+    """Reliability case 37: the runtime image pinned by the chart (runtime.digest) and the
+    Triton image pinned in the spec (which the chart's admission policy requires in labelled
+    namespaces): every container of a model pod then runs an image@sha256: reference."""
+    digest = "sha256:" + "c" * 64
+    pinned = {"spec": {"server": {"image": f"nvcr.io/nvidia/tritonserver:24.10-py3@{digest}"}}}
+    md = model(merged(load_example("full.yaml"), pinned))
+    config = replace(CONFIG, runtime_image=f"ghcr.io/modeldeploy/runtime@{digest}")
+    pod = build_deployment(md, "stable", "r1", config)["spec"]["template"]["spec"]
+    images = {c["name"]: c["image"] for c in pod["initContainers"] + pod["containers"]}
+    assert set(images) == {"fetch-model", "triton", "runtime"}
+    assert all(image.endswith(f"@{digest}") for image in images.values()), images
 
 
 def test_credentials_are_mounted_only_into_the_fetcher() -> None:

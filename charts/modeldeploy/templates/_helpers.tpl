@@ -38,5 +38,11 @@ app.kubernetes.io/component: operator
 {{- end -}}
 
 {{- define "modeldeploy.runtimeImage" -}}
-{{- default (printf "ghcr.io/modeldeploy/runtime:%s" .Chart.AppVersion) .Values.runtime.image -}}
+{{- $image := default (printf "ghcr.io/modeldeploy/runtime:%s" .Chart.AppVersion) .Values.runtime.image -}}
+{{- if .Values.runtime.digest -}}
+{{- /* the repository without its tag or digest, pinned by runtime.digest */ -}}
+{{- printf "%s@%s" (regexReplaceAll ":[^:/]+$" (regexReplaceAll "@.*$" $image "") "") .Values.runtime.digest -}}
+{{- else -}}
+{{- $image -}}
+{{- end -}}
 {{- end -}}
