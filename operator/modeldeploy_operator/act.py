@@ -72,6 +72,23 @@ def status_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, An
     return patch
 
 
+class Refusal(str):
+    """A refused write's message (what status reports as ApplyFailed), and the API server's
+    status code: a 403 or a 422 stays until something changes, a 429 or a 503 passes."""
+
+    status: int
+
+    def __new__(cls, message: str, status: int) -> Refusal:
+        made = super().__new__(cls, message)
+        made.status = status
+        return made
+
+    @property
+    def transient(self) -> bool:
+        """Throttled (429), a conflict (409), the server's own trouble (5xx) or no answer."""
+        return self.status in (0, 409, 429) or self.status >= 500
+
+
 def dump(model: BaseModel) -> dict[str, Any]:
     dumped: dict[str, Any] = model.model_dump(mode="json", by_alias=True, exclude_none=True)
     return dumped
@@ -161,7 +178,10 @@ def apply_objects(
             written = apply_deployment(obj, current, ctx, f"{ns}/{md.metadata.name}")
         except ApiError as failure:
             # Reported in status (ApplyFailed) and retried on the next trigger or resync.
-            error = f"{kind} {ns}/{name} was refused ({failure.status}): {failure.message}"
+            error = Refusal(
+                f"{kind} {ns}/{name} was refused ({failure.status}): {failure.message}",
+                failure.status,
+            )
             ctx.logger.warning(error, extra={"modeldeployment": f"{ns}/{md.metadata.name}"})
             continue
         if version_of(written) != version_of(current) and ctx.cache.holds(kind):
@@ -236,9 +256,10 @@ def carry_out(
                 {"spec": {"replicas": scale.replicas}},
             )
         except ApiError as failure:
-            error = (
+            error = Refusal(
                 f"Deployment {ns}/{scale.name} could not be scaled"
-                f" ({failure.status}): {failure.message}"
+                f" ({failure.status}): {failure.message}",
+                failure.status,
             )
             continue
         if version_of(scaled) != version_of(current):

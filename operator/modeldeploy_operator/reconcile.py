@@ -160,10 +160,11 @@ def carry_out(
     now: float,
 ) -> tuple[list[str], str | None, float | None]:
     """Apply, scale and delete (``act``): what was changed, the last refusal, and when to
-    try again after one. A refused write is not sent again for the same generation of the
-    spec until its backoff is due (10 s, doubling, at most every 5 minutes, as controller-
-    runtime retries): a refusal that stays (a quota, an admission policy) then costs the API
-    server a write every five minutes, not one every pass. A new generation tries at once."""
+    try again after one. A refusal that stays (403 for a quota, 422 from an admission policy,
+    404) is not sent again for the same generation of the spec until its backoff is due (10 s,
+    doubling, at most every 5 minutes, as controller-runtime retries): it then costs the API
+    server a write every five minutes, not one every pass. A new generation tries at once;
+    a transient refusal (429, 409, 5xx, no answer) goes again on the next pass."""
     key = (md.metadata.namespace, md.metadata.name)
     held = ctx.apply_holds.get(key)
     if held is not None and held[0] == md.metadata.generation and now < held[1]:
@@ -172,10 +173,10 @@ def carry_out(
     engine_applied, engine_error = act.apply_objects(md, objects, ctx, seen)
     applied += engine_applied
     error = error or engine_error
-    if error is None:
-        ctx.apply_backoff.forget(key)
+    if error is None or (isinstance(error, act.Refusal) and error.transient):
+        ctx.apply_backoff.forget(key)  # a transient one goes again on the next pass, as before
         ctx.apply_holds.pop(key, None)
-        return applied, None, None
+        return applied, error, None
     if held is not None and held[0] != md.metadata.generation:
         ctx.apply_backoff.forget(key)  # a new spec: its refusals count from the start
     delay = ctx.apply_backoff.when(key)

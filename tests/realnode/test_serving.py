@@ -3,9 +3,11 @@ images on the real node, and a model answers through its Service."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import re
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ from localcluster import Cluster
 from localcluster.dataplane import OPERATOR_NAMESPACE, infer, operator_pod, service_address
 from localcluster.realnode import RealNodeSpec
 from realnode_support import SETOSA, VIRGINICA, answering, iris, pods, ready, sidecar_metrics
-from support import condition, get, wait_for
+from support import DELETE, condition, get, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.realnode]
 
@@ -129,3 +131,45 @@ def test_a_model_that_fails_to_fetch_or_to_load_says_why(
             not all(c.get("ready") for c in p["status"].get("containerStatuses", []))
             for p in pods(cluster, namespace, name)
         )
+
+
+def test_a_bad_update_of_a_healthy_model_is_degraded_while_the_old_pod_serves(
+    cluster: Cluster, chart_operator: None, namespace: str, store: Path
+) -> None:
+    """Reliability case 5: a healthy iris (a Rolling update, no canary to catch it) is
+    updated to a version whose folder does not exist. The API server cannot know that, so
+    the status says it: Degraded, ModelFetchFailed, with the fetcher's message. Meanwhile the
+    old pod goes on answering as version 1 (the new pod never becomes Ready, and the update
+    surges rather than takes a pod away), and the operator does not loop: a handful of
+    writes while the new pod's fetcher fails again and again."""
+    rolling = {"strategy": "Rolling", "steps": DELETE, "analysis": DELETE}
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", stdin=iris(rollout=rolling))
+    wait_for("iris Ready", lambda: ready(cluster, namespace), timeout=240)
+    address = service_address(cluster, namespace, "iris")
+    wait_for("version 1 answering", lambda: answering(address, "1"), timeout=30)
+
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", stdin=iris("404", rollout=rolling))
+
+    def fetch_failed() -> dict[str, object] | None:
+        found = condition(get(cluster, namespace, "md", "iris"), "Degraded")
+        if found is not None and (found["status"], found["reason"]) == ("True", "ModelFetchFailed"):
+            return found
+        return None
+
+    found = wait_for("ModelFetchFailed", fetch_failed, timeout=180)
+    assert "iris/404 does not exist on the claim" in str(found["message"])
+    started = datetime.datetime.now(datetime.UTC)
+    for _ in range(15):  # 30 s: the old pod answers every time, as version 1
+        assert answering(address, "1")
+        time.sleep(2)
+    assert ready(cluster, namespace)  # capacity kept: one replica available of one
+    writes = [
+        e
+        for e in cluster.audit_events()
+        if e["userAgent"].startswith("modeldeploy-operator/")
+        and e["objectRef"].get("namespace") == namespace
+        and e["verb"] not in ("get", "list", "watch")
+        and datetime.datetime.fromisoformat(e["requestReceivedTimestamp"]) > started
+    ]
+    print(f"{len(writes)} writes by the operator in 30 s of a failing update")
+    assert len(writes) <= 6, [(e["verb"], e["objectRef"]) for e in writes]
