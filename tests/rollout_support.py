@@ -60,28 +60,43 @@ def manual_canary(**rollout: Any) -> dict[str, Any]:
 
 
 class StatusRecorder:
-    """Reads the ModelDeployment every ``period`` seconds in a thread (through the API, not
-    kubectl: fast enough to see each transition) and keeps what it saw: (monotonic time,
-    generation, status)."""
+    """Watches the namespace's ModelDeployments in a thread and keeps every version the API
+    server sends (each write is an event, so no transition can fall between two looks):
+    (monotonic time, generation, status) of ``NAME``."""
 
-    def __init__(self, cluster: Cluster, namespace: str, period: float = 0.1) -> None:
+    def __init__(self, cluster: Cluster, namespace: str) -> None:
         self.seen: list[tuple[float, int, dict[str, Any]]] = []
         api = KubernetesApi(load_api_client(str(cluster.state.kubeconfig)))
         self._stop = threading.Event()
+        _, version = api.list_all(API_VERSION, KIND, namespace)
 
         def run() -> None:
-            while not self._stop.wait(period):
-                found = api.get(API_VERSION, KIND, namespace, NAME)
-                if found is not None:
-                    generation = int(found["metadata"].get("generation", 0))
-                    self.seen.append((time.monotonic(), generation, found.get("status", {})))
+            nonlocal version
+            while not self._stop.is_set():
+                events = api.watch(
+                    API_VERSION,
+                    KIND,
+                    namespace,
+                    selector="",
+                    resource_version=version,
+                    timeout_seconds=5,
+                    inactivity_seconds=70,
+                )
+                for event in events:
+                    obj = event["object"]
+                    version = obj["metadata"]["resourceVersion"]
+                    if event["type"] in ("ADDED", "MODIFIED") and obj["metadata"]["name"] == NAME:
+                        generation = int(obj["metadata"].get("generation", 0))
+                        self.seen.append((time.monotonic(), generation, obj.get("status", {})))
+                    if self._stop.is_set():
+                        return
 
         self._thread = threading.Thread(target=run, daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=10)
+        self._thread.join(timeout=10)  # the watch ends within its 5 s
 
     def conditions(self, type_: str) -> list[tuple[str, str, str | None]]:
         """(status, reason, lastTransitionTime) of one condition, as it changed."""

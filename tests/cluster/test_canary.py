@@ -150,8 +150,8 @@ def test_a_concurrent_writer_costs_the_operator_conflicts_but_no_step_nor_update
 def test_conditions_follow_the_api_conventions_through_a_rollout(
     cluster: Cluster, operator: OperatorProcess, namespace: str
 ) -> None:
-    """Reliability case 29, sampled every 0.1 s through the API: a create, a scale, a new
-    version held at a manual step, a promote. Each generation is observed within 5 s; no
+    """Reliability case 29, every write seen through a watch: a create, a new version held
+    at a manual step, a label change, a promote, a scale. Each generation is observed within 5 s; no
     lastTransitionTime moves unless its condition's status did; every reason is CamelCase;
     CanaryHealthy exists only while the canary does; and `kubectl wait` works on Ready."""
     recorder = StatusRecorder(cluster, namespace)
@@ -186,7 +186,7 @@ def test_conditions_follow_the_api_conventions_through_a_rollout(
     final = recorder.seen[-1][2]
     assert "CanaryHealthy" not in {c["type"] for c in final["conditions"]}
     assert {c["type"] for c in final["conditions"]} >= {"Ready", "Progressing", "Degraded"}
-    print(f"{len(recorder.seen)} samples; Ready went {recorder.conditions('Ready')}")
+    print(f"{len(recorder.seen)} writes seen; Ready went {recorder.conditions('Ready')}")
 
 
 @pytest.mark.parametrize("policy", ["Pause", "Rollback"])
