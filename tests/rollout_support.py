@@ -83,10 +83,10 @@ class StatusRecorder:
                     inactivity_seconds=70,
                 )
                 for event in events:
-                    obj = event["object"]
-                    version = obj["metadata"]["resourceVersion"]
-                    if event["type"] in ("ADDED", "MODIFIED") and obj["metadata"]["name"] == NAME:
-                        generation = int(obj["metadata"].get("generation", 0))
+                    obj, meta = event["object"], event["object"].get("metadata") or {}
+                    version = meta.get("resourceVersion") or version  # bookmarks too
+                    if event["type"] in ("ADDED", "MODIFIED") and meta.get("name") == NAME:
+                        generation = int(meta.get("generation", 0))
                         self.seen.append((time.monotonic(), generation, obj.get("status", {})))
                     if self._stop.is_set():
                         return
