@@ -207,7 +207,11 @@ def apply_deployment(desired: Json, current: Json | None, ctx: OperatorContext, 
     except ApiError as failure:
         if failure.status != 422 or current is None:
             raise
-        take_back_template(desired, current, ctx, owner)
+        meta = desired["metadata"]  # read fresh: the cache's copy may be a version behind
+        there = ctx.api.get("apps/v1", "Deployment", meta["namespace"], meta["name"])
+        if there is None or not others_in_template(there, FIELD_MANAGER):
+            raise  # nobody else's fields: ours alone are refused, and status says why
+        take_back_template(desired, there, ctx, owner)
         return ctx.api.apply(desired)
     if needs_apply(written, desired) and others_in_template(written, FIELD_MANAGER):
         written = take_back_template(desired, written, ctx, owner)
