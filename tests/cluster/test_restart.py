@@ -12,6 +12,8 @@ pruned would be written again at every pass: this is the schema's round-trip gua
 from __future__ import annotations
 
 import json
+import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +99,25 @@ def canary_of(cluster: Cluster, namespace: str) -> dict[str, Any]:
     return canary
 
 
+def written(process: OperatorProcess) -> dict[str, float]:
+    """The process's mutating requests so far, by their labels (the Lease's aside)."""
+    return {
+        series: value
+        for series, value in process.metrics().items()
+        if series.startswith("modeldeploy_api_requests_total{")
+        and value > 0
+        and re.search(f'verb="({WRITE_VERBS})"', series)
+        and 'kind="Lease"' not in series
+    }
+
+
+def idle(process: OperatorProcess) -> bool:
+    """No write of the process for two resyncs."""
+    before = written(process)
+    time.sleep(2 * process.resync_seconds)
+    return written(process) == before
+
+
 def test_restarts_cause_no_writes_and_no_events(
     cluster: Cluster, operator: OperatorProcess, namespace: str, tmp_path: Path
 ) -> None:
@@ -136,6 +157,9 @@ def test_restarts_cause_no_writes_and_no_events(
         wait_for("version 2 promoted", lambda: not canary_of(cluster, namespace), 60)
         set_version(cluster, namespace, "3")
         wait_for("everything settled", lambda: all_settled(cluster, namespace), 120)
+        # And the operator idle: no write for two resyncs (a write decided just before the
+        # status looked settled would otherwise land on the first restart).
+        wait_for("the operator idle", lambda: idle(own), 60)
         own.stop()
 
         versions = resource_versions(cluster, namespace)
@@ -167,7 +191,7 @@ def test_restarts_cause_no_writes_and_no_events(
                 verb=WRITE_VERBS,
                 kind="(?!Lease$).*",
             )
-            assert writes == 0, f"restart {restart}: {writes} mutating requests"
+            assert writes == 0, f"restart {restart}: {written(own)}"
             assert own.stop() == 0
             assert resource_versions(cluster, namespace) == versions, f"restart {restart}"
             assert event_count(cluster, namespace) == events, f"restart {restart}"
