@@ -162,6 +162,8 @@ def test_inconclusive_checks_in_a_row_pause_or_roll_back_at_the_limit() -> None:
     assert "3 inconclusive analyses in a row" in paused.message
     still = decide_step(paused.progress, STEPS, seen(inconclusive_limit=3, now=1070.0))
     assert (still.progress.paused, still.message) == (True, paused.message)  # no status churn
+    more = decide_step(paused.progress, STEPS, seen(inconclusive_limit=3, **no_data))
+    assert more.progress == paused.progress  # checks while paused write nothing new
     resumed = decide_step(
         paused.progress, STEPS, seen(inconclusive_limit=3, now=1070.0, command="resume")
     )

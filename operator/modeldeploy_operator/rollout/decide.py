@@ -91,7 +91,7 @@ def decide_step(progress: Progress, steps: tuple[Step, ...], seen: Observation) 
     if seen.canary_ready:
         ready_since = seen.now if progress.ready_since is None else progress.ready_since
     inconclusive = progress.inconclusive_checks
-    if seen.analysis is not None:
+    if seen.analysis is not None and not progress.paused:  # paused: counting changes nothing
         inconclusive = inconclusive + 1 if seen.analysis == "Inconclusive" else 0
     counted = replace(
         progress,
