@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from localcluster import Cluster
+from localcluster.operator import OperatorProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -173,3 +174,26 @@ def token_kubeconfig(cluster: Cluster, token: str, path: Path) -> Path:
         )
     )
     return path
+
+
+def start_scoped_operator(
+    started: list[OperatorProcess],
+    cluster: Cluster,
+    namespace: str,
+    log: Path,
+    *args: str,
+    resync_seconds: float = 3.0,
+    kubeconfig: Path | None = None,
+) -> OperatorProcess:
+    """An operator of the test's own (``own_operator``'s list stops it) that watches only
+    ``namespace`` and keeps its Lease there; ``args`` are more flags."""
+    process = OperatorProcess(
+        cluster,
+        log,
+        kubeconfig=kubeconfig,
+        resync_seconds=resync_seconds,
+        extra_args=(f"--namespace={namespace}", f"--leader-election-namespace={namespace}", *args),
+    )
+    started.append(process)
+    process.start()
+    return process

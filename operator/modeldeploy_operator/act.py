@@ -53,7 +53,7 @@ class Children:
     delete: tuple[tuple[str, str, str], ...] = ()  # (api version, kind, name)
 
 
-def status_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+def merge_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
     """The JSON merge patch (RFC 7386) turning ``old`` into ``new``: changed values, and null
     for every removed key at any depth. (Nested removals used to be left out, so a cleared
     ``canary.readySince`` stayed on the server and every pass wrote the status again: the
@@ -62,7 +62,7 @@ def status_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, An
     for key, value in new.items():
         before = old.get(key)
         if isinstance(value, Mapping) and isinstance(before, Mapping):
-            if nested := status_patch(before, value):
+            if nested := merge_diff(before, value):
                 patch[key] = nested
         elif key not in old or before != value:
             patch[key] = value
@@ -113,7 +113,7 @@ def write_status(
     written = old != new
     if written:
         response = ctx.api.patch_status(
-            md.metadata.namespace, md.metadata.name, status_patch(old, new), version
+            md.metadata.namespace, md.metadata.name, merge_diff(old, new), version
         )
         version = (response.get("metadata") or {}).get("resourceVersion", version)
     if COMMAND_ANNOTATION in (meta.get("annotations") or {}):
@@ -228,7 +228,7 @@ def take_back_template(desired: Json, written: Json, ctx: OperatorContext, owner
     theirs = (written.get("spec") or {}).get("template", {}).get("spec") or {}
     patch: Json = {
         "metadata": {"resourceVersion": meta["resourceVersion"]},
-        "spec": {"template": {"spec": status_patch(theirs, ours)}},
+        "spec": {"template": {"spec": merge_diff(theirs, ours)}},
     }
     ctx.logger.info(
         f"Took back fields others added to Deployment {meta['namespace']}/{meta['name']}",
@@ -337,7 +337,6 @@ def post_event(
             if failure.status != 404:
                 raise
             ctx.events.gone(similar)  # expired (Events live an hour): post a new one
-            ctx.events.decide(similar, ctx.epoch())
     name = ctx.api.emit_event(involved, event.type, event.reason, event.message)
     ctx.events.created(similar, name)
 

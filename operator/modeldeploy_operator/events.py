@@ -85,9 +85,12 @@ class EventCorrelator:
                 posted.name = name
 
     def gone(self, similar: Similar) -> None:
-        """The Event to patch is gone (Events expire after an hour): the next one is new."""
+        """The Event to patch is gone (Events expire after an hour): the write this decision
+        allowed posts a new one instead, which :meth:`created` then names."""
         with self._lock:
-            self._posted.pop(similar, None)
+            posted = self._posted.get(similar)
+            if posted is not None:
+                posted.name, posted.count = None, 1
 
     def forget(self, prefix: str) -> None:
         """The objects whose ids start with ``prefix`` were deleted."""

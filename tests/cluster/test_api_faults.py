@@ -27,7 +27,7 @@ from localcluster import Cluster
 from localcluster.faultproxy import FaultProxy, upstream_of
 from localcluster.operator import OperatorProcess, metric_sum
 from rollout_support import manual_canary, md_status, start_canary
-from support import cpu_model, get, token_kubeconfig, wait_for
+from support import cpu_model, get, start_scoped_operator, token_kubeconfig, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -61,39 +61,40 @@ def proxy(cluster: Cluster) -> Iterator[FaultProxy]:
 
 
 def start_operator(
+    started: list[OperatorProcess],
     cluster: Cluster,
     namespace: str,
     log: Path,
     *args: str,
     kubeconfig: Path | None = None,
 ) -> OperatorProcess:
-    process = OperatorProcess(
-        cluster,
-        log,
-        kubeconfig=kubeconfig,
-        extra_args=(
-            f"--namespace={namespace}",
-            f"--leader-election-namespace={namespace}",
-            f"--watch-timeout={WATCH_TIMEOUT}",
-            f"--watch-inactivity-timeout={INACTIVITY:g}",
-            *args,
-        ),
+    """A scoped operator with short watches (see the module's docstring)."""
+    timeouts = (f"--watch-timeout={WATCH_TIMEOUT}", f"--watch-inactivity-timeout={INACTIVITY:g}")
+    return start_scoped_operator(
+        started, cluster, namespace, log, *timeouts, *args, kubeconfig=kubeconfig
     )
-    process.start()
-    return process
 
 
 def found_in_audit_log(
-    cluster: Cluster, namespace: str, identity: str, deployment: str, since: datetime.datetime
+    cluster: Cluster, namespace: str, identity: str, model: str
 ) -> tuple[datetime.datetime, datetime.datetime]:
-    """When kopf's first list of ModelDeployments after ``since`` was answered (the one that
-    found what was created in the gap), and when the operator named ``identity`` first wrote
-    ``deployment`` after it: from the API server's audit log."""
+    """When kopf's first list of ModelDeployments after ``model`` was created was answered
+    (the list that found it), and when the operator named ``identity`` first wrote its
+    Deployment: from the API server's audit log."""
 
     def at(event: dict[str, Any], key: str) -> datetime.datetime:
         return datetime.datetime.fromisoformat(event[key].replace("Z", "+00:00"))
 
     events = cluster.audit_events()
+    (since,) = [
+        at(e, "stageTimestamp")
+        for e in events
+        if e["verb"] == "create"
+        and e["objectRef"].get("resource") == "modeldeployments"
+        and e["objectRef"].get("namespace") == namespace
+        and e["objectRef"].get("name") == model
+        and e.get("responseStatus", {}).get("code") == 201
+    ]
     lists = [
         at(e, "stageTimestamp")
         for e in events
@@ -111,10 +112,10 @@ def found_in_audit_log(
         if e["verb"] in ("create", "patch", "update")
         and f"({identity})" in e["userAgent"]
         and e["objectRef"].get("resource") == "deployments"
-        and e["objectRef"].get("name") == deployment
+        and e["objectRef"].get("name") == f"{model}-stable"
     ]
     assert lists, "no list of ModelDeployments by kopf after the gap in the audit log"
-    assert writes, f"no write of {deployment} in the audit log"
+    assert writes, f"no write of {model}-stable in the audit log"
     return min(lists), min(writes)
 
 
@@ -131,9 +132,9 @@ def serving_through(
     the fixture to stop), and resnet50 rolled out."""
     kubeconfig = proxy.kubeconfig(cluster.state.kubeconfig, tmp_path / "through-proxy")
     process = start_operator(
-        cluster, namespace, tmp_path / "operator.log", "--no-leader-elect", kubeconfig=kubeconfig
-    )
-    started.append(process)
+        started, cluster, namespace, tmp_path / "operator.log", "--no-leader-elect",
+        kubeconfig=kubeconfig,
+    )  # fmt: skip
     cluster.kubectl("apply", "-n", namespace, "-f", "-", stdin=json.dumps(cpu_model("resnet50")))
     wait_for("the Deployment", lambda: replicas(cluster, namespace, "resnet50-stable") == 1)
     return process
@@ -248,6 +249,7 @@ def test_an_api_server_frozen_then_restarted_mid_rollout_loses_nothing(
     process take over: test_high_availability.py)."""
     kubeconfig = proxy.kubeconfig(cluster.state.kubeconfig, tmp_path / "through-proxy")
     process = start_operator(
+        own_operator,
         cluster,
         namespace,
         tmp_path / "operator.log",
@@ -256,7 +258,6 @@ def test_an_api_server_frozen_then_restarted_mid_rollout_loses_nothing(
         "--leader-election-retry-period=2",
         kubeconfig=kubeconfig,
     )
-    own_operator.append(process)
     start_canary(cluster, namespace, manual_canary())
     wait_for(
         "the canary at its manual step",
@@ -282,7 +283,6 @@ def test_an_api_server_frozen_then_restarted_mid_rollout_loses_nothing(
     wait_for("/healthz to pass again", lambda: process.health() == (200, "ok"), timeout=60)
 
     # 2. Watches behind, a change they cannot see, versions gone, an API server restarted.
-    stalled = datetime.datetime.now(datetime.UTC)
     proxy.stall()
     cluster.kubectl("apply", "-n", namespace, "-f", "-", stdin=json.dumps(cpu_model("late")))
     cluster.compact_etcd()
@@ -306,7 +306,7 @@ def test_an_api_server_frozen_then_restarted_mid_rollout_loses_nothing(
     # Reconciled within 5 s of the list that found it (the API server's audit log has both).
     identity = process.identity()
     assert identity is not None
-    listed, created = found_in_audit_log(cluster, namespace, identity, "late-stable", stalled)
+    listed, created = found_in_audit_log(cluster, namespace, identity, "late")
     assert created - listed <= datetime.timedelta(seconds=5), (listed, created)
 
     # The rollout never moved: same step, same start, one canary Deployment.
@@ -462,13 +462,13 @@ def test_throttled_by_priority_and_fairness_the_operator_waits_and_converges(
     converges. (While the share stays full, a client of the same identity starves the
     operator: give it a priority level of its own, docs/reliability.md.)"""
     process = start_operator(
+        own_operator,
         cluster,
         namespace,
         tmp_path / "operator.log",
         "--no-leader-elect",
         kubeconfig=throttled_account,
     )
-    own_operator.append(process)
     models = [cpu_model(f"m{i:02d}") for i in range(THROTTLED_MODELS)]
 
     def available() -> int:

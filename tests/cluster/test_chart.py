@@ -140,6 +140,14 @@ def installed(cluster: Cluster, crd: None, no_session_operator: None) -> Iterato
     cluster.kubectl("delete", "namespace", release_ns, "--wait=false", check=False)
 
 
+def can_i(cluster: Cluster, account: str, verb: str, resource: str, namespace: str) -> str:
+    """`kubectl auth can-i` for ``account`` in ``namespace``: "yes" or "no"."""
+    answer = cluster.kubectl(
+        "auth", "can-i", verb, resource, f"--as={account}", "-n", namespace, check=False
+    )
+    return answer.stdout.strip()
+
+
 def rights(cluster: Cluster, account: str) -> dict[str, set[str]]:
     listed = cluster.kubectl("auth", "can-i", "--list", f"--as={account}").stdout
     found: dict[str, set[str]] = {}
@@ -185,10 +193,7 @@ def test_install_run_the_operator_with_the_charts_account_and_uninstall(
         ("delete", "leases/modeldeploy-operator", installed, "no"),
         ("create", "leases", "kube-system", "no"),
     ):
-        answer = cluster.kubectl(
-            "auth", "can-i", verb, resource, f"--as={account}", "-n", where, check=False
-        )
-        assert answer.stdout.strip() == allowed, (verb, resource, where)
+        assert can_i(cluster, account, verb, resource, where) == allowed, (verb, resource, where)
 
     kubeconfig = token_kubeconfig(cluster, token, tmp_path / "operator.kubeconfig")
     operator = OperatorProcess(
@@ -247,10 +252,7 @@ def test_a_namespace_scoped_install_runs_the_operator_in_its_namespaces_only(
             ("watch", "modeldeployments.serving.modeldeploy.io", other, "no"),
             ("get", "secrets", other, "no"),
         ):
-            answer = cluster.kubectl(
-                "auth", "can-i", verb, resource, f"--as={account}", "-n", where, check=False
-            )
-            assert answer.stdout.strip() == allowed, (verb, resource, where)
+            assert can_i(cluster, account, verb, resource, where) == allowed, (verb, resource)
         token = cluster.kubectl(
             "create", "token", f"{release}-modeldeploy", "-n", release_ns, "--duration=1h"
         ).stdout.strip()

@@ -15,7 +15,7 @@ import pytest
 
 from localcluster import Cluster
 from localcluster.operator import OperatorProcess, free_port, metric_sum
-from support import cpu_model, every_kind_of_child, get, merged, wait_for
+from support import cpu_model, every_kind_of_child, get, merged, start_scoped_operator, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -152,13 +152,7 @@ def test_deleted_mid_rollout_with_passes_scheduled_it_goes_and_they_are_dropped(
     (Prometheus is not there: inconclusive, so it keeps asking). Both are deleted with the
     operator up: they go at once (no finalizer to remove), their children follow, their
     scheduled passes are dropped, and nothing fails or comes back."""
-    process = OperatorProcess(
-        cluster,
-        tmp_path / "operator.log",
-        extra_args=(f"--namespace={namespace}", f"--leader-election-namespace={namespace}"),
-    )
-    own_operator.append(process)
-    process.start()
+    process = start_scoped_operator(own_operator, cluster, namespace, tmp_path / "operator.log")
     analysis = {
         "interval": "2s",
         "prometheus": {"url": f"http://127.0.0.1:{free_port()}"},

@@ -26,8 +26,9 @@ def test_after_the_window_or_once_the_event_is_gone_a_new_one_is_posted() -> Non
     assert events.decide(RECREATED, 601.0) == EventWrite(None, 1)
     events.created(RECREATED, "m.def")
     assert events.decide(RECREATED, 602.0) == EventWrite("m.def", 2)
-    events.gone(RECREATED)
-    assert events.decide(RECREATED, 603.0) == EventWrite(None, 1)
+    events.gone(RECREATED)  # patching it found nothing: the same write creates one instead
+    events.created(RECREATED, "m.ghi")
+    assert events.decide(RECREATED, 603.0) == EventWrite("m.ghi", 2)
 
 
 def test_an_event_whose_create_has_not_answered_yet_is_not_patched() -> None:

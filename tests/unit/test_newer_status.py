@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from modeldeploy_operator.act import dump, status_patch
+from modeldeploy_operator.act import dump, merge_diff
 from modeldeploy_operator.api.v1alpha1 import ModelDeployment
 from modeldeploy_operator.builders.deployment import BuildConfig
 from modeldeploy_operator.context import OperatorContext
@@ -94,7 +94,7 @@ def test_a_status_write_leaves_the_unknown_fields_alone() -> None:
             "autoscaling": None,  # autoscaling switched off: our section goes, whole
         }
     )
-    patch = status_patch(dump(md.status), dump(new))
+    patch = merge_diff(dump(md.status), dump(new))
     stored = merge_patch(copy.deepcopy(NEWER_STATUS), patch)
     assert stored["phase"] == "Available"
     assert stored["somethingNew"] == {"answer": 42}
@@ -123,7 +123,7 @@ def test_a_field_cleared_inside_a_track_is_removed_on_the_server() -> None:
     now = md.status.model_copy(
         update={"canary": md.status.canary.model_copy(update={"ready_since": None, "step": 2})}
     )
-    patch = status_patch(dump(was), dump(now))
+    patch = merge_diff(dump(was), dump(now))
     assert patch == {"canary": {"readySince": None, "step": 2}}  # only what changed
     stored = merge_patch(dump(was), patch)
     assert stored == dump(now)
