@@ -304,10 +304,23 @@ def test_an_api_server_frozen_then_restarted_mid_rollout_loses_nothing(
     )
     assert process.running
     # Reconciled within 5 s of the list that found it (the API server's audit log has both).
+    # Its first write may go out on a keep-alive connection the stall silenced, if kopf's
+    # watch noticed the silence before any of the operator's own did (a silent watch or a
+    # timed-out request closes the idle ones: KubernetesApi.forget_connections): that write
+    # times out after --api-timeout (10 s), counted, and the next goes out at once.
     identity = process.identity()
     assert identity is not None
     listed, created = found_in_audit_log(cluster, namespace, identity, "late")
-    assert created - listed <= datetime.timedelta(seconds=5), (listed, created)
+    timed_out = metric_sum(
+        process.metrics(),
+        "modeldeploy_api_requests_total",
+        verb="APPLY|PATCH|POST|PUT",
+        kind="Deployment",
+        code="0",
+    )
+    assert timed_out <= 1
+    allowed = datetime.timedelta(seconds=5 + 10 * timed_out)
+    assert created - listed <= allowed, (listed, created, timed_out)
 
     # The rollout never moved: same step, same start, one canary Deployment.
     after = md_status(cluster, namespace)["canary"]

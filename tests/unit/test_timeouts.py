@@ -208,3 +208,119 @@ def test_retry_after_is_bounded() -> None:
     assert retry_after("soon") == 1.0
     assert retry_after("3600") == 10.0
     assert retry_after("0") == 0.1
+
+
+class Silencing(http.server.BaseHTTPRequestHandler):
+    """An API server over keep-alive connections; once ``silence`` is set, every connection
+    opened before it stops answering (a middlebox that lost its state), new ones answer."""
+
+    protocol_version = "HTTP/1.1"
+    silence = threading.Event()
+    release = threading.Event()
+    connections = 0
+
+    def setup(self) -> None:
+        super().setup()
+        type(self).connections += 1
+        self.opened_after_silence = self.silence.is_set()
+
+    def answer(self) -> None:
+        if self.silence.is_set() and not self.opened_after_silence:
+            self.release.wait(10)  # silent until the test ends
+            self.close_connection = True
+            return
+        time.sleep(0.2)  # so that concurrent requests need connections of their own
+        length = int(self.headers.get("Content-Length") or 0)
+        self.rfile.read(length)
+        if self.path.startswith("/api/v1/namespaces/ns/pods?") and "watch=true" in self.path:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.flush()
+            self.release.wait(10)  # a watch that hears nothing
+            self.close_connection = True
+            return
+        body = b'{"kind":"Deployment","metadata":{"name":"x"}}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_PATCH = answer
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def silencing() -> Iterator[str]:
+    Silencing.silence.clear()
+    Silencing.release.clear()
+    Silencing.connections = 0
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Silencing)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        Silencing.release.set()
+        server.shutdown()
+        server.server_close()
+
+
+def pool_two_connections(api: KubernetesApi) -> None:
+    with ThreadPoolExecutor(2) as pool:
+        for found in pool.map(lambda _: api.get("apps/v1", "Deployment", "ns", "x"), range(2)):
+            assert found is not None
+    assert Silencing.connections == 2
+
+
+def two_writes_at_once(api: KubernetesApi) -> list[tuple[BaseException | None, float]]:
+    """urllib3's pool is last in, first out, and a dropped connection's place is taken by a
+    new one: one write alone would never reach an older, silent connection; two at once do."""
+
+    def write(_: int) -> tuple[BaseException | None, float]:
+        return within(10, lambda: api.patch_status("ns", "m", {"phase": "Pending"}))
+
+    with ThreadPoolExecutor(2) as pool:
+        return list(pool.map(write, range(2)))
+
+
+def test_a_timed_out_write_closes_the_other_idle_connections_too(silencing: str) -> None:
+    """Two keep-alive connections in the pool go silent together. The first write times out
+    on one; the next writes open new connections instead of waiting out the other."""
+    api = api_for(silencing, (0.5, 0.5))
+    pool_two_connections(api)
+    Silencing.silence.set()
+    error, took = within(10, lambda: api.patch_status("ns", "m", {"phase": "Pending"}))
+    assert isinstance(error, ApiError), error
+    assert (error.status, error.reason) == (0, "Timeout")
+    for error, took in two_writes_at_once(api):
+        assert error is None, error
+        assert took < 0.5 + 0.4  # answered, not timed out
+    assert Silencing.connections == 4
+
+
+def test_a_silent_watch_closes_the_idle_connections(silencing: str) -> None:
+    """A watch that hears nothing past its inactivity timeout: the idle connections, silenced
+    by the same cause, are not used for the next write."""
+    api = api_for(silencing, (0.5, 0.5))
+    pool_two_connections(api)
+    events = api.watch(
+        "v1",
+        "Pod",
+        "ns",
+        selector="",
+        resource_version="1",
+        timeout_seconds=300,
+        inactivity_seconds=1.0,
+    )
+    Silencing.silence.set()
+    error, _ = within(10, lambda: list(events))
+    assert isinstance(error, WatchStalled), error
+    for error, took in two_writes_at_once(api):
+        assert error is None, error
+        assert took < 0.5 + 0.4
+    assert Silencing.connections == 4

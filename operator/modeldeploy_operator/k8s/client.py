@@ -325,6 +325,15 @@ class KubernetesApi:
             raise refused
         return response, data
 
+    def forget_connections(self) -> None:
+        """Close the idle keep-alive connections; the next requests open new ones. Called when
+        one connection went silent (a request or a watch timed out): whatever silenced it (a
+        middlebox that lost its state, an API server restarted behind one) silenced the
+        others too, and each would cost the next write a whole read timeout. The kubelet closes
+        all its connections after a failed heartbeat for the same reason. Connections in
+        flight finish and are closed, not pooled."""
+        self._client.rest_client.pool_manager.clear()
+
     def _connection_error(
         self, method: str, path: str, error: urllib3.exceptions.HTTPError
     ) -> ApiError:
@@ -334,6 +343,7 @@ class KubernetesApi:
             cause, urllib3.exceptions.NewConnectionError
         )
         if timed_out:
+            self.forget_connections()
             connect, read = self.timeout
             return ApiError(
                 0,
@@ -451,6 +461,7 @@ class KubernetesApi:
                     event: Json = json.loads(line)
                     yield event
         except urllib3.exceptions.ReadTimeoutError as error:
+            self.forget_connections()
             raise WatchStalled(path, inactivity_seconds) from error
         except urllib3.exceptions.HTTPError as error:  # reset
             raise self._connection_error("WATCH", path, error) from error
