@@ -10,6 +10,7 @@ they return; ``act`` writes.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +26,11 @@ from modeldeploy_operator.api.v1alpha1 import (
 from modeldeploy_operator.autoscaling.capacity import replicas_that_fit
 from modeldeploy_operator.autoscaling.decide import Reading
 from modeldeploy_operator.builders.autoscaler import cpu_cores, target_value
-from modeldeploy_operator.builders.deployment import build_deployment
+from modeldeploy_operator.builders.deployment import (
+    API_KEYS_VOLUME,
+    CREDENTIALS_VOLUME,
+    build_deployment,
+)
 from modeldeploy_operator.builders.labels import (
     MD_LABEL,
     deployment_name,
@@ -79,6 +84,16 @@ REFERENCE_RECHECK_SECONDS = 10.0  # a pass this soon when a Secret or ConfigMap 
 BUDGET_SECONDS = 30.0  # query budgets are summed this often
 
 
+# The volume each Secret the spec names is mounted as, by the spec's field.
+SECRET_VOLUMES = {
+    "spec.model.credentialsSecret": CREDENTIALS_VOLUME,
+    "spec.monitoring.auth.apiKeySecret": API_KEYS_VOLUME,
+}
+# The kubelet's Event when a Secret volume cannot be set up because the Secret is not there
+# (older kubelets said "secrets").
+FAILED_MOUNT = re.compile(r'volume "(?P<volume>[^"]+)" : secrets? "(?P<secret>[^"]+)" not found')
+
+
 def references(md: ModelDeployment) -> tuple[tuple[str, str, str], ...]:
     """(kind, name, spec path) of each Secret and ConfigMap the spec names."""
     wanted: list[tuple[str, str, str]] = []
@@ -98,10 +113,14 @@ def references(md: ModelDeployment) -> tuple[tuple[str, str, str], ...]:
 def missing_references(
     md: ModelDeployment, pods: tuple[Json, ...], ctx: OperatorContext
 ) -> tuple[MissingReference, ...]:
-    """Secrets and ConfigMaps the spec names that do not exist, read as metadata only (never
-    their data), and only when the answer can have changed: a new spec, one missing at the
-    last look (reconcile then asks for a pass within ``REFERENCE_RECHECK_SECONDS``), or a pod
-    not Ready (a deleted Secret shows there first). At rest this costs no request."""
+    """Secrets and ConfigMaps the spec names that do not exist, looked for only when the
+    answer can have changed: a new spec, one missing at the last look (reconcile then asks
+    for a pass within ``REFERENCE_RECHECK_SECONDS``), or a pod not Ready (a deleted Secret
+    shows there first). At rest this costs no request.
+
+    ConfigMaps are read as metadata only. Secrets are never read at all (the operator's
+    account may not): a missing one is learned where it matters, from the kubelet's Events
+    about a pod that waits for it (:func:`unmounted_secrets`)."""
     wanted = references(md)
     key = (md.metadata.namespace, md.metadata.name)
     last = ctx.references.get(key)
@@ -116,13 +135,59 @@ def missing_references(
         and all(pod_ready(p) for p in pods)
     ):
         return ()
+    unmounted = unmounted_secrets(wanted, pods, md.metadata.namespace, ctx)
     missing = tuple(
         MissingReference(kind, name, path)
         for kind, name, path in wanted
-        if not ctx.api.exists("v1", kind, md.metadata.namespace, name)
+        if (kind == "Secret" and path in unmounted)
+        or (kind == "ConfigMap" and not ctx.api.exists("v1", kind, md.metadata.namespace, name))
     )
     ctx.references[key] = ReferencesChecked(md.metadata.generation, missing)
     return missing
+
+
+def waits_for_volumes(pod: Mapping[str, Any]) -> bool:
+    """Scheduled, not going, and none of its containers started yet: the kubelet sets up a
+    pod's volumes before it creates its first container."""
+    meta = pod.get("metadata") or {}
+    status = pod.get("status") or {}
+    if meta.get("deletionTimestamp") or status.get("phase") != "Pending":
+        return False
+    if not (pod.get("spec") or {}).get("nodeName"):
+        return False
+    containers = [*status.get("initContainerStatuses", []), *status.get("containerStatuses", [])]
+    return all(
+        "waiting" in (c.get("state") or {}) and not c.get("restartCount") for c in containers
+    )
+
+
+def unmounted_secrets(
+    wanted: tuple[tuple[str, str, str], ...],
+    pods: tuple[Json, ...],
+    namespace: str,
+    ctx: OperatorContext,
+) -> frozenset[str]:
+    """The spec fields of the Secrets the kubelet could not mount, because they do not exist,
+    into the first of the pods that wait for their volumes: its FailedMount Events say so
+    (``MountVolume.SetUp failed for volume "api-keys" : secret "keys" not found``). One
+    request, and only while a pod waits. Until a pod is scheduled a missing Secret is not
+    known; once created, it is reported until the kubelet's next try mounts it (its retries
+    back off to about 2 minutes)."""
+    volumes = {
+        SECRET_VOLUMES[path]: (name, path) for kind, name, path in wanted if kind == "Secret"
+    }
+    waiting = [p for p in pods if waits_for_volumes(p)]
+    if not volumes or not waiting:
+        return frozenset()
+    found = set()
+    for event in ctx.api.events_of(namespace, "Pod", waiting[0]["metadata"]["name"]):
+        failed = FAILED_MOUNT.search(str(event.get("message") or ""))
+        if event.get("reason") != "FailedMount" or failed is None:
+            continue
+        name, path = volumes.get(failed["volume"], ("", ""))
+        if name == failed["secret"]:
+            found.add(path)
+    return frozenset(found)
 
 
 def measure(md: ModelDeployment, ctx: OperatorContext, now: float) -> Check:

@@ -41,9 +41,8 @@ ALLOWED = {
     "deployments.apps/scale": {"get", "patch", "update"},
     "services": {"get", "list", "watch", "create", "patch", "update", "delete"},
     "pods": {"get", "list", "watch"},
-    "secrets": {"get"},
     "configmaps": {"get", "create", "patch"},
-    "events": {"create", "patch"},
+    "events": {"create", "patch", "list"},
     "events.events.k8s.io": {"create", "patch"},
     "httproutes.gateway.networking.k8s.io": {
         "get",
@@ -167,6 +166,7 @@ def test_install_run_the_operator_with_the_charts_account_and_uninstall(
     granted = {k: v for k, v in rights(cluster, account).items() if k not in BUILTIN}
     assert granted == ALLOWED
     for forbidden in (
+        "get secrets",
         "list secrets",
         "watch secrets",
         "create pods/exec",
@@ -250,6 +250,7 @@ def test_a_namespace_scoped_install_runs_the_operator_in_its_namespaces_only(
             ("list", "deployments.apps", other, "no"),
             ("create", "deployments.apps", other, "no"),
             ("watch", "modeldeployments.serving.modeldeploy.io", other, "no"),
+            ("get", "secrets", namespace, "no"),
             ("get", "secrets", other, "no"),
         ):
             assert can_i(cluster, account, verb, resource, where) == allowed, (verb, resource)

@@ -175,21 +175,6 @@ def test_gpu_product_no_node_has_is_reported(
     assert "NVIDIA-A100-SXM4-80GB" in message  # says what there is
 
 
-def test_missing_secret_is_reported_and_clears_when_created(
-    cluster: Cluster, operator: OperatorProcess, namespace: str
-) -> None:
-    manifest = merged(
-        load_example("minimal.yaml"), {"spec": {"model": {"credentialsSecret": "creds"}}}
-    )
-    apply(cluster, namespace, manifest)
-    md = wait_condition(cluster, namespace, "resnet50", "Degraded", "True", "SecretNotFound")
-    assert "spec.model.credentialsSecret" in condition(md, "Degraded")["message"]  # type: ignore[index]
-    cluster.kubectl("create", "secret", "generic", "creds", "-n", namespace, "--from-literal=k=v")
-    wait_condition(cluster, namespace, "resnet50", "Degraded", "False", "AsExpected", timeout=20)
-    recovered = [e for e in our_events(cluster, namespace) if e["reason"] == "Recovered"]
-    assert len(recovered) == 1
-
-
 def test_children_deleted_or_edited_by_hand_are_restored_within_10s(
     cluster: Cluster, operator: OperatorProcess, namespace: str
 ) -> None:

@@ -72,6 +72,10 @@ def small_operator(
         operator.start()
 
 
+# A reference profile in a ConfigMap that does not exist yet.
+PROFILE = {"enabled": True, "referenceProfile": {"configMapRef": {"name": "profile"}}}
+
+
 def apply(cluster: Cluster, namespace: str, manifest: dict[str, Any]) -> None:
     cluster.kubectl("apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(manifest))
 
@@ -90,10 +94,10 @@ def test_an_object_stuck_in_its_analysis_does_not_delay_another(
             load_example("minimal.yaml"),
             {
                 "metadata": {"name": OTHER},
-                "spec": {"resources": {"gpu": DELETE}, "model": {"credentialsSecret": "creds"}},
+                "spec": {"resources": {"gpu": DELETE}, "monitoring": {"runtime": PROFILE}},
             },
         )
-        apply(cluster, namespace, other)  # Degraded (SecretNotFound) until the Secret comes
+        apply(cluster, namespace, other)  # Degraded (ConfigMapNotFound) until it comes
         analysis = {
             "interval": "1s",
             "failureLimit": 100,
@@ -111,17 +115,17 @@ def test_an_object_stuck_in_its_analysis_does_not_delay_another(
         wait_for("resnet50's analysis to query the blackhole", stalled.is_set, timeout=60)
         stalled_at = time.monotonic()
 
-        # Nothing watches Secrets: only the resync sees this one come (vit is settled: no
+        # Nothing watches ConfigMaps: only the resync sees this one come (vit is settled: no
         # events), and it does not wait for resnet50.
         created = time.monotonic()
         cluster.kubectl(
-            "create", "secret", "generic", "creds", "-n", namespace, "--from-literal=k=v"
+            "create", "configmap", "profile", "-n", namespace, "--from-literal=profile.json={}"
         )
         while status(OTHER).get("phase") == "Degraded":
-            assert time.monotonic() < created + 30, "the resync never saw the Secret"
+            assert time.monotonic() < created + 30, "the resync never saw the ConfigMap"
             time.sleep(0.01)
         seen = time.monotonic() - created
-        print(f"vit's Secret seen {seen:.3f} s after it was created (resync every 3 s)")
+        print(f"vit's ConfigMap seen {seen:.3f} s after it was created (resync every 3 s)")
         assert seen < small_operator.resync_seconds + 1.0
 
         generation = (api.get(API_VERSION, KIND, namespace, OTHER) or {})["metadata"]["generation"]

@@ -267,6 +267,16 @@ class FakeKubeApi:
         self._enter(Call("exists", kind, namespace, name))
         return self.key(api_version, kind, namespace, name) in self.objects
 
+    def events_of(self, namespace: str, kind: str, name: str) -> list[Json]:
+        """Events stored as objects (a test's kubelet creates them), by involved object."""
+        self._enter(Call("events_of", kind, namespace, name))
+        return [
+            obj
+            for obj in self.items("Event", namespace, "")
+            if (obj.get("involvedObject") or {}).get("kind") == kind
+            and (obj.get("involvedObject") or {}).get("name") == name
+        ]
+
     def list(
         self, api_version: str, kind: str, namespace: str | None, selector: str = ""
     ) -> list[Json]:
@@ -506,6 +516,7 @@ class DeploymentController:
     ready_after: Callable[[Json], int] = field(default=lambda pod: 2)
     crashing: Callable[[Json], bool] = field(default=lambda pod: False)
     _pending: dict[Key, int] = field(default_factory=dict)  # pod -> steps until Ready
+    _mounting: set[Key] = field(default_factory=set)  # pods whose Secret volumes are missing
     _serial: int = 0
 
     def step(self) -> None:
@@ -532,6 +543,13 @@ class DeploymentController:
             del self._pending[key]
 
     def _kubelet(self) -> None:
+        for key in list(self._mounting):
+            pod = self.api.objects.get(key)
+            if pod is None:
+                self._mounting.discard(key)
+            elif not self._missing_secret(pod):
+                self._mounting.discard(key)
+                self._pending[key] = self.ready_after(pod)
         for key, left in list(self._pending.items()):
             if left <= 1:
                 del self._pending[key]
@@ -588,6 +606,33 @@ class DeploymentController:
                     "state": {"waiting": {"reason": "CrashLoopBackOff"}},
                 }
             ]
+        if missing := self._missing_secret(pod):
+            # As the kubelet: no container starts until every volume is set up.
+            pod["spec"]["nodeName"] = "gpu-node-1"
+            pod["status"] = _pod_status(False)
+            pod["status"]["phase"] = "Pending"
+            pod["status"]["containerStatuses"] = [
+                {"name": "triton", "ready": False, "restartCount": 0, "state": MOUNTING}
+            ]
+            created = self.api.create(pod)
+            key = self.api.key("v1", "Pod", _ns(created), _name(created))
+            self._mounting.add(key)
+            volume, secret = missing
+            message = (
+                f'MountVolume.SetUp failed for volume "{volume}" : secret "{secret}" not found'
+            )
+            self.api.create(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Event",
+                    "metadata": {"name": f"{_name(created)}.mount", "namespace": _ns(created)},
+                    "involvedObject": {"kind": "Pod", "name": _name(created)},
+                    "reason": "FailedMount",
+                    "type": "Warning",
+                    "message": message,
+                }
+            )
+            return created
         created = self.api.create(pod)
         if self.crashing(created):
             return created  # never Ready
@@ -598,6 +643,14 @@ class DeploymentController:
             )
         self._pending[self.api.key("v1", "Pod", _ns(created), _name(created))] = delay
         return created
+
+    def _missing_secret(self, pod: Json) -> tuple[str, str] | None:
+        """(volume, Secret) of the first Secret volume whose Secret does not exist."""
+        for volume in (pod.get("spec") or {}).get("volumes") or []:
+            name = (volume.get("secret") or {}).get("secretName")
+            if name and self.api.peek("v1", "Secret", _ns(pod), name) is None:
+                return volume["name"], name
+        return None
 
     def _delete_pod(self, pod: Json) -> None:
         self.api.remove("v1", "Pod", _ns(pod), _name(pod))
@@ -620,6 +673,9 @@ class DeploymentController:
         }
         if deployment.get("status") != status:  # every key is set: the merge replaces it
             self.api.edit("apps/v1", "Deployment", namespace, name, {"status": status})
+
+
+MOUNTING = {"waiting": {"reason": "ContainerCreating"}}
 
 
 def _pod_status(ready: bool) -> Json:

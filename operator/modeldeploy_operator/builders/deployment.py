@@ -36,6 +36,10 @@ GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
 MODEL_REPOSITORY = "/models"
 CREDENTIALS_DIR = "/var/run/secrets/modeldeploy/model-credentials"
+# The Secret volumes: a missing Secret is learned from the kubelet's FailedMount Events, which
+# name the volume (observe.unmounted_secrets).
+CREDENTIALS_VOLUME = "model-credentials"
+API_KEYS_VOLUME = "api-keys"
 PVC_ROOT = "/mnt/model-source"
 PROFILE_DIR = "/etc/modeldeploy/reference-profile"
 MODEL_CACHE = "/var/cache/modeldeploy/models"
@@ -138,7 +142,7 @@ def fetch_container(md: ModelDeployment, config: BuildConfig) -> dict[str, Any]:
         args.append(f"--digest={model.digest}")
     if model.credentials_secret:
         args.append(f"--credentials-dir={CREDENTIALS_DIR}")
-        mounts.append({"name": "model-credentials", "mountPath": CREDENTIALS_DIR, "readOnly": True})
+        mounts.append({"name": CREDENTIALS_VOLUME, "mountPath": CREDENTIALS_DIR, "readOnly": True})
     if pvc_claim(md) is not None:
         args.append(f"--pvc-root={PVC_ROOT}")
         mounts.append({"name": "model-source", "mountPath": PVC_ROOT, "readOnly": True})
@@ -273,7 +277,7 @@ def runtime_container(md: ModelDeployment, track: Track, config: BuildConfig) ->
     auth = monitoring.auth
     if auth is not None and auth.api_key_secret is not None:
         args.append(f"--api-keys-dir={API_KEYS_DIR}")
-        mounts.append({"name": "api-keys", "mountPath": API_KEYS_DIR, "readOnly": True})
+        mounts.append({"name": API_KEYS_VOLUME, "mountPath": API_KEYS_DIR, "readOnly": True})
         # Keys' hashes in metrics are keyed by this object's uid: stable across its pods and
         # tracks, unrelated between ModelDeployments and installations.
         args.append(f"--client-salt={md.metadata.uid}")
@@ -337,7 +341,7 @@ def volumes(md: ModelDeployment, config: BuildConfig) -> list[dict[str, Any]]:
     if md.spec.model.credentials_secret:
         out.append(
             {
-                "name": "model-credentials",
+                "name": CREDENTIALS_VOLUME,
                 "secret": {"secretName": md.spec.model.credentials_secret, "defaultMode": 0o440},
             }
         )
@@ -347,7 +351,9 @@ def volumes(md: ModelDeployment, config: BuildConfig) -> list[dict[str, Any]]:
         out.append({"name": "reference-profile", "configMap": {"name": name}})
     if monitoring.runtime.enabled and monitoring.auth and monitoring.auth.api_key_secret:
         secret = monitoring.auth.api_key_secret.name
-        out.append({"name": "api-keys", "secret": {"secretName": secret, "defaultMode": 0o440}})
+        out.append(
+            {"name": API_KEYS_VOLUME, "secret": {"secretName": secret, "defaultMode": 0o440}}
+        )
     if monitoring.runtime.enabled and monitoring.auth and monitoring.auth.query_budget:
         # Optional: pods start before the operator first sums the budgets.
         name = budget_configmap_name(md)

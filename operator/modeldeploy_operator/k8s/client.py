@@ -141,6 +141,8 @@ class KubeApi(Protocol):
         self, api_version: str, kind: str, namespace: str | None, selector: str = ""
     ) -> list[Json]: ...
 
+    def events_of(self, namespace: str, kind: str, name: str) -> builtins.list[Json]: ...
+
     def apply(self, obj: Mapping[str, Any], field_manager: str = FIELD_MANAGER) -> Json: ...
 
     def patch_status(
@@ -395,6 +397,19 @@ class KubernetesApi:
             "GET", resource_path(api_version, kind, namespace), kind=kind, query=query
         )
         items: list[Json] = result.get("items", [])
+        return items
+
+    def events_of(self, namespace: str, kind: str, name: str) -> builtins.list[Json]:
+        """The core/v1 Events about one object (what ``kubectl describe`` shows), found by
+        field selector on the server."""
+        selector = f"involvedObject.kind={kind},involvedObject.name={name}"
+        result = self._call(
+            "GET",
+            resource_path("v1", "Event", namespace),
+            kind="Event",
+            query=[("fieldSelector", selector)],
+        )
+        items: builtins.list[Json] = result.get("items", [])
         return items
 
     def list_all(

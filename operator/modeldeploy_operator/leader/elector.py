@@ -223,6 +223,9 @@ class LeaderOnlyApi:
     def exists(self, api_version: str, kind: str, namespace: str, name: str) -> bool:
         return self._api.exists(api_version, kind, namespace, name)
 
+    def events_of(self, namespace: str, kind: str, name: str) -> list[Json]:
+        return self._api.events_of(namespace, kind, name)
+
     def list(
         self, api_version: str, kind: str, namespace: str | None, selector: str = ""
     ) -> list[Json]:
