@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import datetime
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -197,3 +199,25 @@ def start_scoped_operator(
     started.append(process)
     process.start()
     return process
+
+
+AUDIT_READS = ("get", "list", "watch")  # the audit log has lists and watches of ModelDeployments
+
+
+def writes_by_operators(
+    cluster: Cluster, since: datetime.datetime | None = None
+) -> list[tuple[datetime.datetime, str, str]]:
+    """Every write the API server's audit log records from an operator replica (its
+    User-Agent is ``modeldeploy-operator/<version> (<identity>)``), received at or after
+    ``since``: (received, identity, "VERB /uri code"), in order."""
+    found = []
+    for event in cluster.audit_events():
+        named = re.fullmatch(r"modeldeploy-operator/\S+ \((.+)\)", event.get("userAgent", ""))
+        if named is None or event["verb"] in AUDIT_READS:
+            continue
+        received = datetime.datetime.fromisoformat(event["requestReceivedTimestamp"])
+        if since is None or received >= since:
+            code = event.get("responseStatus", {}).get("code")
+            what = f"{event['verb']} {event['requestURI']} {code}"
+            found.append((received, named.group(1), what))
+    return sorted(found)

@@ -22,7 +22,7 @@ from localcluster import Cluster
 from localcluster.faultproxy import FaultProxy, upstream_of
 from localcluster.operator import OperatorProcess, metric_sum
 from rollout_support import manual_canary, md_status, start_canary
-from support import DELETE, get, load_example, merged, wait_for
+from support import DELETE, get, load_example, merged, wait_for, writes_by_operators
 
 pytestmark = pytest.mark.cluster
 
@@ -197,19 +197,10 @@ def test_a_leader_that_loses_the_lease_stops_and_exits(
     assert "Lost Lease" in first.log_path.read_text()
 
 
-READS = ("get", "list", "watch")  # the audit log has lists and watches of ModelDeployments
-
-
 def writes_by(cluster: Cluster, identity: str) -> list[tuple[datetime.datetime, str]]:
-    """The writes the API server's audit log records from the operator named ``identity``
-    (its User-Agent carries it): (received, "VERB /uri code"), in order."""
-    found = []
-    for event in cluster.audit_events():
-        if f"({identity})" in event.get("userAgent", "") and event["verb"] not in READS:
-            received = datetime.datetime.fromisoformat(event["requestReceivedTimestamp"])
-            code = event.get("responseStatus", {}).get("code")
-            found.append((received, f"{event['verb']} {event['requestURI']} {code}"))
-    return sorted(found)
+    """The writes the API server's audit log records from the operator named ``identity``:
+    (received, "VERB /uri code"), in order."""
+    return [(at, what) for at, who, what in writes_by_operators(cluster) if who == identity]
 
 
 @pytest.mark.parametrize("fault", ["freeze", "partition"])

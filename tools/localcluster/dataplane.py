@@ -58,6 +58,7 @@ def operator_values(
     watch_namespaces: Iterable[str] = (),
     resync_seconds: int = 30,
     model_cache_dir: Path | None = None,
+    replicas: int = 1,
 ) -> dict[str, Any]:
     """Helm values that run the chart's operator on the real node with our local images.
 
@@ -68,8 +69,8 @@ def operator_values(
     repository, tag = split_reference(operator_image)
     values: dict[str, Any] = {
         # One real node: a second replica would only stand by beside the first (leader
-        # election stays on, as the chart installs it).
-        "replicaCount": 1,
+        # election stays on, as the chart installs it); the HA tests ask for two.
+        "replicaCount": replicas,
         "image": {"repository": repository, "tag": tag, "pullPolicy": "Never"},
         "runtime": {"image": runtime_image},
         "operator": {
@@ -302,6 +303,7 @@ def install_operator(
     namespace: str = OPERATOR_NAMESPACE,
     resync_seconds: int = 30,
     model_cache_dir: Path | None = None,
+    replicas: int = 1,
 ) -> None:
     """``helm upgrade --install`` the chart with our images; waits for the operator pod."""
     values = operator_values(
@@ -311,6 +313,7 @@ def install_operator(
         watch_namespaces=watch_namespaces,
         resync_seconds=resync_seconds,
         model_cache_dir=model_cache_dir,
+        replicas=replicas,
     )
     values_file = cluster.state.root / "operator-values.yaml"
     values_file.write_text(yaml.safe_dump(values, sort_keys=False))

@@ -73,6 +73,26 @@ KUBELET_FIXED_PATHS = (
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
+# Run by RealNode.oom_kill: join a memory cgroup (argv[1]'s cgroup.procs), take argv[2] bytes
+# (written, so charged) and wait to be ended.
+MEMORY_HOG = """
+import os, sys, time
+with open(sys.argv[1], "w") as procs:
+    procs.write(str(os.getpid()))
+held = [bytearray(b"\\1" * (1 << 20)) for _ in range(int(sys.argv[2]) >> 20)]
+time.sleep(600)
+"""
+
+
+def memory_cgroup(pid: int) -> Path:
+    """The folder of a process's memory cgroup (cgroup v1, as the real node runs)."""
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            return CGROUP_ROOT / "memory" / path.lstrip("/")
+    raise NodeError(f"process {pid} has no memory cgroup (cgroup v2 is not supported here)")
+
+
 class NodeError(RuntimeError):
     """The real node could not be started or stopped; the message says what to do."""
 
@@ -764,6 +784,57 @@ class RealNode:
         for netns in Path("/run/netns").glob("cni-*"):
             with contextlib.suppress(OSError):
                 netns.unlink()
+
+    # -- faults, for tests ---------------------------------------------------------------
+
+    def container_pid(self, container_id: str) -> int:
+        """The host pid of a running container's first process; ``container_id`` as a pod's
+        ``containerStatuses[].containerID`` has it (``containerd://<id>``) or bare."""
+        bare = container_id.removeprefix("containerd://")
+        for line in self._ctr("tasks", "ls").stdout.splitlines()[1:]:
+            task, pid, *_ = line.split()
+            if task == bare:
+                return int(pid)
+        raise NodeError(f"no running task {bare} in containerd")
+
+    def oom_kill(self, container_id: str, timeout: float = 30.0) -> None:
+        """Have the kernel's OOM killer end a container's process, as a leak would: a process
+        of ours joins the container's memory cgroup and takes what the limit leaves plus half
+        of what the container uses. The kernel kills the container's process, the OOM
+        killer's first choice (``oom_score_adj`` 1000: the kubelet gives a burstable pod's
+        processes nearly that already, we make sure); containerd sees the cgroup's OOM event,
+        and the kubelet reports ``OOMKilled``. Ours, which alone fits, is then ended."""
+        pid = self.container_pid(container_id)
+        Path(f"/proc/{pid}/oom_score_adj").write_text("1000")
+        memory = memory_cgroup(pid)
+        limit = int((memory / "memory.limit_in_bytes").read_text())
+        usage = int((memory / "memory.usage_in_bytes").read_text())
+        if limit >= 1 << 50:
+            raise NodeError(f"container {container_id} has no memory limit to exceed")
+        hog = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                MEMORY_HOG,
+                str(memory / "cgroup.procs"),
+                str(limit - usage // 2),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            deadline = time.monotonic() + timeout
+            while Path(f"/proc/{pid}").exists():
+                if hog.poll() is not None:
+                    raise NodeError(
+                        f"the memory hog ended first: {hog.stderr and hog.stderr.read()!r}"
+                    )
+                if time.monotonic() > deadline:
+                    raise NodeError(f"container {container_id} was not OOM-killed in {timeout:g} s")
+                time.sleep(0.1)
+        finally:
+            hog.kill()
+            hog.wait()
 
     def _remove_pod_cgroups(self) -> None:
         for top in CGROUP_ROOT.glob("*/kubepods"):
