@@ -5,6 +5,7 @@ whole time; Prometheus scrapes the real sidecars; the chart's operator pod decid
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from realnode_support import (
     promoted,
     ready,
 )
-from support import wait_for
+from support import condition, get, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.realnode]
 
@@ -174,3 +175,45 @@ def test_a_stable_pod_killed_mid_canary_is_replaced_and_the_rollout_goes_on(
         lambda: all(answering(address, "2") for _ in range(10)),
         timeout=120,
     )
+
+
+def test_a_broken_stable_does_not_hold_a_good_canary_back(
+    cluster: Cluster, chart_operator: None, namespace: str, store: Path
+) -> None:
+    """Case #10, a broken stable beside a good canary. Version 1's files go from the store and
+    its pod is deleted: the replacement cannot fetch them, and nothing answers (Degraded,
+    ModelFetchFailed). Version 2, good, rolls out as a canary under analysis. The rollout
+    neither waits for stable to be healthy (Argo Rollouts' stuck rollouts, argo-rollouts#1774)
+    nor blames the canary for it: the canary is judged on its own traffic, passes its steps
+    and is promoted, and promotion replaces the broken stable pod. (With one replica the
+    canary's Ready pod takes the broken stable pod's place at once: the capacity rule counts
+    Ready pods, not Deployments.)"""
+    address = serve_version_1(cluster, namespace, replicas=1)
+    shutil.rmtree(store / "iris" / "1")
+    (serving,) = pods(cluster, namespace)
+    cluster.kubectl("delete", "pod", serving["metadata"]["name"], "-n", namespace)
+
+    def degraded_by(reason: str) -> bool:
+        found = condition(get(cluster, namespace, "md", "iris"), "Degraded")
+        return found is not None and found["status"] == "True" and found["reason"] == reason
+
+    wait_for("stable Degraded: its model is gone", lambda: degraded_by("ModelFetchFailed"), 180)
+    assert not answering(address)
+
+    roll_to(cluster, namespace, "2")
+    with SteadyLoad(address) as load:
+        wait_for(
+            "the canary analysed while stable is broken",
+            lambda: (md_status(cluster, namespace).get("canary") or {}).get("passedChecks", 0) >= 1,
+            timeout=240,
+        )
+        wait_for("version 2 promoted", lambda: promoted(cluster, namespace, "2"), timeout=240)
+        wait_for("iris Ready", lambda: ready(cluster, namespace), timeout=180)
+        served = len(load.outcomes)
+        wait_for("20 answers after promotion", lambda: len(load.outcomes) >= served + 20)
+    assert [h["result"] for h in md_status(cluster, namespace)["history"]] == ["Promoted"]
+    assert all(o.ok and o.version == "2" for o in load.outcomes[served:])
+    assert any(o.ok for o in load.outcomes[:served])  # the canary served before promotion
+    found = condition(get(cluster, namespace, "md", "iris"), "Degraded")
+    assert found is not None
+    assert found["status"] == "False", found
