@@ -60,22 +60,31 @@ def manual_canary(**rollout: Any) -> dict[str, Any]:
 
 
 class StatusRecorder:
-    """Watches the namespace's ModelDeployments in a thread and keeps every version the API
-    server sends (each write is an event, so no transition can fall between two looks):
-    (monotonic time, generation, status) of ``NAME``."""
+    """Watches the namespace's ModelDeployments (or ``kind``) in a thread and keeps every
+    version the API server sends (each write is an event, so no transition can fall between
+    two looks): (monotonic time, generation, status) of ``name`` in ``seen``, and the
+    objects in ``objects``."""
 
-    def __init__(self, cluster: Cluster, namespace: str) -> None:
+    def __init__(
+        self,
+        cluster: Cluster,
+        namespace: str,
+        kind: tuple[str, str] = (API_VERSION, KIND),
+        name: str = NAME,
+    ) -> None:
         self.seen: list[tuple[float, int, dict[str, Any]]] = []
+        self.objects: list[dict[str, Any]] = []
         api = KubernetesApi(load_api_client(str(cluster.state.kubeconfig)))
         self._stop = threading.Event()
-        _, version = api.list_all(API_VERSION, KIND, namespace)
+        api_version, kind_name = kind
+        _, version = api.list_all(api_version, kind_name, namespace)
 
         def run() -> None:
             nonlocal version
             while not self._stop.is_set():
                 events = api.watch(
-                    API_VERSION,
-                    KIND,
+                    api_version,
+                    kind_name,
                     namespace,
                     selector="",
                     resource_version=version,
@@ -85,9 +94,10 @@ class StatusRecorder:
                 for event in events:
                     obj, meta = event["object"], event["object"].get("metadata") or {}
                     version = meta.get("resourceVersion") or version  # bookmarks too
-                    if event["type"] in ("ADDED", "MODIFIED") and meta.get("name") == NAME:
+                    if event["type"] in ("ADDED", "MODIFIED") and meta.get("name") == name:
                         generation = int(meta.get("generation", 0))
                         self.seen.append((time.monotonic(), generation, obj.get("status", {})))
+                        self.objects.append(obj)
                     if self._stop.is_set():
                         return
 

@@ -170,6 +170,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default=int(os.environ[faults.ENVIRONMENT]) if os.environ.get(faults.ENVIRONMENT) else None,
         help=argparse.SUPPRESS,  # tests only (k8s/faults.py): exit before write N+1
     )
+    parser.add_argument(
+        "--watch-server",
+        default=None,
+        help=argparse.SUPPRESS,  # tests only (k8s/faults.py): kopf's watch through a relay
+    )
     election = parser.add_argument_group("leader election (a coordination.k8s.io/v1 Lease)")
     election.add_argument(
         "--leader-elect",
@@ -430,7 +435,7 @@ async def run(args: argparse.Namespace, logger: logging.Logger) -> int:
                 reconciler,
                 ctx,
                 namespaces=tuple(args.namespace),
-                connection=connection_of(api_client),
+                connection=faults.watch_connection(connection_of(api_client), args.watch_server),
                 stop=stop,
                 timing=watch_timing(args),
             )

@@ -26,7 +26,7 @@ from kubernetes import config as k8s_config
 from localcluster import Cluster
 from localcluster.faultproxy import FaultProxy, upstream_of
 from localcluster.operator import OperatorProcess, metric_sum
-from rollout_support import manual_canary, md_status, start_canary
+from rollout_support import StatusRecorder, manual_canary, md_status, start_canary
 from support import cpu_model, get, start_scoped_operator, token_kubeconfig, wait_for
 
 pytestmark = pytest.mark.cluster
@@ -511,3 +511,81 @@ def test_throttled_by_priority_and_fairness_the_operator_waits_and_converges(
     throttled = metric_sum(process.metrics(), "modeldeploy_api_requests_total", code="429")
     print(f"load answers {load.answers}; the operator was refused {throttled:.0f} times")
     assert process.running
+
+
+LAG = 15.0  # under the inactivity timeout (25 s): kopf's watch is behind, not silent
+
+
+def test_a_lagging_watch_never_takes_the_operator_back_to_an_older_generation(
+    cluster: Cluster,
+    own_operator: list[OperatorProcess],
+    proxy: FaultProxy,
+    namespace: str,
+    tmp_path: Path,
+) -> None:
+    """Case #4. kopf's connection (the ModelDeployment watch) goes through the relay, the
+    operator's own client does not. The relay starts to hold what the API server sends for
+    15 s; meanwhile another client makes two changes (generations 2 and 3) and deletes the
+    model's pod, so the operator has a status to write (readyReplicas) while its watch still
+    shows generation 1: that write is refused (409, it is preconditioned on the version it
+    decided from), and the operator reads the object again and carries out generation 3. Then
+    the watch delivers generations 2 and 3, late. Every version of the ModelDeployment and of
+    its Deployment is recorded from a watch of our own: the status's observedGeneration never
+    goes down, and once the Deployment has generation 3's replicas it never has another count
+    until generation 4, which (nothing else revealing it) waits for the late watch."""
+    process = start_operator(
+        own_operator, cluster, namespace, tmp_path / "operator.log",
+        f"--watch-server=https://{proxy.address}",
+    )  # fmt: skip
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", stdin=json.dumps(cpu_model("resnet50")))
+    wait_for(
+        "generation 1 observed",
+        lambda: (
+            md_status(cluster, namespace).get("observedGeneration") == 1
+            and md_status(cluster, namespace).get("readyReplicas") == 1
+        ),
+    )
+    statuses = StatusRecorder(cluster, namespace)
+    deployments = StatusRecorder(cluster, namespace, ("apps/v1", "Deployment"), "resnet50-stable")
+    try:
+        proxy.lag(LAG)
+        lagging = time.monotonic()
+        scale(cluster, namespace, "resnet50", 2)
+        scale(cluster, namespace, "resnet50", 3)
+        cluster.kubectl("delete", "pods", "-n", namespace, "--all", "--wait=false")
+        wait_for(
+            "generation 3 carried out",
+            lambda: (
+                replicas(cluster, namespace, "resnet50-stable") == 3
+                and md_status(cluster, namespace).get("observedGeneration") == 3
+            ),
+            timeout=LAG + 30,
+        )
+        print(f"generation 3 carried out {time.monotonic() - lagging:.1f} s after the lag began")
+        # The late events arrive and are handled; then a while more for any resync.
+        time.sleep(max(0.0, lagging + LAG + 8 - time.monotonic()))
+        # The watch really is behind: a change with nothing else to reveal it waits for it.
+        changed = time.monotonic()
+        scale(cluster, namespace, "resnet50", 4)
+        time.sleep(LAG / 2)
+        assert replicas(cluster, namespace, "resnet50-stable") == 3
+        wait_for(
+            "generation 4, once the watch brings it",
+            lambda: replicas(cluster, namespace, "resnet50-stable") == 4,
+            timeout=LAG + 20,
+        )
+        late = time.monotonic() - changed
+        print(f"generation 4 carried out {late:.1f} s after the change")
+        assert late >= LAG - 1
+    finally:
+        statuses.stop()
+        deployments.stop()
+    assert process.running
+    # Generation 3 came early because a status write from generation 1's view was refused.
+    assert metric_sum(process.metrics(), "modeldeploy_api_requests_total", code="409") >= 1
+    observed = [s.get("observedGeneration", 0) for _, _, s in statuses.seen]
+    assert observed == sorted(observed), f"observedGeneration went down: {observed}"
+    counts = [int(d["spec"]["replicas"]) for d in deployments.objects]
+    after = counts[counts.index(3) : counts.index(4)]
+    assert after == [3] * len(after), f"the Deployment's replicas after 3: {counts}"
+    assert counts[counts.index(4) :] == [4] * len(counts[counts.index(4) :]), counts

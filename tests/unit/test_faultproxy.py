@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -113,3 +114,21 @@ def test_the_kubeconfig_points_every_cluster_at_the_relay(
     target = relay.kubeconfig(source, tmp_path / "through")
     assert upstream_of(source) == ("127.0.0.1", 6443)
     assert upstream_of(target) == ("127.0.0.1", relay.port)
+
+
+def test_a_lag_delays_what_the_server_sends_in_order_and_can_end(relay: FaultProxy) -> None:
+    with connect(relay) as conn:
+        relay.lag(1.0)
+        sent = time.monotonic()
+        conn.sendall(b"one")
+        with pytest.raises(TimeoutError):
+            conn.recv(100)  # 0.5 s: not yet
+        conn.settimeout(2)
+        got = b""
+        while len(got) < 3:
+            got += conn.recv(100)
+        assert got == b"one"
+        assert time.monotonic() - sent >= 1.0
+        relay.lag(0)
+        conn.sendall(b"two")
+        assert conn.recv(100) == b"two"

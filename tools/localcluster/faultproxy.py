@@ -9,6 +9,8 @@ The bytes pass through untouched (TLS end to end: the API server's certificate n
   upstream: nothing the client sends arrives, nothing comes back.
 - ``heal()``: new connections pass again (the silenced ones stay dead; the client must notice).
 - ``reset()``: every open connection is closed at once (RST), as an API server restart does.
+- ``lag(seconds)``: what the API server sends reaches the client ``seconds`` late, in order,
+  on every connection (a watch that runs behind); what the client sends passes at once.
 
 It runs an asyncio loop in a daemon thread; ``close()`` ends it and every connection.
 """
@@ -20,6 +22,7 @@ import contextlib
 import socket
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +51,7 @@ class FaultProxy:
         self.accepted = 0  # connections, for tests that want to see traffic went through
         self._links: set[_Link] = set()
         self._partitioned = False
+        self._lag = 0.0  # seconds the API server's bytes wait before the client gets them
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server: asyncio.Server | None = None
@@ -71,9 +75,14 @@ class FaultProxy:
 
     def heal(self) -> None:
         self._partitioned = False
+        self._lag = 0.0  # seconds the API server's bytes wait before the client gets them
 
     def reset(self) -> None:
         self._call(self._reset())
+
+    def lag(self, seconds: float) -> None:
+        """From now on, hold what the API server sends for ``seconds`` (0: no more)."""
+        self._lag = seconds
 
     @property
     def address(self) -> str:
@@ -107,34 +116,59 @@ class FaultProxy:
             up_reader, link.upstream = await asyncio.open_connection(*self.upstream)
             link.flowing.set()
             await asyncio.gather(
-                self._pump(reader, link.upstream, link), self._pump(up_reader, writer, link)
+                self._pump(reader, link.upstream, link),
+                self._pump(up_reader, writer, link, lambda: self._lag),
             )
-        except (OSError, asyncio.IncompleteReadError):
-            pass
+        except (OSError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            pass  # cancelled: close() ends the relay (re-raising only logs noise)
         finally:
             self._links.discard(link)
             for end in (writer, link.upstream):
                 if end is not None:
                     end.close()
 
-    @staticmethod
-    async def _pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter, link: _Link) -> None:
-        """Copy one direction. A stall holds everything that comes while it lasts: data, the
-        end of the stream, a reset; none reaches the other side."""
-        while True:
-            await link.flowing.wait()
-            try:
-                data = await source.read(CHUNK)
-            except OSError:
+    async def _pump(
+        self,
+        source: asyncio.StreamReader,
+        sink: asyncio.StreamWriter,
+        link: _Link,
+        lag: Callable[[], float] = lambda: 0.0,
+    ) -> None:
+        """Copy one direction, each chunk ``lag()`` seconds after it came (the lag when it
+        came), in order. A stall holds everything that comes while it lasts: data, the end of
+        the stream, a reset; none reaches the other side."""
+        loop = asyncio.get_running_loop()
+        held: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+        async def deliver() -> None:
+            while True:
+                due, data = await held.get()
+                if (wait := due - loop.time()) > 0:
+                    await asyncio.sleep(wait)
                 await link.flowing.wait()
-                raise
-            await link.flowing.wait()
-            if not data:
-                with contextlib.suppress(OSError):
-                    sink.write_eof()
-                return
-            sink.write(data)
-            await sink.drain()
+                if not data:
+                    with contextlib.suppress(OSError):
+                        sink.write_eof()
+                    return
+                sink.write(data)
+                await sink.drain()
+
+        delivering = asyncio.ensure_future(deliver())
+        try:
+            while True:
+                await link.flowing.wait()
+                try:
+                    data = await source.read(CHUNK)
+                except OSError:
+                    await link.flowing.wait()
+                    raise
+                await link.flowing.wait()
+                held.put_nowait((loop.time() + lag(), data))
+                if not data:
+                    break
+            await delivering
+        finally:
+            delivering.cancel()
 
     async def _silence(self) -> None:
         for link in self._links:
