@@ -94,6 +94,11 @@ bench-rollout: toolchain ## Fault to 0 % canary traffic at 5 s and 30 s analysis
 soak: toolchain ## 500 ModelDeployments under random faults (SOAK_SECONDS, default 1800), then invariants
 	PYTHONPATH=$(CURDIR)/tools:$(CURDIR)/tests $(PYTHON) bench/soak.py --seconds=$(SOAK_SECONDS) $(SOAK_ARGS)
 
+.PHONY: soak-short
+soak-short: toolchain ## The soak's 5-minute form (make test runs it); figures to $TMPDIR/modeldeploy-soak-short.md
+	PYTHONPATH=$(CURDIR)/tools:$(CURDIR)/tests $(PYTHON) bench/soak.py --seconds=300 \
+	  --output="$${TMPDIR:-/tmp}/modeldeploy-soak-short.md" $(SOAK_ARGS)
+
 ##@ Generated files
 .PHONY: crds
 crds: ## Regenerate crds/ (and the chart's copy and Prometheus Adapter rules) from the Python models
@@ -139,6 +144,7 @@ test: ## Everything, on a fresh machine too: dependencies, lint, types, unit, cl
 	&& $(STAGE) "images" $(LOCALCLUSTER) images >/dev/null \
 	&& $(STAGE) "unit, Triton and Prometheus tests" $(PYTHON) -m pytest -m "not cluster" $(PYTEST_ARGS) \
 	&& $(STAGE) "cluster and real-pod tests" $(PYTHON) -m pytest -m cluster $(PYTEST_ARGS) \
+	&& $(STAGE) "soak, short form" $(MAKE) --no-print-directory soak-short \
 	&& echo "==> make test: done in $$(($$(date +%s) - started))s"
 
 .PHONY: fmt
