@@ -14,6 +14,7 @@ def looks(h: Harness, since: int) -> list[str]:
 
 
 LOOKS = ("exists", "events_of")
+OTHER = {"name": "x"}  # a ConfigMap that does not exist
 
 
 def secret(name: str) -> dict[str, object]:
@@ -91,7 +92,7 @@ def test_references_at_rest_cost_no_request() -> None:
         "ModelDeployment",
         NAMESPACE,
         "iris",
-        {"spec": {"monitoring": {"runtime": {"referenceProfile": {"configMapRef": {"name": "x"}}}}}},
+        {"spec": {"monitoring": {"runtime": {"referenceProfile": {"configMapRef": OTHER}}}}},
     )
     since = len(h.api.calls)
     h.reconcile()
