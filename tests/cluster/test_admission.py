@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 from collections.abc import Iterator
 from typing import Any, cast
 
@@ -111,8 +112,10 @@ def test_in_a_namespace_that_requires_digests_unpinned_models_and_images_are_ref
     def refused(manifest: dict[str, Any]) -> str:
         manifest = copy.deepcopy(manifest)
         manifest["metadata"]["name"] += "-2"
-        # A new policy takes a moment to reach the API server's admission chain.
-        for _ in range(50):
+        # A new policy, and a namespace's new label, take a moment to reach the API server's
+        # admission chain (its informers): on a cluster that just started, seconds.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
             status, message = submit(api, namespace, manifest)
             if status == 422:
                 return message
@@ -120,7 +123,8 @@ def test_in_a_namespace_that_requires_digests_unpinned_models_and_images_are_ref
             api.delete_namespaced_custom_object(
                 GROUP, VERSION, namespace, PLURAL, manifest["metadata"]["name"]
             )
-        raise AssertionError("the policy never refused it")
+            time.sleep(0.2)
+        raise AssertionError("the policy never refused it in 30 s")
 
     message = refused(unpinned)
     assert "spec.model.digest" in message, message
