@@ -526,11 +526,12 @@ def test_a_lagging_watch_never_takes_the_operator_back_to_an_older_generation(
     """Case #4. kopf's connection (the ModelDeployment watch) goes through the relay, the
     operator's own client does not. The relay starts to hold what the API server sends for
     15 s; meanwhile another client makes two changes (generations 2 and 3) and deletes the
-    model's pod, so the operator has a status to write (readyReplicas) while its watch still
-    shows generation 1: that write is refused (409, it is preconditioned on the version it
-    decided from), and the operator reads the object again and carries out generation 3. Then
-    the watch delivers generations 2 and 3, late. Every version of the ModelDeployment and of
-    its Deployment is recorded from a watch of our own: the status's observedGeneration never
+    model's Deployment, so the operator has a status to write while its watch still shows
+    generation 1: that write is refused (409, it is preconditioned on the version it decided
+    from), and the operator reads the object again and carries out generation 3, the
+    Deployment recreated with generation 3's replicas, never generation 1's. Then the watch
+    delivers generations 2 and 3, late. Every version of the ModelDeployment and of its
+    Deployment is recorded from a watch of our own: the status's observedGeneration never
     goes down, and once the Deployment has generation 3's replicas it never has another count
     until generation 4, which (nothing else revealing it) waits for the late watch."""
     process = start_operator(
@@ -552,7 +553,9 @@ def test_a_lagging_watch_never_takes_the_operator_back_to_an_older_generation(
         lagging = time.monotonic()
         scale(cluster, namespace, "resnet50", 2)
         scale(cluster, namespace, "resnet50", 3)
-        cluster.kubectl("delete", "pods", "-n", namespace, "--all", "--wait=false")
+        first = get(cluster, namespace, "deployment", "resnet50-stable")
+        assert first is not None
+        cluster.kubectl("delete", "deployment", "-n", namespace, "resnet50-stable")
         wait_for(
             "generation 3 carried out",
             lambda: (
@@ -561,9 +564,21 @@ def test_a_lagging_watch_never_takes_the_operator_back_to_an_older_generation(
             ),
             timeout=LAG + 30,
         )
-        print(f"generation 3 carried out {time.monotonic() - lagging:.1f} s after the lag began")
-        # The late events arrive and are handled; then a while more for any resync.
-        time.sleep(max(0.0, lagging + LAG + 8 - time.monotonic()))
+        early = time.monotonic() - lagging
+        print(f"generation 3 carried out {early:.1f} s after the lag began")
+        assert early < LAG - 2, "carried out only when the late watch brought it"
+        # The late events arrive and are handled. Then quiet for longer than the lag: the
+        # operator's own writes have come back through the watch (until they do, a pass
+        # reads the object from the API server, which would reveal the next change).
+        wait_for(
+            "the status quiet for longer than the lag",
+            lambda: (
+                time.monotonic() - lagging > LAG
+                and md_status(cluster, namespace).get("readyReplicas") == 3
+                and time.monotonic() - statuses.seen[-1][0] > LAG + 3
+            ),
+            timeout=LAG * 3 + 30,
+        )
         # The watch really is behind: a change with nothing else to reveal it waits for it.
         changed = time.monotonic()
         scale(cluster, namespace, "resnet50", 4)
@@ -585,6 +600,12 @@ def test_a_lagging_watch_never_takes_the_operator_back_to_an_older_generation(
     assert metric_sum(process.metrics(), "modeldeploy_api_requests_total", code="409") >= 1
     observed = [s.get("observedGeneration", 0) for _, _, s in statuses.seen]
     assert observed == sorted(observed), f"observedGeneration went down: {observed}"
+    recreated = [
+        int(d["spec"]["replicas"])
+        for d in deployments.objects
+        if d["metadata"]["uid"] != first["metadata"]["uid"]
+    ]
+    assert recreated[0] == 3, f"recreated from an older generation: {recreated}"
     counts = [int(d["spec"]["replicas"]) for d in deployments.objects]
     after = counts[counts.index(3) : counts.index(4)]
     assert after == [3] * len(after), f"the Deployment's replicas after 3: {counts}"

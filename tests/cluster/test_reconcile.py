@@ -316,9 +316,11 @@ def test_hand_edits_of_what_the_operator_sets_are_taken_back_within_10s(
         {"op": op, "path": f"/spec/template/spec{path}", "value": value}
         for op, path, value in EDITS
     ]
-    cluster.kubectl("patch", "deployment", "resnet50-stable", "-n", namespace, "--type=json",
-                    "-p", json.dumps(patch))  # fmt: skip
-    edited = get(cluster, namespace, "deployment", "resnet50-stable") or {}
+    # The patch's answer: a get after it may already see the operator's take-back.
+    edited = json.loads(
+        cluster.kubectl("patch", "deployment", "resnet50-stable", "-n", namespace,
+                        "--type=json", "-p", json.dumps(patch), "-o", "json").stdout
+    )  # fmt: skip
     assert edited["spec"]["template"]["spec"] != template  # the edits landed
 
     def taken_back() -> dict[str, Any] | None:
