@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from localcluster import Cluster, ClusterState, Toolchain
+from localcluster.dataplane import OPERATOR_NAMESPACE, RELEASE, uninstall_operator
 from localcluster.operator import OperatorProcess
 from localcluster.realnode import RealNodeSpec
 
@@ -75,7 +76,16 @@ def operator(
 ) -> Iterator[OperatorProcess]:
     """The operator as a real process, watching every namespace; its log is in the tmp dir.
     Short Lease timings: tests that SIGKILL it wait for its Lease to run out (5 s, not 15 s);
-    the high-availability tests run the defaults."""
+    the high-availability tests run the defaults. A chart operator left running on a reused
+    cluster (``make demo`` leaves one) is uninstalled first: it would reconcile every test's
+    namespace beside this one."""
+    if (
+        cluster.kubectl(
+            "get", "deployment", "-n", OPERATOR_NAMESPACE, RELEASE, check=False
+        ).returncode
+        == 0
+    ):
+        uninstall_operator(cluster)
     process = OperatorProcess(
         cluster,
         tmp_path_factory.mktemp("operator") / "operator.log",
