@@ -45,6 +45,19 @@ def api_for(url: str, timeout: tuple[float, float]) -> KubernetesApi:
     return KubernetesApi(k8s.ApiClient(k8s.Configuration(host=url)), timeout=timeout)
 
 
+def pod_watch(api: KubernetesApi) -> Iterator[dict[str, Any]]:
+    """A watch of pods that counts 1 s without a byte as a stall."""
+    return api.watch(
+        "v1",
+        "Pod",
+        "ns",
+        selector="",
+        resource_version="1",
+        timeout_seconds=300,
+        inactivity_seconds=1.0,
+    )
+
+
 def within(limit: float, call: Callable[[], Any]) -> tuple[BaseException | None, float]:
     """Run ``call`` in a thread; fail (instead of hanging the test run) past ``limit``."""
     started = time.monotonic()
@@ -92,15 +105,7 @@ def test_a_watch_stream_that_goes_silent_is_a_stall_within_the_inactivity_timeou
     seen: list[dict[str, Any]] = []
     with local_server(one_event_then_silence) as url:
         api = api_for(url, (0.5, 0.5))
-        events = api.watch(
-            "v1",
-            "Pod",
-            "ns",
-            selector="",
-            resource_version="1",
-            timeout_seconds=300,
-            inactivity_seconds=1.0,
-        )
+        events = pod_watch(api)
         error, took = within(10, lambda: seen.extend(events))
     for conn in held:
         conn.close()
@@ -294,12 +299,11 @@ def test_a_timed_out_write_closes_the_other_idle_connections_too(silencing: str)
     api = api_for(silencing, (0.5, 0.5))
     pool_two_connections(api)
     Silencing.silence.set()
-    error, took = within(10, lambda: api.patch_status("ns", "m", {"phase": "Pending"}))
+    error, _ = within(10, lambda: api.patch_status("ns", "m", {"phase": "Pending"}))
     assert isinstance(error, ApiError), error
     assert (error.status, error.reason) == (0, "Timeout")
-    for error, took in two_writes_at_once(api):
-        assert error is None, error
-        assert took < 0.5 + 0.4  # answered, not timed out
+    for error, _ in two_writes_at_once(api):
+        assert error is None, error  # answered: a silenced connection would time out
     assert Silencing.connections == 4
 
 
@@ -308,19 +312,10 @@ def test_a_silent_watch_closes_the_idle_connections(silencing: str) -> None:
     by the same cause, are not used for the next write."""
     api = api_for(silencing, (0.5, 0.5))
     pool_two_connections(api)
-    events = api.watch(
-        "v1",
-        "Pod",
-        "ns",
-        selector="",
-        resource_version="1",
-        timeout_seconds=300,
-        inactivity_seconds=1.0,
-    )
+    events = pod_watch(api)
     Silencing.silence.set()
     error, _ = within(10, lambda: list(events))
     assert isinstance(error, WatchStalled), error
-    for error, took in two_writes_at_once(api):
-        assert error is None, error
-        assert took < 0.5 + 0.4
+    for error, _ in two_writes_at_once(api):
+        assert error is None, error  # answered: a silenced connection would time out
     assert Silencing.connections == 4
