@@ -106,6 +106,7 @@ class Request:
     reserved: int = 0  # bytes taken from the ByteBudget, given back by ``release``
     route: object = None  # what ``admit`` decided, for the proxy
     client: str = ""  # who sent it: a key's salted hash, or the peer's address
+    credentials: list[tuple[bytes, bytes]] = field(default_factory=list)  # taken off the head
 
     def header(self, name: bytes) -> bytes | None:
         for key, value in self.headers:

@@ -37,6 +37,7 @@ from modeldeploy_runtime.http1 import (
 from modeldeploy_runtime.metrics import RuntimeMetrics
 from modeldeploy_runtime.routes import Kind, Route, admin_refused, http_route
 from modeldeploy_runtime.settings import RuntimeSettings
+from modeldeploy_runtime.shadow import Copy, Mirror, MirrorFailure, ShadowConfig, mirrored_request
 
 LINGER_SECONDS = 2.0
 COALESCE_BYTES = 64 * 1024  # a request body up to this is sent with its head in one write
@@ -217,10 +218,18 @@ def coarsened(coarsener: Coarsener, relay: Relay, route: Route) -> bytes:
 
 
 class Upstream:
-    """One keep-alive connection to Triton, opened lazily and reopened when it breaks."""
+    """One keep-alive connection to Triton (or, for the mirror, to a canary pod's sidecar at
+    ``address``), opened lazily and reopened when it breaks."""
 
-    def __init__(self, settings: RuntimeSettings) -> None:
+    def __init__(
+        self,
+        settings: RuntimeSettings,
+        address: tuple[str, int] | None = None,
+        timeout: float | None = None,
+    ) -> None:
         self._settings = settings
+        self._address = address or settings.upstream_host_port()
+        self._timeout = timeout or settings.upstream_timeout_seconds
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
 
@@ -251,7 +260,7 @@ class Upstream:
 
     async def _relay(self, reader: asyncio.StreamReader, relay: Relay) -> None:
         try:
-            async with asyncio.timeout(self._settings.upstream_timeout_seconds):
+            async with asyncio.timeout(self._timeout):
                 while not relay.done:
                     data = await reader.read(READ_SIZE)
                     if not data:
@@ -261,9 +270,8 @@ class Upstream:
                     await relay.client.drain()  # back-pressure from the client
         except TimeoutError as error:
             self.close()
-            limit = self._settings.upstream_timeout_seconds
             raise UpstreamError(
-                504, "timeout", f"Triton did not answer within {limit:g}s"
+                504, "timeout", f"Triton did not answer within {self._timeout:g}s"
             ) from error
         except UpstreamError:
             self.close()
@@ -274,7 +282,7 @@ class Upstream:
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         if self._reader is not None and self._writer is not None:
             return self._reader, self._writer
-        host, port = self._settings.upstream_host_port()
+        host, port = self._address
         try:
             async with asyncio.timeout(self._settings.connect_timeout_seconds):
                 self._reader, self._writer = await asyncio.open_connection(host, port)
@@ -303,6 +311,26 @@ class Upstream:
         self._reader = self._writer = None
 
 
+class MirrorConnection:
+    """The mirror's connection to one canary pod's sidecar: a copy sent, its whole answer
+    kept, failures told apart (shadow.MirrorFailure)."""
+
+    def __init__(self, settings: RuntimeSettings, address: tuple[str, int]) -> None:
+        self._upstream = Upstream(settings, address, settings.shadow_timeout_seconds)
+
+    async def send(self, request: Request) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        relay = Relay(_Discard(), http10=False, keep=True)
+        try:
+            await self._upstream.exchange(request, relay)
+        except UpstreamError as error:
+            result = {"connect": "unreachable", "timeout": "timeout"}.get(error.reason, "error")
+            raise MirrorFailure(result, error.message) from error
+        return relay.status, relay.headers, relay.body
+
+    def close(self) -> None:
+        self._upstream.close()
+
+
 class _Discard:
     """A client writer that drops what it is given."""
 
@@ -322,18 +350,21 @@ class Connections:
 
 
 class HttpProxy:
-    def __init__(
+    def __init__(  # noqa: PLR0913 - settings and metrics; the rest optional, by keyword
         self,
         settings: RuntimeSettings,
         metrics: RuntimeMetrics,
+        *,
         sampler: Sampler | None = None,
         rng: Callable[[], float] = random.random,
         access: AccessControl | None = None,
         budget: ByteBudget | None = None,
         coarsener: Coarsener | None = None,
+        mirror: Mirror | None = None,
     ) -> None:
         self.settings = settings
         self.coarsener = coarsener
+        self.mirror = mirror
         self.metrics = metrics
         self.sampler = sampler
         self.rng = rng
@@ -408,6 +439,7 @@ class HttpProxy:
             request.client = self.access.check(
                 request.headers, peer, self.metrics, limited=route.kind is Kind.INFER
             )
+            request.credentials = [(k, v) for k, v in request.headers if k in CREDENTIAL_HEADERS]
             request.headers = [(k, v) for k, v in request.headers if k not in CREDENTIAL_HEADERS]
 
     async def _serve(
@@ -422,8 +454,14 @@ class HttpProxy:
             and self.sampler is not None
             and self.rng() < self.settings.sample_rate
         )
+        shadow = (
+            self.mirror.sample(self.rng())
+            if self.mirror is not None and measured and route.action == "infer"
+            else None
+        )
         coarsener = self.coarsener if route.action in ("infer", "generate") else None
-        relay = Relay(writer, http10=request.http10, keep=sampled, hold=bool(coarsener))
+        keep = sampled or shadow is not None
+        relay = Relay(writer, http10=request.http10, keep=keep, hold=bool(coarsener))
         if measured:
             self.metrics.in_flight_track.inc()
         try:
@@ -444,7 +482,25 @@ class HttpProxy:
                 self.metrics.in_flight_track.dec()
         if measured:
             self._observe(request, route, relay, code, sampled)
+        if shadow is not None and code == "200" and self.mirror is not None:
+            self._mirror(request, route, relay, shadow)
         return request.keep_alive and not relay.close_client
+
+    def _mirror(self, request: Request, route: Route, relay: Relay, config: ShadowConfig) -> None:
+        """Hand a copy to the mirror, after the client has its answer. Stable's answer is
+        compared as the client saw it: coarsened, when outputs are (the canary's are too)."""
+        headers, body = relay.headers, relay.body
+        if self.coarsener is not None:
+            headers, body = self.coarsener.http(headers, body, route.action)
+        cast(Mirror, self.mirror).submit(
+            Copy(
+                mirrored_request(request, request.credentials),
+                headers,
+                body,
+                time.perf_counter() - request.received,
+                config,
+            )
+        )
 
     def _observe(
         self, request: Request, route: Route, relay: Relay, code: str, sampled: bool

@@ -28,8 +28,9 @@ from modeldeploy_runtime.drift_monitor import DriftMonitor
 from modeldeploy_runtime.grpc_proxy import GrpcProxy
 from modeldeploy_runtime.http1 import ByteBudget, ProtocolError, RequestParser
 from modeldeploy_runtime.metrics import BudgetCollector, RuntimeMetrics
-from modeldeploy_runtime.proxy import HttpProxy, Upstream, UpstreamError
+from modeldeploy_runtime.proxy import HttpProxy, MirrorConnection, Upstream, UpstreamError
 from modeldeploy_runtime.settings import RuntimeSettings
+from modeldeploy_runtime.shadow import Mirror, ShadowFile, ShadowMetrics
 from modeldeploy_runtime.triton_stats import StatsPoller
 
 LOG = logging.getLogger("modeldeploy.runtime")
@@ -173,12 +174,21 @@ async def serve(settings: RuntimeSettings, stop: asyncio.Event | None = None) ->
     if access is not None and access.budget is not None:
         metrics.registry.register(BudgetCollector(access.budget.used, settings.track))
     coarsener = Coarsener(parse_rules(settings.coarsen_outputs))
+    mirror = None
+    if settings.shadow_file is not None:
+        mirror = Mirror(
+            ShadowFile(settings.shadow_file),
+            ShadowMetrics(metrics.registry),
+            lambda address: MirrorConnection(settings, address),
+            queue_size=settings.shadow_queue_size,
+        )
     proxy = HttpProxy(
         settings,
         metrics,
         sampler=monitor.submit if monitor else None,
         access=access,
         coarsener=coarsener,
+        mirror=mirror,
     )
     admin = AdminServer(settings, metrics)
     stop = stop or asyncio.Event()
@@ -217,6 +227,8 @@ async def serve(settings: RuntimeSettings, stop: asyncio.Event | None = None) ->
     grpc_server.add_insecure_port(f"{settings.bind_address}:{settings.grpc_port}")
     await grpc_server.start()
     tasks = []
+    if mirror is not None:
+        tasks.append(asyncio.create_task(mirror.run(stop)))
     if settings.model:
         poller = StatsPoller(settings, metrics.registry, settings.stats_interval_seconds)
         tasks.append(asyncio.create_task(poller.run(stop)))

@@ -66,6 +66,11 @@ class RuntimeSettings(BaseSettings):
     query_budget: str | None = Field(
         None, pattern=r"^[1-9][0-9]*/[1-9][0-9]*[smhd]$", description="per client, e.g. 10000/24h"
     )
+    shadow_file: Path | None = Field(
+        None, description="shadow steps: the canary to copy requests to (written by the operator)"
+    )
+    shadow_timeout_seconds: float = Field(10.0, gt=0, description="for a canary's mirrored answer")
+    shadow_queue_size: int = Field(64, gt=0, description="copies waiting to be sent; more drop")
     budget_file: Path | None = Field(
         None, description="clients over budget across replicas (JSON, written by the operator)"
     )
