@@ -25,12 +25,13 @@ from modeldeploy_operator.api.v1alpha1 import (
     ModelDeploymentStatus,
 )
 from modeldeploy_operator.autoscaling import AUTOSCALER_MANAGER
+from modeldeploy_operator.builders.deployment import SERVING_GATE
 from modeldeploy_operator.cache import version_of
 from modeldeploy_operator.context import OperatorContext
 from modeldeploy_operator.drift import needs_apply, others_in_template
 from modeldeploy_operator.events import EventWrite, Similar
 from modeldeploy_operator.k8s.client import FIELD_MANAGER, ApiError
-from modeldeploy_operator.rollout.plan import COMMAND_ANNOTATION
+from modeldeploy_operator.rollout.plan import COMMAND_ANNOTATION, iso
 from modeldeploy_operator.status import EventSpec
 
 Json = dict[str, Any]
@@ -339,6 +340,32 @@ def post_event(
             ctx.events.gone(similar)  # expired (Events live an hour): post a new one
     name = ctx.api.emit_event(involved, event.type, event.reason, event.message)
     ctx.events.created(similar, name)
+
+
+def open_gates(md: ModelDeployment, pods: Sequence[str], ctx: OperatorContext) -> None:
+    """Let canary pods past the serving gate (``SERVING_GATE``): Ready, so Services send
+    them users. A refusal is logged; the pod stays out, and the next pass tries again."""
+    ns, key = md.metadata.namespace, f"{md.metadata.namespace}/{md.metadata.name}"
+    condition = {
+        "type": SERVING_GATE,
+        "status": "True",
+        "reason": "ShadowStepsPassed",
+        "message": "the rollout is past its shadow steps: this pod serves users",
+        "lastTransitionTime": iso(ctx.epoch()),
+    }
+    for pod in pods:
+        try:
+            ctx.api.set_pod_condition(ns, pod, condition)
+        except ApiError as failure:
+            if failure.status != 404:  # gone meanwhile: nothing to open
+                ctx.logger.warning(
+                    f"could not open the serving gate of pod {ns}/{pod}: {failure}",
+                    extra={"modeldeployment": key},
+                )
+            continue
+        ctx.logger.info(
+            f"Opened the serving gate of pod {ns}/{pod}", extra={"modeldeployment": key}
+        )
 
 
 def label_nodes(ctx: OperatorContext, labels: set[tuple[str, str]]) -> None:

@@ -10,6 +10,7 @@ they return; ``act`` writes.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from typing import Any
 from modeldeploy_operator.api.v1alpha1 import (
     API_VERSION,
     KIND,
+    AnalysisMetric,
     AnalysisResult,
     AutoscalingSpec,
     ModelDeployment,
@@ -40,10 +42,11 @@ from modeldeploy_operator.builders.labels import (
 )
 from modeldeploy_operator.context import OperatorContext, ReferencesChecked
 from modeldeploy_operator.k8s.client import ApiError
-from modeldeploy_operator.metrics.prometheus import ProviderError
+from modeldeploy_operator.metrics.prometheus import MetricsProvider, ProviderError
 from modeldeploy_operator.promql import (
     BUILTIN_QUERIES,
     IDLE_QUERY,
+    PER_OUTPUT,
     PER_REPLICA,
     TemplateError,
     budget_usage_query,
@@ -190,7 +193,7 @@ def unmounted_secrets(
     return frozenset(found)
 
 
-def measure(md: ModelDeployment, ctx: OperatorContext, now: float) -> Check:
+def measure(md: ModelDeployment, ctx: OperatorContext, now: float, revision: str = "") -> Check:
     """Run the canary's analysis queries once. Unreachable Prometheus, bad templates and
     "no data" are inconclusive, never success."""
     analysis = md.spec.rollout.analysis if md.spec.rollout else None
@@ -203,6 +206,7 @@ def measure(md: ModelDeployment, ctx: OperatorContext, now: float) -> Check:
         "interval": f"{max(int(interval), 1)}s",
         "namespace": md.metadata.namespace,
         "name": md.metadata.name,
+        "revision": revision,
     }
     measurements = []
     for metric in analysis.metrics:
@@ -210,6 +214,9 @@ def measure(md: ModelDeployment, ctx: OperatorContext, now: float) -> Check:
             if not url:
                 raise ProviderError("no Prometheus URL (spec.rollout.analysis.prometheus.url)")
             query = render_query(metric.query or BUILTIN_QUERIES[metric.builtin or ""], variables)
+            if metric.builtin in PER_OUTPUT:
+                measurements.append(worst_output(metric, ctx.metrics_provider(url), query))
+                continue
             value = ctx.metrics_provider(url).query(query)
             measurements.append(Measurement(metric.name, value, metric.min, metric.max))
         except (ProviderError, TemplateError, KeyError) as error:
@@ -225,6 +232,16 @@ def measure(md: ModelDeployment, ctx: OperatorContext, now: float) -> Check:
     )
     message = describe(decisive) if decisive else "all metrics within bounds"
     return Check(result, message, results, now)
+
+
+def worst_output(metric: AnalysisMetric, provider: MetricsProvider, query: str) -> Measurement:
+    """A per-output shadow metric: the output furthest past its bounds (the largest value;
+    NaN, an output with no rows in the window, is left out), named in the message."""
+    values = {k: v for k, v in provider.query_by(query, "output").items() if not math.isnan(v)}
+    if not values:
+        return Measurement(metric.name, None, metric.min, metric.max)
+    output, value = max(values.items(), key=lambda item: (item[1], item[0]))
+    return Measurement(metric.name, value, metric.min, metric.max, detail=f"output {output}")
 
 
 def scaling_readings(
@@ -320,7 +337,7 @@ def snapshot(
         command=requested(annotations),
     )
     if analysis_due(md, revision, world, now):
-        world = World(world.stable, world.canary, world.command, measure(md, ctx, now))
+        world = World(world.stable, world.canary, world.command, measure(md, ctx, now, revision))
     return Snapshot(
         stable=stable,
         canary=canary,

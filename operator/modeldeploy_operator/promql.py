@@ -43,7 +43,39 @@ BUILTIN_QUERIES: Mapping[str, str] = {
     ),
     "DriftScore": 'max(modeldeploy_runtime_drift_score{$selector, track="canary"})',
     "QueueTime": 'avg(modeldeploy_runtime_triton_queue_seconds{$selector, track="canary"})',
+    # Shadow steps: stable's sidecars compare the canary's answers with their own on the same
+    # mirrored requests ($revision: the canary's). Per output; the analysis takes the worst.
+    "OutputDisagreement": (
+        "sum by (output) (rate(modeldeploy_runtime_shadow_disagreements_total"
+        '{$selector, revision="$revision"}[$interval]))'
+        " / sum by (output) (rate(modeldeploy_runtime_shadow_rows_total"
+        '{$selector, revision="$revision"}[$interval]))'
+    ),
+    "OutputError": (
+        "sum by (output) (rate(modeldeploy_runtime_shadow_relative_error_total"
+        '{$selector, revision="$revision"}[$interval]))'
+        " / sum by (output) (rate(modeldeploy_runtime_shadow_rows_total"
+        '{$selector, revision="$revision"}[$interval]))'
+    ),
+    "ShadowLatencyRatio": (
+        "histogram_quantile(0.99, sum by (le) (rate("
+        "modeldeploy_runtime_shadow_duration_seconds_bucket"
+        '{$selector, revision="$revision", side="canary"}[$interval])))'
+        " / histogram_quantile(0.99, sum by (le) (rate("
+        "modeldeploy_runtime_shadow_duration_seconds_bucket"
+        '{$selector, revision="$revision", side="stable"}[$interval])))'
+    ),
+    # The canary's failures on inputs stable answered; unreachable and refused copies (a pod
+    # gone, the canary's door) are not the model's.
+    "ShadowErrorRatio": (
+        "(sum(rate(modeldeploy_runtime_shadow_requests_total"
+        '{$selector, revision="$revision", result=~"error|timeout"}[$interval])) or vector(0))'
+        " / sum(rate(modeldeploy_runtime_shadow_requests_total"
+        '{$selector, revision="$revision", result=~"compared|error|timeout"}[$interval]))'
+    ),
 }
+# Builtins measured per output: the worst one decides, and the message names it.
+PER_OUTPUT = ("OutputDisagreement", "OutputError")
 
 
 class TemplateError(ValueError):

@@ -26,6 +26,7 @@ from modeldeploy_operator.builders.deployment import BuildConfig, build_deployme
 from modeldeploy_operator.builders.labels import deployment_name, revision_of
 from modeldeploy_operator.builders.route import build_route, build_track_service, gateway_routing
 from modeldeploy_operator.builders.service import build_service
+from modeldeploy_operator.builders.shadow import build_shadow_configmap
 from modeldeploy_operator.cache import version_of
 from modeldeploy_operator.context import OperatorContext
 from modeldeploy_operator.k8s.client import ApiError
@@ -84,6 +85,15 @@ def children(
     desired.append(build_service(md))
     if budget_usage is not None:
         desired.append(build_budget_configmap(md, exhausted_clients(md, budget_usage)))
+    if md.spec.shadow_steps():
+        shadow = plan.shadow
+        desired.append(
+            build_shadow_configmap(
+                md, shadow.revision, shadow.version, shadow.percent, shadow.targets
+            )
+            if shadow is not None
+            else build_shadow_configmap(md, "", "", 0, ())
+        )
     routing = gateway_routing(md)
     if routing is not None:
         canary = plan.view.canary
@@ -237,6 +247,7 @@ def reconcile(body: Mapping[str, Any], ctx: OperatorContext) -> Outcome:
     if autoscaling.replicas is not None:
         act.scale_modeldeployment(md, autoscaling.replicas, wrote.version, ctx)
     applied, error, retry_in = carry_out(md, wanted, autoscaling.objects, seen.children, ctx, now)
+    act.open_gates(md, plan.admit, ctx)
     if ctx.build.model_cache_dir is not None:
         act.label_nodes(ctx, labels_to_add(seen.pods, frozenset(ctx.node_labels)))
     if autoscaling.evaluation is not None:  # carried out: the round counts

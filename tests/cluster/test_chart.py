@@ -41,6 +41,7 @@ ALLOWED = {
     "deployments.apps/scale": {"get", "patch", "update"},
     "services": {"get", "list", "watch", "create", "patch", "update", "delete"},
     "pods": {"get", "list", "watch"},
+    "pods/status": {"patch"},  # the serving gate of canary pods after shadow steps
     "configmaps": {"get", "create", "patch"},
     "events": {"create", "patch", "list"},
     "events.events.k8s.io": {"create", "patch"},

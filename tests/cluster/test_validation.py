@@ -158,6 +158,41 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
         "must be 'manual' or a duration",
     ),
     (
+        "step-weight-and-shadow",
+        rollout(steps=[{"weight": 10, "shadow": {"percent": 10}}]),
+        "spec.rollout.steps[0]",
+        "exactly one of weight or shadow",
+    ),
+    (
+        "step-neither-weight-nor-shadow",
+        rollout(steps=[{"pause": "1m"}]),
+        "spec.rollout.steps[0]",
+        "exactly one of weight or shadow",
+    ),
+    (
+        "shadow-after-weight",
+        rollout(steps=[{"weight": 10}, {"shadow": {"percent": 10}}]),
+        "spec.rollout.steps",
+        "shadow steps come before any weighted step",
+    ),
+    (
+        "shadow-percent-zero",
+        rollout(steps=[{"shadow": {"percent": 0}}]),
+        "spec.rollout.steps[0].shadow.percent",
+        "greater than or equal to 1",
+    ),
+    (
+        "shadow-without-sidecar",
+        {
+            "spec": {
+                "rollout": {"strategy": "Canary", "steps": [{"shadow": {"percent": 10}}]},
+                "monitoring": {"runtime": {"enabled": False}},
+            }
+        },
+        "spec.rollout.steps",
+        "needs spec.monitoring.runtime.enabled",
+    ),
+    (
         "steps-with-rolling",
         rollout(strategy="Rolling", steps=[{"weight": 10}]),
         "spec.rollout.steps",
@@ -478,6 +513,18 @@ def test_invalid_spec_is_rejected_naming_the_field(
 
 VALID = [
     ("analysis-every-second", rollout(analysis={"interval": "1s", **ONE_METRIC})),
+    (
+        "shadow-steps-then-weights",
+        rollout(
+            steps=[
+                {"shadow": {"percent": 5}, "pause": "1m"},
+                {"shadow": {"percent": 50}},
+                {"weight": 20},
+                {"weight": 100},
+            ]
+        ),
+    ),
+    ("shadow-steps-only", rollout(steps=[{"shadow": {"percent": 100}, "pause": "manual"}])),
     ("rolling-without-analysis", rollout(strategy="Rolling")),
     ("runtime-off-without-auth", {"spec": {"monitoring": {"runtime": {"enabled": False}}}}),
     ("replicas-under-autoscaling", {"spec": {"replicas": 3, **scaling()["spec"]}}),

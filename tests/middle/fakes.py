@@ -317,6 +317,16 @@ class FakeKubeApi:
         updated["status"] = merge_patch(before.get("status") or {}, dict(status))
         return self._store(key, updated, before)
 
+    def set_pod_condition(self, namespace: str, name: str, condition: Mapping[str, Any]) -> Json:
+        self._enter(Call("set_pod_condition", "Pod", namespace, name, dict(condition)))
+        key = self.key("v1", "Pod", namespace, name)
+        before = self._existing(key)
+        updated = copy.deepcopy(before)
+        status = updated.setdefault("status", {})
+        others = [c for c in status.get("conditions", []) if c.get("type") != condition["type"]]
+        status["conditions"] = [*others, dict(condition)]
+        return self._store(key, updated, before)
+
     def merge_patch(
         self,
         api_version: str,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -27,7 +28,7 @@ def shadow_file(tmp_path: Path, target: str, percent: float = 100) -> Path:
     return path
 
 
-def send(sidecar: Sidecar, count: int, binary: bool = False) -> list[np.ndarray]:
+def send(sidecar: Sidecar, count: int, binary: bool = False) -> list[Any]:
     client = httpclient.InferenceServerClient(sidecar.http)
     answers = []
     for i in range(count):

@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from modeldeploy_operator.api.v1alpha1 import ModelDeployment, ModelDeploymentStatus, TrackStatus
+from modeldeploy_operator.rollout.decide import Step
 from modeldeploy_operator.rollout.plan import (
     Check,
     RolloutPlan,
@@ -86,7 +87,7 @@ def test_canary_targets_keep_capacity(
     expected: tuple[int, int],
 ) -> None:
     md = model(iris(replicas, surge_gpus), PROMOTED)
-    planned = targets(md, "r2", "canary", weight, seen)
+    planned = targets(md, "r2", "canary", Step(weight=weight), seen)
     assert planned.canary == "apply"
     assert (planned.stable_replicas, planned.canary_replicas) == expected
 
@@ -106,7 +107,7 @@ def test_canary_targets_keep_capacity(
 )
 def test_promotion_hands_over_pod_by_pod(seen: World, expected: tuple[int, str, int]) -> None:
     status = ModelDeploymentStatus(stable=TrackStatus(version="2", revision="r2"))
-    planned = targets(model(iris(2), status), "r2", "rolling", 0, seen)
+    planned = targets(model(iris(2), status), "r2", "rolling", Step(weight=0), seen)
     assert planned.stable == "apply"
     assert (planned.stable_replicas, planned.canary, planned.canary_replicas) == expected
 
@@ -114,9 +115,11 @@ def test_promotion_hands_over_pod_by_pod(seen: World, expected: tuple[int, str, 
 def test_a_canary_overtaken_by_a_newer_spec_is_retired_before_the_new_one_starts() -> None:
     md = model(iris(2), PROMOTED)
     overtaken = world(("r1", 0, 0), ("r2", 2, 2))
-    assert targets(md, "r3", "canary", 50, overtaken) == Targets("scale", 1, "scale", 2)
+    assert targets(md, "r3", "canary", Step(weight=50), overtaken) == Targets(
+        "scale", 1, "scale", 2
+    )
     back = world(("r1", 2, 2), ("r2", 1, 1))
-    assert targets(md, "r3", "canary", 50, back) == Targets("scale", 2, "delete", 0)
+    assert targets(md, "r3", "canary", Step(weight=50), back) == Targets("scale", 2, "delete", 0)
 
 
 def test_a_rollback_or_abort_removes_the_canary_at_once_and_holds_the_revision() -> None:

@@ -551,8 +551,33 @@ class AutoscalingSpec(ApiModel):
 # -- spec.rollout (canary rollouts: rollout/plan.py, rollout/decide.py) -------------------
 
 
+class ShadowStep(ApiModel):
+    percent: int = Field(
+        ge=1,
+        le=100,
+        description="Percent of stable's inference calls copied to the canary, whose answers"
+        " are compared with stable's; the canary serves no user.",
+    )
+
+
 class CanaryStep(ApiModel):
-    weight: int = Field(ge=1, le=100, description="Percent of traffic on the canary.")
+    model_config = ConfigDict(
+        json_schema_extra=rules(
+            cel(
+                "has(self.weight) != has(self.shadow)",
+                "spec.rollout.steps[] must set exactly one of weight or shadow",
+            )
+        )
+    )
+
+    weight: int | None = Field(
+        default=None, ge=1, le=100, description="Percent of traffic on the canary."
+    )
+    shadow: ShadowStep | None = Field(
+        default=None,
+        description="A shadow step: the canary takes no user traffic; stable's sidecars copy"
+        " a share of requests to it and compare its answers (docs/rollout.md#shadow-steps).",
+    )
     pause: str | None = Field(
         default=None,
         max_length=32,
@@ -609,8 +634,26 @@ class AnalysisMetric(ApiModel):
 
     name: str = Field(max_length=63, pattern=DNS_LABEL_PATTERN)
     builtin: (
-        Literal["P99Latency", "RelativeP99Latency", "ErrorRatio", "DriftScore", "QueueTime"] | None
-    ) = Field(default=None, description="RelativeP99Latency: canary p99 over stable p99.")
+        Literal[
+            "P99Latency",
+            "RelativeP99Latency",
+            "ErrorRatio",
+            "DriftScore",
+            "QueueTime",
+            "OutputDisagreement",
+            "OutputError",
+            "ShadowLatencyRatio",
+            "ShadowErrorRatio",
+        ]
+        | None
+    ) = Field(
+        default=None,
+        description="RelativeP99Latency: canary p99 over stable p99. During shadow steps,"
+        " on the same mirrored requests: OutputDisagreement (rows whose class differs, the"
+        " worst output), OutputError (mean relative error, the worst output),"
+        " ShadowLatencyRatio (canary p99 over stable p99), ShadowErrorRatio (the canary's"
+        " failures on inputs stable answered).",
+    )
     query: str | None = Field(default=None, max_length=4096, min_length=1)
     min: float | None = None
     max: float | None = None
@@ -671,9 +714,16 @@ class RolloutSpec(ApiModel):
     model_config = ConfigDict(
         json_schema_extra=rules(
             cel(
-                "!has(self.steps) || self.steps.map(s, s.weight).isSorted()"
-                " && self.steps.all(a, self.steps.exists_one(b, b.weight == a.weight))",
+                "!has(self.steps) || self.steps.filter(s, has(s.weight)).map(s, s.weight)"
+                ".isSorted() && self.steps.filter(s, has(s.weight)).all(a,"
+                " self.steps.filter(s, has(s.weight)).exists_one(b, b.weight == a.weight))",
                 "spec.rollout.steps weights must strictly increase, each within (0, 100]",
+                ".steps",
+            ),
+            cel(
+                "!has(self.steps) || self.steps.map(s, has(s.weight)).isSorted()",
+                "spec.rollout.steps: shadow steps come before any weighted step (once users"
+                " are served by the canary, there is nothing left to shadow)",
                 ".steps",
             ),
             cel(
@@ -841,8 +891,23 @@ class ModelDeploymentSpec(ApiModel):
                 "spec.autoscaling.metrics[].type GPUUtilization needs spec.resources.gpu",
                 ".autoscaling.metrics",
             ),
+            cel(
+                "!has(self.rollout) || !has(self.rollout.steps)"
+                " || !self.rollout.steps.exists(s, has(s.shadow))"
+                " || !has(self.monitoring) || !has(self.monitoring.runtime)"
+                " || !has(self.monitoring.runtime.enabled) || self.monitoring.runtime.enabled",
+                "spec.rollout.steps[].shadow needs spec.monitoring.runtime.enabled: stable's"
+                " sidecars copy the requests and compare the answers",
+                ".rollout.steps",
+            ),
         )
     )
+
+    def shadow_steps(self) -> bool:
+        """The rollout has shadow steps: the canary's pods wait behind a readiness gate
+        and every sidecar reads ``<name>-shadow``."""
+        rollout = self.rollout
+        return rollout is not None and any(s.shadow is not None for s in rollout.steps)
 
     model: ModelSpec
     server: ServerSpec = Field(default_factory=ServerSpec)
@@ -912,6 +977,11 @@ class TrackStatus(StatusModel):
         " an oci:// archive's manifest digest, or spec.model.digest once checked.",
     )
     weight: int | None = Field(default=None, description="Traffic percent actually achieved.")
+    shadow: int | None = Field(
+        default=None,
+        description="In a shadow step: the percent of stable's requests copied to the canary"
+        " (which serves no user: weight 0).",
+    )
     step: int | None = None
     failed_checks: int | None = None
     inconclusive_checks: int | None = Field(

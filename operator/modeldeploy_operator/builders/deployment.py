@@ -20,7 +20,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from modeldeploy_operator.api.v1alpha1 import ModelDeployment
+from modeldeploy_operator.api.v1alpha1 import GROUP, ModelDeployment
 from modeldeploy_operator.builders.labels import (
     Track,
     budget_configmap_name,
@@ -28,6 +28,7 @@ from modeldeploy_operator.builders.labels import (
     child_metadata,
     deployment_name,
     selector_labels,
+    shadow_configmap_name,
     track_labels,
 )
 
@@ -47,6 +48,12 @@ ARCHIVE_FILE = "modeldeploy.json"  # the runtime's archive.ARCHIVE_MANIFEST, in 
 API_KEYS_DIR = "/var/run/secrets/modeldeploy/api-keys"
 BUDGETS_DIR = "/etc/modeldeploy/query-budgets"
 BUDGETS_KEY = "exhausted.json"
+SHADOW_DIR = "/etc/modeldeploy/shadow"
+SHADOW_KEY = "shadow.json"
+# The canary's pods of a rollout with shadow steps wait behind this readiness gate: loaded
+# but not Ready, so no Service sends them users, until the operator opens it after the
+# shadow steps (rollout/plan.py).
+SERVING_GATE = f"{GROUP}/serving"
 RUN_AS = 1000
 
 # Triton's ports, and the runtime sidecar's when it fronts Triton.
@@ -293,6 +300,10 @@ def runtime_container(md: ModelDeployment, track: Track, config: BuildConfig) ->
         args.append(f"--coarsen-outputs={json.dumps(rules, sort_keys=True)}")
     if monitoring.runtime.allow_admin_apis:
         args.append("--allow-admin-apis=true")
+    # Every track reads it (the ConfigMap exists only for rollouts with shadow steps): a
+    # stable pod started before the steps were added must still copy when one runs.
+    args.append(f"--shadow-file={SHADOW_DIR}/{SHADOW_KEY}")
+    mounts.append({"name": "shadow", "mountPath": SHADOW_DIR, "readOnly": True})
     container: dict[str, Any] = {
         "name": "runtime",
         "image": config.runtime_image,
@@ -358,6 +369,10 @@ def volumes(md: ModelDeployment, config: BuildConfig) -> list[dict[str, Any]]:
         # Optional: pods start before the operator first sums the budgets.
         name = budget_configmap_name(md)
         out.append({"name": "query-budgets", "configMap": {"name": name, "optional": True}})
+    if monitoring.runtime.enabled:
+        # Optional: only rollouts with shadow steps have one.
+        name = shadow_configmap_name(md)
+        out.append({"name": "shadow", "configMap": {"name": name, "optional": True}})
     return out
 
 
@@ -391,6 +406,8 @@ def pod_spec(md: ModelDeployment, track: Track, config: BuildConfig) -> dict[str
         spec["priorityClassName"] = placement.priority_class_name
     if placement.topology_spread_constraints:
         spec["topologySpreadConstraints"] = placement.topology_spread_constraints
+    if track == "canary" and md.spec.shadow_steps():
+        spec["readinessGates"] = [{"conditionType": SERVING_GATE}]
     return spec
 
 

@@ -40,6 +40,10 @@ def budget_configmap_name(md: ModelDeployment) -> str:
     return f"{md.metadata.name}-query-budgets"
 
 
+def shadow_configmap_name(md: ModelDeployment) -> str:
+    return f"{md.metadata.name}-shadow"
+
+
 def selector_labels(md: ModelDeployment, track: Track | None = None) -> dict[str, str]:
     """Labels that select this ModelDeployment's pods; all tracks when ``track`` is None."""
     labels = {MD_LABEL: md.metadata.name}

@@ -163,6 +163,10 @@ class KubeApi(Protocol):
         field_manager: str = FIELD_MANAGER,
     ) -> Json: ...
 
+    def set_pod_condition(
+        self, namespace: str, name: str, condition: Mapping[str, Any]
+    ) -> Json: ...
+
     def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None: ...
 
     def emit_event(
@@ -537,6 +541,19 @@ class KubernetesApi:
             body=dict(patch),
             query=[("fieldManager", field_manager)],
             headers={"Content-Type": "application/merge-patch+json"},
+        )
+
+    def set_pod_condition(self, namespace: str, name: str, condition: Mapping[str, Any]) -> Json:
+        """One condition of a pod's status (a readiness gate's), by a strategic merge patch:
+        conditions merge by type, so the kubelet's stay as they are."""
+        path = resource_path("v1", "Pod", namespace, name) + "/status"
+        return self._call(
+            "PATCH",
+            path,
+            kind="Pod",
+            body={"status": {"conditions": [dict(condition)]}},
+            query=[("fieldManager", FIELD_MANAGER)],
+            headers={"Content-Type": "application/strategic-merge-patch+json"},
         )
 
     def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:

@@ -257,6 +257,10 @@ class LeaderOnlyApi:
         self._check(f"patch {kind} {namespace}/{name}")
         return self._api.merge_patch(api_version, kind, namespace, name, patch, field_manager)
 
+    def set_pod_condition(self, namespace: str, name: str, condition: Mapping[str, Any]) -> Json:
+        self._check(f"set a condition of pod {namespace}/{name}")
+        return self._api.set_pod_condition(namespace, name, condition)
+
     def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
         self._check(f"delete {kind} {namespace}/{name}")
         self._api.delete(api_version, kind, namespace, name)

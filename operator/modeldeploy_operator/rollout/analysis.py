@@ -23,6 +23,7 @@ class Measurement:
     min: float | None = None
     max: float | None = None
     error: str | None = None
+    detail: str = ""  # where the value comes from, e.g. "output probabilities"
 
 
 def assess(measurement: Measurement) -> Result:
@@ -58,4 +59,6 @@ def describe(measurement: Measurement) -> str:
         bounds.append(f"min {measurement.min:g}")
     if measurement.max is not None:
         bounds.append(f"max {measurement.max:g}")
-    return f"{measurement.name} = {measurement.value:.4g} ({', '.join(bounds) or 'no bounds'})"
+    where = f" on {measurement.detail}" if measurement.detail else ""
+    limits = ", ".join(bounds) or "no bounds"
+    return f"{measurement.name}{where} = {measurement.value:.4g} ({limits})"

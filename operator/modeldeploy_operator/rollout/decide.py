@@ -34,9 +34,10 @@ Action = Literal["Wait", "Advance", "Promote", "Rollback", "Abort"]
 
 @dataclass(frozen=True)
 class Step:
-    weight: int
+    weight: int  # percent of user traffic on the canary; 0 in a shadow step
     pause_seconds: float | None = None  # None: no pause
     manual: bool = False
+    shadow: int = 0  # a shadow step: percent of stable's requests copied to the canary
 
 
 @dataclass(frozen=True)
@@ -206,8 +207,22 @@ def _advance(progress: Progress, steps: tuple[Step, ...], seen: Observation) -> 
         paused=False,
         ready_since=None,
     )
-    message = f"step {progress.step + 2} of {len(steps)}: {following.weight}% to the canary"
+    message = f"step {progress.step + 2} of {len(steps)}: {describe_step(following)}"
     return Decision("Advance", advanced, following.weight, "StepAdvanced", message)
+
+
+def describe_step(step: Step) -> str:
+    if step.shadow:
+        return f"{step.shadow}% of requests copied to the canary (shadow: it serves no user)"
+    return f"{step.weight}% to the canary"
+
+
+def step_replicas(total: int, step: Step) -> int:
+    """Canary pods a step wants: its weight's share; in a shadow step, the copied share's
+    (the canary's load is that share of stable's), at least one."""
+    if step.shadow:
+        return max(1, -(-total * step.shadow // 100))
+    return canary_replicas(total, step.weight)
 
 
 def canary_replicas(total: int, weight: int) -> int:

@@ -38,6 +38,7 @@ from modeldeploy_operator.api.v1alpha1 import (
     TrackStatus,
     parse_duration,
 )
+from modeldeploy_operator.builders.deployment import RUNTIME_PORTS, SERVING_GATE
 from modeldeploy_operator.builders.labels import REVISION_LABEL, TRACK_LABEL, Track
 from modeldeploy_operator.builders.route import gateway_routing
 from modeldeploy_operator.rollout.analysis import Measurement, Result, describe, verdict
@@ -47,8 +48,8 @@ from modeldeploy_operator.rollout.decide import (
     Observation,
     Progress,
     Step,
-    canary_replicas,
     decide_step,
+    step_replicas,
 )
 from modeldeploy_operator.status import (
     RolloutView,
@@ -71,6 +72,7 @@ CANARY_FAILURES = {
 HISTORY_LIMIT = 10
 
 Mode = Literal["rolling", "canary", "held"]
+NO_STEP = Step(weight=0)
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,11 @@ class TrackState:
     rolled: bool = False  # every replica at ``revision`` and available, no older pod left
     failure: str | None = None  # why its pods cannot serve, when they cannot
     digest: str | None = None  # the content its Ready pods' fetchers reported, when one
+    # Behind the serving gate (shadow steps): pods of ``revision`` whose containers are all
+    # ready, their sidecars' addresses, and the pods (of any revision) the gate still holds.
+    loaded: int = 0
+    addresses: tuple[str, ...] = ()
+    gated: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -119,12 +126,24 @@ class Targets:
 
 
 @dataclass(frozen=True)
+class Shadowing:
+    """A shadow step in progress: what ``<name>-shadow`` tells stable's sidecars."""
+
+    revision: str
+    version: str
+    percent: int
+    targets: tuple[str, ...]  # the canary's sidecars, host:port
+
+
+@dataclass(frozen=True)
 class RolloutPlan:
     mode: Mode
     view: RolloutView
     targets: Targets
     decision: Decision | None = None
     requeue_after: float | None = None  # when the rollout next needs a look by itself
+    shadow: Shadowing | None = None
+    admit: tuple[str, ...] = ()  # canary pods to open the serving gate of
 
 
 def stalled(deployment: Mapping[str, Any] | None) -> str | None:
@@ -168,6 +187,15 @@ def track_state(
     # pods say it first, and status (what users see) must not dip while pods swap.
     available = int(status.get("availableReplicas") or 0)
     digests = {(fetch_report(p) or {}).get("digest") for p in mine if pod_ready(p)} - {None}
+    loaded = [p for p in mine if containers_ready(p)]
+    port = RUNTIME_PORTS["proxy-http"]
+    if len(loaded) >= replicas:
+        # Every pod is up, behind the serving gate (a shadow step): the Deployment counts no
+        # progress while they are not Ready, which is not a failure of theirs.
+        failure = next(
+            (p.message for pod in mine for p in pod_problems(pod) if p.reason in CANARY_FAILURES),
+            None,
+        )
     return TrackState(
         exists=True,
         revision=revision,
@@ -177,6 +205,37 @@ def track_state(
         failure=failure,
         # One digest when the pods agree; a tag that moved mid-rollout gives two: none shown.
         digest=str(next(iter(digests))) if len(digests) == 1 else None,
+        loaded=len(loaded),
+        addresses=tuple(
+            sorted(f"{ip}:{port}" for p in loaded if (ip := dig(p, "status", "podIP")) is not None)
+        ),
+        gated=tuple(
+            sorted(
+                str(dig(p, "metadata", "name"))
+                for p in pods
+                if (dig(p, "metadata", "labels") or {}).get(TRACK_LABEL) == track
+                and gate_closed(p)
+                and not is_terminating(p)
+            )
+        ),
+    )
+
+
+def containers_ready(pod: Mapping[str, Any]) -> bool:
+    return any(
+        c.get("type") == "ContainersReady" and c.get("status") == "True"
+        for c in dig(pod, "status", "conditions") or []
+    )
+
+
+def gate_closed(pod: Mapping[str, Any]) -> bool:
+    """The pod waits on the serving gate: its spec has it, its status does not say True."""
+    gates = dig(pod, "spec", "readinessGates") or []
+    if not any(g.get("conditionType") == SERVING_GATE for g in gates):
+        return False
+    return not any(
+        c.get("type") == SERVING_GATE and c.get("status") == "True"
+        for c in dig(pod, "status", "conditions") or []
     )
 
 
@@ -184,9 +243,10 @@ def steps_of(md: ModelDeployment) -> tuple[Step, ...]:
     rollout = md.spec.rollout
     steps = [
         Step(
-            weight=s.weight,
+            weight=s.weight or 0,
             pause_seconds=None if s.pause in (None, "manual") else parse_duration(s.pause),
             manual=s.pause == "manual",
+            shadow=s.shadow.percent if s.shadow else 0,
         )
         for s in (rollout.steps if rollout else [])
     ]
@@ -242,11 +302,13 @@ def _progress(md: ModelDeployment, revision: str, now: float) -> Progress:
 
 
 def step_ready(md: ModelDeployment, revision: str, world: World) -> bool:
-    """The current step's canary pods are all Ready at ``revision``."""
+    """The current step's canary pods are all Ready at ``revision`` (in a shadow step, all
+    loaded: they stay behind the serving gate)."""
     steps = steps_of(md)
-    step = _progress(md, revision, 0.0).step
-    wanted = canary_replicas(md.spec.desired_replicas(), steps[min(step, len(steps) - 1)].weight)
-    return world.canary.revision == revision and world.canary.ready >= wanted
+    step = steps[min(_progress(md, revision, 0.0).step, len(steps) - 1)]
+    wanted = step_replicas(md.spec.desired_replicas(), step)
+    ready = world.canary.loaded if step.shadow else world.canary.ready
+    return world.canary.revision == revision and ready >= wanted
 
 
 def analysis_due(md: ModelDeployment, revision: str, world: World, now: float) -> bool:
@@ -262,9 +324,11 @@ def analysis_due(md: ModelDeployment, revision: str, world: World, now: float) -
     return now - max(progress.ready_since, last or 0.0) >= interval
 
 
-def targets(md: ModelDeployment, revision: str, how: Mode, weight: int, world: World) -> Targets:
-    """The Deployments' replicas for a mode and a canary weight; see the module's capacity
+def targets(md: ModelDeployment, revision: str, how: Mode, step: Step, world: World) -> Targets:
+    """The Deployments' replicas for a mode and a canary step; see the module's capacity
     rule. Never fewer ready pods than the spec's count while pods swap (with a surge budget).
+    A shadow step's canary pods serve nobody: stable keeps every replica, and the canary
+    runs beside it within the surge (one pod at least).
 
     A canary of another revision than the one rolling out (promoted, or overtaken by a newer
     spec) is retired first, pod by pod as stable pods become Ready; a rolled-back or aborted
@@ -284,7 +348,9 @@ def targets(md: ModelDeployment, revision: str, how: Mode, weight: int, world: W
         keep = min(canary.replicas, max(0, total - missing - stable_ready))
         stable = max(0, min(total, total + extra - keep))
         return Targets(stable_kind, stable, "scale" if keep else "delete", keep)
-    wanted = canary_replicas(total, weight)
+    wanted = step_replicas(total, step)
+    if step.shadow:
+        return Targets(stable_kind, total, "apply", max(1, min(wanted, extra)))
     stable = max(0, total - wanted, total - missing - canary.ready)
     return Targets(stable_kind, stable, "apply", min(wanted, max(0, total + extra - stable)))
 
@@ -329,8 +395,8 @@ def plan_rollout(md: ModelDeployment, revision: str, world: World, now: float) -
         view = RolloutView(
             stable=status.stable, rollback=status.rollback, history=tuple(status.history)
         )
-        return RolloutPlan(how, view, targets(md, revision, how, 0, world))
-    plan = targets(md, revision, how, 0, world)
+        return RolloutPlan(how, view, targets(md, revision, how, NO_STEP, world))
+    plan = targets(md, revision, how, NO_STEP, world)
     rolled = world.stable.rolled and world.stable.revision == revision
     stable = TrackStatus(
         version=md.spec.model.version,
@@ -353,6 +419,7 @@ def plan_rollout(md: ModelDeployment, revision: str, world: World, now: float) -
             message=f"promoting revision {revision}: {ready}/{total} new stable pods Ready;"
             f" {plan.canary_replicas} canary pods serve until they are",
         )
+        return RolloutPlan(how, view, plan, admit=_admit(world, revision))
     return RolloutPlan(how, view, plan)
 
 
@@ -409,7 +476,7 @@ def _plan_canary(md: ModelDeployment, revision: str, world: World, now: float) -
             history=tuple([*history, entry.model_copy(update={"result": result})][-HISTORY_LIMIT:]),
             analysis=results,
         )
-        return RolloutPlan("held", view, targets(md, revision, "held", 0, world), decision)
+        return RolloutPlan("held", view, targets(md, revision, "held", NO_STEP, world), decision)
     if decision.action == "Promote":
         view = RolloutView(
             stable=TrackStatus(version=md.spec.model.version, revision=revision, digest=digest),
@@ -418,10 +485,21 @@ def _plan_canary(md: ModelDeployment, revision: str, world: World, now: float) -
             ),
             analysis=results,
         )
-        promoted = targets(md, revision, "rolling", 0, world)
-        return RolloutPlan("rolling", view, promoted, decision, requeue_after=1.0)
+        promoted = targets(md, revision, "rolling", NO_STEP, world)
+        return RolloutPlan(
+            "rolling", view, promoted, decision, requeue_after=1.0, admit=_admit(world, revision)
+        )
     after = decision.progress
-    plan = targets(md, revision, "canary", decision.weight, world)
+    step = steps[min(after.step, len(steps) - 1)]
+    plan = targets(md, revision, "canary", step, world)
+    shadow = None
+    if step.shadow:
+        shadow = Shadowing(
+            revision,
+            md.spec.model.version,
+            step.shadow,
+            world.canary.addresses if world.canary.revision == revision else (),
+        )
     # Through a Gateway the route sets the split; by replicas, the ready pods do.
     achieved = decision.weight if gateway_routing(md) else _achieved(world, revision)
     last = check.time if check else (previous.last_analysis if previous else None)
@@ -432,6 +510,7 @@ def _plan_canary(md: ModelDeployment, revision: str, world: World, now: float) -
             revision=revision,
             digest=digest,
             weight=achieved,
+            shadow=step.shadow or None,
             step=after.step,
             started=began,
             failed_checks=after.failed_checks,
@@ -448,7 +527,16 @@ def _plan_canary(md: ModelDeployment, revision: str, world: World, now: float) -
         reason=decision.reason if decision.action == "Wait" else "Canary",
     )
     wake = next_look(md, after, steps, now, last)
-    return RolloutPlan("canary", view, plan, decision, requeue_after=wake)
+    admit = () if step.shadow else _admit(world, revision)
+    return RolloutPlan(
+        "canary", view, plan, decision, requeue_after=wake, shadow=shadow, admit=admit
+    )
+
+
+def _admit(world: World, revision: str) -> tuple[str, ...]:
+    """The canary pods to let serve once the rollout is past its shadow steps: those of the
+    revision rolling out, never a superseded one's (judged by nobody)."""
+    return world.canary.gated if world.canary.revision == revision else ()
 
 
 def previous_step(md: ModelDeployment, revision: str) -> bool:
