@@ -45,7 +45,8 @@ KEPT_METADATA = (
     "ownerReferences",
     "deletionTimestamp",
 )
-POD_STATUS = ("phase", "conditions", "containerStatuses", "initContainerStatuses")
+# podIP: where stable's sidecars copy requests to in a shadow step.
+POD_STATUS = ("phase", "conditions", "containerStatuses", "initContainerStatuses", "podIP")
 
 
 def _raw(value: Any) -> Any:
@@ -62,9 +63,9 @@ Projection = tuple[str, str]  # (resourceVersion, the projected object without i
 
 def project(body: Mapping[str, Any], kind: str) -> Projection:
     """Only the fields the operator reads, as compact JSON: no managedFields, no annotations
-    on children (ours carry none), of a pod only its node and the status fields its problems
-    are read from. The resourceVersion is kept beside it, so two projections compare equal when
-    nothing the operator reads changed."""
+    on children (ours carry none), of a pod only its node, readiness gates, address and the
+    status fields its problems are read from. The resourceVersion is kept beside it, so two
+    projections compare equal when nothing the operator reads changed."""
     meta = body.get("metadata") or {}
     kept = {k: meta[k] for k in KEPT_METADATA if k in meta and k != "resourceVersion"}
     if kind != "ModelDeployment":
@@ -77,8 +78,11 @@ def project(body: Mapping[str, Any], kind: str) -> Projection:
     if kind == "Pod":
         status = body.get("status") or {}
         projected["status"] = {k: status[k] for k in POD_STATUS if k in status}
-        if node := (body.get("spec") or {}).get("nodeName"):  # the node cache's labels
-            projected["spec"] = {"nodeName": node}
+        spec = body.get("spec") or {}
+        # nodeName: the node cache's labels; readinessGates: the serving gate (shadow steps).
+        kept_spec = {k: spec[k] for k in ("nodeName", "readinessGates") if k in spec}
+        if kept_spec:
+            projected["spec"] = kept_spec
     else:
         # The status of what others drive (an HPA's metrics, a route's parents) is not read:
         # kept, each of its updates would cost the owner a pass.

@@ -48,6 +48,7 @@ from modeldeploy_operator.promql import (
     IDLE_QUERY,
     PER_OUTPUT,
     PER_REPLICA,
+    SHADOW_BUILTINS,
     TemplateError,
     budget_usage_query,
     metric_name,
@@ -60,6 +61,7 @@ from modeldeploy_operator.rollout.plan import (
     Check,
     World,
     analysis_due,
+    in_shadow_step,
     iso,
     requested,
     track_state,
@@ -195,7 +197,8 @@ def unmounted_secrets(
 
 def measure(md: ModelDeployment, ctx: OperatorContext, now: float, revision: str = "") -> Check:
     """Run the canary's analysis queries once. Unreachable Prometheus, bad templates and
-    "no data" are inconclusive, never success."""
+    "no data" are inconclusive, never success. The shadow builtins count in shadow steps
+    only; the others in every step (in a shadow step, on the canary's copied requests)."""
     analysis = md.spec.rollout.analysis if md.spec.rollout else None
     if analysis is None:
         return Check("Inconclusive", "no analysis configured", (), now)
@@ -209,7 +212,10 @@ def measure(md: ModelDeployment, ctx: OperatorContext, now: float, revision: str
         "revision": revision,
     }
     measurements = []
+    shadowing = in_shadow_step(md, revision)
     for metric in analysis.metrics:
+        if metric.builtin in SHADOW_BUILTINS and not shadowing:
+            continue
         try:
             if not url:
                 raise ProviderError("no Prometheus URL (spec.rollout.analysis.prometheus.url)")

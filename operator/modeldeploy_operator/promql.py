@@ -76,6 +76,9 @@ BUILTIN_QUERIES: Mapping[str, str] = {
 }
 # Builtins measured per output: the worst one decides, and the message names it.
 PER_OUTPUT = ("OutputDisagreement", "OutputError")
+# Measured in shadow steps only: after them nothing is copied, and their windows would be
+# empty (no data) in every weighted step.
+SHADOW_BUILTINS = (*PER_OUTPUT, "ShadowLatencyRatio", "ShadowErrorRatio")
 
 
 class TemplateError(ValueError):

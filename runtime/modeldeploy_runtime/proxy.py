@@ -37,7 +37,14 @@ from modeldeploy_runtime.http1 import (
 from modeldeploy_runtime.metrics import RuntimeMetrics
 from modeldeploy_runtime.routes import Kind, Route, admin_refused, http_route
 from modeldeploy_runtime.settings import RuntimeSettings
-from modeldeploy_runtime.shadow import Copy, Mirror, MirrorFailure, ShadowConfig, mirrored_request
+from modeldeploy_runtime.shadow import (
+    MIRROR_HEADER,
+    Copy,
+    Mirror,
+    MirrorFailure,
+    ShadowConfig,
+    mirrored_request,
+)
 
 LINGER_SECONDS = 2.0
 COALESCE_BYTES = 64 * 1024  # a request body up to this is sent with its head in one write
@@ -456,7 +463,10 @@ class HttpProxy:
         )
         shadow = (
             self.mirror.sample(self.rng())
-            if self.mirror is not None and measured and route.action == "infer"
+            if self.mirror is not None
+            and measured
+            and route.action == "infer"
+            and request.header(MIRROR_HEADER) is None  # a copy is never copied again
             else None
         )
         coarsener = self.coarsener if route.action in ("infer", "generate") else None

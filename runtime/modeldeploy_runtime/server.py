@@ -175,7 +175,7 @@ async def serve(settings: RuntimeSettings, stop: asyncio.Event | None = None) ->
         metrics.registry.register(BudgetCollector(access.budget.used, settings.track))
     coarsener = Coarsener(parse_rules(settings.coarsen_outputs))
     mirror = None
-    if settings.shadow_file is not None:
+    if settings.shadow_file is not None and settings.track == "stable":  # a canary never copies
         mirror = Mirror(
             ShadowFile(settings.shadow_file),
             ShadowMetrics(metrics.registry),

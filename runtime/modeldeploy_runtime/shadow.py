@@ -430,7 +430,12 @@ class Mirror:
                 connection = connections.get(target) or connections.setdefault(
                     target, self._connect(target)
                 )
-                await self._mirror(copy, connection)
+                try:
+                    await self._mirror(copy, connection)
+                except Exception:  # a worker outlives any one copy, or mirroring stops
+                    LOG.exception("mirror: a copy failed unexpectedly")
+                    connections.pop(target).close()
+                    self.metrics.requests.labels(copy.config.revision, "error").inc()
                 # Pods come and go: forget connections to addresses no longer named.
                 for gone in set(connections) - set(targets):
                     connections.pop(gone).close()

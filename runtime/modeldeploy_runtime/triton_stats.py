@@ -85,6 +85,13 @@ class StatsPoller:
             labels,
             registry=registry,
         )
+        self.inferences = Gauge(
+            "modeldeploy_runtime_triton_inference_count",
+            "Successful inferences Triton itself counted since it started (its statistics):"
+            " beside the door's own counts, it shows nothing reached Triton another way.",
+            labels,
+            registry=registry,
+        )
         self._labels = (settings.model, settings.model_version, settings.track)
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -104,6 +111,8 @@ class StatsPoller:
                 except (UpstreamError, ValueError) as error:
                     LOG.debug("Could not read Triton's statistics: %s", error)
                     current = None
+                if current is not None:
+                    self.inferences.labels(*self._labels).set(current.inferences)
                 if previous is not None and current is not None:
                     means = interval_means(previous, current)
                     if means is not None:

@@ -101,3 +101,24 @@ def test_a_partial_share_is_copied_and_no_file_copies_nothing(
     send(stable, 20)
     time.sleep(0.5)
     assert value(scrape(stable.metrics), TOTAL) == copied
+
+
+def test_a_canary_never_copies_and_a_copy_is_never_copied_again(
+    sidecar: SidecarFactory, tmp_path: Path
+) -> None:
+    """Every sidecar reads the same config: the canary's own must not copy to itself (the
+    copies would feed themselves), nor may a stable sidecar copy a copy."""
+    canary = sidecar(model="double", track="canary", shadow_file=shadow_file(tmp_path, "x:1"))
+    target = sidecar(model="double", track="canary")
+    stable = sidecar(model="double", shadow_file=shadow_file(tmp_path, target.http))
+    time.sleep(1.1)
+    send(canary, 5)
+    client = httpclient.InferenceServerClient(stable.http)
+    x = httpclient.InferInput("x", [1, 4], "FP32")
+    x.set_data_from_numpy(np.ones((1, 4), dtype=np.float32))
+    client.infer("double", [x], headers={"x-modeldeploy-mirror": "1"})
+    send(stable, 1)
+    wait_mirrored(stable, 1, "compared")
+    time.sleep(0.5)
+    assert value(scrape(canary.metrics), TOTAL) == 0
+    assert value(scrape(stable.metrics), TOTAL) == 1  # the plain request only

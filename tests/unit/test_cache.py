@@ -26,11 +26,16 @@ POD: dict[str, Any] = {
     "apiVersion": "v1",
     "kind": "Pod",
     "metadata": {"name": "iris-stable-x", "namespace": "ns", "resourceVersion": "9"},
-    "spec": {"containers": [{"name": "triton", "image": "big"}], "nodeName": "n"},
+    "spec": {
+        "containers": [{"name": "triton", "image": "big"}],
+        "nodeName": "n",
+        "readinessGates": [{"conditionType": "serving.modeldeploy.io/serving"}],
+    },
     "status": {
         "phase": "Running",
         "conditions": [{"type": "Ready", "status": "True"}],
         "podIP": "10.0.0.1",
+        "hostIP": "172.30.0.1",
     },
 }
 
@@ -49,10 +54,15 @@ def test_a_child_keeps_what_the_operator_reads_and_nothing_else() -> None:
     assert kept["metadata"]["resourceVersion"] == "7"
 
 
-def test_a_pod_keeps_its_node_and_status_fields_only() -> None:
+def test_a_pod_keeps_its_node_gates_address_and_status_fields_only() -> None:
     kept = expand(project(body(POD), "Pod"))
-    assert kept["spec"] == {"nodeName": "n"}  # the node cache's labels need it
-    assert kept["status"] == {"phase": "Running", "conditions": POD["status"]["conditions"]}
+    # The node cache's labels need the node; shadow steps the gates and the address.
+    assert kept["spec"] == {"nodeName": "n", "readinessGates": POD["spec"]["readinessGates"]}
+    assert kept["status"] == {
+        "phase": "Running",
+        "conditions": POD["status"]["conditions"],
+        "podIP": "10.0.0.1",
+    }
 
 
 def test_a_modeldeployment_keeps_its_annotations_and_its_status() -> None:
@@ -184,8 +194,8 @@ def test_two_events_that_differ_only_in_resource_version_project_alike() -> None
     after = project(body(bumped), "Pod")
     assert before[0] != after[0]
     assert before[1] == after[1]
-    ip = {**POD, "status": {**POD["status"], "podIP": "10.0.0.2"}}  # not read: not projected
-    assert project(body(ip), "Pod")[1] == before[1]
+    host = {**POD, "status": {**POD["status"], "hostIP": "10.0.0.2"}}  # not read: not projected
+    assert project(body(host), "Pod")[1] == before[1]
     unready = {
         **POD,
         "status": {**POD["status"], "conditions": [{"type": "Ready", "status": "False"}]},

@@ -311,6 +311,12 @@ def step_ready(md: ModelDeployment, revision: str, world: World) -> bool:
     return world.canary.revision == revision and ready >= wanted
 
 
+def in_shadow_step(md: ModelDeployment, revision: str) -> bool:
+    """The rollout of ``revision`` is in a shadow step (as ``status.canary`` records it)."""
+    steps = steps_of(md)
+    return bool(steps[min(_progress(md, revision, 0.0).step, len(steps) - 1)].shadow)
+
+
 def analysis_due(md: ModelDeployment, revision: str, world: World, now: float) -> bool:
     """An analysis is due once per interval while the step's canary pods are Ready, the first
     one interval after they became Ready: there is data about them by then."""
