@@ -206,9 +206,15 @@ class AccessControl:
         metrics: ClientCounter,
         *,
         limited: bool,
+        copy: bool = False,
     ) -> str:
-        """The client's id, or a ProtocolError (401, 429); counted either way."""
+        """The client's id, or a ProtocolError (401, 429); counted either way. A shadow
+        ``copy`` (verified by the proxy) is keyed but not limited: stable's door took its
+        limits when the caller's request arrived."""
         client = self.identify(headers, peer, metrics)
+        if copy:
+            metrics.client_requests.labels(self.clients.label(client), "shadow_copy").inc()
+            return client
         self.take(client, metrics, limited=limited)
         return client
 

@@ -43,6 +43,8 @@ from modeldeploy_runtime.shadow import (
     Mirror,
     MirrorFailure,
     ShadowConfig,
+    copy_token,
+    is_copy,
     mirrored_request,
 )
 
@@ -372,6 +374,7 @@ class HttpProxy:
         self.settings = settings
         self.coarsener = coarsener
         self.mirror = mirror
+        self.copy_token = copy_token(settings.client_salt)
         self.metrics = metrics
         self.sampler = sampler
         self.rng = rng
@@ -443,8 +446,13 @@ class HttpProxy:
                 )
         request.client = peer
         if self.access is not None:
+            # A shadow copy: its key is checked, its limits were taken at stable's door.
             request.client = self.access.check(
-                request.headers, peer, self.metrics, limited=route.kind is Kind.INFER
+                request.headers,
+                peer,
+                self.metrics,
+                limited=route.kind is Kind.INFER,
+                copy=route.kind is Kind.INFER and is_copy(request, self.copy_token),
             )
             request.credentials = [(k, v) for k, v in request.headers if k in CREDENTIAL_HEADERS]
             request.headers = [(k, v) for k, v in request.headers if k not in CREDENTIAL_HEADERS]
@@ -504,7 +512,7 @@ class HttpProxy:
             headers, body = self.coarsener.http(headers, body, route.action)
         cast(Mirror, self.mirror).submit(
             Copy(
-                mirrored_request(request, request.credentials),
+                mirrored_request(request, request.credentials, self.copy_token),
                 headers,
                 body,
                 time.perf_counter() - request.received,

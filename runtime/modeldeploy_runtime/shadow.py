@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import json
 import logging
 import math
@@ -44,7 +46,10 @@ from modeldeploy_runtime.http1 import Request
 from modeldeploy_runtime.metrics import LATENCY_BUCKETS, OTHER
 
 LOG = logging.getLogger("modeldeploy.runtime.shadow")
-MIRROR_HEADER = b"x-modeldeploy-mirror"  # on copies, so the canary's logs can tell them apart
+# On copies: a token only the ModelDeployment's own sidecars can make (copy_token), so the
+# canary's door lets a copy past the caller's rate limit and query budget (the caller's
+# request already counted at stable's door), and nobody else can claim to be one.
+MIRROR_HEADER = b"x-modeldeploy-mirror"
 MAX_OUTPUT_LABELS = 16
 TOP_K = 5
 PSI_BINS = 10
@@ -494,12 +499,28 @@ def decode_and_compare(
     return compare(stable, canary, datatypes(stable_headers, stable_body)), stable, canary
 
 
-def mirrored_request(request: Request, credentials: list[tuple[bytes, bytes]]) -> Request:
+def copy_token(salt: str) -> bytes | None:
+    """The mirror header's value: keyed by the salt the ModelDeployment's sidecars share
+    (its uid, with API keys on); None without one (a token anyone could make proves
+    nothing, so copies then count like any call)."""
+    if not salt:
+        return None
+    return hmac.new(salt.encode(), b"modeldeploy shadow copy", hashlib.sha256).hexdigest().encode()
+
+
+def is_copy(request: Request, token: bytes | None) -> bool:
+    presented = request.header(MIRROR_HEADER)
+    return token is not None and presented is not None and hmac.compare_digest(presented, token)
+
+
+def mirrored_request(
+    request: Request, credentials: list[tuple[bytes, bytes]], token: bytes | None
+) -> Request:
     """The copy the canary gets: the same request, with the caller's key (the canary's door
     checks it) and the mirror header; its own body (the original's buffer is given back)."""
     return replace(
         request,
-        headers=[*request.headers, *credentials, (MIRROR_HEADER, b"1")],
+        headers=[*request.headers, *credentials, (MIRROR_HEADER, token or b"1")],
         body=bytearray(request.body),
         reserved=0,
     )

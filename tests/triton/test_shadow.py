@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
 
 from localcluster.operator import free_port
 from triton_support import Sidecar, SidecarFactory, scrape, value
@@ -122,3 +123,34 @@ def test_a_canary_never_copies_and_a_copy_is_never_copied_again(
     time.sleep(0.5)
     assert value(scrape(canary.metrics), TOTAL) == 0
     assert value(scrape(stable.metrics), TOTAL) == 1  # the plain request only
+
+
+def test_copies_carry_the_callers_key_and_cost_no_budget_at_the_canary(
+    sidecar: SidecarFactory, tmp_path: Path
+) -> None:
+    """The canary's door checks the caller's key on a copy, but its budget was spent at
+    stable's door: a copy (proved by the token the ModelDeployment's sidecars share) costs
+    nothing more, and a forged mirror header buys nothing."""
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    (keys / "keys").write_text("secret-key\n")
+    door = {"api_keys_dir": keys, "client_salt": "uid-1", "query_budget": "3/1h"}
+    canary = sidecar(model="double", track="canary", **door)
+    stable = sidecar(model="double", shadow_file=shadow_file(tmp_path, canary.http), **door)
+    time.sleep(1.1)
+    client = httpclient.InferenceServerClient(stable.http)
+    x = httpclient.InferInput("x", [1, 4], "FP32")
+    x.set_data_from_numpy(np.ones((1, 4), dtype=np.float32))
+    auth = {"authorization": "Bearer secret-key"}
+    for _ in range(3):
+        client.infer("double", [x], headers=auth)
+    wait_mirrored(stable, 3, "compared")  # not refused: the key went with each copy
+    used = "modeldeploy_runtime_client_budget_used"
+    assert value(scrape(stable.metrics), used) == 3
+    assert value(scrape(canary.metrics), used) == 0
+    forged = httpclient.InferenceServerClient(canary.http)
+    for _ in range(3):
+        forged.infer("double", [x], headers={**auth, "x-modeldeploy-mirror": "1"})
+    assert value(scrape(canary.metrics), used) == 3  # a forged header is an ordinary call
+    with pytest.raises(InferenceServerException, match="budget"):
+        forged.infer("double", [x], headers={**auth, "x-modeldeploy-mirror": "1"})
