@@ -232,7 +232,13 @@ def measure(md: ModelDeployment, ctx: OperatorContext, now: float, revision: str
     result, decisive = verdict(measurements)
     results = tuple(
         AnalysisResult(
-            name=m.name, value=m.value, min=m.min, max=m.max, result=assess(m), time=iso(now)
+            name=m.name,
+            value=m.value,
+            min=m.min,
+            max=m.max,
+            result=assess(m),
+            time=iso(now),
+            detail=m.detail or None,
         )
         for m in measurements
     )

@@ -46,10 +46,15 @@ def render_status(md: ModelDeployment) -> str:
         steps = steps_of(md)
         step = (canary.step or 0) + 1
         paused = "  (paused)" if canary.paused else ""
+        traffic = (
+            f"shadow: {canary.shadow}% of requests copied, no user served"
+            if canary.shadow
+            else progress_bar(canary.weight or 0)
+        )
         lines.append(
             f"  canary   version {canary.version}  revision {canary.revision}"
             f"{short_digest(canary.digest, '  ')}  step {step}/{len(steps)}"
-            f"  {progress_bar(canary.weight or 0)}{paused}"
+            f"  {traffic}{paused}"
         )
     if status.warm_replicas:
         lines.append(f"  cache    {status.warm_replicas} replicas started from the node cache")
@@ -65,7 +70,10 @@ def render_status(md: ModelDeployment) -> str:
             if part
         )
         value = "no data" if result.value is None else f"{result.value:.4g}"
-        lines.append(f"  analysis {result.name:<12} {value:>10}  {bounds:<14} {result.result}")
+        detail = f"  ({result.detail})" if result.detail else ""
+        lines.append(
+            f"  analysis {result.name:<12} {value:>10}  {bounds:<14} {result.result}{detail}"
+        )
     scaling = status.autoscaling
     if scaling is not None:
         capacity = (

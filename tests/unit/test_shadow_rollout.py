@@ -7,11 +7,17 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from modeldeploy_operator.api.v1alpha1 import ModelDeployment, ModelDeploymentStatus, TrackStatus
+from modeldeploy_operator.api.v1alpha1 import (
+    AnalysisResult,
+    ModelDeployment,
+    ModelDeploymentStatus,
+    TrackStatus,
+)
 from modeldeploy_operator.builders.deployment import SERVING_GATE, BuildConfig, build_deployment
 from modeldeploy_operator.builders.shadow import build_shadow_configmap
 from modeldeploy_operator.context import OperatorContext
 from modeldeploy_operator.observe import measure
+from modeldeploy_operator.plugin import render_status
 from modeldeploy_operator.rollout.plan import (
     Check,
     TrackState,
@@ -204,7 +210,49 @@ def shadow_analysis(values: dict[str, float]) -> tuple[Check, ByOutput]:
 def test_the_worst_output_decides_and_is_named() -> None:
     check, provider = shadow_analysis({"probabilities": 0.62, "label": 0.01, "empty": float("nan")})
     assert check.result == "Failed"
+    assert check.results[0].detail == "output probabilities"
     assert check.message == "disagree on output probabilities = 0.62 (max 0.05)"
     assert all('revision="r2"' in q for q in provider.queries)
     check, _ = shadow_analysis({})
     assert check.result == "Inconclusive"  # no rows compared: nobody measured the canary
+
+
+def test_the_plugin_shows_the_shadow_step_and_the_worst_output() -> None:
+    md = iris(
+        canary=TrackStatus(version="2", revision="r2", step=0, weight=0, shadow=10),
+        analysis=[
+            AnalysisResult(
+                name="disagree",
+                value=0.62,
+                max=0.05,
+                result="Failed",
+                detail="output probabilities",
+            )
+        ],
+    )
+    text = render_status(md)
+    assert "step 1/3  shadow: 10% of requests copied, no user served" in text
+    assert "disagree" in text
+    assert "Failed  (output probabilities)" in text
+
+
+def test_shadow_builtins_are_not_measured_in_weighted_steps() -> None:
+    weighted = iris(canary=TrackStatus(version="2", revision="r2", step=1))
+    doc = weighted.model_dump(by_alias=True, exclude_none=True)
+    doc["spec"]["rollout"]["analysis"]["metrics"] = [
+        {"name": "disagree", "builtin": "OutputDisagreement", "max": 0.05},
+        {"name": "errors", "builtin": "ErrorRatio", "max": 0.01},
+    ]
+    doc["spec"]["rollout"]["analysis"]["prometheus"] = {"url": "http://prometheus"}
+    provider = ByOutput({"probabilities": 0.9})
+    ctx = OperatorContext(
+        api=None,  # type: ignore[arg-type]  # measure never calls the API
+        build=BuildConfig(runtime_image="x"),
+        telemetry=None,  # type: ignore[arg-type]
+        gpus=None,  # type: ignore[arg-type]
+        logger=logging.getLogger("test"),
+        metrics_provider=lambda url: provider,
+    )
+    check = measure(ModelDeployment.model_validate(doc), ctx, 100.0, "r2")
+    assert [r.name for r in check.results] == ["errors"]
+    assert not any("shadow" in q for q in provider.queries)

@@ -1017,6 +1017,11 @@ class AnalysisResult(StatusModel):
     max: float | None = None
     result: Literal["Passed", "Failed", "Inconclusive"]
     time: str | None = None
+    detail: str | None = Field(
+        default=None,
+        description="Where the value comes from, when a metric has parts: the shadow"
+        " builtins' worst output, e.g. 'output probabilities'.",
+    )
 
 
 class HistoryEntry(StatusModel):
