@@ -36,6 +36,7 @@ def test_promtool_accepts_the_alert_rules(tmp_path: Path) -> None:
     assert set(alerts) == {
         "ModelDeploymentRolloutFailed",
         "ModelDriftHigh",
+        "ModelShadowDisagreement",
         "ModelDeployClientQueriesOffDistribution",
         "ModelLatencySLOBurn",
         "ModeldeployOperatorDown",
