@@ -69,7 +69,7 @@ bench-operator: toolchain ## Operator overhead vs bare Deployments, cold start o
 	PYTHONPATH=$(CURDIR)/tools:$(CURDIR)/tests $(PYTHON) bench/operator_bench.py $(BENCH_ARGS)
 
 .PHONY: bench-runtime
-bench-runtime: ## Sidecar vs direct Triton: throughput ratio, added latency, CPU, RSS, drift cost
+bench-runtime: ## Sidecar vs direct Triton: throughput ratio, added latency, CPU, RSS, drift cost; shadow copies
 	PYTHONPATH=$(CURDIR)/tools:$(CURDIR)/tests $(PYTHON) bench/runtime_bench.py $(BENCH_ARGS)
 
 .PHONY: bench-fetch

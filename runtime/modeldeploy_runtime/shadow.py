@@ -57,6 +57,8 @@ FLOATS = {"FP16", "FP32", "FP64", "BF16"}
 INTEGERS = {"BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64"}
 # The canary's door said no (a key it does not accept, a limit): not the model's failure.
 REFUSED = {401, 403, 429}
+INLINE_BYTES = 64 * 1024  # answers up to this are compared on the event loop
+UNREACHABLE_SECONDS = 1.0  # after a failed connect, copies to that address count, unsent
 
 
 @dataclass(frozen=True)
@@ -399,6 +401,7 @@ class Mirror:
         self._queue: asyncio.Queue[Copy] = asyncio.Queue(maxsize=queue_size)
         self._workers = workers
         self._turn = 0
+        self._down: dict[tuple[str, int], float] = {}  # address -> until when it is not tried
 
     def sample(self, draw: float) -> ShadowConfig | None:
         """The config to mirror this request under, when ``draw`` (uniform in [0, 1)) falls
@@ -432,11 +435,17 @@ class Mirror:
                 targets = copy.config.targets
                 self._turn = (self._turn + 1) % len(targets)
                 target = targets[self._turn]
+                if time.monotonic() < self._down.get(target, 0.0):
+                    # Refused a moment ago (a pod gone, its address not yet updated): not
+                    # tried again for a second, which would cost a connect per copy.
+                    self.metrics.requests.labels(copy.config.revision, "unreachable").inc()
+                    continue
                 connection = connections.get(target) or connections.setdefault(
                     target, self._connect(target)
                 )
                 try:
-                    await self._mirror(copy, connection)
+                    if await self._mirror(copy, connection) == "unreachable":
+                        self._down[target] = time.monotonic() + UNREACHABLE_SECONDS
                 except Exception:  # a worker outlives any one copy, or mirroring stops
                     LOG.exception("mirror: a copy failed unexpectedly")
                     connections.pop(target).close()
@@ -448,34 +457,48 @@ class Mirror:
             for connection in connections.values():
                 connection.close()
 
-    async def _mirror(self, copy: Copy, connection: Exchanger) -> None:
+    async def _mirror(self, copy: Copy, connection: Exchanger) -> str | None:
+        """Send one copy and compare the answers; the failure's kind, if it failed."""
         revision = copy.config.revision
         if revision != self.metrics.revision:
-            return  # a copy for a canary that has been replaced meanwhile
+            return None  # a copy for a canary that has been replaced meanwhile
         started = time.perf_counter()
         try:
             status, headers, body = await connection.send(copy.request)
         except MirrorFailure as failure:
             LOG.debug("mirror: %s", failure)
             self.metrics.requests.labels(revision, failure.result).inc()
-            return
+            return failure.result
         seconds = time.perf_counter() - started
         if status in REFUSED:
             self.metrics.requests.labels(revision, "refused").inc()
-            return
+            return "refused"
         if status != 200:
             self.metrics.requests.labels(revision, "error").inc()
-            return
+            return "error"
+        return await self._compare(copy, headers, body, seconds)
+
+    async def _compare(
+        self, copy: Copy, headers: list[tuple[bytes, bytes]], body: bytes, seconds: float
+    ) -> str | None:
+        """Both answers decoded and compared, and counted."""
+        revision = copy.config.revision
         try:
-            diffs, stable, canary = await asyncio.to_thread(
-                decode_and_compare, copy.stable_headers, copy.stable_body, headers, body
-            )
+            if len(body) + len(copy.stable_body) <= INLINE_BYTES:
+                # Small answers (tens of microseconds): a thread hop would cost more.
+                diffs, stable, canary = decode_and_compare(
+                    copy.stable_headers, copy.stable_body, headers, body
+                )
+            else:
+                diffs, stable, canary = await asyncio.to_thread(
+                    decode_and_compare, copy.stable_headers, copy.stable_body, headers, body
+                )
         except DecodeError as error:
             LOG.debug("mirror: cannot compare: %s", error)
             self.metrics.requests.labels(revision, "error").inc()
-            return
+            return "error"
         if revision != self.metrics.revision:
-            return
+            return None
         self.metrics.requests.labels(revision, "compared").inc()
         self.metrics.duration.labels(revision, "stable").observe(copy.stable_seconds)
         self.metrics.duration.labels(revision, "canary").observe(seconds)
@@ -485,6 +508,7 @@ class Mirror:
                 output = self.metrics.output(diff.name)
                 self.metrics.windows.add(output, "stable", stable[diff.name])
                 self.metrics.windows.add(output, "canary", canary[diff.name])
+        return None
 
 
 def decode_and_compare(
@@ -493,7 +517,7 @@ def decode_and_compare(
     canary_headers: list[tuple[bytes, bytes]],
     canary_body: bytes,
 ) -> tuple[list[OutputDiff], dict[str, Array], dict[str, Array]]:
-    """Off the event loop: both answers decoded and compared."""
+    """Both answers decoded and compared (off the event loop when they are large)."""
     stable = decode_tensors(stable_headers, stable_body, "outputs")
     canary = decode_tensors(canary_headers, canary_body, "outputs")
     return compare(stable, canary, datatypes(stable_headers, stable_body)), stable, canary
