@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import random
 import time
 from collections.abc import AsyncIterator, Callable
@@ -31,6 +32,15 @@ from modeldeploy_runtime.metrics import RuntimeMetrics
 from modeldeploy_runtime.proxy import InferExchange, Sampler
 from modeldeploy_runtime.routes import Kind, Route, admin_refused, grpc_route
 from modeldeploy_runtime.settings import RuntimeSettings
+from modeldeploy_runtime.shadow import (
+    MIRROR_HEADER,
+    Copy,
+    GrpcCall,
+    Mirror,
+    MirrorFailure,
+    copy_token,
+    is_copy,
+)
 
 STATUS_FOR = {
     401: grpc.StatusCode.UNAUTHENTICATED,
@@ -38,6 +48,40 @@ STATUS_FOR = {
     429: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 Metadata = tuple[tuple[str, Any], ...]
+MIRROR_KEY = MIRROR_HEADER.decode()
+# A copy's gRPC failures, as the mirror counts them (the others are the canary's errors).
+MIRROR_RESULTS = {
+    grpc.StatusCode.UNAVAILABLE: "unreachable",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "timeout",
+    grpc.StatusCode.UNAUTHENTICATED: "refused",
+    grpc.StatusCode.PERMISSION_DENIED: "refused",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "refused",
+}
+
+
+class GrpcMirrorConnection:
+    """The mirror's channel to one canary pod's gRPC port (shadow.Exchanger)."""
+
+    def __init__(self, settings: RuntimeSettings, address: tuple[str, int]) -> None:
+        self._timeout = settings.shadow_timeout_seconds
+        self._channel = grpc.aio.insecure_channel(
+            f"{address[0]}:{address[1]}", options=[("grpc.max_receive_message_length", -1)]
+        )
+
+    async def send(self, call: GrpcCall) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        forward = self._channel.unary_unary(
+            call.method, request_serializer=None, response_deserializer=None
+        )
+        try:
+            answer = await forward(call.message, metadata=call.metadata, timeout=self._timeout)
+        except grpc.aio.AioRpcError as error:
+            result = MIRROR_RESULTS.get(error.code(), "error")
+            raise MirrorFailure(result, f"{error.code().name}: {error.details()}") from error
+        return 200, [], bytes(answer)
+
+    def close(self) -> None:
+        with contextlib.suppress(RuntimeError):  # no loop left: the channel goes with it
+            asyncio.get_running_loop().create_task(self._channel.close())
 
 
 def _varint(data: bytes, offset: int) -> tuple[int, int]:
@@ -103,18 +147,22 @@ def _headers(metadata: Metadata | None) -> list[tuple[bytes, bytes]]:
 
 
 class GrpcProxy(grpc.GenericRpcHandler):  # type: ignore[misc] # grpc has no stubs
-    def __init__(
+    def __init__(  # noqa: PLR0913 - settings, metrics, Triton; the rest optional, by keyword
         self,
         settings: RuntimeSettings,
         metrics: RuntimeMetrics,
         channel: grpc.aio.Channel,
+        *,
         sampler: Sampler | None = None,
         access: AccessControl | None = None,
         rng: Callable[[], float] = random.random,
         coarsener: Coarsener | None = None,
+        mirror: Mirror | None = None,
     ) -> None:
         self.settings = settings
         self.coarsener = coarsener
+        self.mirror = mirror
+        self.copy_token = copy_token(settings.client_salt)
         self.metrics = metrics
         self.channel = channel
         self.sampler = sampler
@@ -129,20 +177,23 @@ class GrpcProxy(grpc.GenericRpcHandler):  # type: ignore[misc] # grpc has no stu
         if route is None:
             return None
         client = ""
+        headers = _headers(handler_call_details.invocation_metadata)
+        presented = next((v for k, v in headers if k == MIRROR_HEADER), None)
+        copy = route.action == "ModelInfer" and is_copy(presented, self.copy_token)
         try:
             if route.kind is Kind.ADMIN and not self.settings.allow_admin_apis:
                 raise admin_refused(route.action)
             if self.access is not None and route.kind is not Kind.HEALTH:
                 # Decided from the metadata alone: a refused call's message is never read.
-                client = self.access.identify(
-                    _headers(handler_call_details.invocation_metadata), "", self.metrics
-                )
+                client = self.access.identify(headers, "", self.metrics)
         except ProtocolError as refused:
             self.metrics.rejected.labels(refused.reason).inc()
             return grpc.stream_unary_rpc_method_handler(self._refuse(refused))
         if route.action == "ModelStreamInfer":
             return grpc.stream_stream_rpc_method_handler(self._stream(method, route, client))
-        return grpc.unary_unary_rpc_method_handler(self._unary(method, route, client))
+        return grpc.unary_unary_rpc_method_handler(
+            self._unary(method, route, client, copy=copy, copied=presented is not None)
+        )
 
     def _refuse(self, refused: ProtocolError) -> Callable[..., Any]:
         async def handle(_: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
@@ -163,8 +214,10 @@ class GrpcProxy(grpc.GenericRpcHandler):  # type: ignore[misc] # grpc has no stu
         ]
 
     def _unary(
-        self, method: str, route: Route, client: str
+        self, method: str, route: Route, client: str, *, copy: bool, copied: bool
     ) -> Callable[[bytes, grpc.aio.ServicerContext], Any]:
+        """``copy``: a shadow copy proved by its token (keyed, not limited: stable's door took
+        its limits); ``copied``: it says it is one (a copy is never copied again)."""
         forward = self.channel.unary_unary(
             method, request_serializer=None, response_deserializer=None
         )
@@ -172,7 +225,11 @@ class GrpcProxy(grpc.GenericRpcHandler):  # type: ignore[misc] # grpc has no stu
 
         async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
             who = self._client(client, context)
-            if self.access is not None and route.kind is not Kind.HEALTH:
+            if self.access is not None and route.kind is not Kind.HEALTH and copy:
+                self.metrics.client_requests.labels(
+                    self.access.clients.label(who), "shadow_copy"
+                ).inc()
+            elif self.access is not None and route.kind is not Kind.HEALTH:
                 try:
                     self.access.take(who, self.metrics, limited=measured)
                 except ProtocolError as refused:
@@ -189,9 +246,12 @@ class GrpcProxy(grpc.GenericRpcHandler):  # type: ignore[misc] # grpc has no stu
                     metadata=self._metadata(context),
                     timeout=self.settings.upstream_timeout_seconds,
                 )
+                answer = bytes(response)
                 if measured and self.coarsener:
-                    return self.coarsener.grpc(bytes(response))
-                return bytes(response)
+                    answer = self.coarsener.grpc(answer)
+                if route.action == "ModelInfer" and not copied:
+                    self._mirror(method, request, answer, context, started)
+                return answer
             except grpc.aio.AioRpcError as error:
                 code = error.code().name
                 self._count_upstream(error)
@@ -267,6 +327,27 @@ class GrpcProxy(grpc.GenericRpcHandler):  # type: ignore[misc] # grpc has no stu
                     self._observe(message, b"", "CANCELLED", time.perf_counter() - started)
 
         return handle
+
+    def _mirror(
+        self,
+        method: str,
+        request: bytes,
+        answer: bytes,
+        context: grpc.aio.ServicerContext,
+        started: float,
+    ) -> None:
+        """A copy for the canary in a shadow step, with the caller's key and the token;
+        stable's answer as the client gets it."""
+        if self.mirror is None:
+            return
+        config = self.mirror.sample(self.rng(), grpc=True)
+        if config is None:
+            return
+        metadata = tuple(context.invocation_metadata() or ())
+        if self.copy_token is not None:
+            metadata += ((MIRROR_KEY, self.copy_token.decode()),)
+        call = GrpcCall(method, request, metadata)
+        self.mirror.submit(Copy(call, [], answer, time.perf_counter() - started, config))
 
     def _count_upstream(self, error: grpc.aio.AioRpcError) -> None:
         if error.code() == grpc.StatusCode.UNAVAILABLE:

@@ -452,7 +452,8 @@ class HttpProxy:
                 peer,
                 self.metrics,
                 limited=route.kind is Kind.INFER,
-                copy=route.kind is Kind.INFER and is_copy(request, self.copy_token),
+                copy=route.kind is Kind.INFER
+                and is_copy(request.header(MIRROR_HEADER), self.copy_token),
             )
             request.credentials = [(k, v) for k, v in request.headers if k in CREDENTIAL_HEADERS]
             request.headers = [(k, v) for k, v in request.headers if k not in CREDENTIAL_HEADERS]

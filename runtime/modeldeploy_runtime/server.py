@@ -25,7 +25,7 @@ from modeldeploy_runtime.access import (
 from modeldeploy_runtime.coarsen import Coarsener, parse_rules
 from modeldeploy_runtime.drift import DriftWindow, Profile
 from modeldeploy_runtime.drift_monitor import DriftMonitor
-from modeldeploy_runtime.grpc_proxy import GrpcProxy
+from modeldeploy_runtime.grpc_proxy import GrpcMirrorConnection, GrpcProxy
 from modeldeploy_runtime.http1 import ByteBudget, ProtocolError, RequestParser
 from modeldeploy_runtime.metrics import BudgetCollector, RuntimeMetrics
 from modeldeploy_runtime.proxy import HttpProxy, MirrorConnection, Upstream, UpstreamError
@@ -179,7 +179,11 @@ async def serve(settings: RuntimeSettings, stop: asyncio.Event | None = None) ->
         mirror = Mirror(
             ShadowFile(settings.shadow_file),
             ShadowMetrics(metrics.registry),
-            lambda address: MirrorConnection(settings, address),
+            lambda address, grpc: (
+                GrpcMirrorConnection(settings, address)
+                if grpc
+                else MirrorConnection(settings, address)
+            ),
             queue_size=settings.shadow_queue_size,
         )
     proxy = HttpProxy(
@@ -221,6 +225,7 @@ async def serve(settings: RuntimeSettings, stop: asyncio.Event | None = None) ->
                 sampler=proxy.sampler,
                 access=access,
                 coarsener=coarsener,
+                mirror=mirror,
             )
         ]
     )

@@ -34,14 +34,21 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from modeldeploy_runtime.drift import Array, DecodeError, decode_tensors, psi, split_binary
+from modeldeploy_runtime.drift import (
+    Array,
+    DecodeError,
+    decode_grpc,
+    decode_tensors,
+    psi,
+    split_binary,
+)
 from modeldeploy_runtime.http1 import Request
 from modeldeploy_runtime.metrics import LATENCY_BUCKETS, OTHER
 
@@ -68,7 +75,8 @@ class ShadowConfig:
     revision: str
     version: str
     percent: float
-    targets: tuple[tuple[str, int], ...]
+    targets: tuple[tuple[str, int], ...]  # the canary pods' sidecars, HTTP
+    grpc_targets: tuple[tuple[str, int], ...] = ()  # and gRPC
 
     @classmethod
     def parse(cls, text: str) -> ShadowConfig | None:
@@ -78,14 +86,24 @@ class ShadowConfig:
         data = json.loads(text)
         if not data:
             return None
-        targets = []
-        for target in data.get("targets") or []:
-            host, _, port = str(target).rpartition(":")
-            targets.append((host, int(port)))
         percent = float(data.get("percent", 0))
         if not 0 <= percent <= 100:
             raise ValueError(f"percent {percent} is outside [0, 100]")
-        return cls(str(data["revision"]), str(data.get("version", "")), percent, tuple(targets))
+        return cls(
+            str(data["revision"]),
+            str(data.get("version", "")),
+            percent,
+            _addresses(data.get("targets")),
+            _addresses(data.get("grpcTargets")),
+        )
+
+
+def _addresses(listed: Any) -> tuple[tuple[str, int], ...]:
+    out = []
+    for target in listed or []:
+        host, _, port = str(target).rpartition(":")
+        out.append((host, int(port)))
+    return tuple(out)
 
 
 class ShadowFile:
@@ -352,10 +370,23 @@ class ShadowMetrics:
 
 
 @dataclass(frozen=True)
-class Copy:
-    """One answered request to mirror: what stable was sent and what it answered."""
+class GrpcCall:
+    """A unary gRPC call to copy: ModelInfer's method, message and metadata."""
 
-    request: Request  # with the caller's credentials and the mirror header
+    method: str
+    message: bytes
+    metadata: tuple[tuple[str, str | bytes], ...]  # the caller's key and the mirror header
+
+
+Call = Request | GrpcCall
+
+
+@dataclass(frozen=True)
+class Copy:
+    """One answered request to mirror: what stable was sent and what it answered (for gRPC
+    the ModelInferResponse, without headers)."""
+
+    request: Call  # with the caller's credentials and the mirror header
     stable_headers: list[tuple[bytes, bytes]]
     stable_body: bytes
     stable_seconds: float
@@ -373,14 +404,15 @@ class MirrorFailure(Exception):
 
 
 class Exchanger(Protocol):
-    """What sends a copy to one canary pod (proxy.MirrorConnection)."""
+    """What sends a copy to one canary pod: proxy.MirrorConnection (HTTP) or
+    grpc_proxy.GrpcMirrorConnection. A gRPC answer is (200, [], message)."""
 
-    async def send(self, request: Request) -> tuple[int, list[tuple[bytes, bytes]], bytes]: ...
+    async def send(self, request: Any) -> tuple[int, list[tuple[bytes, bytes]], bytes]: ...
 
     def close(self) -> None: ...
 
 
-Connect = Callable[[tuple[str, int]], Exchanger]
+Connect = Callable[[tuple[str, int], bool], Exchanger]  # (address, gRPC?)
 
 
 class Mirror:
@@ -403,13 +435,13 @@ class Mirror:
         self._turn = 0
         self._down: dict[tuple[str, int], float] = {}  # address -> until when it is not tried
 
-    def sample(self, draw: float) -> ShadowConfig | None:
+    def sample(self, draw: float, grpc: bool = False) -> ShadowConfig | None:
         """The config to mirror this request under, when ``draw`` (uniform in [0, 1)) falls
-        within its percentage and it names a canary."""
+        within its percentage and it names a canary (for the request's protocol)."""
         config = self.source.current()
-        if config is None or not config.targets or draw * 100 >= config.percent:
+        if config is None or draw * 100 >= config.percent:
             return None
-        return config
+        return config if (config.grpc_targets if grpc else config.targets) else None
 
     def submit(self, copy: Copy) -> None:
         self.metrics.start(copy.config.revision)
@@ -428,11 +460,12 @@ class Mirror:
                 await task
 
     async def _work(self) -> None:
-        connections: dict[tuple[str, int], Exchanger] = {}
+        connections: dict[tuple[tuple[str, int], bool], Exchanger] = {}
         try:
             while True:
                 copy = await self._queue.get()
-                targets = copy.config.targets
+                grpc = isinstance(copy.request, GrpcCall)
+                targets = copy.config.grpc_targets if grpc else copy.config.targets
                 self._turn = (self._turn + 1) % len(targets)
                 target = targets[self._turn]
                 if time.monotonic() < self._down.get(target, 0.0):
@@ -440,18 +473,21 @@ class Mirror:
                     # tried again for a second, which would cost a connect per copy.
                     self.metrics.requests.labels(copy.config.revision, "unreachable").inc()
                     continue
-                connection = connections.get(target) or connections.setdefault(
-                    target, self._connect(target)
+                key = (target, grpc)
+                connection = connections.get(key) or connections.setdefault(
+                    key, self._connect(target, grpc)
                 )
                 try:
                     if await self._mirror(copy, connection) == "unreachable":
                         self._down[target] = time.monotonic() + UNREACHABLE_SECONDS
                 except Exception:  # a worker outlives any one copy, or mirroring stops
                     LOG.exception("mirror: a copy failed unexpectedly")
-                    connections.pop(target).close()
+                    connections.pop(key).close()
                     self.metrics.requests.labels(copy.config.revision, "error").inc()
                 # Pods come and go: forget connections to addresses no longer named.
-                for gone in set(connections) - set(targets):
+                named = {(t, False) for t in copy.config.targets}
+                named |= {(t, True) for t in copy.config.grpc_targets}
+                for gone in set(connections) - named:
                     connections.pop(gone).close()
         finally:
             for connection in connections.values():
@@ -486,12 +522,10 @@ class Mirror:
         try:
             if len(body) + len(copy.stable_body) <= INLINE_BYTES:
                 # Small answers (tens of microseconds): a thread hop would cost more.
-                diffs, stable, canary = decode_and_compare(
-                    copy.stable_headers, copy.stable_body, headers, body
-                )
+                diffs, stable, canary = decode_and_compare(copy, headers, body)
             else:
                 diffs, stable, canary = await asyncio.to_thread(
-                    decode_and_compare, copy.stable_headers, copy.stable_body, headers, body
+                    decode_and_compare, copy, headers, body
                 )
         except DecodeError as error:
             LOG.debug("mirror: cannot compare: %s", error)
@@ -512,15 +546,25 @@ class Mirror:
 
 
 def decode_and_compare(
-    stable_headers: list[tuple[bytes, bytes]],
-    stable_body: bytes,
-    canary_headers: list[tuple[bytes, bytes]],
-    canary_body: bytes,
+    copy: Copy, canary_headers: list[tuple[bytes, bytes]], canary_body: bytes
 ) -> tuple[list[OutputDiff], dict[str, Array], dict[str, Array]]:
     """Both answers decoded and compared (off the event loop when they are large)."""
-    stable = decode_tensors(stable_headers, stable_body, "outputs")
-    canary = decode_tensors(canary_headers, canary_body, "outputs")
-    return compare(stable, canary, datatypes(stable_headers, stable_body)), stable, canary
+    if isinstance(copy.request, GrpcCall):
+        message = copy.request.message
+        stable = decode_grpc(message, copy.stable_body)[1]
+        canary = decode_grpc(message, canary_body)[1]
+        types = grpc_datatypes(copy.stable_body)
+    else:
+        stable = decode_tensors(copy.stable_headers, copy.stable_body, "outputs")
+        canary = decode_tensors(canary_headers, canary_body, "outputs")
+        types = datatypes(copy.stable_headers, copy.stable_body)
+    return compare(stable, canary, types), stable, canary
+
+
+def grpc_datatypes(response: bytes) -> dict[str, str]:
+    from tritonclient.grpc import service_pb2  # noqa: PLC0415 - as drift.decode_grpc
+
+    return {t.name: t.datatype for t in service_pb2.ModelInferResponse.FromString(response).outputs}
 
 
 def copy_token(salt: str) -> bytes | None:
@@ -532,8 +576,8 @@ def copy_token(salt: str) -> bytes | None:
     return hmac.new(salt.encode(), b"modeldeploy shadow copy", hashlib.sha256).hexdigest().encode()
 
 
-def is_copy(request: Request, token: bytes | None) -> bool:
-    presented = request.header(MIRROR_HEADER)
+def is_copy(presented: bytes | None, token: bytes | None) -> bool:
+    """The mirror header (HTTP) or metadata entry (gRPC) proves a copy."""
     return token is not None and presented is not None and hmac.compare_digest(presented, token)
 
 

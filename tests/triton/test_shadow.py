@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
@@ -22,9 +23,15 @@ pytestmark = pytest.mark.triton
 TOTAL = "modeldeploy_runtime_shadow_requests_total"
 
 
-def shadow_file(tmp_path: Path, target: str, percent: float = 100) -> Path:
+def shadow_file(tmp_path: Path, target: str, percent: float = 100, grpc: str = "") -> Path:
     path = tmp_path / "shadow.json"
-    config = {"revision": "canary1", "version": "2", "percent": percent, "targets": [target]}
+    config = {
+        "revision": "canary1",
+        "version": "2",
+        "percent": percent,
+        "targets": [target],
+        "grpcTargets": [grpc] if grpc else [],
+    }
     path.write_text(json.dumps(config))
     return path
 
@@ -154,3 +161,24 @@ def test_copies_carry_the_callers_key_and_cost_no_budget_at_the_canary(
     assert value(scrape(canary.metrics), used) == 3  # a forged header is an ordinary call
     with pytest.raises(InferenceServerException, match="budget"):
         forged.infer("double", [x], headers={**auth, "x-modeldeploy-mirror": "1"})
+
+
+def test_grpc_calls_are_copied_and_compared_too(sidecar: SidecarFactory, tmp_path: Path) -> None:
+    canary = sidecar(model="double", track="canary")
+    path = shadow_file(tmp_path, canary.http, grpc=canary.grpc)
+    stable = sidecar(model="double", shadow_file=path)
+    time.sleep(1.1)
+    client = grpcclient.InferenceServerClient(stable.grpc)
+    for i in range(10):
+        x = grpcclient.InferInput("x", [2, 4], "FP32")
+        x.set_data_from_numpy(np.arange(8, dtype=np.float32).reshape(2, 4) + i)
+        answer = client.infer("double", [x]).as_numpy("y")
+        assert answer is not None
+        assert np.array_equal(answer[0], 2 * (np.arange(4) + i))
+    wait_mirrored(stable, 10, "compared")
+    samples = scrape(stable.metrics)
+    labels = {"revision": "canary1", "output": "y"}
+    assert value(samples, "modeldeploy_runtime_shadow_rows_total", **labels) == 20
+    assert value(samples, "modeldeploy_runtime_shadow_disagreements_total", **labels) == 0
+    served = value(scrape(canary.metrics), "modeldeploy_runtime_requests_total", track="canary")
+    assert served == 10  # the copies, and nothing else

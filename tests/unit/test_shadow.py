@@ -178,13 +178,13 @@ def run_mirror(mirror: Mirror, *batches: list[Copy]) -> None:
 
 def test_sampling_follows_the_percentage_and_needs_a_canary_address() -> None:
     registry = CollectorRegistry()
-    mirror = Mirror(StaticFile(CONFIG), ShadowMetrics(registry), lambda _: FakeCanary())
+    mirror = Mirror(StaticFile(CONFIG), ShadowMetrics(registry), lambda *_: FakeCanary())
     assert mirror.sample(0.05) == CONFIG
     assert mirror.sample(0.10) is None
     no_targets = ShadowConfig("rev1", "2", 100.0, ())
     assert (
         Mirror(
-            StaticFile(no_targets), ShadowMetrics(CollectorRegistry()), lambda _: FakeCanary()
+            StaticFile(no_targets), ShadowMetrics(CollectorRegistry()), lambda *_: FakeCanary()
         ).sample(0.0)
         is None
     )
@@ -193,7 +193,7 @@ def test_sampling_follows_the_percentage_and_needs_a_canary_address() -> None:
 def test_compared_answers_are_counted_per_output_and_a_full_queue_drops() -> None:
     registry = CollectorRegistry()
     canary = FakeCanary(answer(PROBS[:, [0, 2, 1]]))
-    mirror = Mirror(StaticFile(CONFIG), ShadowMetrics(registry), lambda _: canary, queue_size=3)
+    mirror = Mirror(StaticFile(CONFIG), ShadowMetrics(registry), lambda *_: canary, queue_size=3)
     run_mirror(mirror, [copy_of() for _ in range(5)])
     labels = {"revision": "rev1"}
     assert (
@@ -215,7 +215,7 @@ def test_compared_answers_are_counted_per_output_and_a_full_queue_drops() -> Non
 def test_failed_copies_are_counted_by_kind(result: str) -> None:
     registry = CollectorRegistry()
     canary = FakeCanary(failure=MirrorFailure(result, "boom"))
-    mirror = Mirror(StaticFile(CONFIG), ShadowMetrics(registry), lambda _: canary)
+    mirror = Mirror(StaticFile(CONFIG), ShadowMetrics(registry), lambda *_: canary)
     run_mirror(mirror, [copy_of()])
     total = "modeldeploy_runtime_shadow_requests_total"
     assert sample(registry, total, revision="rev1", result=result) == 1
@@ -225,7 +225,7 @@ def test_failed_copies_are_counted_by_kind(result: str) -> None:
 def test_a_new_canary_revision_starts_its_series_over() -> None:
     registry = CollectorRegistry()
     metrics = ShadowMetrics(registry)
-    mirror = Mirror(StaticFile(CONFIG), metrics, lambda _: FakeCanary(answer(PROBS)))
+    mirror = Mirror(StaticFile(CONFIG), metrics, lambda *_: FakeCanary(answer(PROBS)))
     newer = ShadowConfig("rev2", "3", 10.0, CONFIG.targets)
     run_mirror(mirror, [copy_of()], [copy_of(newer)])
     total = "modeldeploy_runtime_shadow_requests_total"

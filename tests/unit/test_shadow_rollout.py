@@ -49,7 +49,7 @@ def canary(
         ready=ready,
         rolled=False,
         loaded=loaded,
-        addresses=("10.88.0.7:8080",),
+        addresses=("10.88.0.7",),
         gated=gated,
     )
 
@@ -62,7 +62,7 @@ def test_a_shadow_step_runs_the_canary_beside_a_whole_stable_and_names_its_addre
     assert (plan.targets.stable_replicas, plan.targets.canary_replicas) == (2, 1)
     assert plan.shadow is not None
     assert (plan.shadow.revision, plan.shadow.percent) == ("r2", 10)
-    assert plan.shadow.targets == ("10.88.0.7:8080",)
+    assert plan.shadow.targets == ("10.88.0.7",)
     assert plan.admit == ()  # the gate stays shut: no user reaches the canary
     status = plan.view.canary
     assert status is not None
@@ -146,7 +146,7 @@ def test_gated_pods_are_loaded_but_not_ready_and_not_stalled() -> None:
     }
     state = track_state(deployment, [pod], "canary")
     assert (state.ready, state.loaded, state.failure) == (0, 1, None)
-    assert state.addresses == ("10.88.0.7:8080",)
+    assert state.addresses == ("10.88.0.7",)
     assert state.gated == ("iris-canary-a",)
     pod["status"]["conditions"].append({"type": SERVING_GATE, "status": "True"})
     assert track_state(deployment, [pod], "canary").gated == ()
@@ -166,8 +166,9 @@ def test_only_the_canary_of_a_rollout_with_shadow_steps_has_the_gate() -> None:
 def test_the_shadow_configmap_is_empty_outside_shadow_steps() -> None:
     empty = build_shadow_configmap(iris(), "", "", 0, ())
     assert empty["data"] == {"shadow.json": "{}"}
-    full = build_shadow_configmap(iris(), "r2", "2", 10, ("10.88.0.7:8080",))
+    full = build_shadow_configmap(iris(), "r2", "2", 10, ("10.88.0.7",))
     assert '"targets": ["10.88.0.7:8080"]' in full["data"]["shadow.json"]
+    assert '"grpcTargets": ["10.88.0.7:8081"]' in full["data"]["shadow.json"]
 
 
 class ByOutput:

@@ -38,7 +38,7 @@ from modeldeploy_operator.api.v1alpha1 import (
     TrackStatus,
     parse_duration,
 )
-from modeldeploy_operator.builders.deployment import RUNTIME_PORTS, SERVING_GATE
+from modeldeploy_operator.builders.deployment import SERVING_GATE
 from modeldeploy_operator.builders.labels import REVISION_LABEL, TRACK_LABEL, Track
 from modeldeploy_operator.builders.route import gateway_routing
 from modeldeploy_operator.rollout.analysis import Measurement, Result, describe, verdict
@@ -87,7 +87,7 @@ class TrackState:
     failure: str | None = None  # why its pods cannot serve, when they cannot
     digest: str | None = None  # the content its Ready pods' fetchers reported, when one
     # Behind the serving gate (shadow steps): pods of ``revision`` whose containers are all
-    # ready, their sidecars' addresses, and the pods (of any revision) the gate still holds.
+    # ready, their addresses, and the pods (of any revision) the gate still holds.
     loaded: int = 0
     addresses: tuple[str, ...] = ()
     gated: tuple[str, ...] = ()
@@ -132,7 +132,7 @@ class Shadowing:
     revision: str
     version: str
     percent: int
-    targets: tuple[str, ...]  # the canary's sidecars, host:port
+    targets: tuple[str, ...]  # the canary pods' addresses
 
 
 @dataclass(frozen=True)
@@ -188,7 +188,6 @@ def track_state(
     available = int(status.get("availableReplicas") or 0)
     digests = {(fetch_report(p) or {}).get("digest") for p in mine if pod_ready(p)} - {None}
     loaded = [p for p in mine if containers_ready(p)]
-    port = RUNTIME_PORTS["proxy-http"]
     if len(loaded) >= replicas:
         # Every pod is up, behind the serving gate (a shadow step): the Deployment counts no
         # progress while they are not Ready, which is not a failure of theirs.
@@ -207,7 +206,7 @@ def track_state(
         digest=str(next(iter(digests))) if len(digests) == 1 else None,
         loaded=len(loaded),
         addresses=tuple(
-            sorted(f"{ip}:{port}" for p in loaded if (ip := dig(p, "status", "podIP")) is not None)
+            sorted(str(ip) for p in loaded if (ip := dig(p, "status", "podIP")) is not None)
         ),
         gated=tuple(
             sorted(
