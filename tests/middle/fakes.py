@@ -515,7 +515,9 @@ class DeploymentController:
 
     Pods carry their Deployment's template labels plus ``pod-template-hash``. A new pod is
     Ready ``ready_after(pod)`` steps after it is created (``never`` for pods that crash: their
-    triton container is in CrashLoopBackOff). A rolling update keeps at least
+    triton container is in CrashLoopBackOff); a pod with readiness gates is Ready only once
+    their conditions are True as well (its containers are ready before), as the kubelet
+    decides. A rolling update keeps at least
     ``replicas - maxUnavailable`` Ready pods and at most ``replicas + maxSurge`` pods, as the
     real controller does; pods of a Deployment that is gone are garbage-collected. Deployment
     status (replicas, readyReplicas, availableReplicas, updatedReplicas, observedGeneration)
@@ -563,9 +565,29 @@ class DeploymentController:
         for key, left in list(self._pending.items()):
             if left <= 1:
                 del self._pending[key]
-                self.api.edit("v1", "Pod", key[2], key[3], {"status": _pod_status(True)})
+                pod = self.api.objects[key]
+                status = {**_pod_status(True), "podIP": pod["status"].get("podIP")}
+                self.api.edit("v1", "Pod", key[2], key[3], {"status": status})
             else:
                 self._pending[key] = left - 1
+        for pod in self.api.items("Pod", live=True):
+            self._gate(pod)
+
+    def _gate(self, pod: Json) -> None:
+        """Ready: containers ready and every readiness gate's condition True."""
+        gates = [g["conditionType"] for g in (pod.get("spec") or {}).get("readinessGates") or []]
+        if not gates:
+            return
+        conditions = {c["type"]: c.get("status") for c in pod["status"].get("conditions", [])}
+        ready = conditions.get("ContainersReady") == "True" and all(
+            conditions.get(g) == "True" for g in gates
+        )
+        if (conditions.get("Ready") == "True") != ready:
+            kept = [c for c in pod["status"]["conditions"] if c["type"] != "Ready"]
+            flag = {"type": "Ready", "status": "True" if ready else "False"}
+            self.api.edit(
+                "v1", "Pod", _ns(pod), _name(pod), {"status": {"conditions": [*kept, flag]}}
+            )
 
     def _sync(self, deployment: Json) -> None:
         spec = deployment.get("spec") or {}
@@ -605,7 +627,7 @@ class DeploymentController:
                 "annotations": {OWNER_ANNOTATION: _name(deployment)},
             },
             "spec": copy.deepcopy(template.get("spec") or {}),
-            "status": _pod_status(False),
+            "status": {**_pod_status(False), "podIP": f"10.0.0.{self._serial}"},
         }
         if self.crashing(pod):
             pod["status"]["containerStatuses"] = [

@@ -478,3 +478,56 @@ def test_a_step_held_by_inconclusive_checks_keeps_saying_why_between_checks() ->
     h.steps(6)  # 30 s: three checks, each as inconclusive as the last
     assert all("analysis inconclusive (errors: no data)" in m for m in messages), messages
     assert len(h.api.writes("patch_status")) - writes <= 3  # at most one write per check
+
+
+# -- shadow steps -----------------------------------------------------------------------------
+
+
+def test_a_shadow_step_keeps_the_canary_out_of_service_then_lets_the_same_pods_in() -> None:
+    steps: list[Json] = [
+        {"shadow": {"percent": 50}, "pause": "20s"},
+        {"weight": 50},
+        {"weight": 100},
+    ]
+    h = started(model(replicas=2, steps=steps))
+    h.watch(at_least_spec_replicas)
+
+    def shadowing() -> bool:
+        return (
+            canary(h).get("shadow") == 50
+            and bool(h.pods("canary"))
+            and all(
+                c["status"] == "True"
+                for p in h.pods("canary")
+                for c in p["status"]["conditions"]
+                if c["type"] == "ContainersReady"
+            )
+        )
+
+    h.run("the canary loaded in its shadow step", shadowing)
+    (pod,) = h.pods("canary")
+    assert h.ready_pods("canary") == 0  # behind the gate: in no Service
+    assert h.ready_pods("stable") == 2  # stable keeps every replica
+    assert canary(h)["weight"] == 0
+    config = h.api.peek("v1", "ConfigMap", NAMESPACE, f"{NAME}-shadow")
+    assert config is not None
+    assert '"targets": ["10.0.0.' in config["data"]["shadow.json"]
+    h.run("past the shadow step", lambda: (canary(h).get("step") or 0) >= 1)
+    # The same pod is let in, warm: no new canary pod.
+    h.run("the canary pod Ready", lambda: h.ready_pods("canary") == 1)
+    assert [p["metadata"]["name"] for p in h.pods("canary")] == [pod["metadata"]["name"]]
+    assert any(c.verb == "set_pod_condition" for c in h.api.calls)
+    assert (h.api.peek("v1", "ConfigMap", NAMESPACE, f"{NAME}-shadow") or {})["data"][
+        "shadow.json"
+    ] == "{}"
+    h.run("promotion", settled_on("2")(h))
+
+
+def test_a_shadow_step_that_fails_its_analysis_never_lets_the_canary_in() -> None:
+    steps: list[Json] = [{"shadow": {"percent": 10}, "pause": "20s"}, {"weight": 100}]
+    h = started(model(replicas=2, steps=steps))
+    h.metrics.answer = FAILING
+    h.run("a rollback", lambda: h.status().get("rollback") is not None)
+    assert h.deployment("canary") is None
+    assert not any(c.verb == "set_pod_condition" for c in h.api.calls)
+    assert h.stable_version() == "1"
