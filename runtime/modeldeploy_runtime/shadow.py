@@ -32,7 +32,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -391,7 +391,6 @@ class Copy:
     stable_body: bytes
     stable_seconds: float
     config: ShadowConfig
-    enqueued: float = field(default_factory=time.monotonic)
 
 
 class MirrorFailure(Exception):
