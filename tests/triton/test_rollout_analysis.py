@@ -56,8 +56,10 @@ def monitoring(
     dcgm_port = free_port()
     dcgm_server, _ = start_http_server(dcgm_port, addr="127.0.0.1", registry=dcgm)
 
-    def start(**canary_flags: object) -> tuple[str, Sidecar, Sidecar]:
-        stable = sidecar(model="features", track="stable")
+    def start(
+        stable_flags: dict[str, object] | None = None, **canary_flags: object
+    ) -> tuple[str, Sidecar, Sidecar]:
+        stable = sidecar(model="features", track="stable", **(stable_flags or {}))
         canary = sidecar(
             model=canary_flags.pop("model", "features"), track="canary", **canary_flags
         )
@@ -111,6 +113,16 @@ def start_rollout(
     wait_for("the canary", lambda: canary_exists(cluster, namespace), timeout=20)
 
 
+def variables_of(namespace: str) -> dict[str, str]:
+    """The dashboard's Grafana variables, for one namespace's ModelDeployments."""
+    return {"$__rate_interval": "1m", "$namespace": namespace, "$modeldeployment": ".*"}
+
+
+def shadow(name: str) -> bool:
+    """A dashboard panel or alert series about shadow steps."""
+    return "shadow" in name.lower()
+
+
 ERRORS = {"name": "errors", "builtin": "ErrorRatio", "max": 0.01}
 LATENCY = {"name": "p99", "builtin": "P99Latency", "max": 0.25}
 DRIFT = {"name": "drift", "builtin": "DriftScore", "max": 0.2}
@@ -135,9 +147,11 @@ def test_a_healthy_canary_is_analysed_and_promoted(
         # A long first pause: the dashboard check below runs while the canary is at 50 %.
         start_rollout(cluster, namespace, prometheus, [ERRORS, LATENCY], failure_limit=2, pause=30)
         background.append(Traffic(canary, "features", lambda: GOOD))
-        # While the rollout runs, the chart's dashboard shows data in every panel.
-        variables = {"$__rate_interval": "1m", "$namespace": namespace, "$modeldeployment": ".*"}
-        queries = dashboard_queries(variables)
+        # While the rollout runs, the chart's dashboard shows data in every panel (but the
+        # shadow ones: no shadow step here; test_the_shadow_panels_and_alert_read_... below).
+        queries = {
+            t: q for t, q in dashboard_queries(variables_of(namespace)).items() if not shadow(t)
+        }
         deadline = time.monotonic() + 20
         while empty := [t for t, q in queries.items() if not instant_vector(prometheus, q)]:
             assert time.monotonic() < deadline, f"dashboard panels without data: {empty}"
@@ -228,7 +242,8 @@ def test_a_bad_canary_is_rolled_back_within_three_intervals(
             # Every series the chart's alerts read exists in this Prometheus (sidecars with
             # drift profiles, the operator as its job), with the labels they select by.
             deadline = time.monotonic() + 15
-            while empty := [s for s in alert_selectors() if not instant_vector(prometheus, s)]:
+            selectors = [s for s in alert_selectors() if not shadow(s)]
+            while empty := [s for s in selectors if not instant_vector(prometheus, s)]:
                 assert time.monotonic() < deadline, f"alert selectors without data: {empty}"
                 time.sleep(1)
     finally:
@@ -390,3 +405,31 @@ def test_a_canary_that_goes_bad_while_the_operator_is_down_is_rolled_back_when_i
     finally:
         for traffic in background:
             traffic.stop()
+
+
+def test_the_shadow_panels_and_alert_read_the_series_a_shadow_step_exports(
+    namespace: str, monitoring: Callable[..., Any], tmp_path: Path
+) -> None:
+    """Stable's sidecar copying to the canary's, as in a shadow step: every shadow panel of
+    the chart's dashboard and every series its shadow alert reads has data."""
+    config = tmp_path / "shadow.json"
+    prometheus, stable, canary = monitoring(stable_flags={"shadow_file": config})
+    document = {"revision": "r2", "version": "2", "percent": 100, "targets": [canary.http]}
+    config.write_text(json.dumps(document))
+    # "double" answers four scores per row: a classification output, so disagreement too.
+    traffic = Traffic(stable, "double", lambda: GOOD)
+    try:
+        queries = {t: q for t, q in dashboard_queries(variables_of(namespace)).items() if shadow(t)}
+        selectors = [s for s in alert_selectors() if shadow(s)]
+        assert len(queries) == 4
+        assert selectors
+        deadline = time.monotonic() + 30
+        while empty := [
+            name
+            for name, query in [*queries.items(), *((s, s) for s in selectors)]
+            if not instant_vector(prometheus, query)
+        ]:
+            assert time.monotonic() < deadline, f"shadow panels or series without data: {empty}"
+            time.sleep(1)
+    finally:
+        traffic.stop()
