@@ -66,8 +66,9 @@ def children(
     budget_usage: Mapping[str, float] | None = None,
 ) -> act.Children:
     """The children a plan asks for (pure): the Service, the track Deployments, with Gateway
-    API routing the per-track Services and the HTTPRoute at the canary's weight, and with a
-    query budget the list of keys over it (when their calls could be summed)."""
+    API routing the per-track Services and the HTTPRoute at the canary's weight, with a
+    query budget the list of keys over it (when their calls could be summed), and with shadow
+    steps ``<name>-shadow`` (what stable's sidecars copy where; empty outside the steps)."""
     targets = plan.targets
     desired: list[dict[str, Any]] = []
     scale: list[act.Scale] = []
