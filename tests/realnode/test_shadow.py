@@ -99,6 +99,17 @@ def shadowing(cluster: Cluster, namespace: str) -> bool:
     return canary.get("shadow") == 50 and canary.get("weight") == 0
 
 
+def shadow_step_copying(cluster: Cluster, namespace: str, version: str) -> dict[str, Any]:
+    """``version`` rolled out to its shadow step, stable's sidecars copying to its pod."""
+    roll_to(cluster, namespace, version)
+    wait_for("the shadow step", lambda: shadowing(cluster, namespace), timeout=120)
+    wait_for(
+        "stable copying to the canary", lambda: copies_sent(cluster, namespace) >= 10, timeout=240
+    )
+    (canary,) = track_pods(cluster, namespace, "canary")
+    return canary
+
+
 def only_copies_reached(
     cluster: Cluster, namespace: str, canary: dict[str, Any], outcomes: list[Outcome]
 ) -> None:
@@ -131,17 +142,8 @@ def test_a_canary_that_answers_differently_is_rolled_back_and_one_that_agrees_is
     # Five failed checks (50 s) leave the canary up long enough to read its counts.
     address = serve(cluster, namespace, failure_limit=5)
     with SteadyLoad(address) as load:
-        roll_to(cluster, namespace, "5")  # fast, error-free, two classes swapped
-        wait_for("the shadow step", lambda: shadowing(cluster, namespace), timeout=120)
-        wait_for(
-            "stable copying to the canary",
-            lambda: copies_sent(cluster, namespace) >= 10,
-            timeout=240,
-        )
-    # The client paused: every copy is answered and counted on both sides, and the canary's
-    # Triton (its statistics, read every 5 s) counted exactly the copies.
-    (canary,) = track_pods(cluster, namespace, "canary")
-
+        canary = shadow_step_copying(cluster, namespace, "5")  # fast, no errors, classes swapped
+    # The client paused: every copy is answered and counted on both sides.
     only_copies_reached(cluster, namespace, canary, load.outcomes)
     with SteadyLoad(address) as load_after:
         wait_for(
@@ -170,15 +172,8 @@ def test_a_canary_that_answers_differently_is_rolled_back_and_one_that_agrees_is
     # Version 2 answers like version 1: it passes its shadow step and is promoted, the same
     # pods let in after it.
     with SteadyLoad(address) as load:
-        roll_to(cluster, namespace, "2")
-        wait_for("the shadow step", lambda: shadowing(cluster, namespace), timeout=120)
+        canary = shadow_step_copying(cluster, namespace, "2")
         # The canary's pods are loaded and behind the gate: not Ready, in no Service.
-        wait_for(
-            "stable copying to the canary",
-            lambda: copies_sent(cluster, namespace) >= 10,
-            timeout=240,
-        )
-        (canary,) = track_pods(cluster, namespace, "canary")
         conditions = {c["type"]: c["status"] for c in canary["status"]["conditions"]}
         assert conditions["ContainersReady"] == "True"
         assert conditions["Ready"] == "False"

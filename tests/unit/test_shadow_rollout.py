@@ -188,6 +188,19 @@ class ByOutput:
         return 0.0
 
 
+def measured(doc: dict[str, Any], provider: ByOutput) -> Check:
+    """One analysis of the canary at revision r2, against ``provider``."""
+    ctx = OperatorContext(
+        api=None,  # type: ignore[arg-type]  # measure never calls the API
+        build=BuildConfig(runtime_image="x"),
+        telemetry=None,  # type: ignore[arg-type]
+        gpus=None,  # type: ignore[arg-type]
+        logger=logging.getLogger("test"),
+        metrics_provider=lambda url: provider,
+    )
+    return measure(ModelDeployment.model_validate(doc), ctx, 100.0, "r2")
+
+
 def shadow_analysis(values: dict[str, float]) -> tuple[Check, ByOutput]:
     doc = merged(load_example("iris.yaml"), {"metadata": {"namespace": "ns"}})
     doc["spec"]["rollout"]["steps"] = SHADOW_STEPS
@@ -197,15 +210,7 @@ def shadow_analysis(values: dict[str, float]) -> tuple[Check, ByOutput]:
     ]
     doc["spec"]["rollout"]["analysis"]["prometheus"] = {"url": "http://prometheus"}
     provider = ByOutput(values)
-    ctx = OperatorContext(
-        api=None,  # type: ignore[arg-type]  # measure never calls the API
-        build=BuildConfig(runtime_image="x"),
-        telemetry=None,  # type: ignore[arg-type]
-        gpus=None,  # type: ignore[arg-type]
-        logger=logging.getLogger("test"),
-        metrics_provider=lambda url: provider,
-    )
-    return measure(ModelDeployment.model_validate(doc), ctx, 100.0, "r2"), provider
+    return measured(doc, provider), provider
 
 
 def test_the_worst_output_decides_and_is_named() -> None:
@@ -246,14 +251,6 @@ def test_shadow_builtins_are_not_measured_in_weighted_steps() -> None:
     ]
     doc["spec"]["rollout"]["analysis"]["prometheus"] = {"url": "http://prometheus"}
     provider = ByOutput({"probabilities": 0.9})
-    ctx = OperatorContext(
-        api=None,  # type: ignore[arg-type]  # measure never calls the API
-        build=BuildConfig(runtime_image="x"),
-        telemetry=None,  # type: ignore[arg-type]
-        gpus=None,  # type: ignore[arg-type]
-        logger=logging.getLogger("test"),
-        metrics_provider=lambda url: provider,
-    )
-    check = measure(ModelDeployment.model_validate(doc), ctx, 100.0, "r2")
+    check = measured(doc, provider)
     assert [r.name for r in check.results] == ["errors"]
     assert not any("shadow" in q for q in provider.queries)

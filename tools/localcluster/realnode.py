@@ -71,6 +71,7 @@ KUBELET_FIXED_PATHS = (
     Path("/var/log/containers"),
 )
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+IP_FORWARD = "/proc/sys/net/ipv4/ip_forward"  # on while a pod bridge is up (isGateway)
 
 
 # Run by RealNode.oom_kill: join a memory cgroup (argv[1]'s cgroup.procs), take argv[2] bytes
@@ -182,11 +183,6 @@ class NodePaths:
     def created_paths_file(self) -> Path:
         """The kubelet's fixed paths that did not exist before the node started."""
         return self.root / "created-paths.json"
-
-    @property
-    def forwarding_file(self) -> Path:
-        """``net.ipv4.ip_forward`` as it was before the node started."""
-        return self.root / "ip_forward.orig"
 
 
 # -- pure configuration builders -------------------------------------------------------------
@@ -563,8 +559,6 @@ class RealNode:
         route. Idempotent."""
         spec = self.spec
         self.paths.root.mkdir(parents=True, exist_ok=True)
-        if not self.paths.forwarding_file.exists():
-            self.paths.forwarding_file.write_text(Path("/proc/sys/net/ipv4/ip_forward").read_text())
         if not Path(f"/sys/class/net/{spec.node_bridge}").exists():
             _run(["ip", "link", "add", spec.node_bridge, "type", "bridge"])
         _run(["ip", "addr", "replace", f"{spec.node_ip}/32", "dev", spec.node_bridge])
@@ -583,11 +577,10 @@ class RealNode:
         for bridge in (spec.pod_bridge, spec.node_bridge):
             if Path(f"/sys/class/net/{bridge}").exists():
                 _run(["ip", "link", "del", bridge], check=False)
-        if self.paths.forwarding_file.exists():
-            with contextlib.suppress(OSError):
-                Path("/proc/sys/net/ipv4/ip_forward").write_text(
-                    self.paths.forwarding_file.read_text()
-                )
+        # Off, not "as it was": a value recorded at start-up can be another cluster's (a state
+        # folder whose stop failed left it on, and this node recorded 1 as the original).
+        with contextlib.suppress(OSError):
+            Path(IP_FORWARD).write_text("0\n")
 
     # -- daemons -----------------------------------------------------------------------------
 
