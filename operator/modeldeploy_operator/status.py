@@ -159,7 +159,7 @@ def count(md: ModelDeployment, observed: Observed) -> Counts:
         and _current(dep)
         and (observed.canary_deployment is None or _current(observed.canary_deployment)),
         running_pods=sum(1 for p in pods if dig(p, "status", "phase") == "Running"),
-        fetching_pods=sum(1 for p in pods if _init_state(p, "running") is not None),
+        fetching_pods=sum(1 for p in pods if _first_fetch(p)),
         warm=sum(1 for p in pods if (fetch_report(p) or {}).get("warm") is True),
     )
 
@@ -182,6 +182,16 @@ def fetch_report(pod: Mapping[str, Any]) -> dict[str, Any] | None:
     except ValueError:  # an older runtime, which printed nothing there
         return None
     return report if isinstance(report, dict) else None
+
+
+def _first_fetch(pod: Mapping[str, Any]) -> bool:
+    """The pod's fetcher runs and has not failed before (a retry is a failure, see
+    pod_problems)."""
+    for status in dig(pod, "status", "initContainerStatuses") or []:
+        if status.get("name") == FETCH_CONTAINER:
+            failed = dig(status, "lastState", "terminated", "exitCode") not in (None, 0)
+            return dig(status, "state", "running") is not None and not failed
+    return False
 
 
 def _init_state(pod: Mapping[str, Any], state: str) -> Any:
@@ -213,7 +223,12 @@ def pod_problems(pod: Mapping[str, Any]) -> list[Problem]:
         last = dig(status, "lastState", "terminated") or {}
         if waiting.get("reason") in IMAGE_PULL_REASONS:
             found.append(Problem("ImagePullBackOff", f"pod {name}: {waiting.get('message', '')}"))
-        elif terminated.get("exitCode", 0) != 0 or waiting.get("reason") == "CrashLoopBackOff":
+        # A fetcher that failed before is still failing while it runs again: the status
+        # holds through the kubelet's retries (no Degraded/Progressing flip, and no write, at
+        # every restart), until an attempt succeeds.
+        elif (terminated or last).get("exitCode", 0) != 0 or waiting.get(
+            "reason"
+        ) == "CrashLoopBackOff":
             detail = (terminated or last).get("message") or (terminated or last).get("reason", "")
             code = (terminated or last).get("exitCode", "?")
             found.append(

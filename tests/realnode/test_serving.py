@@ -140,8 +140,9 @@ def test_a_bad_update_of_a_healthy_model_is_degraded_while_the_old_pod_serves(
     updated to a version whose folder does not exist. The API server cannot know that, so
     the status says it: Degraded, ModelFetchFailed, with the fetcher's message. Meanwhile the
     old pod goes on answering as version 1 (the new pod never becomes Ready, and the update
-    surges rather than takes a pod away), and the operator does not loop: a handful of
-    writes while the new pod's fetcher fails again and again."""
+    surges rather than takes a pod away), and the operator does not loop: the status holds
+    through the fetcher's retries (it was rewritten at each one, Degraded to Progressing and
+    back), so hardly a write while the new pod's fetcher fails again and again."""
     rolling = {"strategy": "Rolling", "steps": DELETE, "analysis": DELETE}
     cluster.kubectl("apply", "-n", namespace, "-f", "-", stdin=iris(rollout=rolling))
     wait_for("iris Ready", lambda: ready(cluster, namespace), timeout=240)
@@ -172,4 +173,4 @@ def test_a_bad_update_of_a_healthy_model_is_degraded_while_the_old_pod_serves(
         and datetime.datetime.fromisoformat(e["requestReceivedTimestamp"]) > started
     ]
     print(f"{len(writes)} writes by the operator in 30 s of a failing update")
-    assert len(writes) <= 6, [(e["verb"], e["objectRef"]) for e in writes]
+    assert len(writes) <= 2, [(e["verb"], e["objectRef"]) for e in writes]

@@ -125,6 +125,17 @@ TRITON_KILLED = pod(
     ],
 )
 FETCHING = pod("Pending", initContainerStatuses=[{"name": "fetch-model", "state": {"running": {}}}])
+FETCHING_AGAIN = pod(
+    "Pending",
+    initContainerStatuses=[
+        {
+            "name": "fetch-model",
+            "state": {"running": {}},
+            "lastState": {"terminated": {"exitCode": 3, "message": "403 Forbidden from s3"}},
+            "restartCount": 2,
+        }
+    ],
+)
 DEADLINE = {
     "type": "Progressing",
     "status": "False",
@@ -163,6 +174,22 @@ def test_a_load_failure_whose_cause_was_cut_off_says_where_the_log_is() -> None:
     assert "failed to load all models" in degraded.message
     assert "kubectl logs " in degraded.message
     assert "-c triton --previous" in degraded.message
+
+
+def test_a_fetcher_retrying_after_a_failure_keeps_the_same_status() -> None:
+    """The kubelet restarts a failed fetcher with backoff; while it runs again the status is
+    the failure it had, word for word, so a failing update is not rewritten at every retry."""
+    statuses = [
+        compute_status(
+            md(), Observed(deployment=deployment(ready=0, available=0), pods=[p]), "rev", NOW
+        )
+        for p in (FETCH_FAILED, FETCHING_AGAIN)
+    ]
+    degraded = [next(c for c in s.conditions if c.type == "Degraded") for s in statuses]
+    assert [(c.status, c.reason) for c in degraded] == [("True", "ModelFetchFailed")] * 2
+    assert degraded[0].message == degraded[1].message
+    assert statuses[0].phase == statuses[1].phase == "Degraded"
+    assert conditions(statuses[0]) == conditions(statuses[1])
 
 
 def conditions(status: ModelDeploymentStatus) -> dict[str, tuple[str, str]]:
