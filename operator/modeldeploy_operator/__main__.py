@@ -100,6 +100,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="the node cache's size; least recently used layers go first",
     )
     parser.add_argument(
+        "--activator-service",
+        type=namespaced_name,
+        help="NAMESPACE/NAME of the activator's Service: a scaled-to-zero ModelDeployment's"
+        " callers are routed to its pods, which hold them and wake the model (the chart sets"
+        " it); without it nothing wakes a model at zero",
+    )
+    parser.add_argument(
         "--prometheus-url",
         help="Prometheus for canary analysis and autoscaling when a ModelDeployment names none",
     )
@@ -279,6 +286,13 @@ async def watch_children(
     return reflectors
 
 
+def namespaced_name(value: str) -> tuple[str, str]:
+    namespace, _, name = value.partition("/")
+    if not namespace or not name or "/" in name:
+        raise argparse.ArgumentTypeError(f"{value!r} is not NAMESPACE/NAME")
+    return namespace, name
+
+
 def watch_timing(args: argparse.Namespace) -> WatchTiming:
     return WatchTiming(args.watch_inactivity_timeout, args.watch_timeout)
 
@@ -355,6 +369,7 @@ def build_context(
         api_timeout=args.api_timeout,
         resync_seconds=args.resync_seconds,
         namespaces=tuple(args.namespace),
+        activator_service=args.activator_service,
     )
 
 

@@ -22,20 +22,28 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 Json = dict[str, Any]
 Key = tuple[str, str]  # (namespace, ModelDeployment name)
 
 # Held per owner, read as a pass's children (those whose kind is watched: see holds()).
-CHILD_KINDS = ("Deployment", "Service", "HorizontalPodAutoscaler", "ScaledObject", "HTTPRoute")
+CHILD_KINDS = (
+    "Deployment",
+    "Service",
+    "HorizontalPodAutoscaler",
+    "ScaledObject",
+    "HTTPRoute",
+    "EndpointSlice",  # the Service's (the controller's, and the activator's at zero)
+)
 # Of those, the ones named after their ModelDeployment: a pass knows their names up front.
 NAMED_AFTER_OWNER = ("HorizontalPodAutoscaler", "ScaledObject", "HTTPRoute")
 
 # metadata fields kept: what the planner, the drift check and the status writes read.
 KEPT_METADATA = (
     "name",
+    "creationTimestamp",  # the activator's slice: how long kube-proxy has had it
     "namespace",
     "uid",
     "generation",
@@ -75,7 +83,11 @@ def project(body: Mapping[str, Any], kind: str) -> Projection:
         "kind": kind,
         "metadata": kept,
     }
-    if kind == "Pod":
+    if kind == "EndpointSlice":  # no spec or status: the endpoints and ports are the point
+        for part in ("addressType", "endpoints", "ports"):
+            if part in body:
+                projected[part] = body[part]
+    elif kind == "Pod":
         status = body.get("status") or {}
         projected["status"] = {k: status[k] for k in POD_STATUS if k in status}
         spec = body.get("spec") or {}
@@ -193,6 +205,64 @@ class KindStore:
             return len(self._objects)
 
 
+Endpoints = tuple[tuple[str, ...], tuple[tuple[str, int], ...]]  # addresses, (name, port)s
+
+
+def endpoints_of(slices: Iterable[Mapping[str, Any]]) -> Endpoints:
+    """The Ready (not terminating) addresses and the named ports of EndpointSlices, sorted."""
+    addresses: set[str] = set()
+    ports: set[tuple[str, int]] = set()
+    for piece in slices:
+        for endpoint in piece.get("endpoints") or []:
+            conditions = endpoint.get("conditions") or {}
+            if conditions.get("ready") is not False and not conditions.get("terminating"):
+                addresses.update(endpoint.get("addresses") or ())
+        for port in piece.get("ports") or []:
+            if port.get("name") and port.get("port"):
+                ports.add((str(port["name"]), int(port["port"])))
+    return tuple(sorted(addresses)), tuple(sorted(ports))
+
+
+class ActivatorStore:
+    """The activator's Ready pods and ports, from its Service's EndpointSlices (a reflector's
+    sink, like :class:`KindStore`); ``on_change`` runs when either changes."""
+
+    def __init__(self, on_change: Callable[[], None]) -> None:
+        self._on_change = on_change
+        self._lock = threading.Lock()
+        self._slices: dict[str, Json] = {}
+        self.listed = threading.Event()
+
+    def replace(self, items: list[Json]) -> None:
+        with self._lock:
+            before = self._current()
+            self._slices = {str(i["metadata"]["name"]): i for i in items}
+            after = self._current()
+        self.listed.set()
+        if after != before:
+            self._on_change()
+
+    def event(self, type_: str, obj: Json) -> None:
+        name = str((obj.get("metadata") or {}).get("name") or "")
+        with self._lock:
+            before = self._current()
+            if type_ == "DELETED":
+                self._slices.pop(name, None)
+            else:
+                self._slices[name] = obj
+            after = self._current()
+        if after != before:
+            self._on_change()
+
+    def _current(self) -> Endpoints:
+        return endpoints_of(self._slices.values())
+
+    def current(self) -> Endpoints:
+        """(Ready addresses, (port name, port) pairs), both sorted."""
+        with self._lock:
+            return self._current()
+
+
 class ClusterCache:
     """What the watches keep, read as plain data: the ModelDeployments (kopf's watch hands
     them over, :meth:`put`), and per ModelDeployment its Deployments, Services and pods (one
@@ -213,6 +283,14 @@ class ClusterCache:
         self._superseded: dict[Key, set[tuple[str, str]]] = {}
         self._last: dict[str, str] = {}  # object uid -> what its last event showed
         self._relevant: dict[str, bool] = {}  # object uid -> whether that event needs a pass
+        self.activator: ActivatorStore | None = None  # with an activator: its endpoints
+
+    def watch_activator(self, on_change: Callable[[], None]) -> ActivatorStore:
+        """The activator's store, for its reflector to fill."""
+        with self._lock:
+            if self.activator is None:
+                self.activator = ActivatorStore(on_change)
+            return self.activator
 
     def store(self, kind: str, owner_label: str, on_change: Callable[[Key], None]) -> KindStore:
         """The store of a child kind, for its reflector to fill."""
@@ -255,7 +333,10 @@ class ClusterCache:
     def expected(self, owner: str) -> list[str]:
         """The children named after ``owner`` whose kind is held: absent from
         :meth:`children`, they do not exist."""
-        return [f"{kind}/{owner}" for kind in NAMED_AFTER_OWNER if self.holds(kind)]
+        named = [f"{kind}/{owner}" for kind in NAMED_AFTER_OWNER if self.holds(kind)]
+        if self.holds("EndpointSlice"):
+            named.append(f"EndpointSlice/{owner}-activator")
+        return named
 
     def supersede(self, key: Key, child: str, version: str) -> None:
         """``child`` (``Kind/name``) at ``version`` ("" when it did not exist) is outdated."""
@@ -279,16 +360,19 @@ class ClusterCache:
         with self._lock:
             self._superseded.pop(key, None)
 
+    def _listers(self) -> list[KindStore | ActivatorStore]:
+        with self._lock:
+            stores: list[KindStore | ActivatorStore] = list(self._stores.values())
+            return [*stores, self.activator] if self.activator is not None else stores
+
     @property
     def ready(self) -> bool:
-        with self._lock:
-            stores = list(self._stores.values())
+        stores = self._listers()
         return bool(stores) and all(s.listed.is_set() for s in stores)
 
     def wait_ready(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
-        with self._lock:
-            stores = list(self._stores.values())
+        stores = self._listers()
         for store in stores:
             if not store.listed.wait(max(0.0, deadline - time.monotonic())):
                 return False

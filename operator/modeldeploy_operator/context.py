@@ -105,6 +105,8 @@ class OperatorContext:
     api_timeout: float = 10.0  # seconds, for kopf's connections (KubernetesApi has its own)
     resync_seconds: float = 30.0
     namespaces: tuple[str, ...] = ()  # empty: every namespace
+    # The activator's Service (namespace, name): where scaled-to-zero models' callers go.
+    activator_service: tuple[str, str] | None = None
     scaling: ScalingMemory = field(default_factory=ScalingMemory)
     # The last refused apply per object: act runs after the status write, so the next pass
     # reports it (ApplyFailed) and clears it once an apply succeeds.

@@ -44,6 +44,7 @@ CHILDREN = (
     ("v1", "Service"),
     ("v1", "Pod"),
     ("autoscaling/v2", "HorizontalPodAutoscaler"),
+    ("discovery.k8s.io/v1", "EndpointSlice"),  # of our Services: the labels are copied
 )
 OPTIONAL_CHILDREN = (
     ("keda.sh/v1alpha1", "ScaledObject"),
@@ -200,6 +201,45 @@ def start_reflectors(
                 target=reflector.run, name=f"watch-{kind.lower()}", daemon=True
             )
             thread.start()
+    if ctx.activator_service is not None:
+        start_activator_reflector(reconciler, api, stop, contact, timing)
+
+
+def start_activator_reflector(
+    reconciler: Reconciler,
+    api: WatchApi,
+    stop: threading.Event,
+    contact: Contact,
+    timing: WatchTiming,
+) -> None:
+    """Watch the activator Service's EndpointSlices: when its Ready pods change, every
+    ModelDeployment that scales to zero gets a pass (its activator slice lists them)."""
+    ctx = reconciler.ctx
+    assert ctx.activator_service is not None  # noqa: S101 - the caller checked
+    namespace, service = ctx.activator_service
+
+    def changed() -> None:
+        known = ctx.cache.keys()
+        for key in known:
+            body = ctx.cache.modeldeployment(*key) or {}
+            zero = (((body.get("spec") or {}).get("autoscaling") or {}).get("scaleToZero")) or {}
+            if zero.get("enabled"):
+                reconciler.add(*key)
+
+    reflector = Reflector(
+        api,
+        ("discovery.k8s.io/v1", "EndpointSlice", namespace),
+        ctx.cache.watch_activator(changed),
+        selector=f"kubernetes.io/service-name={service}",
+        stop=stop,
+        on_error=ctx.logger.warning,
+        on_stall=lambda watch: ctx.telemetry.watch_stalls.labels(watch).inc(),
+        on_relist=lambda watch, why: ctx.telemetry.watch_relists.labels(watch, why).inc(),
+        contact=contact,
+        inactivity_seconds=timing.inactivity_seconds,
+        watch_seconds=timing.watch_seconds,
+    )
+    threading.Thread(target=reflector.run, name="watch-activator", daemon=True).start()
 
 
 async def serve(

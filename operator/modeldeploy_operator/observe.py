@@ -27,6 +27,7 @@ from modeldeploy_operator.api.v1alpha1 import (
 )
 from modeldeploy_operator.autoscaling.capacity import replicas_that_fit
 from modeldeploy_operator.autoscaling.decide import Reading
+from modeldeploy_operator.builders.activation import Activator
 from modeldeploy_operator.builders.autoscaler import cpu_cores, target_value
 from modeldeploy_operator.builders.deployment import (
     API_KEYS_VOLUME,
@@ -40,6 +41,7 @@ from modeldeploy_operator.builders.labels import (
     selector_string,
     service_name,
 )
+from modeldeploy_operator.cache import endpoints_of
 from modeldeploy_operator.context import OperatorContext, ReferencesChecked
 from modeldeploy_operator.k8s.client import ApiError
 from modeldeploy_operator.metrics.prometheus import MetricsProvider, ProviderError
@@ -83,6 +85,28 @@ class Snapshot:
     gpu_products: frozenset[str] | None
     missing: tuple[MissingReference, ...]
     budget_usage: dict[str, float] | None = None  # calls per key over the budget's window
+
+
+def activator(ctx: OperatorContext) -> Activator | None:
+    """The activator's Ready pods and ports (None: no activator configured): from its watch,
+    or before that has listed, from the API server."""
+    if ctx.activator_service is None:
+        return None
+    store = ctx.cache.activator
+    if store is not None and store.listed.is_set():
+        return Activator(*store.current())
+    namespace, service = ctx.activator_service
+    try:
+        slices = ctx.api.list(
+            "discovery.k8s.io/v1",
+            "EndpointSlice",
+            namespace,
+            f"kubernetes.io/service-name={service}",
+        )
+    except ApiError as error:
+        ctx.logger.warning(f"The activator's endpoints could not be read: {error.message}")
+        return None
+    return Activator(*endpoints_of(slices))
 
 
 REFERENCE_RECHECK_SECONDS = 10.0  # a pass this soon when a Secret or ConfigMap is missing

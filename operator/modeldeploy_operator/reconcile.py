@@ -18,8 +18,20 @@ from typing import Any
 from pydantic import ValidationError
 
 from modeldeploy_operator import act, observe
-from modeldeploy_operator.api.v1alpha1 import API_VERSION, KIND, ModelDeployment
+from modeldeploy_operator.api.v1alpha1 import (
+    API_VERSION,
+    KIND,
+    ModelDeployment,
+    ModelDeploymentStatus,
+    parse_duration,
+)
 from modeldeploy_operator.autoscaling import plan as scaling
+from modeldeploy_operator.autoscaling.activation import (
+    SLICE_API,
+    ActivationPlan,
+    enabled,
+    plan_activation,
+)
 from modeldeploy_operator.autoscaling.decide import desired_replicas
 from modeldeploy_operator.builders.budget import build_budget_configmap, exhausted_clients
 from modeldeploy_operator.builders.deployment import BuildConfig, build_deployment
@@ -40,11 +52,14 @@ from modeldeploy_operator.observe import (
 from modeldeploy_operator.rollout.decide import Decision
 from modeldeploy_operator.rollout.plan import RolloutPlan, plan_rollout
 from modeldeploy_operator.status import (
+    ActivationView,
     EventSpec,
     Observed,
     compute_status,
     recreated_events,
+    seconds_between,
     transition_events,
+    wake_seconds,
 )
 from modeldeploy_operator.workqueue import Clock, RealClock, Workers, WorkQueue
 
@@ -195,6 +210,34 @@ def carry_out(
     return applied, error, delay
 
 
+def count_wake(ctx: OperatorContext, seconds: float | None) -> None:
+    if seconds is not None:
+        ctx.telemetry.wake_seconds.observe(seconds)
+
+
+def replicas_of(deployment: Mapping[str, Any] | None) -> int | None:
+    return ((deployment or {}).get("spec") or {}).get("replicas")
+
+
+def routed(wanted: act.Children, activation: ActivationPlan) -> act.Children:
+    """The children with the activator's slice applied or deleted, as the plan says."""
+    if activation.apply is not None:
+        return replace(wanted, apply=(*wanted.apply, activation.apply))
+    if activation.delete:
+        return replace(wanted, delete=(*wanted.delete, (*SLICE_API, activation.slice_name)))
+    return wanted
+
+
+def waking(md: ModelDeployment, status: ModelDeploymentStatus, now: str) -> float | None:
+    """While a wake runs: seconds until its timeout, when the status must say it ran out."""
+    zero = md.spec.autoscaling.scale_to_zero if md.spec.autoscaling else None
+    condition = next((c for c in status.conditions if c.type == "ScaledToZero"), None)
+    if zero is None or condition is None or condition.reason != "Waking":
+        return None
+    waited = seconds_between(condition.last_transition_time, now) or 0.0
+    return max(parse_duration(zero.wake_timeout) - waited, 0.0) + 1.0
+
+
 def decision_events(decision: Decision | None) -> list[EventSpec]:
     """The rollout's decision, when it did something: a Warning for a rollback or abort."""
     if decision is None or decision.action == "Wait":
@@ -218,9 +261,13 @@ def reconcile(body: Mapping[str, Any], ctx: OperatorContext) -> Outcome:
     autoscaling = autoscale(md, ctx, revision, now)
     md = scaled(md, autoscaling.replicas)
     seen = snapshot(md, meta.get("annotations"), revision, ctx, now)
-    # Plan.
-    plan = plan_rollout(md, revision, seen.world, now)
-    wanted = children(md, revision, plan, ctx.build, seen.budget_usage)
+    # Plan. At zero, callers go to the activator before the last pod goes.
+    activation = plan_activation(
+        md, seen.children, seen.pods, observe.activator(ctx), replicas_of(seen.stable), now
+    )
+    rolled = scaled(md, activation.hold_replicas)
+    plan = plan_rollout(rolled, revision, seen.world, now)
+    wanted = routed(children(rolled, revision, plan, ctx.build, seen.budget_usage), activation)
     retired = tuple((v, k, md.metadata.name) for v, k in autoscaling.remove)
     wanted = replace(wanted, delete=wanted.delete + retired)
     remembered = ctx.apply_errors.get((md.metadata.namespace, md.metadata.name))
@@ -234,11 +281,19 @@ def reconcile(body: Mapping[str, Any], ctx: OperatorContext) -> Outcome:
         apply_error=remembered or autoscaling.error,
         autoscaling=autoscaling.view,
         at_gpu_capacity=autoscaling.at_capacity,
+        activation=ActivationView(activation.status, activation.configured, activation.routed)
+        if enabled(md)
+        else None,
     )
-    status = compute_status(md, observed, revision, ctx.clock())
+    stamp = ctx.clock()
+    status = compute_status(md, observed, revision, stamp)
+    count_wake(ctx, wake_seconds(md.status, status, stamp))
     events = transition_events(md.status, status) if status != md.status else []
-    events += recreated_events(
-        md, seen.children, (*wanted.apply, *autoscaling.objects), remembered is not None
+    events += recreated_events(  # the activator's slice comes and goes by design
+        md,
+        seen.children,
+        [o for o in (*wanted.apply, *autoscaling.objects) if o is not activation.apply],
+        remembered is not None,
     )
     if autoscaling.event is not None:
         events.append(autoscaling.event)
@@ -255,7 +310,13 @@ def reconcile(body: Mapping[str, Any], ctx: OperatorContext) -> Outcome:
         ctx.scaling.state((md.metadata.namespace, md.metadata.name), now).record(
             autoscaling.evaluation
         )
-    requeue = [plan.requeue_after, autoscaling.requeue_after, retry_in]
+    requeue = [
+        plan.requeue_after,
+        autoscaling.requeue_after,
+        retry_in,
+        activation.requeue_after,  # a held scale-down to zero
+        waking(md, status, stamp),
+    ]
     if seen.missing:  # look for them again soon: nothing else would trigger a pass
         requeue.append(REFERENCE_RECHECK_SECONDS)
     if md.spec.monitoring.auth and md.spec.monitoring.auth.query_budget:

@@ -12,12 +12,14 @@ Degraded, which says that something needs a human.
 
 from __future__ import annotations
 
+import datetime
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from modeldeploy_operator.api.v1alpha1 import (
+    ActivationStatus,
     AnalysisResult,
     AutoscalingStatus,
     Condition,
@@ -28,6 +30,7 @@ from modeldeploy_operator.api.v1alpha1 import (
     Phase,
     RollbackStatus,
     TrackStatus,
+    parse_duration,
 )
 from modeldeploy_operator.builders.labels import selector_string
 
@@ -93,6 +96,16 @@ class Observed:
     apply_error: str | None = None
     autoscaling: AutoscalingStatus | None = None  # the autoscaler's view, when it scales
     at_gpu_capacity: str | None = None  # why the autoscaler stopped short, when it did
+    activation: ActivationView | None = None  # with scale to zero: the activator's part
+
+
+@dataclass(frozen=True)
+class ActivationView:
+    """What the scale-from-zero plan found (autoscaling/activation.py)."""
+
+    status: ActivationStatus | None = None  # status.activation
+    configured: bool = False  # an activator with Ready pods is there
+    routed: bool = False  # the Service reaches it now
 
 
 @dataclass(frozen=True)
@@ -440,6 +453,69 @@ def scaling_condition(
     return ("ScalingActive", "True", "ValidMetricsSource", "the autoscaler can read its metrics")
 
 
+WAKING = ("Waking", "WakeTimedOut")
+
+
+def seconds_between(earlier: str | None, later: str) -> float | None:
+    """Seconds from one status timestamp to another (None without the first)."""
+    if not earlier:
+        return None
+    start = datetime.datetime.fromisoformat(earlier)
+    return (datetime.datetime.fromisoformat(later) - start).total_seconds()
+
+
+def zero_condition(
+    md: ModelDeployment,
+    counts: Counts,
+    problems: Sequence[Problem],
+    view: ActivationView | None,
+    now: str,
+) -> tuple[str, ConditionStatus, str, str] | None:
+    """ScaledToZero, with scale to zero on: True at zero; False and Waking from the moment
+    the scale leaves zero until a pod is Ready (WakeTimedOut past the wake timeout, with the
+    reason the pods give), then Awake, with how long the wake took."""
+    spec = md.spec.autoscaling
+    if spec is None or spec.scale_to_zero is None or not spec.scale_to_zero.enabled:
+        return None
+    zero = spec.scale_to_zero
+    previous = next((c for c in md.status.conditions if c.type == "ScaledToZero"), None)
+    if counts.desired == 0:
+        how = (
+            f"the activator holds the next request and wakes it (wake timeout {zero.wake_timeout})"
+            if view is not None and view.configured
+            else "no activator is installed (the chart's activator.enabled), so nothing wakes"
+            " it: scale it up (kubectl scale)"
+        )
+        message = f"0 replicas after no requests for {zero.idle_after}: {how}"
+        return ("ScaledToZero", "True", "ScaledToZero", message)
+    woken = previous is not None and (previous.status == "True" or previous.reason in WAKING)
+    if previous is not None and woken and counts.available == 0:
+        # The transition to False is the wake: its time stays while the reason changes.
+        started = previous.last_transition_time if previous.status == "False" else now
+        if (seconds_between(started, now) or 0.0) > parse_duration(zero.wake_timeout):
+            why = problems[0].message if problems else "no pod is Ready yet"
+            message = (
+                f"woken from zero {zero.wake_timeout} ago and no pod is Ready ({why}):"
+                " held requests got 503 with Retry-After"
+            )
+            return ("ScaledToZero", "False", "WakeTimedOut", message)
+        message = (
+            f"woken from zero to {counts.desired}: the activator holds requests until a pod"
+            " is Ready"
+        )
+        return ("ScaledToZero", "False", "Waking", message)
+    if previous is not None and previous.reason in WAKING and counts.available > 0:
+        took = seconds_between(previous.last_transition_time, now)
+        message = "a pod was Ready" + (
+            f" {took:.1f}s after the scale-up from zero" if took is not None else ""
+        )
+    elif previous is not None and previous.reason == "Awake":
+        message = previous.message
+    else:
+        message = f"{counts.desired} replicas asked for"
+    return ("ScaledToZero", "False", "Awake", message)
+
+
 def capacity_condition(message: str | None) -> tuple[str, ConditionStatus, str, str]:
     """AtGPUCapacity: True while the autoscaler wants more replicas than the GPUs hold."""
     if message is not None:
@@ -523,6 +599,9 @@ def compute_status(
     if md.spec.autoscaling is not None:
         decided.append(capacity_condition(observed.at_gpu_capacity))
         decided.append(scaling_condition(observed.autoscaling))
+        zero = zero_condition(md, counts, problems, observed.activation, now)
+        if zero is not None:
+            decided.append(zero)
     analysed = md.spec.rollout is not None and md.spec.rollout.analysis is not None
     healthy = canary_condition(canary, rollout.analysis if rollout else (), analysed)
     if healthy is not None:
@@ -552,6 +631,7 @@ def compute_status(
             "history": list(rollout.history) or md.status.history,
             "analysis": list(rollout.analysis),
             "autoscaling": observed.autoscaling,
+            "activation": observed.activation.status if observed.activation else None,
             "conditions": conditions,
         }
     )
@@ -598,7 +678,8 @@ def transition_events(
         elif condition.type == "Ready":
             if condition.status == "True":
                 events.append(EventSpec("Normal", "Ready", condition.message))
-            elif old is not None and old.status == "True":
+            elif old is not None and old.status == "True" and condition.reason != "ScaledToZero":
+                # (Asleep on purpose: the ScaledToZero condition's Event says so.)
                 events.append(EventSpec("Warning", "NotReady", condition.message))
         elif condition.type == "Progressing" and condition.status == "False":
             kind: Literal["Normal", "Warning"] = (
@@ -609,4 +690,27 @@ def transition_events(
             events.append(EventSpec("Warning", condition.reason, condition.message))
         elif condition.type == "AtGPUCapacity" and condition.status == "True":
             events.append(EventSpec("Warning", "AtGPUCapacity", condition.message))
+        elif condition.type == "ScaledToZero" and old is not None:
+            events += zero_events(old, condition)
     return events
+
+
+def zero_events(old: Condition, new: Condition) -> list[EventSpec]:
+    """ScaledToZero, Waking and Awake (after a wake) as Normal Events, WakeTimedOut a
+    Warning."""
+    if new.reason == "WakeTimedOut":
+        return [EventSpec("Warning", new.reason, new.message)]
+    if new.reason != "Awake" or old.reason in WAKING:
+        return [EventSpec("Normal", new.reason, new.message)]
+    return []
+
+
+def wake_seconds(
+    previous: ModelDeploymentStatus, current: ModelDeploymentStatus, now: str
+) -> float | None:
+    """How long the wake took, on the pass that saw it end (a Ready pod after Waking)."""
+    before = next((c for c in previous.conditions if c.type == "ScaledToZero"), None)
+    after = next((c for c in current.conditions if c.type == "ScaledToZero"), None)
+    if before is None or after is None or before.reason not in WAKING or after.reason != "Awake":
+        return None
+    return seconds_between(before.last_transition_time, now)

@@ -135,6 +135,14 @@ class Telemetry:
             " analysis's time, a retry's backoff.",
             registry=self.registry,
         )
+        self.wake_seconds = Histogram(
+            "modeldeploy_wake_seconds",
+            "Time from a ModelDeployment's scale-up from zero to its first Ready pod, as the"
+            " operator saw it (the activator's modeldeploy_activator_wake_seconds adds the"
+            " held request's own wait and answer).",
+            buckets=(1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 900),
+            registry=self.registry,
+        )
         self.workqueue_wait = Histogram(
             "modeldeploy_operator_workqueue_queue_wait_seconds",
             "Time a ModelDeployment waited in the work queue (from when it was added or due)"

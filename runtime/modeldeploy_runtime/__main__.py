@@ -2,6 +2,7 @@
 
 - ``fetch``: the init container; fetches the model and lays out Triton's repository.
 - ``serve``: the sidecar; proxies inference to Triton and exports metrics.
+- ``activate``: the activator; holds requests for models scaled to zero, wakes them, forwards.
 - ``profile``: turns a sample of training data into a drift reference profile.
 - ``package``: turns a Triton model folder into a model archive and pushes it to a registry.
 - ``digest``: prints the digest ``spec.model.digest`` wants for a file or folder.
@@ -99,7 +100,32 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
             f"--{name.replace('_', '-')}", dest=name, default=None, help=info.description
         )
     serve.add_argument("--log-level", default="info")
+    add_activate(commands)
     return parser.parse_args(argv)
+
+
+def add_activate(commands: Any) -> None:
+    """``activate``'s flags (argparse's subparsers action has no public type)."""
+    activate = commands.add_parser(
+        "activate", help="hold requests for models scaled to zero, wake them and forward"
+    )
+    activate.add_argument("--http-port", type=int, default=8080)
+    activate.add_argument("--grpc-port", type=int, default=8081)
+    activate.add_argument("--metrics-port", type=int, default=9090, help="/metrics, /healthz")
+    activate.add_argument("--namespace", help="only this namespace's ModelDeployments")
+    activate.add_argument("--api-url", help="the API server (default: the in-cluster one)")
+    activate.add_argument("--token-file", type=Path, help="default: the ServiceAccount's token")
+    activate.add_argument("--ca-file", type=Path, help="default: the ServiceAccount's CA")
+    activate.add_argument(
+        "--grace-seconds",
+        type=float,
+        default=20.0,
+        help="on SIGTERM, for held and forwarded requests to finish",
+    )
+    activate.add_argument(
+        "--upstream-timeout-seconds", type=float, default=60.0, help="for a pod to answer"
+    )
+    activate.add_argument("--log-level", default="info")
 
 
 def serve_fields() -> dict[str, Any]:
@@ -148,6 +174,35 @@ def run_serve(args: argparse.Namespace) -> int:
     # own, which doubles every counter's and histogram's cardinality for a timestamp.
     prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
     run_loop(serve(settings))
+    return 0
+
+
+def run_activate(args: argparse.Namespace) -> int:
+    import prometheus_client  # noqa: PLC0415
+
+    from modeldeploy_runtime.activator import ActivatorOptions, activate  # noqa: PLC0415
+    from modeldeploy_runtime.kube import KubeError  # noqa: PLC0415
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
+    options = ActivatorOptions(
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        namespace=args.namespace,
+        api_url=args.api_url,
+        token_file=args.token_file,
+        ca_file=args.ca_file,
+        grace_seconds=args.grace_seconds,
+        upstream_timeout_seconds=args.upstream_timeout_seconds,
+    )
+    try:
+        run_loop(activate(options))
+    except KubeError as error:
+        print(f"error: {error.message}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -325,12 +380,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.command == "fetch":
         return run_fetch(args)
-    if args.command == "serve":
-        return run_serve(args)
-    if args.command == "profile":
-        return run_profile(args)
-    if args.command == "package":
-        return run_package(args)
+    commands = {
+        "serve": run_serve,
+        "activate": run_activate,
+        "profile": run_profile,
+        "package": run_package,
+    }
+    if args.command in commands:
+        return commands[args.command](args)
     if args.command == "digest":
         print(content_digest(args.path))
         return 0

@@ -56,8 +56,15 @@ ALLOWED = {
     },
     "horizontalpodautoscalers.autoscaling": WATCHED_CHILD,
     "scaledobjects.keda.sh": WATCHED_CHILD,
+    # the activator's slice of a scaled-to-zero model's Service; the controller's read
+    "endpointslices.discovery.k8s.io": WATCHED_CHILD,
     "nodes": {"get", "list", "watch"},
     "customresourcedefinitions.apiextensions.k8s.io": {"get", "list", "watch"},
+}
+# What the activator's ServiceAccount may do: read ModelDeployments, raise their scale.
+ACTIVATOR_ALLOWED = {
+    "modeldeployments.serving.modeldeploy.io": {"get", "list", "watch"},
+    "modeldeployments.serving.modeldeploy.io/scale": {"patch"},
 }
 # Granted to every authenticated identity by Kubernetes itself (system:basic-user and friends).
 BUILTIN = {
@@ -166,6 +173,9 @@ def test_install_run_the_operator_with_the_charts_account_and_uninstall(
     account = f"system:serviceaccount:{installed}:modeldeploy"
     granted = {k: v for k, v in rights(cluster, account).items() if k not in BUILTIN}
     assert granted == ALLOWED
+    activator = f"system:serviceaccount:{installed}:modeldeploy-activator"
+    held = {k: v for k, v in rights(cluster, activator).items() if k not in BUILTIN}
+    assert held == ACTIVATOR_ALLOWED
     for forbidden in (
         "get secrets",
         "list secrets",
@@ -294,9 +304,26 @@ def reconciled(cluster: Cluster, namespace: str, name: str) -> bool:
     return generation is not None and body.get("status", {}).get("observedGeneration") == generation
 
 
+def operator_deployment(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return next(
+        d
+        for d in docs
+        if d["kind"] == "Deployment"
+        and d["metadata"]["labels"]["app.kubernetes.io/component"] == "operator"
+    )
+
+
+def operator_cluster_role(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return next(
+        d
+        for d in docs
+        if d["kind"] == "ClusterRole" and not d["metadata"]["name"].endswith("-activator")
+    )
+
+
 def test_the_chart_renders_the_operator_securely(cluster: Cluster) -> None:
     docs = render("image.digest=sha256:" + "a" * 64, "runtime.digest=sha256:" + "b" * 64)
-    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    deployment = operator_deployment(docs)
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert container["image"].endswith("@sha256:" + "a" * 64)
     # Pinned too: the runtime image the operator puts into every model pod (fetcher, sidecar).
@@ -312,17 +339,19 @@ def test_the_chart_renders_the_operator_securely(cluster: Cluster) -> None:
     namespaced = [d for d in scoped if d["kind"] in ("Role", "ClusterRole")]
     assert sorted((d["kind"], d["metadata"].get("namespace", "")) for d in namespaced) == [
         ("ClusterRole", ""),
+        ("ClusterRole", ""),  # the activator's: ModelDeployments and their scale
         ("Role", "a"),
         ("Role", "b"),
         ("Role", "modeldeploy-system"),  # the leader-election Lease
+        ("Role", "modeldeploy-system"),  # the activator Service's EndpointSlices
     ]
-    cluster_rules = next(d for d in namespaced if d["kind"] == "ClusterRole")["rules"]
+    cluster_rules = operator_cluster_role(namespaced)["rules"]
     assert {r["resources"][0] for r in cluster_rules} == {
         "customresourcedefinitions",
         "nodes",
         "namespaces",  # kopf lists and watches them to serve the ones it is given
     }
-    deployment = next(d for d in scoped if d["kind"] == "Deployment")
+    deployment = operator_deployment(scoped)
     args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[:2] == ["--namespace=a", "--namespace=b"]
 
@@ -332,11 +361,11 @@ def test_the_model_cache_adds_its_flags_and_only_node_patch(cluster: Cluster) ->
     cache labels); without it, neither."""
 
     def nodes_verbs(docs: list[dict[str, Any]]) -> list[str]:
-        role = next(d for d in docs if d["kind"] == "ClusterRole")
+        role = operator_cluster_role(docs)
         return next(r["verbs"] for r in role["rules"] if r["resources"] == ["nodes"])
 
     def operator_args(docs: list[dict[str, Any]]) -> list[str]:
-        deployment = next(d for d in docs if d["kind"] == "Deployment")
+        deployment = operator_deployment(docs)
         args: list[str] = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
         return args
 
@@ -351,7 +380,7 @@ def test_the_model_cache_adds_its_flags_and_only_node_patch(cluster: Cluster) ->
 
 def test_the_chart_runs_two_replicas_with_leader_election_by_default(cluster: Cluster) -> None:
     docs = render(namespace="ops")
-    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    deployment = operator_deployment(docs)
     assert deployment["spec"]["replicas"] == 2
     assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"
     pod = deployment["spec"]["template"]["spec"]
@@ -371,7 +400,11 @@ def test_the_chart_runs_two_replicas_with_leader_election_by_default(cluster: Cl
     assert spread[0]["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
     selector = deployment["spec"]["selector"]["matchLabels"]
     assert spread[0]["podAffinityTerm"]["labelSelector"]["matchLabels"] == selector
-    budget = next(d for d in docs if d["kind"] == "PodDisruptionBudget")
+    budget = next(
+        d
+        for d in docs
+        if d["kind"] == "PodDisruptionBudget" and not d["metadata"]["name"].endswith("-activator")
+    )
     assert budget["spec"] == {"minAvailable": 1, "selector": {"matchLabels": selector}}
     election = next(
         d for d in docs if d["kind"] == "Role" and d["metadata"]["name"].endswith("-election")
@@ -388,17 +421,21 @@ def test_the_chart_runs_two_replicas_with_leader_election_by_default(cluster: Cl
     ]
     # A user's own affinity wins over the default spread.
     custom = render("operator.affinity.example=1")
-    pod = next(d for d in custom if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    pod = operator_deployment(custom)["spec"]["template"]["spec"]
     assert pod["affinity"] == {"example": 1}
 
     # One replica without election: Recreate, no budget, no Lease rights.
     single = render("replicaCount=1", "leaderElection.enabled=false")
-    deployment = next(d for d in single if d["kind"] == "Deployment")
+    deployment = operator_deployment(single)
     assert deployment["spec"]["replicas"] == 1
     assert deployment["spec"]["strategy"] == {"type": "Recreate"}
     assert "--no-leader-elect" in deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "affinity" not in deployment["spec"]["template"]["spec"]
-    assert not [d for d in single if d["kind"] == "PodDisruptionBudget"]
+    assert not [
+        d
+        for d in single
+        if d["kind"] == "PodDisruptionBudget" and not d["metadata"]["name"].endswith("-activator")
+    ]
     assert not [d for d in single if "election" in d["metadata"]["name"]]
     # Two writers without election, or a renew deadline past the lease, are refused.
     for values in (

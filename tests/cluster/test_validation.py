@@ -355,6 +355,24 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
         "spec.autoscaling.scaleToZero.idleAfter",
         "must be at least 1s",
     ),
+    (
+        "wake-timeout-not-duration",
+        scaling(scaleToZero={"enabled": True, "wakeTimeout": "forever"}),
+        "spec.autoscaling.scaleToZero.wakeTimeout",
+        "must be a duration",
+    ),
+    (
+        "wake-timeout-zero",
+        scaling(scaleToZero={"enabled": True, "wakeTimeout": "0s"}),
+        "spec.autoscaling.scaleToZero.wakeTimeout",
+        "must be at least 1s",
+    ),
+    (
+        "max-held-requests-zero",
+        scaling(scaleToZero={"enabled": True, "maxHeldRequests": 0}),
+        "spec.autoscaling.scaleToZero.maxHeldRequests",
+        "greater than or equal to 1",
+    ),
     # Fields that would be accepted and then ignored (bug 8).
     (
         "analysis-with-rolling",
@@ -553,7 +571,12 @@ VALID = [
                 "maxScaleUpStep": 4,
                 "maxScaleDownStep": 1,
             },
-            scaleToZero={"enabled": True, "idleAfter": "15m"},
+            scaleToZero={
+                "enabled": True,
+                "idleAfter": "15m",
+                "wakeTimeout": "20m",
+                "maxHeldRequests": 500,
+            },
             prometheus={"url": "http://prometheus.monitoring:9090"},
         ),
     ),

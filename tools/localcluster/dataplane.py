@@ -84,6 +84,11 @@ def operator_values(
             ],
         },
     }
+    # The activator on the real node too (its pods hold requests for models at zero).
+    values["activator"] = {
+        "nodeSelector": values["operator"]["nodeSelector"],
+        "tolerations": values["operator"]["tolerations"],
+    }
     if prometheus_url:
         values["operator"]["prometheusUrl"] = prometheus_url
     if model_cache_dir is not None:
@@ -144,7 +149,7 @@ def model_store_manifests(
 
 def prometheus_config(kubeconfig: Path, interval: str = SCRAPE_INTERVAL) -> dict[str, Any]:
     """Scrape every model pod's sidecar metrics port, found through the API server, with
-    the labels the chart's PodMonitor gives them."""
+    the labels the chart's PodMonitor gives them, and the activator's as its PodMonitor does."""
     md_label = "__meta_kubernetes_pod_label_serving_modeldeploy_io_modeldeployment"
     return {
         "global": {"scrape_interval": interval, "evaluation_interval": interval},
@@ -169,7 +174,29 @@ def prometheus_config(kubeconfig: Path, interval: str = SCRAPE_INTERVAL) -> dict
                     {"source_labels": [md_label], "target_label": "modeldeployment"},
                     {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
                 ],
-            }
+            },
+            {
+                # The activator's series carry the model's namespace and modeldeployment
+                # labels (held requests are its traffic): kept, as the chart's PodMonitor does.
+                "job_name": "modeldeploy-activator",
+                "honor_labels": True,
+                "kubernetes_sd_configs": [{"role": "pod", "kubeconfig_file": str(kubeconfig)}],
+                "relabel_configs": [
+                    {
+                        "source_labels": [
+                            "__meta_kubernetes_pod_label_app_kubernetes_io_component"
+                        ],
+                        "regex": "activator",
+                        "action": "keep",
+                    },
+                    {
+                        "source_labels": ["__meta_kubernetes_pod_container_port_name"],
+                        "regex": "metrics",
+                        "action": "keep",
+                    },
+                    {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
+                ],
+            },
         ],
     }
 

@@ -42,6 +42,7 @@ DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 # Durations that set how often a loop queries or acts are at least this long (CEL).
 MIN_LOOP_INTERVAL = "1s"
 DEFAULT_SCALING_INTERVAL = "15s"  # the HPA controller's default sync period
+MAX_ACTIVATION_ADDRESSES = 16  # status.activation.addresses: enough to spread held requests
 DEFAULT_TOLERANCE_PERCENT = 10  # the HPA controller's default tolerance
 
 
@@ -472,6 +473,25 @@ class ScaleToZero(ApiModel):
             minimum=MIN_LOOP_INTERVAL,
             why="it is the window of the query that finds no requests",
         ),
+    )
+    wake_timeout: str = Field(
+        default="10m",
+        max_length=32,
+        description="How long the activator holds a request for a ModelDeployment at zero"
+        " while it wakes (a GPU node provisioned, the model fetched and loaded); past it the"
+        " caller gets 503 with Retry-After.",
+        json_schema_extra=duration_rule(
+            "spec.autoscaling.scaleToZero.wakeTimeout",
+            minimum="1s",
+            why="a model cannot be woken faster",
+        ),
+    )
+    max_held_requests: int = Field(
+        default=100,
+        ge=1,
+        le=10000,
+        description="Requests the activator holds at once per activator replica while it"
+        " wakes; more get 503 with Retry-After.",
     )
 
 
@@ -1069,6 +1089,22 @@ class AutoscalingStatus(StatusModel):
     message: str | None = None
 
 
+class ActivationStatus(StatusModel):
+    """What the activator reads (scale to zero): how callers reach the Service, and where
+    its Ready pods are once it is awake."""
+
+    service_ip: str | None = Field(
+        default=None,
+        alias="serviceIP",  # as Kubernetes spells clusterIP
+        description="The Service's ClusterIP: callers that address it by IP.",
+    )
+    addresses: list[str] = Field(
+        default_factory=list,
+        description="Ready pods' addresses (their sidecar's ports 8080 and 8081), at most"
+        f" {MAX_ACTIVATION_ADDRESSES}: where the activator forwards what it held.",
+    )
+
+
 class ModelDeploymentStatus(StatusModel):
     observed_generation: int | None = None
     phase: Phase | None = None
@@ -1088,6 +1124,7 @@ class ModelDeploymentStatus(StatusModel):
     rollback: RollbackStatus | None = None
     analysis: list[AnalysisResult] = Field(default_factory=list)
     autoscaling: AutoscalingStatus | None = None
+    activation: ActivationStatus | None = None
     conditions: list[Condition] = Field(default_factory=list)
     history: list[HistoryEntry] = Field(default_factory=list)
 

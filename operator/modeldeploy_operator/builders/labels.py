@@ -44,6 +44,10 @@ def shadow_configmap_name(md: ModelDeployment) -> str:
     return f"{md.metadata.name}-shadow"
 
 
+def activator_slice_name(md: ModelDeployment) -> str:
+    return f"{md.metadata.name}-activator"
+
+
 def selector_labels(md: ModelDeployment, track: Track | None = None) -> dict[str, str]:
     """Labels that select this ModelDeployment's pods; all tracks when ``track`` is None."""
     labels = {MD_LABEL: md.metadata.name}

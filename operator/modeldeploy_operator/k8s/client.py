@@ -188,6 +188,7 @@ PLURALS = {
     ("autoscaling/v2", "HorizontalPodAutoscaler"): "horizontalpodautoscalers",
     ("keda.sh/v1alpha1", "ScaledObject"): "scaledobjects",
     ("coordination.k8s.io/v1", "Lease"): "leases",
+    ("discovery.k8s.io/v1", "EndpointSlice"): "endpointslices",
 }
 CLUSTER_SCOPED = {"Node"}
 
