@@ -62,7 +62,7 @@ demo: ## The main job: a real inference from a Triton pod on the real node, then
 
 ##@ Benchmarks (not tests: ratios against a baseline measured in the same run)
 .PHONY: bench
-bench: bench-operator bench-runtime bench-rollout bench-autoscale bench-realnode bench-fetch ## Every benchmark; results in docs/benchmarks.md
+bench: bench-operator bench-runtime bench-rollout bench-autoscale bench-realnode bench-activation bench-fetch ## Every benchmark; results in docs/benchmarks.md
 
 .PHONY: bench-operator
 bench-operator: toolchain ## Operator overhead vs bare Deployments, cold start of 1,000 and 10,000, idle reads and writes
@@ -83,6 +83,10 @@ bench-autoscale: toolchain ## Builtin autoscaler's reaction to a load step up an
 .PHONY: bench-realnode
 bench-realnode: toolchain images ## On real pods: apply to first inference vs a bare Deployment, a whole canary, rollback
 	PYTHONPATH=$(CURDIR)/tools:$(CURDIR)/tests $(PYTHON) bench/realnode_bench.py $(BENCH_ARGS)
+
+.PHONY: bench-activation
+bench-activation: toolchain images ## On real pods: a wake from zero through the activator vs the pod's own start
+	PYTHONPATH=$(CURDIR)/tools:$(CURDIR)/tests $(PYTHON) bench/activation_bench.py $(BENCH_ARGS)
 
 SOAK_SECONDS ?= 1800
 

@@ -207,7 +207,10 @@ def pod_affinity(md: ModelDeployment, config: BuildConfig) -> dict[str, Any] | N
 def triton_container(md: ModelDeployment, config: BuildConfig) -> dict[str, Any]:
     server = md.spec.server
     fronted = md.spec.monitoring.runtime.enabled
-    period = 10
+    # The startup probe asks every second: a model's first Ready (a wake from zero, a
+    # scale-up, a canary) comes within a second of Triton's, not up to a period later. It
+    # stops once it succeeds; the readiness and liveness probes then keep their pace.
+    period = 1
     args = [
         f"--model-repository={MODEL_REPOSITORY}",
         "--model-control-mode=none",
@@ -315,6 +318,13 @@ def runtime_container(md: ModelDeployment, track: Track, config: BuildConfig) ->
         "resources": {
             "requests": {"cpu": "100m", "memory": "128Mi"},
             "limits": {"memory": "512Mi"},
+        },
+        # Asked every second until the model first answers (a wake from zero waits on it),
+        # then every 5 s.
+        "startupProbe": {
+            "httpGet": {"path": "/readyz", "port": "proxy-metrics"},
+            "periodSeconds": 1,
+            "failureThreshold": config.startup_timeout_seconds,
         },
         "readinessProbe": {
             "httpGet": {"path": "/readyz", "port": "proxy-metrics"},
