@@ -21,7 +21,12 @@ from typing import Any
 import pytest
 
 from localcluster import Cluster
-from localcluster.dataplane import OPERATOR_NAMESPACE, install_operator, uninstall_operator
+from localcluster.dataplane import (
+    OPERATOR_NAMESPACE,
+    OPERATOR_PODS,
+    install_operator,
+    uninstall_operator,
+)
 from localcluster.operator import OperatorProcess
 from support import cpu_model, get, wait_for, writes_by_operators
 
@@ -48,9 +53,7 @@ def two_replicas(cluster: Cluster, crd: None, operator: OperatorProcess) -> Iter
 
 
 def operator_pods(cluster: Cluster) -> list[dict[str, Any]]:
-    listed = cluster.kubectl_json(
-        "get", "pods", "-n", OPERATOR_NAMESPACE, "-l", "app.kubernetes.io/name=modeldeploy"
-    )
+    listed = cluster.kubectl_json("get", "pods", "-n", OPERATOR_NAMESPACE, "-l", OPERATOR_PODS)
     return [p for p in listed["items"] if not p["metadata"].get("deletionTimestamp")]
 
 

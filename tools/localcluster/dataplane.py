@@ -33,6 +33,8 @@ from localcluster.realnode import REAL_NODE_LABEL, RealNodeSpec
 
 OPERATOR_NAMESPACE = "modeldeploy-system"
 RELEASE = "modeldeploy"
+# The chart's operator pods (its activator pods share the name label).
+OPERATOR_PODS = "app.kubernetes.io/name=modeldeploy,app.kubernetes.io/component=operator"
 MODEL_STORE_CLAIM = "model-store"
 PROMETHEUS_PORT = 9090
 SCRAPE_INTERVAL = "2s"
@@ -366,9 +368,7 @@ def uninstall_operator(cluster: Cluster, namespace: str = OPERATOR_NAMESPACE) ->
 
 def operator_pod(cluster: Cluster, namespace: str = OPERATOR_NAMESPACE) -> dict[str, Any] | None:
     pods = json.loads(
-        cluster.kubectl(
-            "get", "pods", "-n", namespace, "-l", "app.kubernetes.io/name=modeldeploy", "-o", "json"
-        ).stdout
+        cluster.kubectl("get", "pods", "-n", namespace, "-l", OPERATOR_PODS, "-o", "json").stdout
     )["items"]
     running = [p for p in pods if p["status"].get("phase") == "Running"]
     return running[0] if running else None
