@@ -334,7 +334,7 @@ class ClusterCache:
         """The children named after ``owner`` whose kind is held: absent from
         :meth:`children`, they do not exist."""
         named = [f"{kind}/{owner}" for kind in NAMED_AFTER_OWNER if self.holds(kind)]
-        if self.holds("EndpointSlice"):
+        if self.holds("EndpointSlice"):  # builders.labels.activator_slice_name's
             named.append(f"EndpointSlice/{owner}-activator")
         return named
 

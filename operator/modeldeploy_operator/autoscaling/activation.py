@@ -109,8 +109,14 @@ def plan_activation(
     slices = [obj for key, obj in children.items() if key.startswith("EndpointSlice/") and obj]
     at_zero = md.spec.desired_replicas() == 0
     usable = activator is not None and bool(activator.addresses) and bool(activator.ports)
-    if not usable:  # nothing to route to: leave what is there
-        return ActivationPlan(status=status, routed=ours is not None, slice_name=slice_name)
+    if not usable:  # nothing to route to: leave what is there, until pods serve
+        handed_back = ours is not None and not at_zero and pods_serving(slices)
+        return ActivationPlan(
+            delete=handed_back,
+            status=status,
+            routed=ours is not None and not handed_back,
+            slice_name=slice_name,
+        )
     assert activator is not None  # noqa: S101 - for the type checker: usable says so
     wanted = at_zero or (ours is not None and not pods_serving(slices))
     if not wanted:
