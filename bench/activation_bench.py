@@ -18,19 +18,16 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import http.client
 import json
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from report import markers, write_section  # noqa: E402
+from report import markers, wait, write_section  # noqa: E402
 
 from localcluster import Cluster, ClusterState, Toolchain  # noqa: E402
 from localcluster.dataplane import (  # noqa: E402
@@ -39,62 +36,17 @@ from localcluster.dataplane import (  # noqa: E402
     serve_model_store,
     service_address,
 )
+from realnode_support import SETOSA, pods, post_infer, reaches_the_activator  # noqa: E402
 from support import load_example, merged  # noqa: E402
 
 BEGIN, END = markers("activation-bench")
-SETOSA = [5.1, 3.5, 1.4, 0.2]
-BODY = json.dumps(
-    {"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": SETOSA}]}
-)
 
 
-def wait(what: str, check: Callable[[], Any], timeout: float, period: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not done in {timeout:.0f}s")
-        time.sleep(period)
-
-
-def infer(host: str, port: int, timeout: float) -> int:
-    connection = http.client.HTTPConnection(host, port, timeout=timeout)
+def answers(address: str) -> bool:
     try:
-        connection.request(
-            "POST", "/v2/models/iris/infer", BODY, {"content-type": "application/json"}
-        )
-        response = connection.getresponse()
-        response.read()
-        return response.status
-    finally:
-        connection.close()
-
-
-def answers(host: str, port: int) -> bool:
-    try:
-        return infer(host, port, 2) == 200
+        return post_infer(address, [SETOSA], timeout=2).status == 200
     except OSError:
         return False
-
-
-def live(host: str, port: int) -> bool:
-    connection = http.client.HTTPConnection(host, port, timeout=2)
-    try:
-        connection.request("GET", "/v2/health/live")
-        return connection.getresponse().status == 200
-    except OSError:
-        return False
-    finally:
-        connection.close()
-
-
-def pods(cluster: Cluster, namespace: str) -> list[dict[str, Any]]:
-    listed = cluster.kubectl_json(
-        "get", "pods", "-n", namespace, "-l", "serving.modeldeploy.io/modeldeployment=iris"
-    )
-    return list(listed["items"])
 
 
 def asleep(cluster: Cluster, namespace: str) -> bool:
@@ -104,10 +56,10 @@ def asleep(cluster: Cluster, namespace: str) -> bool:
     return slice_ == 0 and not pods(cluster, namespace)
 
 
-def put_to_sleep(cluster: Cluster, namespace: str, address: tuple[str, int]) -> None:
+def put_to_sleep(cluster: Cluster, namespace: str, address: str) -> None:
     cluster.kubectl("scale", "md", "iris", "-n", namespace, "--replicas=0")
     wait("iris at zero behind the activator", lambda: asleep(cluster, namespace), 180, 0.5)
-    wait("the Service reaching the activator", lambda: live(*address), 30)
+    wait("the Service reaching the activator", lambda: reaches_the_activator(address), 30)
 
 
 def pod_start(cluster: Cluster, namespace: str) -> float:
@@ -130,16 +82,15 @@ def by_hand(cluster: Cluster, namespace: str) -> float:
         return None
 
     ip = wait("a pod address", pod_ip, 300)
-    wait("the pod answering", lambda: answers(ip, 8080), 300)
+    wait("the pod answering", lambda: answers(f"{ip}:8080"), 300, 0.05)
     return time.monotonic() - started
 
 
-def through_the_activator(address: tuple[str, int]) -> float:
-    started = time.monotonic()
-    status = infer(*address, timeout=300)
-    if status != 200:
-        raise RuntimeError(f"the held request was answered {status}")
-    return time.monotonic() - started
+def through_the_activator(address: str) -> float:
+    answer = post_infer(address, [SETOSA], timeout=300)
+    if answer.status != 200:
+        raise RuntimeError(f"the held request was answered {answer.status}")
+    return answer.elapsed
 
 
 def render(results: dict[str, list[float]], date: str) -> str:
@@ -195,9 +146,8 @@ def main() -> int:
     results: dict[str, list[float]] = {"by_hand": [], "activator": [], "pod_start": []}
     try:
         wait("iris at zero behind the activator", lambda: asleep(cluster, namespace), 180, 0.5)
-        host, port = service_address(cluster, namespace, "iris").rsplit(":", 1)
-        address = (host, int(port))
-        wait("the Service reaching the activator", lambda: live(*address), 30)
+        address = service_address(cluster, namespace, "iris")
+        wait("the Service reaching the activator", lambda: reaches_the_activator(address), 30)
         for sample in range(args.samples):
             for path in ("by_hand", "activator"):
                 took = (

@@ -22,7 +22,6 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from report import markers, write_section  # noqa: E402
+from report import markers, wait, write_section  # noqa: E402
 
 from localcluster import Cluster, ClusterState, Toolchain  # noqa: E402
 from localcluster.dataplane import (  # noqa: E402
@@ -47,17 +46,6 @@ from realnode_support import SteadyLoad, answering, iris, md_status, pods  # noq
 
 BEGIN, END = markers("realnode-bench")
 PAUSE_SECONDS = 30
-
-
-def wait(what: str, check: Callable[[], Any], timeout: float, period: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not done in {timeout:.0f}s")
-        time.sleep(period)
 
 
 def service_exists(cluster: Cluster, namespace: str) -> bool:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -25,3 +27,15 @@ def write_section(path: Path, key: str, heading: str, section: str) -> None:
         text = text.rstrip() + f"\n\n## {heading}\n\n{begin}\n{end}\n"
     head, rest = text.split(begin, 1)
     path.write_text(head + section + rest.split(end, 1)[1])
+
+
+def wait(what: str, check: Callable[[], Any], timeout: float, period: float = 0.1) -> Any:
+    """Poll ``check`` until it returns something truthy; TimeoutError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not done in {timeout:.0f}s")
+        time.sleep(period)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import subprocess
 import sys
@@ -239,3 +240,59 @@ def plugin(cluster: Cluster, *args: str) -> str:
         timeout=30,
     )
     return result.stdout
+
+
+@dataclass
+class Answer:
+    status: int
+    body: dict[str, Any]
+    retry_after: str | None
+    elapsed: float
+
+
+def post_infer(address: str, rows: list[list[float]], timeout: float = 240.0) -> Answer:
+    """One KServe v2 infer over plain HTTP, waiting as long as a wake may take (tritonclient's
+    own client gives up after its network timeout)."""
+    host, port = address.rsplit(":", 1)
+    body = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "features",
+                    "shape": [len(rows), 4],
+                    "datatype": "FP32",
+                    "data": [x for row in rows for x in row],
+                }
+            ]
+        }
+    )
+    started = time.monotonic()
+    connection = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    try:
+        connection.request(
+            "POST", "/v2/models/iris/infer", body, {"content-type": "application/json"}
+        )
+        response = connection.getresponse()
+        payload = response.read()
+        return Answer(
+            response.status,
+            json.loads(payload or b"{}"),
+            response.getheader("retry-after"),
+            time.monotonic() - started,
+        )
+    finally:
+        connection.close()
+
+
+def reaches_the_activator(address: str) -> bool:
+    """``address`` answers /v2/health/live (at zero, the activator answers it itself: a
+    Service fresh at zero has no endpoint until its activator slice is programmed)."""
+    host, port = address.rsplit(":", 1)
+    connection = http.client.HTTPConnection(host, int(port), timeout=5)
+    try:
+        connection.request("GET", "/v2/health/live")
+        return connection.getresponse().status == 200
+    except OSError:
+        return False
+    finally:
+        connection.close()

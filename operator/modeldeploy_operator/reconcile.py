@@ -35,7 +35,7 @@ from modeldeploy_operator.autoscaling.activation import (
 from modeldeploy_operator.autoscaling.decide import desired_replicas
 from modeldeploy_operator.builders.budget import build_budget_configmap, exhausted_clients
 from modeldeploy_operator.builders.deployment import BuildConfig, build_deployment
-from modeldeploy_operator.builders.labels import deployment_name, revision_of
+from modeldeploy_operator.builders.labels import activator_slice_name, deployment_name, revision_of
 from modeldeploy_operator.builders.route import build_route, build_track_service, gateway_routing
 from modeldeploy_operator.builders.service import build_service
 from modeldeploy_operator.builders.shadow import build_shadow_configmap
@@ -46,6 +46,7 @@ from modeldeploy_operator.nodecache import labels_to_add
 from modeldeploy_operator.observe import (
     BUDGET_SECONDS,
     REFERENCE_RECHECK_SECONDS,
+    Snapshot,
     modeldeployment,
     snapshot,
 )
@@ -215,16 +216,22 @@ def count_wake(ctx: OperatorContext, seconds: float | None) -> None:
         ctx.telemetry.wake_seconds.observe(seconds)
 
 
-def replicas_of(deployment: Mapping[str, Any] | None) -> int | None:
-    return ((deployment or {}).get("spec") or {}).get("replicas")
+def activation_of(
+    md: ModelDeployment, seen: Snapshot, ctx: OperatorContext, now: float
+) -> ActivationPlan:
+    """Scale from zero's plan; the activator's endpoints are read only for models that
+    scale to zero."""
+    replicas = ((seen.stable or {}).get("spec") or {}).get("replicas")
+    activator = observe.activator(ctx) if enabled(md) else None
+    return plan_activation(md, seen.children, seen.pods, activator, replicas, now)
 
 
-def routed(wanted: act.Children, activation: ActivationPlan) -> act.Children:
+def routed(wanted: act.Children, activation: ActivationPlan, md: ModelDeployment) -> act.Children:
     """The children with the activator's slice applied or deleted, as the plan says."""
     if activation.apply is not None:
         return replace(wanted, apply=(*wanted.apply, activation.apply))
     if activation.delete:
-        return replace(wanted, delete=(*wanted.delete, (*SLICE_API, activation.slice_name)))
+        return replace(wanted, delete=(*wanted.delete, (*SLICE_API, activator_slice_name(md))))
     return wanted
 
 
@@ -262,12 +269,10 @@ def reconcile(body: Mapping[str, Any], ctx: OperatorContext) -> Outcome:
     md = scaled(md, autoscaling.replicas)
     seen = snapshot(md, meta.get("annotations"), revision, ctx, now)
     # Plan. At zero, callers go to the activator before the last pod goes.
-    activation = plan_activation(
-        md, seen.children, seen.pods, observe.activator(ctx), replicas_of(seen.stable), now
-    )
+    activation = activation_of(md, seen, ctx, now)
     rolled = scaled(md, activation.hold_replicas)
     plan = plan_rollout(rolled, revision, seen.world, now)
-    wanted = routed(children(rolled, revision, plan, ctx.build, seen.budget_usage), activation)
+    wanted = routed(children(rolled, revision, plan, ctx.build, seen.budget_usage), activation, md)
     retired = tuple((v, k, md.metadata.name) for v, k in autoscaling.remove)
     wanted = replace(wanted, delete=wanted.delete + retired)
     remembered = ctx.apply_errors.get((md.metadata.namespace, md.metadata.name))
@@ -281,7 +286,7 @@ def reconcile(body: Mapping[str, Any], ctx: OperatorContext) -> Outcome:
         apply_error=remembered or autoscaling.error,
         autoscaling=autoscaling.view,
         at_gpu_capacity=autoscaling.at_capacity,
-        activation=ActivationView(activation.status, activation.configured, activation.routed)
+        activation=ActivationView(activation.status, activation.configured)
         if enabled(md)
         else None,
     )

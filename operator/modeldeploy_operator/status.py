@@ -105,7 +105,6 @@ class ActivationView:
 
     status: ActivationStatus | None = None  # status.activation
     configured: bool = False  # an activator with Ready pods is there
-    routed: bool = False  # the Service reaches it now
 
 
 @dataclass(frozen=True)

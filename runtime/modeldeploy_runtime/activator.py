@@ -55,7 +55,9 @@ from modeldeploy_runtime.http1 import (
     Request,
     RequestParser,
     error_response,
+    plain,
     release,
+    serve_plain,
 )
 from modeldeploy_runtime.kube import BACKOFF_MAX, BACKOFF_MIN, Changes, Key, KubeApi, Watcher
 from modeldeploy_runtime.metrics import LATENCY_BUCKETS, OTHER
@@ -1055,9 +1057,7 @@ class ActivatorAdmin:
         self.activator = activator
         self.budget = ByteBudget(1 << 20)
 
-    def answer(self, path: str) -> bytes:
-        from modeldeploy_runtime.server import plain  # noqa: PLC0415 - serve's helper
-
+    async def answer(self, path: str) -> bytes:
         if path == "/metrics":
             return plain(200, generate_latest(self.metrics.registry), CONTENT_TYPE_LATEST)
         if path == "/healthz":
@@ -1069,24 +1069,15 @@ class ActivatorAdmin:
         return plain(404, b"not found")
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        parser = RequestParser(
-            lambda request: None,
-            max_body=0,
-            budget=self.budget,
+        await serve_plain(
+            reader,
+            writer,
+            self.answer,
+            self.budget,
             header_timeout=10.0,
             body_timeout=10.0,
             idle_timeout=60.0,
         )
-        try:
-            while (request := await parser.next(reader, writer)) is not None:
-                writer.write(self.answer(request.path))
-                await writer.drain()
-                if not request.keep_alive:
-                    break
-        except (ProtocolError, ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
 
 
 @dataclass(frozen=True)

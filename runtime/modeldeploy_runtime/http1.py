@@ -27,7 +27,7 @@ import json
 import time
 import urllib.parse
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import httptools
@@ -412,3 +412,44 @@ def error_response(
     if close:
         head.append("connection: close")
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+def plain(status: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> bytes:
+    """A small answer of the admin ports (metrics, probes)."""
+    reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}.get(status, "Error")
+    return (
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: {content_type}\r\n"
+        f"content-length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+async def serve_plain(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    answer: Callable[[str], Awaitable[bytes]],
+    budget: ByteBudget,
+    *,
+    header_timeout: float,
+    body_timeout: float,
+    idle_timeout: float,
+) -> None:
+    """An admin port's connection (the sidecar's, the activator's): bodiless GETs, each
+    answered by ``answer(path)``, kept alive while the client asks."""
+    parser = RequestParser(
+        lambda request: None,
+        max_body=0,
+        budget=budget,
+        header_timeout=header_timeout,
+        body_timeout=body_timeout,
+        idle_timeout=idle_timeout,
+    )
+    try:
+        while (request := await parser.next(reader, writer)) is not None:
+            writer.write(await answer(request.path))
+            await writer.drain()
+            if not request.keep_alive:
+                break
+    except (ProtocolError, ConnectionError, asyncio.IncompleteReadError):
+        pass
+    finally:
+        writer.close()

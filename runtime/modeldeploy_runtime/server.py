@@ -26,7 +26,7 @@ from modeldeploy_runtime.coarsen import Coarsener, parse_rules
 from modeldeploy_runtime.drift import DriftWindow, Profile
 from modeldeploy_runtime.drift_monitor import DriftMonitor
 from modeldeploy_runtime.grpc_proxy import GrpcMirrorConnection, GrpcProxy
-from modeldeploy_runtime.http1 import ByteBudget, ProtocolError, RequestParser
+from modeldeploy_runtime.http1 import ByteBudget, plain, serve_plain
 from modeldeploy_runtime.metrics import BudgetCollector, RuntimeMetrics
 from modeldeploy_runtime.proxy import HttpProxy, MirrorConnection, Upstream, UpstreamError
 from modeldeploy_runtime.settings import RuntimeSettings
@@ -34,14 +34,6 @@ from modeldeploy_runtime.shadow import Mirror, ShadowFile, ShadowMetrics
 from modeldeploy_runtime.triton_stats import StatsPoller
 
 LOG = logging.getLogger("modeldeploy.runtime")
-
-
-def plain(status: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> bytes:
-    reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}.get(status, "Error")
-    return (
-        f"HTTP/1.1 {status} {reason}\r\ncontent-type: {content_type}\r\n"
-        f"content-length: {len(body)}\r\n\r\n"
-    ).encode() + body
 
 
 class AdminServer:
@@ -92,24 +84,15 @@ class AdminServer:
         return plain(404, b"not found")
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        parser = RequestParser(
-            lambda request: None,
-            max_body=0,
-            budget=self.budget,
+        await serve_plain(
+            reader,
+            writer,
+            self.answer,
+            self.budget,
             header_timeout=self.settings.header_timeout_seconds,
             body_timeout=self.settings.client_timeout_seconds,
             idle_timeout=self.settings.idle_timeout_seconds,
         )
-        try:
-            while (request := await parser.next(reader, writer)) is not None:
-                writer.write(await self.answer(request.path))
-                await writer.drain()
-                if not request.keep_alive:
-                    break
-        except (ProtocolError, ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
 
 
 def raise_open_files_limit() -> None:

@@ -109,7 +109,6 @@ def test_going_to_zero_routes_to_the_activator_before_the_last_pod_goes() -> Non
     seen = plan_activation(md(0), children(True), [pod("10.244.1.5")], ACTIVATOR, 1, NOW)
     assert seen.apply is not None
     assert seen.hold_replicas is None
-    assert seen.routed
 
 
 def test_woken_the_slice_stays_until_the_controller_lists_a_ready_pod() -> None:

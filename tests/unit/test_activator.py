@@ -402,7 +402,9 @@ def test_a_request_held_past_the_wake_timeout_gets_503_with_retry_after() -> Non
             "ns/iris did not become ready within 200ms of waking:"
             " kubectl describe modeldeployment -n ns iris says why"
         )
-        assert 0.15 < took < 2
+        # Held until the timeout, not refused at once (an upper bound is the fake-clock
+        # test's: test_a_wake_is_shared_by_its_requests_and_a_new_one_starts_after_it_ends).
+        assert took >= 0.2
         assert len(rig.patch.calls) == 1
         assert (
             sample(

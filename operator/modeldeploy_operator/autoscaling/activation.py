@@ -48,9 +48,7 @@ class ActivationPlan:
     delete: bool = False  # the activator's slice, to delete
     hold_replicas: int | None = None  # the Deployment's count until the slice is seen
     status: ActivationStatus | None = None  # status.activation
-    routed: bool = False  # the Service reaches the activator (its slice exists)
     configured: bool = False  # an activator with Ready pods is there to route to
-    slice_name: str = ""  # the activator's slice
     requeue_after: float | None = None  # when a held scale-down may go on
 
 
@@ -93,11 +91,10 @@ def plan_activation(
     """The activator's slice and ``status.activation`` for this pass. ``children`` are the
     snapshot's (the Service and the EndpointSlices of it the watch holds), ``activator`` its
     Ready pods (None: none configured), ``deployed_replicas`` the stable Deployment's count."""
-    slice_name = activator_slice_name(md)
-    name = f"EndpointSlice/{slice_name}"
+    name = f"EndpointSlice/{activator_slice_name(md)}"
     ours = children.get(name)
     if not enabled(md):
-        return ActivationPlan(delete=ours is not None, slice_name=slice_name)
+        return ActivationPlan(delete=ours is not None)
     service = children.get(f"Service/{md.metadata.name}")
     known = md.status.activation.service_ip if md.status.activation else None
     status = ActivationStatus.model_validate(  # no Service read: the address it knew
@@ -110,19 +107,13 @@ def plan_activation(
     at_zero = md.spec.desired_replicas() == 0
     usable = activator is not None and bool(activator.addresses) and bool(activator.ports)
     if not usable:  # nothing to route to: leave what is there, until pods serve
-        handed_back = ours is not None and not at_zero and pods_serving(slices)
         return ActivationPlan(
-            delete=handed_back,
-            status=status,
-            routed=ours is not None and not handed_back,
-            slice_name=slice_name,
+            delete=ours is not None and not at_zero and pods_serving(slices), status=status
         )
     assert activator is not None  # noqa: S101 - for the type checker: usable says so
     wanted = at_zero or (ours is not None and not pods_serving(slices))
     if not wanted:
-        return ActivationPlan(
-            delete=ours is not None, status=status, configured=True, slice_name=slice_name
-        )
+        return ActivationPlan(delete=ours is not None, status=status, configured=True)
     hold, requeue = None, None
     if at_zero and deployed_replicas:  # pods still up: they go once callers reach the activator
         created = dig(ours, "metadata", "creationTimestamp") if ours else None
@@ -133,9 +124,7 @@ def plan_activation(
         apply=build_activator_slice(md, activator),
         hold_replicas=hold,
         status=status,
-        routed=ours is not None,
         configured=True,
-        slice_name=slice_name,
         requeue_after=requeue,
     )
 

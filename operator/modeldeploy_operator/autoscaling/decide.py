@@ -178,9 +178,10 @@ def desired_replicas(inputs: Inputs, policy: Policy) -> Decision:
         # No numbers: keep the count (within bounds; waking from zero goes to minReplicas).
         kept = clamp(current, policy) if current or not policy.scale_to_zero else 0
         return Decision(kept, None, "NoMetrics", f"no metric has data: {detail}", proposals)
-    if current == 0 and policy.scale_to_zero and raw == 0:
-        # Asleep and nothing asks for a pod (the pods' last readings, say): minReplicas
-        # applies from the wake on, or it would wake itself right after it slept.
+    if current == 0 and policy.scale_to_zero:
+        # Asleep, the readings are the last scrapes of pods that are gone (an in-flight 1
+        # woke it right after it slept): the activator wakes it, on a request; minReplicas
+        # applies from then on.
         return Decision(0, raw, "Steady", f"at zero until a request wakes it: {detail}", proposals)
     raw = clamp(raw, policy)
     wanted = clamp(
